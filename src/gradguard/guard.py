@@ -1,0 +1,279 @@
+"""The Guard: a drop-in replacement for ``optimizer.step()`` that measures the gradients once,
+runs the policy chain on them, then steps, skips or rolls back.
+
+    guard = gradguard.Guard(model, optimizer, policy="default")
+    loss.backward()
+    report = guard.step(loss=loss)     # instead of optimizer.step()
+
+Order of one step: (AMP: unscale) -> one fused statistics pass -> at most one host read (only if a
+policy needs host values; the non-finite check is one) -> each policy in chain order -> the
+optimizer step with the LR scale, or a skip (gradients zeroed, nothing else touched) -> the
+policies' after-step hooks.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ConfigError
+from .layout import ParamLayout
+from .policies import HostView, Policy, StepContext, parse_spec, skip_nonfinite
+from .report import StepReport
+from .stats import GradStats, compute_grad_stats
+
+_STATE_VERSION = 1
+_PHASES = {"clip": 0, "skip": 0, "react": 1}
+
+
+def _check_optimizer(optimizer: Any) -> None:
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigError(
+            f"Guard needs a torch.optim.Optimizer as its second argument, got {type(optimizer).__name__}; "
+            "build the optimizer first: Guard(model, torch.optim.AdamW(model.parameters()), policy=...)"
+        )
+
+
+class Guard:
+    """Guard an optimizer: measure, mitigate, then step or skip.
+
+    Args:
+        model: the module being trained (names layers, finds the output head, and is what
+            ``rollback`` restores). ``None`` is allowed: parameters are then named ``param.<i>``.
+        optimizer: any ``torch.optim.Optimizer``; every parameter in its groups is guarded.
+        policy: a spec string (``"default"``, ``"zclip"``, ``"skip_nonfinite+agc:0.02"``,
+            ``"none"``), a :class:`Policy`, or a list of either. See ``available_policies()``.
+        scaler: a ``torch.amp.GradScaler`` if you train with fp16 autocast. The Guard then unscales
+            before measuring and calls ``scaler.step`` and ``scaler.update`` itself; an overflow is
+            the scaler's skip (reported as ``amp_overflow``), not counted again as the Guard's.
+        check_finite: guarantee that no NaN/Inf gradient reaches the weights by skipping such steps
+            (adds ``skip_nonfinite`` to the chain if neither it nor ``rollback`` is there). It costs
+            one host read per step; set False only for a sync-free clipping chain on an accelerator
+            where you accept torch's own behaviour on NaN.
+        layer_stats: compute per-layer gradient norms every step and expose them on the report
+            (``report.layer_norms``); they come from the per-parameter norms, no extra pass.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None,
+        optimizer: torch.optim.Optimizer,
+        policy: str | Policy | Iterable[str | Policy] | None = "default",
+        *,
+        scaler: torch.amp.GradScaler | None = None,
+        check_finite: bool = True,
+        layer_stats: bool = False,
+    ):
+        if model is not None and not isinstance(model, nn.Module):
+            raise ConfigError(f"Guard's first argument must be the nn.Module being trained (or None), got {type(model).__name__}")
+        _check_optimizer(optimizer)
+        chain = parse_spec(policy)
+        if check_finite and not any(isinstance(p, (skip_nonfinite,)) or p.name == "rollback" for p in chain):
+            chain.insert(0, skip_nonfinite())
+        names = [p.name for p in chain]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"policy {', '.join(dupes)} appears twice in the chain; give each policy once")
+        # Detect/clip/skip policies run in the order given; reacting ones (lr_backoff) after them.
+        chain.sort(key=lambda p: _PHASES.get(p.kind, 0))
+        self.model = model
+        self.optimizer = optimizer
+        self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
+        self.layout = ParamLayout.build(model, optimizer)
+        self.policies: list[Policy] = chain
+        self.check_finite = check_finite
+        self.layer_stats = layer_stats
+        for p in chain:
+            p.bind(self.layout, optimizer)
+        self._needs_host = any(p.needs_host for p in chain)
+        self._needs_host_param_norms = any(getattr(p, "needs_host_param_norms", False) for p in chain)
+        self._kinds = {p.name: p.kind for p in chain}
+        self._step = 0
+        self._counts: dict[str, int] = {"steps": 0, "skipped": 0, "rolled_back": 0, "amp_overflow": 0}
+        self._acted_counts: dict[str, Tensor | int] = {}
+        self._clipped: Tensor | int = 0
+        self._last_grad: tuple[weakref.ref, int] | None = None
+
+    # ----- the step ---------------------------------------------------------------------------------
+    def step(self, loss: Tensor | float | None = None) -> StepReport:
+        """Measure the gradients, run the policy chain, then step the optimizer or skip.
+
+        Call once per optimizer step, after ``backward()`` (after the last micro-batch when
+        accumulating gradients), in place of ``optimizer.step()`` (and of ``scaler.step/update``).
+        ``loss`` lets loss-aware policies (``skip_spike``, ``rollback``) see it.
+        """
+        self._unscale()
+        stats = compute_grad_stats(self.layout)
+        if self._is_stale(stats):
+            warnings.warn(
+                "Guard.step() was called again on the same gradients without a backward() in between; "
+                "this step is skipped. Call guard.step() once per optimizer step.",
+                stacklevel=2,
+            )
+            return self._finish(StepContext(self._step, stats, self.optimizer, skip=True, skip_reason="stale_grads"), stats, False)
+        ctx = StepContext(self._step, stats, self.optimizer, loss=loss if isinstance(loss, Tensor) else None)
+        if self._needs_host:
+            ctx.host = self._read_host(stats, loss)
+            ctx.amp_overflow = self.scaler is not None and not ctx.host.finite
+        elif loss is not None and not isinstance(loss, (Tensor, int, float)):
+            raise ConfigError(f"loss must be a tensor or a number, got {type(loss).__name__}")
+        for policy in self.policies:
+            # Once the step is cancelled, clipping policies neither act on it nor learn from it;
+            # skip/rollback/react policies still see it (an incident is what they count).
+            if ctx.skip and policy.kind == "clip":
+                continue
+            policy.apply(ctx)
+        stepped = not ctx.skip
+        if stepped:
+            self._apply_step(ctx.lr_scale)
+        else:
+            if self.scaler is not None:
+                self.scaler.update()  # backs the scale off on overflow; unscale_ recorded the check
+            self.optimizer.zero_grad(set_to_none=True)
+        for policy in self.policies:
+            policy.after_step(ctx, stepped)
+        return self._finish(ctx, stats, stepped)
+
+    def _unscale(self) -> None:
+        if self.scaler is None:
+            return
+        try:
+            self.scaler.unscale_(self.optimizer)
+        except RuntimeError as e:
+            if "already been called" not in str(e):
+                raise
+
+    def _read_host(self, stats: GradStats, loss: Tensor | float | None) -> HostView:
+        """The single host sync of a step: global norm, finiteness, loss (and per-param norms)."""
+        parts = [stats.norm.reshape(1), stats.finite.to(torch.float32).reshape(1)]
+        loss_val: float | None = None
+        if isinstance(loss, Tensor):
+            if loss.numel() != 1:
+                raise ConfigError(f"loss must be a scalar tensor, got shape {tuple(loss.shape)}; pass loss.mean() or loss.sum()")
+            parts.append(loss.detach().to(device=stats.device, dtype=torch.float32).reshape(1))
+        elif loss is not None:
+            if not isinstance(loss, (int, float)):
+                raise ConfigError(f"loss must be a tensor or a number, got {type(loss).__name__}")
+            loss_val = float(loss)
+        if self._needs_host_param_norms:
+            parts.append(stats.raw_param_norms)
+        values = torch.cat(parts).tolist()
+        if isinstance(loss, Tensor):
+            loss_val = values[2]
+        pn = values[-stats.raw_param_norms.numel():] if self._needs_host_param_norms and stats.grads else ([] if self._needs_host_param_norms else None)
+        return HostView(norm=values[0], finite=bool(values[1]), loss=loss_val, param_norms=pn)
+
+    def _apply_step(self, lr_scale: float) -> None:
+        groups = self.optimizer.param_groups
+        saved = None
+        if lr_scale != 1.0:
+            # Scale only around the step, so schedulers keep reading and writing their own LR.
+            saved = [g["lr"] for g in groups]
+            for g in groups:
+                g["lr"] = g["lr"] * lr_scale
+        try:
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+        finally:
+            if saved is not None:
+                for g, lr in zip(groups, saved, strict=True):
+                    g["lr"] = lr
+
+    def _is_stale(self, stats: GradStats) -> bool:
+        """True if the first gradient is the very tensor the last step applied, unmodified since."""
+        if not stats.grads or self._last_grad is None:
+            return False
+        ref, version = self._last_grad
+        return ref() is stats.grads[0] and stats.grads[0]._version == version
+
+    def _finish(self, ctx: StepContext, stats: GradStats, stepped: bool) -> StepReport:
+        c = self._counts
+        c["steps"] += 1
+        if ctx.skip_reason == "amp_overflow":
+            c["amp_overflow"] += 1
+        elif ctx.skip:
+            c["skipped"] += 1
+        if ctx.rollback:
+            c["rolled_back"] += 1
+        clip_flag: Tensor | bool = False
+        for name, acted in ctx.acted.items():
+            self._acted_counts[name] = self._acted_counts.get(name, 0) + acted
+            if self._kinds.get(name) == "clip":
+                clip_flag = clip_flag | acted
+        if stepped:
+            self._clipped = self._clipped + clip_flag
+            g = stats.grads[0] if stats.grads else None
+            self._last_grad = (weakref.ref(g), g._version) if g is not None else None
+        else:
+            self._last_grad = None
+        metrics = dict(ctx.metrics)
+        report = StepReport(
+            step=ctx.step,
+            norm=stats.norm,
+            norm_after=stats.norm_after,
+            skipped=not stepped,
+            skip_reason=ctx.skip_reason,
+            rolled_back=ctx.rollback,
+            lr_scale=ctx.lr_scale,
+            acted=ctx.acted,
+            layers=ctx.layers,
+            metrics=metrics,
+            layer_names=self.layout.layer_names,
+            policy_kinds=self._kinds,
+            layer_norms=(stats.raw_layer_norms if self.layer_stats and stats.grads else None),
+        )
+        self._step += 1
+        return report
+
+    # ----- counters and state -------------------------------------------------------------------------
+    @property
+    def counters(self) -> dict[str, int]:
+        """steps, clipped, skipped, rolled_back, amp_overflow, and per-policy action counts
+        (``acted.<policy>``). Reading it syncs once (clip counts live on the device)."""
+        out = dict(self._counts)
+        out["clipped"] = int(self._clipped)
+        for name, n in self._acted_counts.items():
+            out[f"acted.{name}"] = int(n)
+        return out
+
+    @property
+    def spec(self) -> str:
+        """The spec string of the chain as it runs (including the implicit ``skip_nonfinite``)."""
+        return "+".join(p.spec() for p in self.policies)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters and every policy's state; with the model's and optimizer's state dicts it
+        resumes a run exactly. Loads with ``torch.load(..., weights_only=True)``."""
+        return {
+            "version": _STATE_VERSION,
+            "step": self._step,
+            "counters": self.counters,
+            "policies": [{"name": p.name, "state": p.state_dict()} for p in self.policies],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or "policies" not in state:
+            raise ConfigError("not a Guard state dict: expected the dict returned by Guard.state_dict()")
+        saved = [p["name"] for p in state["policies"]]
+        mine = [p.name for p in self.policies]
+        if saved != mine:
+            raise ConfigError(f"the saved Guard ran the chain {'+'.join(saved)} but this Guard runs {'+'.join(mine)}; build it with the same policy")
+        for p, s in zip(self.policies, state["policies"], strict=True):
+            p.load_state_dict(s["state"])
+        self._step = int(state["step"])
+        counters = dict(state.get("counters", {}))
+        self._clipped = int(counters.pop("clipped", 0))
+        self._acted_counts = {k[len("acted.") :]: int(v) for k, v in counters.items() if k.startswith("acted.")}
+        self._counts = {k: int(counters.get(k, 0)) for k in self._counts}
+
+    def __repr__(self) -> str:
+        return f"Guard(policy={self.spec!r}, params={len(self.layout)}, layers={len(self.layout.layer_names)})"
+

@@ -1,0 +1,39 @@
+"""Mitigation policies and the spec language that names them.
+
+Importing this package registers every built-in policy.
+"""
+
+from .agc import agc
+from .autoclip import autoclip
+from .base import HostView, Policy, StepContext
+from .clip import clip_layerwise, clip_norm, clip_value
+from .lr_backoff import lr_backoff
+from .moments import reset_moments, reset_param_state_
+from .registry import DEFAULT_SPEC, available_policies, make_policy, parse_spec, policy_class, register
+from .rollback import rollback
+from .skip import skip_nonfinite, skip_spike
+from .zclip import zclip
+
+__all__ = [
+    "DEFAULT_SPEC",
+    "HostView",
+    "Policy",
+    "StepContext",
+    "agc",
+    "autoclip",
+    "available_policies",
+    "clip_layerwise",
+    "clip_norm",
+    "clip_value",
+    "lr_backoff",
+    "make_policy",
+    "parse_spec",
+    "policy_class",
+    "register",
+    "reset_moments",
+    "reset_param_state_",
+    "rollback",
+    "skip_nonfinite",
+    "skip_spike",
+    "zclip",
+]

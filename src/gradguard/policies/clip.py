@@ -1,0 +1,146 @@
+"""Fixed-threshold clipping: by global norm, by value, and per layer."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..stats import foreach_norms
+from .base import Policy, StepContext
+from .registry import register
+
+#: torch's clip_grad_norm_ adds this to the norm before dividing; kept identical for equivalence.
+NORM_EPS = 1e-6
+
+
+def _check_positive(policy: str, name: str, value: float | None, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r} (e.g. {policy}:{name}=1.0)")
+
+
+@register
+class clip_norm(Policy):  # noqa: N801 - the spec name is the class name
+    """Clip by global norm: ``g <- g * min(1, max_norm / (||g|| + 1e-6))``.
+
+    The same result as ``torch.nn.utils.clip_grad_norm_`` (same norm, same epsilon, same clamp), with
+    no host sync: the factor is a device scalar applied with ``_foreach_mul_``. ``norm_type`` other
+    than 2 costs one more pass over the gradients (the statistics hold L2 norms).
+
+    Default ``max_norm=1.0`` is the value most large-model recipes use (GPT-2/3, LLaMA, OLMo).
+    """
+
+    name = "clip_norm"
+
+    def __init__(self, max_norm: float = 1.0, norm_type: float = 2.0):
+        super().__init__()
+        _check_positive(self.name, "max_norm", max_norm)
+        if not (norm_type == math.inf or (isinstance(norm_type, (int, float)) and norm_type > 0)):
+            raise ValueError(f"norm_type must be > 0 or inf, got {norm_type!r}")
+        self.max_norm = float(max_norm)
+        self.norm_type = float(norm_type)
+
+    def apply(self, ctx: StepContext) -> None:
+        stats = ctx.stats
+        if not stats.grads:
+            return
+        if self.norm_type == 2.0:
+            total = stats.norm_after
+        else:
+            per = []
+            for grp in stats.groups:
+                per.extend(n.to(stats.device) for n in foreach_norms(grp.grads, self.norm_type))
+            total = torch.linalg.vector_norm(torch.stack(per), self.norm_type)
+        # clamp instead of `if total > max_norm`: a Python branch on a device value is a host sync.
+        coef = torch.clamp(self.max_norm / (total + NORM_EPS), max=1.0)
+        stats.scale_(coef)
+        ctx.record(self.name, coef < 1.0)
+
+
+@register
+class clip_value(Policy):  # noqa: N801
+    """Clip every gradient element to ``[-limit, limit]`` (``torch.nn.utils.clip_grad_value_``).
+
+    Elementwise clipping changes the direction of the gradient; prefer ``clip_norm`` unless you
+    want exactly this. The norms after clipping are re-measured (one more pass).
+    """
+
+    name = "clip_value"
+
+    def __init__(self, limit: float = 1.0):
+        super().__init__()
+        _check_positive(self.name, "limit", limit)
+        self.limit = float(limit)
+
+    def apply(self, ctx: StepContext) -> None:
+        stats = ctx.stats
+        if not stats.grads:
+            return
+        before = stats.param_norms
+        stats.clamp_(self.limit)
+        # A clamp that changed anything lowered some tensor's norm.
+        changed = stats.param_norms < before
+        ctx.record(self.name, changed.any(), stats.layer_norms(changed.float()) > 0)
+
+
+@register
+class clip_layerwise(Policy):  # noqa: N801
+    """Clip each layer's gradient (the params one module owns) against its own threshold.
+
+    The "layered" mitigation for large models: a layer whose gradient explodes is scaled down
+    without shrinking the healthy layers, which a global clip would do.
+
+    Threshold per layer: ``max_norm`` (fixed), or ``factor`` times the layer's running norm (an
+    exponential moving average with decay ``beta`` of its post-clip norm, bias-corrected), or the
+    smaller of both. With ``factor`` the first ``warmup`` steps only measure. Sync-free.
+    """
+
+    name = "clip_layerwise"
+
+    def __init__(self, max_norm: float | None = None, factor: float | None = None, beta: float = 0.98, warmup: int = 25):
+        super().__init__()
+        if max_norm is None and factor is None:
+            raise ValueError("give max_norm (a fixed per-layer threshold) or factor (a multiple of the layer's running norm), e.g. clip_layerwise:factor=3")
+        _check_positive(self.name, "max_norm", max_norm, allow_none=True)
+        _check_positive(self.name, "factor", factor, allow_none=True)
+        if not 0.0 < beta < 1.0:
+            raise ValueError(f"beta must be in (0, 1), got {beta!r}")
+        if warmup < 1:
+            raise ValueError(f"warmup must be >= 1, got {warmup!r}")
+        self.max_norm = None if max_norm is None else float(max_norm)
+        self.factor = None if factor is None else float(factor)
+        self.beta = float(beta)
+        self.warmup = int(warmup)
+
+    def bind(self, layout, optimizer) -> None:
+        if "ema" not in self.state:
+            n = len(layout.layer_names)
+            dev = layout.params[0].device if layout.params else torch.device("cpu")
+            self.state.update(ema=torch.zeros(n, device=dev), count=torch.zeros(n, device=dev))
+
+    def apply(self, ctx: StepContext) -> None:
+        stats = ctx.stats
+        if not stats.grads:
+            return
+        norms = stats.layer_norms()
+        ema, count = self.state["ema"].to(stats.device), self.state["count"].to(stats.device)
+        thr = torch.full_like(norms, math.inf)
+        if self.factor is not None:
+            corrected = ema / (1.0 - self.beta ** count.clamp(min=1.0))
+            ready = count >= self.warmup
+            thr = torch.where(ready, self.factor * corrected, thr)
+        if self.max_norm is not None:
+            thr = thr.clamp(max=self.max_norm)
+        coef = torch.clamp(thr / (norms + NORM_EPS), max=1.0)
+        stats.scale_params_(coef.index_select(0, stats.layer_ids))
+        clipped = coef < 1.0
+        ctx.record(self.name, clipped.any(), clipped)
+        if self.factor is not None:
+            # Track the norm the layer actually had after clipping; skip layers without a finite gradient.
+            after = norms * coef
+            present = torch.zeros_like(norms).index_add_(0, stats.layer_ids, torch.ones_like(stats.param_norms)) > 0
+            upd = present & torch.isfinite(after)
+            self.state["ema"] = torch.where(upd, self.beta * ema + (1 - self.beta) * after, ema)
+            self.state["count"] = count + upd.float()

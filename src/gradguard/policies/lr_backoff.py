@@ -1,0 +1,56 @@
+"""Cut the learning rate after repeated incidents; restore it gradually once training is calm."""
+
+from __future__ import annotations
+
+from .base import Policy, StepContext
+from .registry import register
+
+
+@register
+class lr_backoff(Policy):  # noqa: N801
+    """Multiply the LR by ``factor`` when ``events`` incidents (skipped or rolled-back steps, from
+    the policies before it in the chain) happen within ``window`` steps; after ``window`` calm
+    steps, grow it back geometrically so that one cut is undone over ``recover`` steps. The scale
+    never goes below ``min_scale``.
+
+    The scale is applied only around the optimizer step (the param groups' ``lr`` is restored right
+    after), so LR schedulers see and set their own values untouched and compose with it.
+    Runs after the detecting policies whatever its position in the chain.
+    """
+
+    name = "lr_backoff"
+    kind = "react"
+
+    def __init__(self, factor: float = 0.5, events: int = 2, window: int = 50, recover: int = 200, min_scale: float = 1e-3):
+        super().__init__()
+        if not 0.0 < factor < 1.0:
+            raise ValueError(f"factor must be in (0, 1), got {factor!r}")
+        for n, v in (("events", events), ("window", window), ("recover", recover)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{n} must be an integer >= 1, got {v!r}")
+        if not 0.0 < min_scale <= 1.0:
+            raise ValueError(f"min_scale must be in (0, 1], got {min_scale!r}")
+        self.factor = float(factor)
+        self.events = events
+        self.window = window
+        self.recover = recover
+        self.min_scale = float(min_scale)
+        self.state = {"scale": 1.0, "recent": [], "last_event": None, "cuts": 0}
+
+    def apply(self, ctx: StepContext) -> None:
+        st = self.state
+        step = ctx.step
+        recent = [s for s in st["recent"] if step - s < self.window]
+        if ctx.event:
+            recent.append(step)
+            st["last_event"] = step
+            if len(recent) >= self.events:
+                st["scale"] = max(self.min_scale, st["scale"] * self.factor)
+                st["cuts"] += 1
+                recent = []
+                ctx.record(self.name, True)
+        elif st["scale"] < 1.0 and (st["last_event"] is None or step - st["last_event"] >= self.window):
+            st["scale"] = min(1.0, st["scale"] * (1.0 / self.factor) ** (1.0 / self.recover))
+        st["recent"] = recent
+        ctx.lr_scale *= st["scale"]
+        ctx.metrics["lr_scale"] = st["scale"]

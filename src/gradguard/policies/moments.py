@@ -1,0 +1,124 @@
+"""Reset the optimizer's moment buffers for the parameters whose gradient spiked (SPAM-style)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .base import Policy, StepContext
+from .clip import _check_positive
+from .registry import register
+
+
+def reset_param_state_(optimizer: torch.optim.Optimizer, param: torch.Tensor, reset_step: bool = True) -> list[str]:
+    """Zero every moment buffer the optimizer keeps for ``param``, in place; return the keys reset.
+
+    A moment buffer is any state tensor shaped like the parameter (Adam/AdamW ``exp_avg``,
+    ``exp_avg_sq``, ``max_exp_avg_sq``; SGD ``momentum_buffer``; RMSprop ``square_avg``; ...). With
+    ``reset_step``, a ``step`` counter is zeroed too, so Adam's bias correction restarts and the
+    first update after the reset is an ordinary first Adam step, not one inflated by the stale
+    correction (SPAM keeps the step and ramps the LR back instead). Tensors are zeroed in place, so
+    fused/capturable optimizers keep their buffers.
+    """
+    state = optimizer.state.get(param)
+    if not state:
+        return []
+    done = []
+    for key, val in state.items():
+        if isinstance(val, torch.Tensor) and val.shape == param.shape and val.is_floating_point():
+            val.zero_()
+            done.append(key)
+        elif key == "step" and reset_step:
+            if isinstance(val, torch.Tensor):
+                val.zero_()
+            else:
+                state[key] = 0
+            done.append(key)
+    return done
+
+
+@register
+class reset_moments(Policy):  # noqa: N801
+    """On a gradient spike, reset the optimizer's moment buffers for the affected parameters.
+
+    Detection per parameter: an exponential moving mean and variance (decay ``beta``) of each
+    parameter's gradient norm; after ``warmup`` steps a parameter whose norm is more than ``z``
+    standard deviations above its mean is "affected", and its moments (Adam's m and v, SGD's
+    momentum, ...) are zeroed before the optimizer step, so the spike does not linger in them for
+    the next ~1/(1-beta2) steps (SPAM, Huang et al. 2025). ``every=N`` also resets all moments every
+    N steps, as SPAM does (off by default). Works with any torch optimizer, without swapping it.
+    Detection runs on the per-parameter norms the Guard reads once per step; only an actual reset
+    touches optimizer state.
+    """
+
+    name = "reset_moments"
+    needs_host = True
+    needs_host_param_norms = True
+
+    def __init__(self, z: float = 6.0, beta: float = 0.98, warmup: int = 25, every: int | None = None, reset_step: bool = True):
+        super().__init__()
+        _check_positive(self.name, "z", z)
+        if not 0.0 < beta < 1.0:
+            raise ValueError(f"beta must be in (0, 1), got {beta!r}")
+        if not isinstance(warmup, int) or warmup < 1:
+            raise ValueError(f"warmup must be an integer >= 1, got {warmup!r}")
+        if every is not None and (not isinstance(every, int) or every < 1):
+            raise ValueError(f"every must be a positive integer or None, got {every!r}")
+        self.z = float(z)
+        self.beta = float(beta)
+        self.warmup = warmup
+        self.every = every
+        self.reset_step = bool(reset_step)
+        self.state = {"mean": None, "var": None, "count": None, "resets": 0}
+
+    def bind(self, layout, optimizer) -> None:
+        if self.state["mean"] is None:
+            n = len(layout)
+            self.state.update(mean=np.zeros(n), var=np.zeros(n), count=np.zeros(n, dtype=np.int64))
+
+    def apply(self, ctx: StepContext) -> None:
+        host = ctx.host
+        assert host is not None and host.param_norms is not None
+        stats = ctx.stats
+        idx = np.asarray(stats.param_index, dtype=np.int64)
+        x = np.asarray(host.param_norms, dtype=np.float64)
+        mean, var, count = self.state["mean"], self.state["var"], self.state["count"]
+        m, v, c = mean[idx], var[idx], count[idx]
+        finite = np.isfinite(x)
+        affected = finite & (c >= self.warmup) & (x - m > self.z * np.sqrt(v))
+        periodic = self.every is not None and ctx.step > 0 and ctx.step % self.every == 0
+        targets = idx if periodic else idx[affected]
+        if len(targets) and host.finite:
+            reset_layers: set[int] = set()
+            for i in targets.tolist():
+                if reset_param_state_(ctx.optimizer, stats.layout.params[i], self.reset_step):
+                    reset_layers.add(stats.layout.layer_of[i])
+            if reset_layers:
+                self.state["resets"] += 1
+                ctx.record(self.name, True, sorted(reset_layers))
+        # Update the running statistics with the norms that were not spikes.
+        upd = finite & ~affected
+        first = upd & (c == 0)
+        delta = x - m
+        new_m = np.where(first, x, m + (1 - self.beta) * delta)
+        new_v = np.where(first, 0.0, self.beta * (v + (1 - self.beta) * delta**2))
+        mean[idx] = np.where(upd, new_m, m)
+        var[idx] = np.where(upd, new_v, v)
+        count[idx] = c + upd
+
+    def state_dict(self) -> dict:
+        st = self.state
+        return {
+            "mean": np.asarray(st["mean"]).tolist(),
+            "var": np.asarray(st["var"]).tolist(),
+            "count": np.asarray(st["count"]).tolist(),
+            "resets": st["resets"],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = {
+            "mean": np.asarray(state["mean"], dtype=np.float64),
+            "var": np.asarray(state["var"], dtype=np.float64),
+            "count": np.asarray(state["count"], dtype=np.int64),
+            "resets": int(state["resets"]),
+        }

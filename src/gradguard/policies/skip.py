@@ -1,0 +1,106 @@
+"""Skip the optimizer step: on non-finite gradients or loss, or on a finite outlier."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import torch
+
+from .base import Policy, StepContext
+from .clip import _check_positive
+from .registry import register
+
+
+@register
+class skip_nonfinite(Policy):  # noqa: N801
+    """Skip the step when any gradient (or the loss, if given) holds a NaN or Inf.
+
+    The optimizer step does not happen: weights, optimizer state and step counters stay
+    bit-identical (and the LR scheduler is the user's to step or not); the gradients are zeroed.
+    The layers whose gradient went non-finite are reported.
+    """
+
+    name = "skip_nonfinite"
+    needs_host = True
+    kind = "skip"
+
+    def apply(self, ctx: StepContext) -> None:
+        host = ctx.host
+        assert host is not None
+        if ctx.amp_overflow:
+            ctx.request_skip("amp_overflow")  # the scaler's own skip: not counted as an action
+            return
+        bad_loss = host.loss is not None and not math.isfinite(host.loss)
+        if not host.finite or bad_loss:
+            ctx.request_skip("nonfinite_grad" if not host.finite else "nonfinite_loss")
+            bad_layers = ~torch.isfinite(ctx.stats.raw_layer_norms) if ctx.stats.grads else []
+            ctx.record(self.name, True, bad_layers)
+
+
+@register
+class skip_spike(Policy):  # noqa: N801
+    """Skip a step whose gradient norm (or loss) is a finite outlier.
+
+    The OLMo-core rule: over a rolling window of recent values (default 128), skip when a value is
+    more than ``z`` standard deviations (default 6) above the window mean, once the window holds
+    ``warmup`` values (default: half the window, as OLMo-core). Non-finite values are skipped too.
+    Unlike OLMo-core, a skipped value does not enter the window, so one spike cannot inflate the
+    deviation and blind the detector for the next ``window`` steps.
+
+    ``on``: ``grad_norm``, ``loss`` or ``both`` (the loss part needs ``guard.step(loss=...)``).
+    """
+
+    name = "skip_spike"
+    needs_host = True
+    kind = "skip"
+
+    def __init__(self, z: float = 6.0, window: int = 128, warmup: int | None = None, on: str = "both"):
+        super().__init__()
+        _check_positive(self.name, "z", z)
+        if not isinstance(window, int) or window < 2:
+            raise ValueError(f"window must be an integer >= 2, got {window!r}")
+        if warmup is not None and (not isinstance(warmup, int) or not 2 <= warmup <= window):
+            raise ValueError(f"warmup must be an integer in [2, window={window}], got {warmup!r}")
+        if on not in ("grad_norm", "loss", "both"):
+            raise ValueError(f"on must be one of grad_norm, loss, both; got {on!r}")
+        self.z = float(z)
+        self.window = window
+        self.warmup = warmup
+        self.on = on
+        self.state = {"grad_norm": [], "loss": []}
+        self._windows = {k: deque(maxlen=window) for k in ("grad_norm", "loss")}
+
+    def _outlier(self, key: str, x: float) -> bool:
+        w = self._windows[key]
+        need = self.warmup if self.warmup is not None else max(2, self.window // 2)
+        if len(w) < need:
+            return False
+        n = len(w)
+        mean = sum(w) / n
+        std = math.sqrt(sum((v - mean) ** 2 for v in w) / (n - 1))
+        return x - mean > self.z * std
+
+    def apply(self, ctx: StepContext) -> None:
+        host = ctx.host
+        assert host is not None
+        values = {}
+        if self.on in ("grad_norm", "both"):
+            values["grad_norm"] = host.norm
+        if self.on in ("loss", "both") and host.loss is not None:
+            values["loss"] = host.loss
+        spiked = [k for k, v in values.items() if not math.isfinite(v) or self._outlier(k, v)]
+        if spiked:
+            ctx.request_skip("spike_" + "_".join(spiked))
+            ctx.record(self.name, True)
+            ctx.metrics["skip_spike.on"] = float(len(spiked))
+            return
+        for k, v in values.items():
+            self._windows[k].append(v)
+
+    def state_dict(self) -> dict:
+        return {k: list(w) for k, w in self._windows.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k in self._windows:
+            self._windows[k] = deque((float(v) for v in state.get(k, [])), maxlen=self.window)

@@ -1,0 +1,160 @@
+"""What one guarded step did: :class:`StepReport`.
+
+Values that live on the device (norms, whether a clip engaged) are read only when asked for, so a
+Guard with a clipping-only chain never forces a host sync; read ``report.grad_norm`` and you pay
+for it then.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def _bool(v: Tensor | bool) -> bool:
+    return bool(v.item()) if isinstance(v, Tensor) else bool(v)
+
+
+def _float(v: Tensor | float) -> float:
+    return float(v.item()) if isinstance(v, Tensor) else float(v)
+
+
+class StepReport:
+    """The outcome of one ``Guard.step()``.
+
+    Attributes:
+        step: the Guard's step index (0-based; counts every call, skipped or not).
+        skipped: the optimizer step did not happen (a skip, a rollback or an AMP overflow).
+        skip_reason: why (``nonfinite_grad``, ``nonfinite_loss``, ``spike_grad_norm``, ``rollback``,
+            ``amp_overflow``, ...), or None.
+        rolled_back: the model and optimizer were restored to the last good snapshot.
+        lr_scale: the factor applied to the LR for this step (``lr_backoff``), 1.0 otherwise.
+    Lazy properties (host sync on first access): ``grad_norm`` (global L2 norm before mitigation),
+    ``grad_norm_after``, ``clipped``, ``actions`` (policies that acted), ``layers`` (per policy, the
+    layer names involved), ``metrics``.
+    """
+
+    __slots__ = (
+        "_acted",
+        "_cache",
+        "_layer_names",
+        "_layer_norms",
+        "_layers",
+        "_metrics",
+        "_norm",
+        "_norm_after",
+        "_policy_kinds",
+        "lr_scale",
+        "rolled_back",
+        "skip_reason",
+        "skipped",
+        "step",
+    )
+
+    def __init__(
+        self,
+        step: int,
+        norm: Tensor | float,
+        norm_after: Tensor | float,
+        skipped: bool,
+        skip_reason: str | None,
+        rolled_back: bool,
+        lr_scale: float,
+        acted: Mapping[str, Tensor | bool],
+        layers: Mapping[str, Tensor | list[int]],
+        metrics: Mapping[str, Tensor | float],
+        layer_names: list[str],
+        policy_kinds: Mapping[str, str],
+        layer_norms: Tensor | None = None,
+    ):
+        self.step = step
+        self._norm = norm
+        self._norm_after = norm_after
+        self.skipped = skipped
+        self.skip_reason = skip_reason
+        self.rolled_back = rolled_back
+        self.lr_scale = lr_scale
+        self._acted = dict(acted)
+        self._layers = dict(layers)
+        self._metrics = dict(metrics)
+        self._layer_names = layer_names
+        self._policy_kinds = policy_kinds
+        self._layer_norms = layer_norms
+        self._cache: dict[str, Any] = {}
+
+    def _memo(self, key: str, fn):
+        if key not in self._cache:
+            self._cache[key] = fn()
+        return self._cache[key]
+
+    @property
+    def grad_norm(self) -> float:
+        return self._memo("grad_norm", lambda: _float(self._norm))
+
+    @property
+    def grad_norm_after(self) -> float:
+        """Global norm of the gradient the optimizer received (0.0 when the step was skipped)."""
+        return self._memo("grad_norm_after", lambda: 0.0 if self.skipped else _float(self._norm_after))
+
+    @property
+    def actions(self) -> tuple[str, ...]:
+        """Names of the policies that acted this step, in chain order."""
+        return self._memo("actions", lambda: tuple(k for k, v in self._acted.items() if _bool(v)))
+
+    @property
+    def clipped(self) -> bool:
+        """Whether a clipping policy changed the gradient this step."""
+        return any(self._policy_kinds.get(a) == "clip" for a in self.actions)
+
+    @property
+    def layers(self) -> dict[str, tuple[str, ...]]:
+        """For each policy that acted and named layers: the layer names involved."""
+
+        def build() -> dict[str, tuple[str, ...]]:
+            out = {}
+            for policy, spec in self._layers.items():
+                if policy not in self.actions:
+                    continue
+                if isinstance(spec, Tensor):
+                    idx = torch.nonzero(spec.reshape(-1)).reshape(-1).tolist() if spec.dtype == torch.bool else spec.tolist()
+                else:
+                    idx = list(spec)
+                out[policy] = tuple(self._layer_names[i] for i in idx)
+            return out
+
+        return self._memo("layers", build)
+
+    @property
+    def layer_norms(self) -> dict[str, float] | None:
+        """Per-layer gradient norm before mitigation (``Guard(layer_stats=True)``), else None."""
+        if self._layer_norms is None:
+            return None
+        return self._memo("layer_norms", lambda: dict(zip(self._layer_names, self._layer_norms.tolist(), strict=True)))
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return self._memo("metrics", lambda: {k: _float(v) for k, v in self._metrics.items()})
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "grad_norm": self.grad_norm,
+            "grad_norm_after": self.grad_norm_after,
+            "skipped": self.skipped,
+            "skip_reason": self.skip_reason,
+            "rolled_back": self.rolled_back,
+            "clipped": self.clipped,
+            "lr_scale": self.lr_scale,
+            "actions": list(self.actions),
+            "layers": {k: list(v) for k, v in self.layers.items()},
+            "metrics": self.metrics,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"StepReport(step={self.step}, grad_norm={self.grad_norm:.4g}, grad_norm_after={self.grad_norm_after:.4g}, "
+            f"skipped={self.skipped}, actions={list(self.actions)})"
+        )

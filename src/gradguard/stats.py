@@ -1,0 +1,186 @@
+"""One fused pass over the gradients per step: global, per-parameter and per-layer norms, and the
+non-finite flag derived from them.
+
+Norms are computed with ``torch._foreach_norm`` on gradients grouped by (device, dtype), as
+``torch.nn.utils.clip_grad_norm_`` does, accumulated in float32 so fp16/bf16 gradients neither
+overflow nor lose the norm. Finiteness is read off the global norm (a NaN or Inf anywhere makes it
+non-finite) instead of a separate ``isfinite`` scan over every element, which costs ~20x a norm.
+
+The in-place operations on the gradients (`scale_`, `scale_params_`, `clamp_`) live here too, so
+that after a policy acts the running per-parameter norms stay exact without another pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .layout import ParamLayout
+
+
+class _Group:
+    __slots__ = ("device", "grads", "index")
+
+    def __init__(self, device: torch.device, grads: list[Tensor], index: list[int]):
+        self.device = device
+        self.grads = grads
+        self.index = index  # positions of these grads in GradStats.grads
+
+
+def _foreach_ok(device: torch.device) -> bool:
+    return device.type in ("cpu", "cuda", "xpu", "mps") or device.type == torch._C._get_privateuse1_backend_name()
+
+
+def foreach_norms(tensors: list[Tensor], ord: float = 2.0) -> list[Tensor]:
+    """Per-tensor norms in float32, one kernel per (device, dtype) group where foreach is supported."""
+    if not tensors:
+        return []
+    if _foreach_ok(tensors[0].device) and all(not t.is_sparse for t in tensors):
+        return list(torch._foreach_norm(tensors, ord, dtype=torch.float32))
+    return [torch.linalg.vector_norm(t, ord, dtype=torch.float32) for t in tensors]
+
+
+class GradStats:
+    """Gradient statistics of one optimizer step.
+
+    Attributes (all float32 tensors on the device of the first gradient, no host sync):
+        raw_param_norms: L2 norm of each gradient before any mitigation, in ``grads`` order.
+        param_norms: the same after the mitigations applied so far (kept exact by the in-place ops).
+        norm: global L2 norm before mitigation (as ``clip_grad_norm_`` returns it).
+        finite: 0-dim bool, False if any gradient holds a NaN or Inf.
+    """
+
+    def __init__(self, layout: ParamLayout, grads: list[Tensor], param_index: list[int]):
+        self.layout = layout
+        self.grads = grads
+        self.param_index = param_index  # grads[k] belongs to layout.params[param_index[k]]
+        groups: dict[tuple[torch.device, torch.dtype], _Group] = {}
+        for k, g in enumerate(grads):
+            key = (g.device, g.dtype)
+            grp = groups.get(key)
+            if grp is None:
+                groups[key] = grp = _Group(g.device, [], [])
+            grp.grads.append(g)
+            grp.index.append(k)
+        self.groups = list(groups.values())
+        self.device = grads[0].device if grads else torch.device("cpu")
+
+        if len(self.groups) == 1:
+            norms = foreach_norms(self.groups[0].grads)
+        else:
+            norms = [torch.empty((), device=self.device)] * len(grads)
+            for grp in self.groups:
+                for k, n in zip(grp.index, foreach_norms(grp.grads), strict=True):
+                    norms[k] = n.to(self.device, non_blocking=True)
+        self.raw_param_norms = torch.stack(norms) if norms else torch.zeros(0, device=self.device)
+        self.param_norms = self.raw_param_norms
+        self.norm = torch.linalg.vector_norm(self.raw_param_norms)
+        # A global norm that overflows float32 (> 1.8e19) is treated as non-finite as well.
+        self.finite = torch.isfinite(self.norm)
+        self._layer_ids: Tensor | None = None
+        self._weight_norms: Tensor | None = None
+        self._norm_after: Tensor | None = None
+
+    # ----- derived views ------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.layout.layer_names)
+
+    @property
+    def layer_ids(self) -> Tensor:
+        """Layer index of each gradient (long tensor, on the stats device)."""
+        if self._layer_ids is None:
+            lo = self.layout.layer_of
+            self._layer_ids = torch.tensor([lo[i] for i in self.param_index], device=self.device)
+        return self._layer_ids
+
+    def layer_norms(self, param_norms: Tensor | None = None) -> Tensor:
+        """Per-layer L2 norms (a layer = the params one module owns); 0 for layers without grads."""
+        pn = self.param_norms if param_norms is None else param_norms
+        sq = torch.zeros(self.num_layers, device=self.device, dtype=torch.float32)
+        sq.index_add_(0, self.layer_ids, pn.square())
+        return sq.sqrt()
+
+    @property
+    def raw_layer_norms(self) -> Tensor:
+        return self.layer_norms(self.raw_param_norms)
+
+    @property
+    def norm_after(self) -> Tensor:
+        """Global L2 norm after the mitigations applied so far."""
+        if self._norm_after is None:
+            self._norm_after = torch.linalg.vector_norm(self.param_norms)
+        return self._norm_after
+
+    @property
+    def weight_norms(self) -> Tensor:
+        """L2 norm of each parameter (the weights, not the gradients), computed once on demand."""
+        if self._weight_norms is None:
+            params = [self.layout.params[i].detach() for i in self.param_index]
+            out = [torch.empty((), device=self.device)] * len(params)
+            for grp in self.groups:
+                ws = [params[k] for k in grp.index]
+                for k, n in zip(grp.index, foreach_norms(ws), strict=True):
+                    out[k] = n.to(self.device, non_blocking=True)
+            self._weight_norms = torch.stack(out) if out else torch.zeros(0, device=self.device)
+        return self._weight_norms
+
+    def grads_of(self, ks: Sequence[int]) -> list[Tensor]:
+        return [self.grads[k] for k in ks]
+
+    # ----- in-place mitigations -----------------------------------------------------------------
+    def scale_(self, factor: Tensor | float) -> None:
+        """Multiply every gradient by one factor (a 0-dim tensor: no host sync)."""
+        for grp in self.groups:
+            f = factor.to(grp.device, non_blocking=True) if isinstance(factor, Tensor) else factor
+            torch._foreach_mul_(grp.grads, f)
+        self.param_norms = self.param_norms * factor
+        self._norm_after = None
+
+    def scale_params_(self, factors: Tensor) -> None:
+        """Multiply gradient ``k`` by ``factors[k]`` (one factor per gradient, float32 tensor)."""
+        for grp in self.groups:
+            fs = factors.to(grp.device, non_blocking=True)
+            idx = torch.tensor(grp.index, device=grp.device) if len(self.groups) > 1 else None
+            fs = fs if idx is None else fs.index_select(0, idx)
+            torch._foreach_mul_(grp.grads, list(fs.to(grp.grads[0].dtype).unbind()))
+        self.param_norms = self.param_norms * factors
+        self._norm_after = None
+
+    def clamp_(self, limit: float) -> None:
+        """Clamp every gradient element to [-limit, limit]; the norms are re-measured (an elementwise
+        clamp changes them in a way no summary statistic predicts)."""
+        for grp in self.groups:
+            torch._foreach_clamp_min_(grp.grads, -limit)
+            torch._foreach_clamp_max_(grp.grads, limit)
+        norms = [torch.empty((), device=self.device)] * len(self.grads)
+        for grp in self.groups:
+            for k, n in zip(grp.index, foreach_norms(grp.grads), strict=True):
+                norms[k] = n.to(self.device, non_blocking=True)
+        # A NaN survives clamping; keep the non-finite flag meaningful by leaving NaN norms as NaN.
+        self.param_norms = torch.stack(norms) if norms else self.param_norms
+        self._norm_after = None
+
+    def set_param_norms(self, norms: Tensor) -> None:
+        """For policies that changed gradients themselves and know the resulting norms exactly."""
+        self.param_norms = norms
+        self._norm_after = None
+
+
+def collect_grads(layout: ParamLayout) -> tuple[list[Tensor], list[int]]:
+    grads: list[Tensor] = []
+    index: list[int] = []
+    for i, p in enumerate(layout.params):
+        g = p.grad
+        if g is not None:
+            grads.append(g)
+            index.append(i)
+    return grads, index
+
+
+def compute_grad_stats(layout: ParamLayout) -> GradStats:
+    """Measure the current gradients of the layout's parameters (one fused pass)."""
+    grads, index = collect_grads(layout)
+    return GradStats(layout, grads, index)
