@@ -1,15 +1,31 @@
 """gradguard: prevent, detect, diagnose and mitigate exploding gradients and loss spikes.
 
-    guard = gradguard.Guard(model, optimizer, policy="default")
-    loss.backward()
-    report = guard.step(loss=loss)     # replaces optimizer.step()
+guard = gradguard.Guard(model, optimizer, policy="default")
+loss.backward()
+report = guard.step(loss=loss)     # replaces optimizer.step()
 """
 
 from .errors import ConfigError, GradGuardError, SpecError
 from .guard import Guard
 from .layout import ParamLayout
-from .policies import DEFAULT_SPEC, Policy, StepContext, available_policies, parse_spec
-from .policies import agc, autoclip, clip_layerwise, clip_norm, clip_value, lr_backoff, reset_moments, rollback, skip_nonfinite, skip_spike, zclip
+from .policies import (
+    DEFAULT_SPEC,
+    Policy,
+    StepContext,
+    agc,
+    autoclip,
+    available_policies,
+    clip_layerwise,
+    clip_norm,
+    clip_value,
+    lr_backoff,
+    parse_spec,
+    reset_moments,
+    rollback,
+    skip_nonfinite,
+    skip_spike,
+    zclip,
+)
 from .report import StepReport
 from .stats import GradStats, compute_grad_stats
 

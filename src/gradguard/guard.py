@@ -28,7 +28,7 @@ from .report import StepReport
 from .stats import GradStats, compute_grad_stats
 
 _STATE_VERSION = 1
-_PHASES = {"clip": 0, "skip": 0, "react": 1}
+_PHASES = {"clip": 0, "reset": 0, "skip": 0, "react": 1}
 
 
 def _check_optimizer(optimizer: Any) -> None:
@@ -70,15 +70,21 @@ class Guard:
         layer_stats: bool = False,
     ):
         if model is not None and not isinstance(model, nn.Module):
-            raise ConfigError(f"Guard's first argument must be the nn.Module being trained (or None), got {type(model).__name__}")
+            raise ConfigError(
+                f"Guard's first argument must be the nn.Module being trained (or None), got {type(model).__name__}"
+            )
         _check_optimizer(optimizer)
         chain = parse_spec(policy)
-        if check_finite and not any(isinstance(p, (skip_nonfinite,)) or p.name == "rollback" for p in chain):
+        if check_finite and not any(
+            isinstance(p, (skip_nonfinite,)) or p.name == "rollback" for p in chain
+        ):
             chain.insert(0, skip_nonfinite())
         names = [p.name for p in chain]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ConfigError(f"policy {', '.join(dupes)} appears twice in the chain; give each policy once")
+            raise ConfigError(
+                f"policy {', '.join(dupes)} appears twice in the chain; give each policy once"
+            )
         # Detect/clip/skip policies run in the order given; reacting ones (lr_backoff) after them.
         chain.sort(key=lambda p: _PHASES.get(p.kind, 0))
         self.model = model
@@ -91,10 +97,17 @@ class Guard:
         for p in chain:
             p.bind(self.layout, optimizer)
         self._needs_host = any(p.needs_host for p in chain)
-        self._needs_host_param_norms = any(getattr(p, "needs_host_param_norms", False) for p in chain)
+        self._needs_host_param_norms = any(
+            getattr(p, "needs_host_param_norms", False) for p in chain
+        )
         self._kinds = {p.name: p.kind for p in chain}
         self._step = 0
-        self._counts: dict[str, int] = {"steps": 0, "skipped": 0, "rolled_back": 0, "amp_overflow": 0}
+        self._counts: dict[str, int] = {
+            "steps": 0,
+            "skipped": 0,
+            "rolled_back": 0,
+            "amp_overflow": 0,
+        }
         self._acted_counts: dict[str, Tensor | int] = {}
         self._clipped: Tensor | int = 0
         self._last_grad: tuple[weakref.ref, int] | None = None
@@ -115,17 +128,25 @@ class Guard:
                 "this step is skipped. Call guard.step() once per optimizer step.",
                 stacklevel=2,
             )
-            return self._finish(StepContext(self._step, stats, self.optimizer, skip=True, skip_reason="stale_grads"), stats, False)
-        ctx = StepContext(self._step, stats, self.optimizer, loss=loss if isinstance(loss, Tensor) else None)
+            return self._finish(
+                StepContext(
+                    self._step, stats, self.optimizer, skip=True, skip_reason="stale_grads"
+                ),
+                stats,
+                False,
+            )
+        ctx = StepContext(
+            self._step, stats, self.optimizer, loss=loss if isinstance(loss, Tensor) else None
+        )
         if self._needs_host:
             ctx.host = self._read_host(stats, loss)
             ctx.amp_overflow = self.scaler is not None and not ctx.host.finite
         elif loss is not None and not isinstance(loss, (Tensor, int, float)):
             raise ConfigError(f"loss must be a tensor or a number, got {type(loss).__name__}")
         for policy in self.policies:
-            # Once the step is cancelled, clipping policies neither act on it nor learn from it;
-            # skip/rollback/react policies still see it (an incident is what they count).
-            if ctx.skip and policy.kind == "clip":
+            # Once the step is cancelled, clipping and resetting policies neither act on it nor
+            # learn from it; skip/rollback/react policies still see it (incidents are their input).
+            if ctx.skip and policy.kind in ("clip", "reset"):
                 continue
             policy.apply(ctx)
         stepped = not ctx.skip
@@ -154,7 +175,9 @@ class Guard:
         loss_val: float | None = None
         if isinstance(loss, Tensor):
             if loss.numel() != 1:
-                raise ConfigError(f"loss must be a scalar tensor, got shape {tuple(loss.shape)}; pass loss.mean() or loss.sum()")
+                raise ConfigError(
+                    f"loss must be a scalar tensor, got shape {tuple(loss.shape)}; pass loss.mean() or loss.sum()"
+                )
             parts.append(loss.detach().to(device=stats.device, dtype=torch.float32).reshape(1))
         elif loss is not None:
             if not isinstance(loss, (int, float)):
@@ -165,7 +188,11 @@ class Guard:
         values = torch.cat(parts).tolist()
         if isinstance(loss, Tensor):
             loss_val = values[2]
-        pn = values[-stats.raw_param_norms.numel():] if self._needs_host_param_norms and stats.grads else ([] if self._needs_host_param_norms else None)
+        pn = (
+            values[-stats.raw_param_norms.numel() :]
+            if self._needs_host_param_norms and stats.grads
+            else ([] if self._needs_host_param_norms else None)
+        )
         return HostView(norm=values[0], finite=bool(values[1]), loss=loss_val, param_norms=pn)
 
     def _apply_step(self, lr_scale: float) -> None:
@@ -261,19 +288,24 @@ class Guard:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not isinstance(state, dict) or "policies" not in state:
-            raise ConfigError("not a Guard state dict: expected the dict returned by Guard.state_dict()")
+            raise ConfigError(
+                "not a Guard state dict: expected the dict returned by Guard.state_dict()"
+            )
         saved = [p["name"] for p in state["policies"]]
         mine = [p.name for p in self.policies]
         if saved != mine:
-            raise ConfigError(f"the saved Guard ran the chain {'+'.join(saved)} but this Guard runs {'+'.join(mine)}; build it with the same policy")
+            raise ConfigError(
+                f"the saved Guard ran the chain {'+'.join(saved)} but this Guard runs {'+'.join(mine)}; build it with the same policy"
+            )
         for p, s in zip(self.policies, state["policies"], strict=True):
             p.load_state_dict(s["state"])
         self._step = int(state["step"])
         counters = dict(state.get("counters", {}))
         self._clipped = int(counters.pop("clipped", 0))
-        self._acted_counts = {k[len("acted.") :]: int(v) for k, v in counters.items() if k.startswith("acted.")}
+        self._acted_counts = {
+            k[len("acted.") :]: int(v) for k, v in counters.items() if k.startswith("acted.")
+        }
         self._counts = {k: int(counters.get(k, 0)) for k in self._counts}
 
     def __repr__(self) -> str:
         return f"Guard(policy={self.spec!r}, params={len(self.layout)}, layers={len(self.layout.layer_names)})"
-

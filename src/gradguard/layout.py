@@ -66,7 +66,10 @@ class ParamLayout:
         return [
             i
             for i, (n, li) in enumerate(zip(self.names, self.layer_of, strict=True))
-            if any(fnmatch.fnmatchcase(n, p) or fnmatch.fnmatchcase(self.layer_names[li], p) for p in pats)
+            if any(
+                fnmatch.fnmatchcase(n, p) or fnmatch.fnmatchcase(self.layer_names[li], p)
+                for p in pats
+            )
         ]
 
     def watch_forward_order(self) -> None:

@@ -97,7 +97,9 @@ class StepReport:
     @property
     def grad_norm_after(self) -> float:
         """Global norm of the gradient the optimizer received (0.0 when the step was skipped)."""
-        return self._memo("grad_norm_after", lambda: 0.0 if self.skipped else _float(self._norm_after))
+        return self._memo(
+            "grad_norm_after", lambda: 0.0 if self.skipped else _float(self._norm_after)
+        )
 
     @property
     def actions(self) -> tuple[str, ...]:
@@ -119,7 +121,11 @@ class StepReport:
                 if policy not in self.actions:
                     continue
                 if isinstance(spec, Tensor):
-                    idx = torch.nonzero(spec.reshape(-1)).reshape(-1).tolist() if spec.dtype == torch.bool else spec.tolist()
+                    idx = (
+                        torch.nonzero(spec.reshape(-1)).reshape(-1).tolist()
+                        if spec.dtype == torch.bool
+                        else spec.tolist()
+                    )
                 else:
                     idx = list(spec)
                 out[policy] = tuple(self._layer_names[i] for i in idx)
@@ -132,7 +138,10 @@ class StepReport:
         """Per-layer gradient norm before mitigation (``Guard(layer_stats=True)``), else None."""
         if self._layer_norms is None:
             return None
-        return self._memo("layer_norms", lambda: dict(zip(self._layer_names, self._layer_norms.tolist(), strict=True)))
+        return self._memo(
+            "layer_norms",
+            lambda: dict(zip(self._layer_names, self._layer_norms.tolist(), strict=True)),
+        )
 
     @property
     def metrics(self) -> dict[str, float]:

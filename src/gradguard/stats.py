@@ -30,7 +30,10 @@ class _Group:
 
 
 def _foreach_ok(device: torch.device) -> bool:
-    return device.type in ("cpu", "cuda", "xpu", "mps") or device.type == torch._C._get_privateuse1_backend_name()
+    return (
+        device.type in ("cpu", "cuda", "xpu", "mps")
+        or device.type == torch._C._get_privateuse1_backend_name()
+    )
 
 
 def foreach_norms(tensors: list[Tensor], ord: float = 2.0) -> list[Tensor]:

@@ -9,7 +9,14 @@ from .base import HostView, Policy, StepContext
 from .clip import clip_layerwise, clip_norm, clip_value
 from .lr_backoff import lr_backoff
 from .moments import reset_moments, reset_param_state_
-from .registry import DEFAULT_SPEC, available_policies, make_policy, parse_spec, policy_class, register
+from .registry import (
+    DEFAULT_SPEC,
+    available_policies,
+    make_policy,
+    parse_spec,
+    policy_class,
+    register,
+)
 from .rollback import rollback
 from .skip import skip_nonfinite, skip_spike
 from .zclip import zclip

@@ -18,7 +18,7 @@ def unit_norms(t: torch.Tensor) -> torch.Tensor:
 
 
 @register
-class agc(Policy):  # noqa: N801
+class agc(Policy):
     """Unit-wise adaptive gradient clipping.
 
     Per unit: ``max = clipping * max(||W||_unit, eps)``; where ``||g||_unit > max``,
@@ -32,7 +32,13 @@ class agc(Policy):  # noqa: N801
 
     name = "agc"
 
-    def __init__(self, clipping: float = 0.01, eps: float = 1e-3, exclude: tuple[str, ...] = (), exclude_head: bool = True):
+    def __init__(
+        self,
+        clipping: float = 0.01,
+        eps: float = 1e-3,
+        exclude: tuple[str, ...] = (),
+        exclude_head: bool = True,
+    ):
         super().__init__()
         _check_positive(self.name, "clipping", clipping)
         _check_positive(self.name, "eps", eps)
@@ -77,7 +83,11 @@ class agc(Policy):  # noqa: N801
             g_norm = unit_norms(g)
             clip = g_norm > max_norm
             factor = torch.where(clip, max_norm / g_norm.clamp(min=1e-6), torch.ones_like(g_norm))
-            g.mul_(factor.to(g.dtype).reshape((-1,) + (1,) * (g.ndim - 1)) if g.ndim > 1 else factor[0].to(g.dtype))
+            g.mul_(
+                factor.to(g.dtype).reshape((-1,) + (1,) * (g.ndim - 1))
+                if g.ndim > 1
+                else factor[0].to(g.dtype)
+            )
             new_sq.append((g_norm * factor).square().sum())
             acted.append(clip.any())
             ks.append(k)
@@ -86,6 +96,13 @@ class agc(Policy):  # noqa: N801
         idx = torch.tensor(ks, device=stats.device)
         sq = sq.index_put((idx,), torch.stack(new_sq).to(stats.device))
         stats.set_param_norms(sq.sqrt())
-        mask = torch.zeros(len(stats.grads), dtype=torch.bool, device=stats.device).index_put((idx,), torch.stack(acted).to(stats.device))
-        layer_mask = torch.zeros(stats.num_layers, device=stats.device).index_add_(0, stats.layer_ids, mask.float()) > 0
+        mask = torch.zeros(len(stats.grads), dtype=torch.bool, device=stats.device).index_put(
+            (idx,), torch.stack(acted).to(stats.device)
+        )
+        layer_mask = (
+            torch.zeros(stats.num_layers, device=stats.device).index_add_(
+                0, stats.layer_ids, mask.float()
+            )
+            > 0
+        )
         ctx.record(self.name, mask.any(), layer_mask)

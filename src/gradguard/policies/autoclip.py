@@ -48,7 +48,7 @@ def percentile_sorted(buf: Tensor, n: Tensor, q: float) -> Tensor:
 
 
 @register
-class autoclip(Policy):  # noqa: N801
+class autoclip(Policy):
     """Clip to the ``percentile``-th percentile of the history of global gradient norms, the current
     norm included (pseeth/autoclip, which uses ``numpy.percentile`` and ``clip_grad_norm_``).
 
@@ -63,12 +63,16 @@ class autoclip(Policy):  # noqa: N801
 
     name = "autoclip"
 
-    def __init__(self, percentile: float = 10.0, history: int | None = None, max_history: int = 100_000):
+    def __init__(
+        self, percentile: float = 10.0, history: int | None = None, max_history: int = 100_000
+    ):
         super().__init__()
         if not (isinstance(percentile, (int, float)) and 0 <= percentile <= 100):
             raise ValueError(f"percentile must be in [0, 100], got {percentile!r}")
         if history is not None and (not isinstance(history, int) or history < 1):
-            raise ValueError(f"history must be a positive integer or None (keep all), got {history!r}")
+            raise ValueError(
+                f"history must be a positive integer or None (keep all), got {history!r}"
+            )
         if not isinstance(max_history, int) or max_history < 2:
             raise ValueError(f"max_history must be an integer >= 2, got {max_history!r}")
         self.percentile = float(percentile)
@@ -81,7 +85,11 @@ class autoclip(Policy):  # noqa: N801
     def _ensure(self, device: torch.device) -> None:
         st = self.state
         if st["sorted"] is None:
-            cap = self.history + 1 if self.history is not None else min(_INITIAL_CAPACITY, self.max_history)
+            cap = (
+                self.history + 1
+                if self.history is not None
+                else min(_INITIAL_CAPACITY, self.max_history)
+            )
             st["sorted"] = torch.full((cap,), math.inf, device=device)
             st["n_valid"] = torch.zeros((), dtype=torch.long, device=device)
             if self.history is not None:
@@ -100,7 +108,9 @@ class autoclip(Policy):  # noqa: N801
         self._ensure(x.device)
         st = self.state
         finite = torch.isfinite(x)
-        xin = torch.where(finite, x.to(torch.float32), torch.full_like(x, math.inf, dtype=torch.float32))
+        xin = torch.where(
+            finite, x.to(torch.float32), torch.full_like(x, math.inf, dtype=torch.float32)
+        )
         buf = st["sorted"]
         if self.history is not None:
             if st["size"] == self.history:

@@ -53,7 +53,9 @@ class StepContext:
     layers: dict[str, Tensor | list[int]] = field(default_factory=dict)
     metrics: dict[str, Tensor | float] = field(default_factory=dict)
 
-    def record(self, policy: str, acted: Tensor | bool, layers: Tensor | list[int] | None = None) -> None:
+    def record(
+        self, policy: str, acted: Tensor | bool, layers: Tensor | list[int] | None = None
+    ) -> None:
         """Note that ``policy`` acted (or may have: a tensor flag is read lazily, never synced here).
 
         ``layers`` is either a list of layer indices or a bool mask over layers.
@@ -92,29 +94,35 @@ class Policy:
     needs_host: ClassVar[bool] = False
     #: Reads the loss: ``guard.step(loss=...)`` must be given.
     needs_loss: ClassVar[bool] = False
-    #: Clipping policies may change gradients; skipping/rollback policies may cancel the step.
+    #: "clip": changes gradients; "reset": changes optimizer state before the step; "skip": may
+    #: cancel the step; "react": responds to the incidents of the policies before it.
     kind: ClassVar[str] = "clip"
 
     def __init__(self) -> None:
         self.state: dict[str, Any] = {}
 
-    def bind(self, layout: ParamLayout, optimizer: torch.optim.Optimizer) -> None:  # noqa: B027
+    def bind(self, layout: ParamLayout, optimizer: torch.optim.Optimizer) -> None:
         """Called once by the Guard before the first step: see the parameters and optimizer."""
 
     def apply(self, ctx: StepContext) -> None:
         raise NotImplementedError
 
-    def after_step(self, ctx: StepContext, stepped: bool) -> None:  # noqa: B027
+    def after_step(self, ctx: StepContext, stepped: bool) -> None:
         """Called after the optimizer step (or the skip): e.g. to take a snapshot."""
 
     # ----- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {k: (v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v)) for k, v in self.state.items()}
+        return {
+            k: (v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v))
+            for k, v in self.state.items()
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         missing = set(self.state) - set(state)
         if missing:
-            raise KeyError(f"{self.name}: state is missing {sorted(missing)}; was it saved by another policy?")
+            raise KeyError(
+                f"{self.name}: state is missing {sorted(missing)}; was it saved by another policy?"
+            )
         for k, v in state.items():
             cur = self.state.get(k)
             if isinstance(cur, Tensor) and isinstance(v, Tensor):

@@ -17,12 +17,20 @@ NORM_EPS = 1e-6
 def _check_positive(policy: str, name: str, value: float | None, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    if value is None or not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r} (e.g. {policy}:{name}=1.0)")
+    if (
+        value is None
+        or not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(
+            f"{name} must be a finite number > 0, got {value!r} (e.g. {policy}:{name}=1.0)"
+        )
 
 
 @register
-class clip_norm(Policy):  # noqa: N801 - the spec name is the class name
+class clip_norm(Policy):
     """Clip by global norm: ``g <- g * min(1, max_norm / (||g|| + 1e-6))``.
 
     The same result as ``torch.nn.utils.clip_grad_norm_`` (same norm, same epsilon, same clamp), with
@@ -60,7 +68,7 @@ class clip_norm(Policy):  # noqa: N801 - the spec name is the class name
 
 
 @register
-class clip_value(Policy):  # noqa: N801
+class clip_value(Policy):
     """Clip every gradient element to ``[-limit, limit]`` (``torch.nn.utils.clip_grad_value_``).
 
     Elementwise clipping changes the direction of the gradient; prefer ``clip_norm`` unless you
@@ -86,7 +94,7 @@ class clip_value(Policy):  # noqa: N801
 
 
 @register
-class clip_layerwise(Policy):  # noqa: N801
+class clip_layerwise(Policy):
     """Clip each layer's gradient (the params one module owns) against its own threshold.
 
     The "layered" mitigation for large models: a layer whose gradient explodes is scaled down
@@ -99,10 +107,18 @@ class clip_layerwise(Policy):  # noqa: N801
 
     name = "clip_layerwise"
 
-    def __init__(self, max_norm: float | None = None, factor: float | None = None, beta: float = 0.98, warmup: int = 25):
+    def __init__(
+        self,
+        max_norm: float | None = None,
+        factor: float | None = None,
+        beta: float = 0.98,
+        warmup: int = 25,
+    ):
         super().__init__()
         if max_norm is None and factor is None:
-            raise ValueError("give max_norm (a fixed per-layer threshold) or factor (a multiple of the layer's running norm), e.g. clip_layerwise:factor=3")
+            raise ValueError(
+                "give max_norm (a fixed per-layer threshold) or factor (a multiple of the layer's running norm), e.g. clip_layerwise:factor=3"
+            )
         _check_positive(self.name, "max_norm", max_norm, allow_none=True)
         _check_positive(self.name, "factor", factor, allow_none=True)
         if not 0.0 < beta < 1.0:
@@ -140,7 +156,12 @@ class clip_layerwise(Policy):  # noqa: N801
         if self.factor is not None:
             # Track the norm the layer actually had after clipping; skip layers without a finite gradient.
             after = norms * coef
-            present = torch.zeros_like(norms).index_add_(0, stats.layer_ids, torch.ones_like(stats.param_norms)) > 0
+            present = (
+                torch.zeros_like(norms).index_add_(
+                    0, stats.layer_ids, torch.ones_like(stats.param_norms)
+                )
+                > 0
+            )
             upd = present & torch.isfinite(after)
             self.state["ema"] = torch.where(upd, self.beta * ema + (1 - self.beta) * after, ema)
             self.state["count"] = count + upd.float()

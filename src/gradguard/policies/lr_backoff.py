@@ -7,7 +7,7 @@ from .registry import register
 
 
 @register
-class lr_backoff(Policy):  # noqa: N801
+class lr_backoff(Policy):
     """Multiply the LR by ``factor`` when ``events`` incidents (skipped or rolled-back steps, from
     the policies before it in the chain) happen within ``window`` steps; after ``window`` calm
     steps, grow it back geometrically so that one cut is undone over ``recover`` steps. The scale
@@ -21,7 +21,14 @@ class lr_backoff(Policy):  # noqa: N801
     name = "lr_backoff"
     kind = "react"
 
-    def __init__(self, factor: float = 0.5, events: int = 2, window: int = 50, recover: int = 200, min_scale: float = 1e-3):
+    def __init__(
+        self,
+        factor: float = 0.5,
+        events: int = 2,
+        window: int = 50,
+        recover: int = 200,
+        min_scale: float = 1e-3,
+    ):
         super().__init__()
         if not 0.0 < factor < 1.0:
             raise ValueError(f"factor must be in (0, 1), got {factor!r}")
@@ -49,7 +56,9 @@ class lr_backoff(Policy):  # noqa: N801
                 st["cuts"] += 1
                 recent = []
                 ctx.record(self.name, True)
-        elif st["scale"] < 1.0 and (st["last_event"] is None or step - st["last_event"] >= self.window):
+        elif st["scale"] < 1.0 and (
+            st["last_event"] is None or step - st["last_event"] >= self.window
+        ):
             st["scale"] = min(1.0, st["scale"] * (1.0 / self.factor) ** (1.0 / self.recover))
         st["recent"] = recent
         ctx.lr_scale *= st["scale"]

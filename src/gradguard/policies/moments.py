@@ -10,7 +10,9 @@ from .clip import _check_positive
 from .registry import register
 
 
-def reset_param_state_(optimizer: torch.optim.Optimizer, param: torch.Tensor, reset_step: bool = True) -> list[str]:
+def reset_param_state_(
+    optimizer: torch.optim.Optimizer, param: torch.Tensor, reset_step: bool = True
+) -> list[str]:
     """Zero every moment buffer the optimizer keeps for ``param``, in place; return the keys reset.
 
     A moment buffer is any state tensor shaped like the parameter (Adam/AdamW ``exp_avg``,
@@ -38,11 +40,11 @@ def reset_param_state_(optimizer: torch.optim.Optimizer, param: torch.Tensor, re
 
 
 @register
-class reset_moments(Policy):  # noqa: N801
+class reset_moments(Policy):
     """On a gradient spike, reset the optimizer's moment buffers for the affected parameters.
 
-    Detection per parameter: an exponential moving mean and variance (decay ``beta``) of each
-    parameter's gradient norm; after ``warmup`` steps a parameter whose norm is more than ``z``
+    Detection per parameter: the mean and variance of each parameter's gradient norm (plain over
+    the first ``warmup`` steps, then exponentially moving with decay ``beta``); after warmup a parameter whose norm is more than ``z``
     standard deviations above its mean is "affected", and its moments (Adam's m and v, SGD's
     momentum, ...) are zeroed before the optimizer step, so the spike does not linger in them for
     the next ~1/(1-beta2) steps (SPAM, Huang et al. 2025). ``every=N`` also resets all moments every
@@ -52,10 +54,18 @@ class reset_moments(Policy):  # noqa: N801
     """
 
     name = "reset_moments"
+    kind = "reset"
     needs_host = True
     needs_host_param_norms = True
 
-    def __init__(self, z: float = 6.0, beta: float = 0.98, warmup: int = 25, every: int | None = None, reset_step: bool = True):
+    def __init__(
+        self,
+        z: float = 6.0,
+        beta: float = 0.98,
+        warmup: int = 25,
+        every: int | None = None,
+        reset_step: bool = True,
+    ):
         super().__init__()
         _check_positive(self.name, "z", z)
         if not 0.0 < beta < 1.0:
@@ -96,12 +106,19 @@ class reset_moments(Policy):  # noqa: N801
             if reset_layers:
                 self.state["resets"] += 1
                 ctx.record(self.name, True, sorted(reset_layers))
-        # Update the running statistics with the norms that were not spikes.
+        # Update the running statistics with the norms that were not spikes: plain running mean
+        # and variance during warmup (an EMA started from one value would underestimate the
+        # spread and fire on noise), an exponential moving one after it.
         upd = finite & ~affected
-        first = upd & (c == 0)
         delta = x - m
-        new_m = np.where(first, x, m + (1 - self.beta) * delta)
-        new_v = np.where(first, 0.0, self.beta * (v + (1 - self.beta) * delta**2))
+        warm = c < self.warmup
+        rate = np.where(warm, 1.0 / (c + 1.0), 1.0 - self.beta)
+        new_m = m + rate * delta
+        new_v = np.where(
+            warm,
+            (c * v + delta * (x - new_m)) / (c + 1.0),
+            self.beta * (v + (1 - self.beta) * delta**2),
+        )
         mean[idx] = np.where(upd, new_m, m)
         var[idx] = np.where(upd, new_v, v)
         count[idx] = c + upd

@@ -27,7 +27,9 @@ def register(cls: type[Policy]) -> type[Policy]:
     if not cls.name:
         raise TypeError(f"{cls.__name__} needs a class attribute `name`")
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise TypeError(f"policy name {cls.name!r} is already registered by {_REGISTRY[cls.name].__name__}")
+        raise TypeError(
+            f"policy name {cls.name!r} is already registered by {_REGISTRY[cls.name].__name__}"
+        )
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -70,7 +72,9 @@ def _coerce(policy: str, pname: str, raw: str, hint: Any) -> Any:
     if origin is Literal:
         choices = typing.get_args(hint)
         if text not in choices:
-            raise SpecError(f"{policy}: {pname}={text!r} is not one of {', '.join(map(str, choices))}")
+            raise SpecError(
+                f"{policy}: {pname}={text!r} is not one of {', '.join(map(str, choices))}"
+            )
         return text
     if origin in (list, tuple, Sequence) or hint in (list, tuple):
         return tuple(t for t in text.split("|") if t)
@@ -99,7 +103,9 @@ def _coerce(policy: str, pname: str, raw: str, hint: Any) -> Any:
     raise SpecError(f"{policy}: parameter {pname} cannot be set from a spec string")
 
 
-def make_policy(name: str, args: Sequence[str] = (), kwargs: dict[str, str] | None = None) -> Policy:
+def make_policy(
+    name: str, args: Sequence[str] = (), kwargs: dict[str, str] | None = None
+) -> Policy:
     """Build one policy from its spec name and textual arguments."""
     cls = policy_class(name)
     params = _parameters(cls)
@@ -107,11 +113,15 @@ def make_policy(name: str, args: Sequence[str] = (), kwargs: dict[str, str] | No
     names = [p.name for p in params]
     values: dict[str, Any] = {}
     if len(args) > 1:
-        raise SpecError(f"{name}: only the first parameter can be given without a key; use key=value")
+        raise SpecError(
+            f"{name}: only the first parameter can be given without a key; use key=value"
+        )
     if args:
         if not params:
             raise SpecError(f"{name} takes no parameters")
-        values[params[0].name] = _coerce(name, params[0].name, args[0], hints.get(params[0].name, str))
+        values[params[0].name] = _coerce(
+            name, params[0].name, args[0], hints.get(params[0].name, str)
+        )
     for k, v in (kwargs or {}).items():
         if k not in names:
             valid = ", ".join(names) if names else "none"
@@ -130,7 +140,9 @@ def make_policy(name: str, args: Sequence[str] = (), kwargs: dict[str, str] | No
 def parse_one(text: str) -> Policy:
     text = text.strip()
     if not text:
-        raise SpecError("empty policy in spec; write policies joined by '+', e.g. 'skip_nonfinite+zclip'")
+        raise SpecError(
+            "empty policy in spec; write policies joined by '+', e.g. 'skip_nonfinite+zclip'"
+        )
     name, sep, rest = text.partition(":")
     name = name.strip()
     if not sep:
@@ -148,7 +160,9 @@ def parse_one(text: str) -> Policy:
                 raise SpecError(f"{name}: parameter {k.strip()!r} given twice")
             kwargs[k.strip()] = v
         elif kwargs:
-            raise SpecError(f"{name}: positional value {item!r} after key=value; only the first value may omit its key")
+            raise SpecError(
+                f"{name}: positional value {item!r} after key=value; only the first value may omit its key"
+            )
         else:
             args.append(item)
     return make_policy(name, args, kwargs)
@@ -173,10 +187,14 @@ def parse_spec(spec: str | Policy | Iterable[str | Policy] | None) -> list[Polic
     try:
         items = list(spec)
     except TypeError:
-        raise SpecError(f"policy must be a spec string, a Policy or a list of them, not {type(spec).__name__}") from None
+        raise SpecError(
+            f"policy must be a spec string, a Policy or a list of them, not {type(spec).__name__}"
+        ) from None
     for item in items:
         if isinstance(item, (str, Policy)):
             out.extend(parse_spec(item))
         else:
-            raise SpecError(f"policy list items must be spec strings or Policy objects, not {type(item).__name__}")
+            raise SpecError(
+                f"policy list items must be spec strings or Policy objects, not {type(item).__name__}"
+            )
     return out

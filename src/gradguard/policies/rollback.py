@@ -44,7 +44,7 @@ def _clone_to(obj: Any, device: torch.device | None) -> Any:
 
 
 @register
-class rollback(Policy):  # noqa: N801
+class rollback(Policy):
     """Keep the last good model + optimizer state; restore it when the gradients or the loss go
     non-finite, skip the step, and continue (chain ``lr_backoff`` to also cut the LR).
 
@@ -64,7 +64,13 @@ class rollback(Policy):  # noqa: N801
     needs_host = True
     kind = "skip"
 
-    def __init__(self, every: int = 100, to: Literal["memory", "disk"] = "memory", path: str | None = None, max_consecutive: int = 5):
+    def __init__(
+        self,
+        every: int = 100,
+        to: Literal["memory", "disk"] = "memory",
+        path: str | None = None,
+        max_consecutive: int = 5,
+    ):
         super().__init__()
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ValueError(f"every must be an integer >= 1, got {every!r}")
@@ -88,16 +94,26 @@ class rollback(Policy):  # noqa: N801
         self._optimizer = optimizer
         self._params = layout.params
         if self.to == "disk":
-            folder = Path(self.path) if self.path else Path(tempfile.mkdtemp(prefix="gradguard-rollback-"))
+            folder = (
+                Path(self.path)
+                if self.path
+                else Path(tempfile.mkdtemp(prefix="gradguard-rollback-"))
+            )
             if folder.exists() and not folder.is_dir():
-                raise ConfigError(f"rollback path {folder} exists and is not a folder; give a folder path")
+                raise ConfigError(
+                    f"rollback path {folder} exists and is not a folder; give a folder path"
+                )
             self._file = folder / "last_good.pt"
 
     # ----- snapshot -------------------------------------------------------------------------------
     def _capture(self) -> dict[str, Any]:
         opt = self._optimizer
         assert opt is not None
-        model_sd = self._model.state_dict() if self._model is not None else {str(i): p for i, p in enumerate(self._params)}
+        model_sd = (
+            self._model.state_dict()
+            if self._model is not None
+            else {str(i): p for i, p in enumerate(self._params)}
+        )
         optim = [opt.state.get(p, {}) for p in self._params]
         return {"model": model_sd, "optim": optim}
 
@@ -129,8 +145,10 @@ class rollback(Policy):  # noqa: N801
             assert self._file is not None
             try:
                 snap = torch.load(self._file, map_location="cpu", weights_only=True)
-            except Exception as e:  # noqa: BLE001 - a corrupt file must name itself
-                raise GradGuardError(f"could not read the rollback snapshot {self._file}: {e}") from e
+            except Exception as e:
+                raise GradGuardError(
+                    f"could not read the rollback snapshot {self._file}: {e}"
+                ) from e
         else:
             snap = self._snapshot
         with torch.no_grad():
@@ -144,7 +162,9 @@ class rollback(Policy):  # noqa: N801
             for p, saved in zip(self._params, snap["optim"], strict=True):
                 cur = opt.state.get(p)
                 if not saved:
-                    opt.state.pop(p, None)  # the optimizer re-initializes it lazily, as at the start
+                    opt.state.pop(
+                        p, None
+                    )  # the optimizer re-initializes it lazily, as at the start
                     continue
                 if cur is None:
                     opt.state[p] = cur = {}
@@ -153,7 +173,11 @@ class rollback(Policy):  # noqa: N801
                     if isinstance(v, Tensor) and isinstance(old, Tensor) and old.shape == v.shape:
                         old.copy_(v)  # in place: fused/capturable optimizers keep their buffers
                     else:
-                        cur[k] = v.to(p.device) if isinstance(v, Tensor) and k != "step" else (v.clone() if isinstance(v, Tensor) else v)
+                        cur[k] = (
+                            v.to(p.device)
+                            if isinstance(v, Tensor) and k != "step"
+                            else (v.clone() if isinstance(v, Tensor) else v)
+                        )
                 for k in [k for k in cur if k not in saved]:
                     del cur[k]
 

@@ -13,7 +13,7 @@ from .registry import register
 
 
 @register
-class skip_nonfinite(Policy):  # noqa: N801
+class skip_nonfinite(Policy):
     """Skip the step when any gradient (or the loss, if given) holds a NaN or Inf.
 
     The optimizer step does not happen: weights, optimizer state and step counters stay
@@ -39,7 +39,7 @@ class skip_nonfinite(Policy):  # noqa: N801
 
 
 @register
-class skip_spike(Policy):  # noqa: N801
+class skip_spike(Policy):
     """Skip a step whose gradient norm (or loss) is a finite outlier.
 
     The OLMo-core rule: over a rolling window of recent values (default 128), skip when a value is
@@ -55,7 +55,9 @@ class skip_spike(Policy):  # noqa: N801
     needs_host = True
     kind = "skip"
 
-    def __init__(self, z: float = 6.0, window: int = 128, warmup: int | None = None, on: str = "both"):
+    def __init__(
+        self, z: float = 6.0, window: int = 128, warmup: int | None = None, on: str = "both"
+    ):
         super().__init__()
         _check_positive(self.name, "z", z)
         if not isinstance(window, int) or window < 2:

@@ -15,7 +15,7 @@ from .registry import register
 
 
 @register
-class zclip(Policy):  # noqa: N801
+class zclip(Policy):
     """Clip a global-norm spike detected by its z-score against an EMA of recent norms.
 
     Warmup: the first ``warmup`` finite norms are collected (clipped only by ``max_norm`` if given);
@@ -60,7 +60,9 @@ class zclip(Policy):  # noqa: N801
         if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 1:
             raise ValueError(f"warmup must be an integer >= 1, got {warmup!r}")
         if clip_option not in ("adaptive_scaling", "mean"):
-            raise ValueError(f"clip_option must be 'adaptive_scaling' or 'mean', got {clip_option!r}")
+            raise ValueError(
+                f"clip_option must be 'adaptive_scaling' or 'mean', got {clip_option!r}"
+            )
         self.alpha = float(alpha)
         self.z_thresh = float(z_thresh)
         self.warmup = warmup
@@ -71,7 +73,7 @@ class zclip(Policy):  # noqa: N801
         self.skip_update_on_spike = bool(skip_update_on_spike)
         # Plain floats: the state is 4 numbers plus the warmup buffer. Kept as Python floats on the
         # host path and as 0-dim tensors on the device path (converted on first use).
-        self.state = {"buffer": [], "mean": 0.0, "var": 0.0, "initialized": False, "n": 0}
+        self.state = {"buffer": [], "mean": 0.0, "var": 0.0, "initialized": False}
 
     # ----- host path: Python floats --------------------------------------------------------------
     def _host(self, x: float) -> tuple[float, bool]:
@@ -115,7 +117,9 @@ class zclip(Policy):  # noqa: N801
         # Warmup: record finite norms in the buffer.
         warm = finite & ~init
         slot = st["n"].clamp(max=self.warmup - 1)
-        st["buffer"] = st["buffer"].index_put((slot.reshape(1),), torch.where(warm, x, st["buffer"][slot]).reshape(1))
+        st["buffer"] = st["buffer"].index_put(
+            (slot.reshape(1),), torch.where(warm, x, st["buffer"][slot]).reshape(1)
+        )
         n = st["n"] + warm.long()
         just_ready = warm & (n >= self.warmup)
         buf_mean = st["buffer"].mean()
@@ -155,7 +159,6 @@ class zclip(Policy):  # noqa: N801
                 "mean": float(st["mean"]),
                 "var": float(st["var"]),
                 "initialized": init,
-                "n": n,
             }
         return st
 
@@ -189,7 +192,6 @@ class zclip(Policy):  # noqa: N801
             "mean": float(state["mean"]),
             "var": float(state["var"]),
             "initialized": bool(state["initialized"]),
-            "n": len(state["buffer"]) if not state["initialized"] else self.warmup,
         }
 
     # ----- the step ---------------------------------------------------------------------------------

@@ -1,0 +1,71 @@
+"""Shared fixtures: small models with known layers, and gradient setters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    """Three layers with known names: ``fc1``, ``fc2``, ``head`` (+ a parameter-free activation)."""
+
+    def __init__(self, d_in: int = 6, width: int = 8, d_out: int = 3):
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, width)
+        self.fc2 = nn.Linear(width, width)
+        self.head = nn.Linear(width, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+@pytest.fixture
+def tiny() -> TinyNet:
+    torch.manual_seed(0)
+    return TinyNet()
+
+
+def set_grads(model: nn.Module, seed: int, scale: float = 1.0) -> list[torch.Tensor]:
+    """Give every parameter a fixed random gradient; return clones of what was set."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale
+        out.append(p.grad.clone())
+    return out
+
+
+def train_step(
+    model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
+    opt.zero_grad(set_to_none=True)
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    return loss
+
+
+def snapshot(model: nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """Deep copy of weights and every optimizer state tensor, for bit-identical comparisons."""
+    return {
+        "params": [p.detach().clone() for p in model.parameters()],
+        "state": [
+            {
+                k: (v.clone() if isinstance(v, torch.Tensor) else v)
+                for k, v in opt.state.get(p, {}).items()
+            }
+            for p in model.parameters()
+        ],
+    }
+
+
+def assert_same(a: dict, b: dict) -> None:
+    for x, y in zip(a["params"], b["params"], strict=True):
+        assert torch.equal(x, y)
+    for sa, sb in zip(a["state"], b["state"], strict=True):
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            if isinstance(sa[k], torch.Tensor):
+                assert torch.equal(sa[k], sb[k]), k
+            else:
+                assert sa[k] == sb[k], k

@@ -1,0 +1,210 @@
+"""skip_spike, reset_moments and rollback: the policies that change what the optimizer does."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import gradguard
+from gradguard import GradGuardError
+from gradguard.policies import reset_param_state_
+
+from conftest import TinyNet, assert_same, snapshot, train_step
+
+
+def data(seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(16, 6, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+
+
+def skip_spike_reference(values: list[float], z: float, window: int, warmup: int) -> list[bool]:
+    """OLMo-core's rule (sample std over a rolling window), except skipped values stay out."""
+    hist: list[float] = []
+    out = []
+    for v in values:
+        skip = False
+        if not math.isfinite(v):
+            skip = True
+        elif len(hist) >= warmup:
+            mean = sum(hist) / len(hist)
+            std = math.sqrt(sum((h - mean) ** 2 for h in hist) / (len(hist) - 1))
+            skip = v - mean > z * std
+        out.append(skip)
+        if not skip:
+            hist = [*hist, v][-window:]
+    return out
+
+
+def test_skip_spike_matches_reference_on_a_long_sequence():
+    gen = torch.Generator().manual_seed(3)
+    norms = (torch.rand(400, generator=gen) * 0.5 + 1.0).tolist()
+    for i, f in [(50, 20.0), (51, 30.0), (120, 5.0), (300, 1e4), (301, float("inf"))]:
+        norms[i] *= f
+    model = nn.Linear(1, 1, bias=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    guard = gradguard.Guard(model, opt, "skip_spike:z=4,window=32,warmup=8,on=grad_norm")
+    got = []
+    for n in norms:
+        model.weight.grad = torch.full((1, 1), n)
+        got.append(guard.step().skipped)
+    want = skip_spike_reference(norms, 4.0, 32, 8)
+    assert got == want
+    assert want[50] and want[51] and want[300] and want[301] and sum(want) < 10
+
+
+def test_skip_spike_on_loss():
+    model = nn.Linear(1, 1, bias=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gradguard.Guard(model, opt, "skip_spike:on=loss,window=16")
+    skipped = []
+    for step in range(40):
+        model.weight.grad = torch.ones(1, 1)
+        loss = 100.0 if step == 30 else 1.0 + 0.01 * (step % 3)
+        skipped.append(guard.step(loss=torch.tensor(loss)).skipped)
+    assert skipped == [s == 30 for s in range(40)]
+
+
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda ps: torch.optim.Adam(ps, lr=1e-3),
+        lambda ps: torch.optim.AdamW(ps, lr=1e-3, amsgrad=True),
+        lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9),
+    ],
+)
+def test_reset_moments_zeroes_only_the_spiked_parameter(make_opt):
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = make_opt(model.parameters())
+    guard = gradguard.Guard(model, opt, "reset_moments:z=6,warmup=10")
+    for step in range(30):
+        train_step(model, opt, *data(step))
+        assert "reset_moments" not in guard.step().actions
+    train_step(model, opt, *data(30))
+    model.fc2.weight.grad.mul_(1e3)
+    spiked_grad = model.fc2.weight.grad.clone()
+    r = guard.step()
+    assert r.actions == ("reset_moments",) and r.layers["reset_moments"] == ("fc2",)
+    names = [n for n, _ in model.named_parameters()]
+    for name, p in zip(names, model.parameters(), strict=True):
+        st = opt.state[p]
+        for k, v in st.items():
+            if not isinstance(v, torch.Tensor) or v.shape != p.shape:
+                continue
+            if name == "fc2.weight":
+                # Moments restarted from zero: only this step's gradient is in them.
+                if k == "exp_avg":
+                    torch.testing.assert_close(v, 0.1 * spiked_grad)
+                if k == "momentum_buffer":
+                    torch.testing.assert_close(v, spiked_grad)
+            else:
+                assert not torch.equal(v, torch.zeros_like(v))
+    if "step" in opt.state[model.fc2.weight]:
+        assert float(opt.state[model.fc2.weight]["step"]) == 1.0
+        assert float(opt.state[model.fc1.weight]["step"]) == 31.0
+
+
+def test_reset_param_state_helper_leaves_unknown_state_alone():
+    p = nn.Parameter(torch.ones(3))
+    opt = torch.optim.Adam([p])
+    p.grad = torch.ones(3)
+    opt.step()
+    opt.state[p]["custom"] = "keep"
+    assert sorted(reset_param_state_(opt, p)) == ["exp_avg", "exp_avg_sq", "step"]
+    assert opt.state[p]["custom"] == "keep"
+    assert reset_param_state_(opt, nn.Parameter(torch.ones(2))) == []
+
+
+class BNNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 8)
+        self.bn = nn.BatchNorm1d(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.fc(x))))
+
+
+@pytest.mark.parametrize("to", ["memory", "disk"])
+def test_rollback_restores_the_last_good_state_bit_identically(to, tmp_path):
+    torch.manual_seed(0)
+    model = BNNet()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    spec = f"rollback:every=5,to={to}" + (f",path={tmp_path}" if to == "disk" else "")
+    guard = gradguard.Guard(model, opt, spec)
+    good = None
+    for step in range(12):
+        train_step(model, opt, *data(step))
+        guard.step()
+        if step == 9:  # snapshots after applied steps 5 and 10 (step index 4 and 9)
+            good = (snapshot(model, opt), {k: v.clone() for k, v in model.state_dict().items()})
+    # Poison the weights (and BatchNorm statistics) as a bad update would, then the next loss is NaN.
+    with torch.no_grad():
+        model.fc.weight[0, 0] = float("inf")
+        model.bn.running_mean.fill_(float("nan"))
+    loss = train_step(model, opt, *data(12))
+    r = guard.step(loss=loss)
+    assert r.rolled_back and r.skipped and r.skip_reason == "rollback"
+    assert_same(good[0], snapshot(model, opt))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, good[1][k]), k
+    assert guard.counters["rolled_back"] == 1
+    # Training goes on from the restored state.
+    for step in range(13, 20):
+        assert not guard.step(loss=train_step(model, opt, *data(step))).skipped
+    if to == "disk":
+        assert (tmp_path / "last_good.pt").exists()
+
+
+def test_rollback_never_snapshots_bad_weights():
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gradguard.Guard(model, opt, "rollback:every=2")
+    train_step(model, opt, *data(0))
+    first = snapshot(model, opt)  # the first snapshot is taken before the first step
+    guard.step()
+    train_step(model, opt, *data(1))
+    with torch.no_grad():
+        model.head.bias[0] = float("nan")  # corrupted outside the Guard's view before the snapshot
+    guard.step()
+    assert guard.policies[0].state["snapshot_step"] == 0
+    train_step(model, opt, *data(2))
+    model.head.bias.grad[0] = float("nan")
+    assert guard.step().rolled_back
+    assert torch.equal(model.fc1.weight, first["params"][0])
+
+
+def test_rollback_gives_up_clearly_when_training_cannot_recover():
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gradguard.Guard(model, opt, "rollback:max_consecutive=2")
+    train_step(model, opt, *data(0))
+    guard.step()
+    for _ in range(2):
+        train_step(model, opt, *data(1))
+        model.fc1.weight.grad.fill_(float("nan"))
+        assert guard.step().rolled_back
+    train_step(model, opt, *data(1))
+    model.fc1.weight.grad.fill_(float("nan"))
+    with pytest.raises(GradGuardError, match="lower the learning rate"):
+        guard.step()
+
+
+def test_corrupt_disk_snapshot_is_named(tmp_path):
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gradguard.Guard(model, opt, f"rollback:to=disk,path={tmp_path}")
+    train_step(model, opt, *data(0))
+    guard.step()
+    (tmp_path / "last_good.pt").write_bytes(b"not a checkpoint")
+    train_step(model, opt, *data(1))
+    model.fc1.weight.grad.fill_(float("nan"))
+    with pytest.raises(GradGuardError, match=r"last_good\.pt"):
+        guard.step()
