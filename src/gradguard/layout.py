@@ -28,6 +28,7 @@ class ParamLayout:
     module: nn.Module | None = None
     # Layers in the order their forward ran the first time (filled by `watch_forward_order`).
     forward_order: list[int] = field(default_factory=list)
+    _index_cache: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, model: nn.Module | None, optimizer: torch.optim.Optimizer) -> ParamLayout:
@@ -121,6 +122,20 @@ class ParamLayout:
             stacklevel=3,
         )
         return len(self.layer_names) - 1
+
+    def index_tensor(self, values: Sequence[int], device: torch.device) -> torch.Tensor:
+        """A cached long tensor of ``values`` on ``device``.
+
+        Building an index tensor from a Python list is a host-to-device copy, which on CUDA waits
+        for the stream; the index sets a step needs repeat, so each is built once.
+        """
+        key = (tuple(values), device)
+        t = self._index_cache.get(key)
+        if t is None:
+            if len(self._index_cache) > 256:  # grads appearing and vanishing in many patterns
+                self._index_cache.clear()
+            t = self._index_cache[key] = torch.tensor(key[0], dtype=torch.long, device=device)
+        return t
 
     def params_of_layers(self, layers: Sequence[int]) -> list[int]:
         wanted = set(layers)

@@ -96,7 +96,9 @@ class GradStats:
         """Layer index of each gradient (long tensor, on the stats device)."""
         if self._layer_ids is None:
             lo = self.layout.layer_of
-            self._layer_ids = torch.tensor([lo[i] for i in self.param_index], device=self.device)
+            self._layer_ids = self.layout.index_tensor(
+                [lo[i] for i in self.param_index], self.device
+            )
         return self._layer_ids
 
     def layer_norms(self, param_norms: Tensor | None = None) -> Tensor:
@@ -146,7 +148,7 @@ class GradStats:
         """Multiply gradient ``k`` by ``factors[k]`` (one factor per gradient, float32 tensor)."""
         for grp in self.groups:
             fs = factors.to(grp.device, non_blocking=True)
-            idx = torch.tensor(grp.index, device=grp.device) if len(self.groups) > 1 else None
+            idx = self.layout.index_tensor(grp.index, grp.device) if len(self.groups) > 1 else None
             fs = fs if idx is None else fs.index_select(0, idx)
             torch._foreach_mul_(grp.grads, list(fs.to(grp.grads[0].dtype).unbind()))
         self.param_norms = self.param_norms * factors

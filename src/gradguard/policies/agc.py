@@ -93,7 +93,7 @@ class agc(Policy):
             ks.append(k)
         if not ks:
             return
-        idx = torch.tensor(ks, device=stats.device)
+        idx = stats.layout.index_tensor(ks, stats.device)
         sq = sq.index_put((idx,), torch.stack(new_sq).to(stats.device))
         stats.set_param_norms(sq.sqrt())
         mask = torch.zeros(len(stats.grads), dtype=torch.bool, device=stats.device).index_put(

@@ -149,7 +149,3 @@ def _fmt(v: Any) -> str:
     if isinstance(v, (list, tuple)):
         return "|".join(str(x) for x in v)
     return str(v)
-
-
-def device_scalar(value: float, like: Tensor) -> Tensor:
-    return torch.tensor(value, dtype=torch.float32, device=like.device)
