@@ -204,6 +204,27 @@ def test_amp_overflow_is_the_scalers_skip_not_counted_twice():
     assert c["amp_overflow"] == 1 and c["skipped"] == 0 and "acted.skip_nonfinite" not in c
 
 
+@pytest.mark.parametrize("spec", ["rollback+lr_backoff:events=1", "skip_spike:window=4,warmup=2", "clip_norm"])
+def test_amp_overflow_is_no_incident_for_any_policy(spec):
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    guard = gradguard.Guard(model, opt, spec, scaler=scaler, check_finite=False)
+    reasons = []
+    for step in range(6):
+        opt.zero_grad()
+        x, y = data(step)
+        scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+        if step == 4:
+            model.fc1.weight.grad[0, 0] = float("inf")
+        reasons.append(guard.step().skip_reason)
+    assert reasons == [None] * 4 + ["amp_overflow", None]
+    c = guard.counters
+    assert c["amp_overflow"] == 1 and c["skipped"] == 0 and c["rolled_back"] == 0
+    assert not any(k.startswith("acted.") and v for k, v in c.items() if k != "acted.clip_norm")
+
+
 def test_user_may_unscale_first():
     torch.manual_seed(0)
     model = TinyNet()

@@ -96,7 +96,9 @@ class Guard:
         self.layer_stats = layer_stats
         for p in chain:
             p.bind(self.layout, optimizer)
-        self._needs_host = any(p.needs_host for p in chain)
+        # GradScaler.step reads its overflow flag to the host anyway; the Guard reads it in the
+        # same step to report (and not double count) the scaler's skip.
+        self._needs_host = any(p.needs_host for p in chain) or self.scaler is not None
         self._needs_host_param_norms = any(
             getattr(p, "needs_host_param_norms", False) for p in chain
         )
@@ -140,13 +142,20 @@ class Guard:
         )
         if self._needs_host:
             ctx.host = self._read_host(stats, loss)
-            ctx.amp_overflow = self.scaler is not None and not ctx.host.finite
+            if self.scaler is not None and not ctx.host.finite:
+                # An fp16 overflow: the scaler skips the step and backs its scale off. That is its
+                # normal operation, not an incident for the policies to count or learn from.
+                ctx.amp_overflow = True
+                ctx.request_skip("amp_overflow")
         elif loss is not None and not isinstance(loss, (Tensor, int, float)):
             raise ConfigError(f"loss must be a tensor or a number, got {type(loss).__name__}")
         for policy in self.policies:
             # Once the step is cancelled, clipping and resetting policies neither act on it nor
-            # learn from it; skip/rollback/react policies still see it (incidents are their input).
+            # learn from it; skip/rollback/react policies still see it (incidents are their input),
+            # except an AMP overflow, which only the reacting ones see (as a calm step).
             if ctx.skip and policy.kind in ("clip", "reset"):
+                continue
+            if ctx.amp_overflow and policy.kind != "react":
                 continue
             policy.apply(ctx)
         stepped = not ctx.skip

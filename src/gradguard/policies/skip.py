@@ -28,9 +28,6 @@ class skip_nonfinite(Policy):
     def apply(self, ctx: StepContext) -> None:
         host = ctx.host
         assert host is not None
-        if ctx.amp_overflow:
-            ctx.request_skip("amp_overflow")  # the scaler's own skip: not counted as an action
-            return
         bad_loss = host.loss is not None and not math.isfinite(host.loss)
         if not host.finite or bad_loss:
             ctx.request_skip("nonfinite_grad" if not host.finite else "nonfinite_loss")
