@@ -104,3 +104,10 @@ def test_any_text_parses_or_raises_spec_error(text):
         parse_spec(text)
     except SpecError as e:
         assert str(e)
+
+
+def test_python_api_raises_the_same_error_type():
+    with pytest.raises(SpecError, match=r"alpha must be in \(0, 1\)"):
+        gradguard.zclip(alpha=2.0)
+    with pytest.raises(SpecError, match="max_norm must be a finite number > 0"):
+        gradguard.clip_norm(max_norm=0)

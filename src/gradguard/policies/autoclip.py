@@ -8,6 +8,7 @@ import math
 import torch
 from torch import Tensor
 
+from ..errors import SpecError
 from .base import Policy, StepContext
 from .clip import NORM_EPS
 from .registry import register
@@ -68,13 +69,13 @@ class autoclip(Policy):
     ):
         super().__init__()
         if not (isinstance(percentile, (int, float)) and 0 <= percentile <= 100):
-            raise ValueError(f"percentile must be in [0, 100], got {percentile!r}")
+            raise SpecError(f"percentile must be in [0, 100], got {percentile!r}")
         if history is not None and (not isinstance(history, int) or history < 1):
-            raise ValueError(
+            raise SpecError(
                 f"history must be a positive integer or None (keep all), got {history!r}"
             )
         if not isinstance(max_history, int) or max_history < 2:
-            raise ValueError(f"max_history must be an integer >= 2, got {max_history!r}")
+            raise SpecError(f"max_history must be an integer >= 2, got {max_history!r}")
         self.percentile = float(percentile)
         self.history = history
         self.max_history = max_history

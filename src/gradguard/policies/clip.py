@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from ..errors import SpecError
 from ..stats import foreach_norms
 from .base import Policy, StepContext
 from .registry import register
@@ -24,7 +25,7 @@ def _check_positive(policy: str, name: str, value: float | None, allow_none: boo
         or not math.isfinite(value)
         or value <= 0
     ):
-        raise ValueError(
+        raise SpecError(
             f"{name} must be a finite number > 0, got {value!r} (e.g. {policy}:{name}=1.0)"
         )
 
@@ -46,7 +47,7 @@ class clip_norm(Policy):
         super().__init__()
         _check_positive(self.name, "max_norm", max_norm)
         if not (norm_type == math.inf or (isinstance(norm_type, (int, float)) and norm_type > 0)):
-            raise ValueError(f"norm_type must be > 0 or inf, got {norm_type!r}")
+            raise SpecError(f"norm_type must be > 0 or inf, got {norm_type!r}")
         self.max_norm = float(max_norm)
         self.norm_type = float(norm_type)
 
@@ -116,15 +117,15 @@ class clip_layerwise(Policy):
     ):
         super().__init__()
         if max_norm is None and factor is None:
-            raise ValueError(
+            raise SpecError(
                 "give max_norm (a fixed per-layer threshold) or factor (a multiple of the layer's running norm), e.g. clip_layerwise:factor=3"
             )
         _check_positive(self.name, "max_norm", max_norm, allow_none=True)
         _check_positive(self.name, "factor", factor, allow_none=True)
         if not 0.0 < beta < 1.0:
-            raise ValueError(f"beta must be in (0, 1), got {beta!r}")
+            raise SpecError(f"beta must be in (0, 1), got {beta!r}")
         if warmup < 1:
-            raise ValueError(f"warmup must be >= 1, got {warmup!r}")
+            raise SpecError(f"warmup must be >= 1, got {warmup!r}")
         self.max_norm = None if max_norm is None else float(max_norm)
         self.factor = None if factor is None else float(factor)
         self.beta = float(beta)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..errors import SpecError
 from .base import Policy, StepContext
 from .registry import register
 
@@ -31,12 +32,12 @@ class lr_backoff(Policy):
     ):
         super().__init__()
         if not 0.0 < factor < 1.0:
-            raise ValueError(f"factor must be in (0, 1), got {factor!r}")
+            raise SpecError(f"factor must be in (0, 1), got {factor!r}")
         for n, v in (("events", events), ("window", window), ("recover", recover)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{n} must be an integer >= 1, got {v!r}")
+                raise SpecError(f"{n} must be an integer >= 1, got {v!r}")
         if not 0.0 < min_scale <= 1.0:
-            raise ValueError(f"min_scale must be in (0, 1], got {min_scale!r}")
+            raise SpecError(f"min_scale must be in (0, 1], got {min_scale!r}")
         self.factor = float(factor)
         self.events = events
         self.window = window

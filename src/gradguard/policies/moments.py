@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..errors import SpecError
 from .base import Policy, StepContext
 from .clip import _check_positive
 from .registry import register
@@ -69,11 +70,11 @@ class reset_moments(Policy):
         super().__init__()
         _check_positive(self.name, "z", z)
         if not 0.0 < beta < 1.0:
-            raise ValueError(f"beta must be in (0, 1), got {beta!r}")
+            raise SpecError(f"beta must be in (0, 1), got {beta!r}")
         if not isinstance(warmup, int) or warmup < 1:
-            raise ValueError(f"warmup must be an integer >= 1, got {warmup!r}")
+            raise SpecError(f"warmup must be an integer >= 1, got {warmup!r}")
         if every is not None and (not isinstance(every, int) or every < 1):
-            raise ValueError(f"every must be a positive integer or None, got {every!r}")
+            raise SpecError(f"every must be a positive integer or None, got {every!r}")
         self.z = float(z)
         self.beta = float(beta)
         self.warmup = warmup

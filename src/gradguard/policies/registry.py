@@ -131,9 +131,7 @@ def make_policy(
         values[k] = _coerce(name, k, v, hints.get(k, str))
     try:
         return cls(**values)
-    except SpecError:
-        raise
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError) as e:  # SpecError included: prefix the policy's name
         raise SpecError(f"{name}: {e}") from None
 
 

@@ -11,7 +11,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError, GradGuardError
+from ..errors import ConfigError, GradGuardError, SpecError
 from ..stats import foreach_norms
 from .base import Policy, StepContext
 from .registry import register
@@ -73,11 +73,11 @@ class rollback(Policy):
     ):
         super().__init__()
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-            raise ValueError(f"every must be an integer >= 1, got {every!r}")
+            raise SpecError(f"every must be an integer >= 1, got {every!r}")
         if to not in ("memory", "disk"):
-            raise ValueError(f"to must be 'memory' or 'disk', got {to!r}")
+            raise SpecError(f"to must be 'memory' or 'disk', got {to!r}")
         if not isinstance(max_consecutive, int) or max_consecutive < 1:
-            raise ValueError(f"max_consecutive must be an integer >= 1, got {max_consecutive!r}")
+            raise SpecError(f"max_consecutive must be an integer >= 1, got {max_consecutive!r}")
         self.every = every
         self.to = to
         self.path = path

@@ -7,6 +7,7 @@ from collections import deque
 
 import torch
 
+from ..errors import SpecError
 from .base import Policy, StepContext
 from .clip import _check_positive
 from .registry import register
@@ -58,11 +59,11 @@ class skip_spike(Policy):
         super().__init__()
         _check_positive(self.name, "z", z)
         if not isinstance(window, int) or window < 2:
-            raise ValueError(f"window must be an integer >= 2, got {window!r}")
+            raise SpecError(f"window must be an integer >= 2, got {window!r}")
         if warmup is not None and (not isinstance(warmup, int) or not 2 <= warmup <= window):
-            raise ValueError(f"warmup must be an integer in [2, window={window}], got {warmup!r}")
+            raise SpecError(f"warmup must be an integer in [2, window={window}], got {warmup!r}")
         if on not in ("grad_norm", "loss", "both"):
-            raise ValueError(f"on must be one of grad_norm, loss, both; got {on!r}")
+            raise SpecError(f"on must be one of grad_norm, loss, both; got {on!r}")
         self.z = float(z)
         self.window = window
         self.warmup = warmup

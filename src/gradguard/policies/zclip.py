@@ -9,6 +9,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ..errors import SpecError
 from .base import Policy, StepContext
 from .clip import NORM_EPS, _check_positive
 from .registry import register
@@ -52,15 +53,15 @@ class zclip(Policy):
     ):
         super().__init__()
         if not 0.0 < alpha < 1.0:
-            raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+            raise SpecError(f"alpha must be in (0, 1), got {alpha!r}")
         _check_positive(self.name, "z_thresh", z_thresh)
         _check_positive(self.name, "max_norm", max_norm, allow_none=True)
         _check_positive(self.name, "eps", eps)
         _check_positive(self.name, "clip_factor", clip_factor)
         if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 1:
-            raise ValueError(f"warmup must be an integer >= 1, got {warmup!r}")
+            raise SpecError(f"warmup must be an integer >= 1, got {warmup!r}")
         if clip_option not in ("adaptive_scaling", "mean"):
-            raise ValueError(
+            raise SpecError(
                 f"clip_option must be 'adaptive_scaling' or 'mean', got {clip_option!r}"
             )
         self.alpha = float(alpha)
