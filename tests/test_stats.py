@@ -147,7 +147,7 @@ def test_head_found_by_execution_not_registration():
     m(torch.randn(2, 4))
     assert layout.layer_names[layout.head_layer()] == "classifier"
     # The hooks are gone after the first forward.
-    assert not m.classifier._forward_hooks and not m._forward_hooks
+    assert not m.classifier._forward_pre_hooks and not m._forward_pre_hooks and not m._forward_hooks
 
 
 def test_head_fallback_warns():

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TinyNet, train_step
 
 import gradguard
+
+from conftest import TinyNet, train_step
 
 READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy")
 

@@ -74,11 +74,14 @@ class ParamLayout:
         ]
 
     def watch_forward_order(self) -> None:
-        """Record the order in which parameter-owning layers run during the next forward pass.
+        """Record the order in which parameter-owning layers start during the next forward pass.
 
-        Hooks are removed after the first forward, so training pays nothing afterwards. The last
-        layer to run is the output head (e.g. the classifier AGC leaves unclipped), found from what
-        the model computes rather than from where the layer is registered.
+        Pre-hooks (called when a module's forward starts) give the order; they are removed after
+        the first forward, so training pays nothing afterwards. The last layer to start is the
+        output head (e.g. the classifier AGC leaves unclipped), found from what the model computes
+        rather than from where the layer is registered. A container that owns parameters itself
+        (the root's ``logit_scale``, say) starts before its children, so it is never taken for the
+        head just because its forward returns last.
         """
         if self.module is None or self.forward_order:
             return
@@ -86,8 +89,8 @@ class ParamLayout:
         handles: list[torch.utils.hooks.RemovableHandle] = []
         order: list[int] = []
 
-        def on_forward(mod_name: str):
-            def hook(_module: nn.Module, _inp: object, _out: object) -> None:
+        def on_start(mod_name: str):
+            def hook(_module: nn.Module, _inp: object) -> None:
                 li = layer_index.get(mod_name)
                 if li is not None:
                     order.append(li)
@@ -96,14 +99,14 @@ class ParamLayout:
 
         def on_root_done(_module: nn.Module, _inp: object, _out: object) -> None:
             if order:
-                # Keep the first execution of each layer, in order.
+                # Keep the first start of each layer, in order.
                 self.forward_order[:] = list(dict.fromkeys(order))
             for h in handles:
                 h.remove()
 
         for mod_name, mod in self.module.named_modules():
             if any(True for _ in mod.parameters(recurse=False)):
-                handles.append(mod.register_forward_hook(on_forward(mod_name or "(root)")))
+                handles.append(mod.register_forward_pre_hook(on_start(mod_name or "(root)")))
         handles.append(self.module.register_forward_hook(on_root_done))
 
     def head_layer(self) -> int | None:
