@@ -33,10 +33,11 @@ def guarded(policy: str, **kw):
     return model, opt, gradguard.Guard(model, opt, policy, **kw)
 
 
-@pytest.mark.parametrize("scale", [0.01, 1.0, 50.0])
-@pytest.mark.parametrize("max_norm", [0.5, 1.0, 7.0])
-def test_clip_norm_equals_torch_bitwise(scale, max_norm):
-    model, opt, guard = guarded(f"clip_norm:{max_norm}")
+@pytest.mark.parametrize("check_finite", [True, False], ids=["host_path", "device_path"])
+@pytest.mark.parametrize("scale", [0.01, 1.0, 50.0, 3e4])
+@pytest.mark.parametrize("max_norm", [0.5, 1.0, 7.0, 0.123])
+def test_clip_norm_equals_torch_bitwise(scale, max_norm, check_finite):
+    model, opt, guard = guarded(f"clip_norm:{max_norm}", check_finite=check_finite)
     ref_model = TinyNet()
     ref_model.load_state_dict(model.state_dict())
     grads = set_grads(model, 11, scale)

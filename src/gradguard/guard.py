@@ -13,6 +13,7 @@ policies' after-step hooks.
 
 from __future__ import annotations
 
+import math
 import warnings
 import weakref
 from collections.abc import Iterable
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 from .errors import ConfigError
 from .layout import ParamLayout
 from .policies import HostView, Policy, StepContext, parse_spec, skip_nonfinite
-from .report import StepReport
+from .report import StepReport, Tally
 from .stats import GradStats, compute_grad_stats
 
 _STATE_VERSION = 1
@@ -104,14 +105,7 @@ class Guard:
         )
         self._kinds = {p.name: p.kind for p in chain}
         self._step = 0
-        self._counts: dict[str, int] = {
-            "steps": 0,
-            "skipped": 0,
-            "rolled_back": 0,
-            "amp_overflow": 0,
-        }
-        self._acted_counts: dict[str, Tensor | int] = {}
-        self._clipped: Tensor | int = 0
+        self._tally = Tally(("steps", "skipped", "rolled_back", "amp_overflow", "clipped"))
         self._last_grad: tuple[weakref.ref, int] | None = None
 
     # ----- the step ---------------------------------------------------------------------------------
@@ -179,9 +173,10 @@ class Guard:
                 raise
 
     def _read_host(self, stats: GradStats, loss: Tensor | float | None) -> HostView:
-        """The single host sync of a step: global norm, finiteness, loss (and per-param norms)."""
-        parts = [stats.norm.reshape(1), stats.finite.to(torch.float32).reshape(1)]
+        """The single host sync of a step: the global norm (its finiteness is the step's), and the
+        loss and per-parameter norms when given or needed, read together in one transfer."""
         loss_val: float | None = None
+        parts = []
         if isinstance(loss, Tensor):
             if loss.numel() != 1:
                 raise ConfigError(
@@ -192,17 +187,22 @@ class Guard:
             if not isinstance(loss, (int, float)):
                 raise ConfigError(f"loss must be a tensor or a number, got {type(loss).__name__}")
             loss_val = float(loss)
+        param_norms = None
         if self._needs_host_param_norms:
             parts.append(stats.raw_param_norms)
-        values = torch.cat(parts).tolist()
-        if isinstance(loss, Tensor):
-            loss_val = values[2]
-        pn = (
-            values[-stats.raw_param_norms.numel() :]
-            if self._needs_host_param_norms and stats.grads
-            else ([] if self._needs_host_param_norms else None)
+        if parts:
+            values = torch.cat([stats.norm.reshape(1), *parts]).tolist()
+            norm = values[0]
+            if isinstance(loss, Tensor):
+                loss_val = values[1]
+            if self._needs_host_param_norms:
+                param_norms = values[len(values) - stats.raw_param_norms.numel() :]
+        else:
+            norm = stats.norm.item()
+        # A NaN or Inf in any gradient makes the global norm non-finite (see GradStats.finite).
+        return HostView(
+            norm=norm, finite=math.isfinite(norm), loss=loss_val, param_norms=param_norms
         )
-        return HostView(norm=values[0], finite=bool(values[1]), loss=loss_val, param_norms=pn)
 
     def _apply_step(self, lr_scale: float) -> None:
         groups = self.optimizer.param_groups
@@ -231,40 +231,44 @@ class Guard:
         return ref() is stats.grads[0] and stats.grads[0]._version == version
 
     def _finish(self, ctx: StepContext, stats: GradStats, stepped: bool) -> StepReport:
-        c = self._counts
-        c["steps"] += 1
+        tally = self._tally
+        tally.add("steps", 1)
         if ctx.skip_reason == "amp_overflow":
-            c["amp_overflow"] += 1
+            tally.add("amp_overflow", 1)
         elif ctx.skip:
-            c["skipped"] += 1
+            tally.add("skipped", 1)
         if ctx.rollback:
-            c["rolled_back"] += 1
-        clip_flag: Tensor | bool = False
+            tally.add("rolled_back", 1)
+        clip_flags = []
         for name, acted in ctx.acted.items():
-            self._acted_counts[name] = self._acted_counts.get(name, 0) + acted
-            if self._kinds.get(name) == "clip":
-                clip_flag = clip_flag | acted
+            tally.add(f"acted.{name}", acted)
+            if self._kinds.get(name) == "clip" and acted is not False:
+                clip_flags.append(acted)
         if stepped:
-            self._clipped = self._clipped + clip_flag
+            # One flag per step however many clipping policies acted.
+            if any(f is True for f in clip_flags):
+                tally.add("clipped", 1)
+            elif len(clip_flags) == 1:
+                tally.add("clipped", clip_flags[0])
+            elif clip_flags:
+                tally.add("clipped", torch.stack(clip_flags).any())
             g = stats.grads[0] if stats.grads else None
             self._last_grad = (weakref.ref(g), g._version) if g is not None else None
         else:
             self._last_grad = None
-        metrics = dict(ctx.metrics)
         report = StepReport(
             step=ctx.step,
-            norm=stats.norm,
-            norm_after=stats.norm_after,
+            norms=stats.summary(),
             skipped=not stepped,
             skip_reason=ctx.skip_reason,
             rolled_back=ctx.rollback,
             lr_scale=ctx.lr_scale,
             acted=ctx.acted,
             layers=ctx.layers,
-            metrics=metrics,
+            metrics=ctx.metrics,
             layer_names=self.layout.layer_names,
             policy_kinds=self._kinds,
-            layer_norms=(stats.raw_layer_norms if self.layer_stats and stats.grads else None),
+            layer_stats=self.layer_stats and bool(stats.grads),
         )
         self._step += 1
         return report
@@ -273,12 +277,8 @@ class Guard:
     @property
     def counters(self) -> dict[str, int]:
         """steps, clipped, skipped, rolled_back, amp_overflow, and per-policy action counts
-        (``acted.<policy>``). Reading it syncs once (clip counts live on the device)."""
-        out = dict(self._counts)
-        out["clipped"] = int(self._clipped)
-        for name, n in self._acted_counts.items():
-            out[f"acted.{name}"] = int(n)
-        return out
+        (``acted.<policy>``). Reading it syncs once (clip counts may live on the device)."""
+        return self._tally.read()
 
     @property
     def spec(self) -> str:
@@ -309,12 +309,7 @@ class Guard:
         for p, s in zip(self.policies, state["policies"], strict=True):
             p.load_state_dict(s["state"])
         self._step = int(state["step"])
-        counters = dict(state.get("counters", {}))
-        self._clipped = int(counters.pop("clipped", 0))
-        self._acted_counts = {
-            k[len("acted.") :]: int(v) for k, v in counters.items() if k.startswith("acted.")
-        }
-        self._counts = {k: int(counters.get(k, 0)) for k in self._counts}
+        self._tally.load(state.get("counters", {}))
 
     def __repr__(self) -> str:
         return f"Guard(policy={self.spec!r}, params={len(self.layout)}, layers={len(self.layout.layer_names)})"

@@ -7,11 +7,13 @@ for it then.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from .stats import NormSummary
 
 
 def _bool(v: Tensor | bool) -> bool:
@@ -41,11 +43,10 @@ class StepReport:
         "_acted",
         "_cache",
         "_layer_names",
-        "_layer_norms",
+        "_layer_stats",
         "_layers",
         "_metrics",
-        "_norm",
-        "_norm_after",
+        "_norms",
         "_policy_kinds",
         "lr_scale",
         "rolled_back",
@@ -57,8 +58,7 @@ class StepReport:
     def __init__(
         self,
         step: int,
-        norm: Tensor | float,
-        norm_after: Tensor | float,
+        norms: NormSummary,
         skipped: bool,
         skip_reason: str | None,
         rolled_back: bool,
@@ -68,11 +68,10 @@ class StepReport:
         metrics: Mapping[str, Tensor | float],
         layer_names: list[str],
         policy_kinds: Mapping[str, str],
-        layer_norms: Tensor | None = None,
+        layer_stats: bool = False,
     ):
         self.step = step
-        self._norm = norm
-        self._norm_after = norm_after
+        self._norms = norms
         self.skipped = skipped
         self.skip_reason = skip_reason
         self.rolled_back = rolled_back
@@ -82,7 +81,7 @@ class StepReport:
         self._metrics = dict(metrics)
         self._layer_names = layer_names
         self._policy_kinds = policy_kinds
-        self._layer_norms = layer_norms
+        self._layer_stats = layer_stats
         self._cache: dict[str, Any] = {}
 
     def _memo(self, key: str, fn):
@@ -92,13 +91,13 @@ class StepReport:
 
     @property
     def grad_norm(self) -> float:
-        return self._memo("grad_norm", lambda: _float(self._norm))
+        return self._memo("grad_norm", lambda: _float(self._norms.norm))
 
     @property
     def grad_norm_after(self) -> float:
         """Global norm of the gradient the optimizer received (0.0 when the step was skipped)."""
         return self._memo(
-            "grad_norm_after", lambda: 0.0 if self.skipped else _float(self._norm_after)
+            "grad_norm_after", lambda: 0.0 if self.skipped else _float(self._norms.norm_after())
         )
 
     @property
@@ -136,11 +135,13 @@ class StepReport:
     @property
     def layer_norms(self) -> dict[str, float] | None:
         """Per-layer gradient norm before mitigation (``Guard(layer_stats=True)``), else None."""
-        if self._layer_norms is None:
+        if not self._layer_stats:
             return None
         return self._memo(
             "layer_norms",
-            lambda: dict(zip(self._layer_names, self._layer_norms.tolist(), strict=True)),
+            lambda: dict(
+                zip(self._layer_names, self._norms.raw_layer_norms().tolist(), strict=True)
+            ),
         )
 
     @property
@@ -167,3 +168,42 @@ class StepReport:
             f"StepReport(step={self.step}, grad_norm={self.grad_norm:.4g}, grad_norm_after={self.grad_norm_after:.4g}, "
             f"skipped={self.skipped}, actions={list(self.actions)})"
         )
+
+
+class Tally:
+    """Counters whose increments may be device bools (a clip that may or may not have engaged):
+    Python ints plus pending flags, summed only when read, so counting never syncs."""
+
+    _FOLD_EVERY = 1024  # bounded memory: pending flags are summed on the device this often
+
+    def __init__(self, keys: Iterable[str] = ()):
+        self._ints: dict[str, int] = dict.fromkeys(keys, 0)
+        self._pending: dict[str, list[Tensor]] = {}
+        self._folded: dict[str, Tensor] = {}
+
+    def add(self, key: str, value: Tensor | bool | int) -> None:
+        if isinstance(value, Tensor):
+            pending = self._pending.setdefault(key, [])
+            pending.append(value)
+            if len(pending) >= self._FOLD_EVERY:
+                self._fold(key)
+        else:
+            self._ints[key] = self._ints.get(key, 0) + int(value)
+
+    def _fold(self, key: str) -> None:
+        total = torch.stack(self._pending.pop(key)).sum()
+        prev = self._folded.get(key)
+        self._folded[key] = total if prev is None else prev + total
+
+    def read(self) -> dict[str, int]:
+        for key in list(self._pending):
+            self._fold(key)
+        out = dict(self._ints)
+        for key, t in self._folded.items():
+            out[key] = out.get(key, 0) + int(t.item())
+        self._ints, self._folded = out, {}
+        return dict(out)
+
+    def load(self, counts: Mapping[str, int]) -> None:
+        self._pending, self._folded = {}, {}
+        self._ints = {**dict.fromkeys(self._ints, 0), **{k: int(v) for k, v in counts.items()}}

@@ -12,8 +12,6 @@ that after a policy acts the running per-parameter norms stay exact without anot
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
@@ -45,14 +43,53 @@ def foreach_norms(tensors: list[Tensor], ord: float = 2.0) -> list[Tensor]:
     return [torch.linalg.vector_norm(t, ord, dtype=torch.float32) for t in tensors]
 
 
+class NormSummary:
+    """The norms of one step, kept by its report: small tensors only, never the gradients (a list
+    of reports must not keep every step's gradients alive). Derived values are computed on read."""
+
+    __slots__ = ("_layout", "_param_index", "_param_norms", "_scale", "norm", "raw_param_norms")
+
+    def __init__(self, stats: GradStats):
+        self.norm = stats.norm
+        self.raw_param_norms = stats.raw_param_norms
+        self._param_norms = stats._param_norms
+        self._scale = stats._scale
+        self._layout = stats.layout
+        self._param_index = stats.param_index
+
+    def norm_after(self) -> Tensor:
+        if self._param_norms is self.raw_param_norms and self._scale is None:
+            return self.norm
+        pn = self._param_norms if self._scale is None else self._param_norms * self._scale
+        return torch.linalg.vector_norm(pn)
+
+    def raw_layer_norms(self) -> Tensor:
+        ids = _layer_ids(self._layout, self._param_index, self.norm.device)
+        return _layer_norms(self.raw_param_norms, ids, len(self._layout.layer_names))
+
+
+def _layer_ids(layout: ParamLayout, param_index: list[int], device: torch.device) -> Tensor:
+    lo = layout.layer_of
+    ids = lo if len(param_index) == len(lo) else [lo[i] for i in param_index]
+    return layout.index_tensor(ids, device)
+
+
+def _layer_norms(param_norms: Tensor, layer_ids: Tensor, num_layers: int) -> Tensor:
+    sq = torch.zeros(num_layers, device=param_norms.device, dtype=torch.float32)
+    sq.index_add_(0, layer_ids, param_norms.square())
+    return sq.sqrt()
+
+
 class GradStats:
     """Gradient statistics of one optimizer step.
 
-    Attributes (all float32 tensors on the device of the first gradient, no host sync):
+    Attributes (float32 tensors on the device of the first gradient; nothing here syncs):
         raw_param_norms: L2 norm of each gradient before any mitigation, in ``grads`` order.
-        param_norms: the same after the mitigations applied so far (kept exact by the in-place ops).
         norm: global L2 norm before mitigation (as ``clip_grad_norm_`` returns it).
-        finite: 0-dim bool, False if any gradient holds a NaN or Inf.
+        param_norms: per-gradient norms after the mitigations applied so far (kept exact by the
+            in-place ops; a global scale is folded in lazily, so unread it costs nothing).
+        finite: 0-dim bool, False if any gradient holds a NaN or Inf (computed on first read).
+        modified: whether any policy has changed the gradients yet.
     """
 
     def __init__(self, layout: ParamLayout, grads: list[Tensor], param_index: list[int]):
@@ -78,35 +115,47 @@ class GradStats:
                 for k, n in zip(grp.index, foreach_norms(grp.grads), strict=True):
                     norms[k] = n.to(self.device, non_blocking=True)
         self.raw_param_norms = torch.stack(norms) if norms else torch.zeros(0, device=self.device)
-        self.param_norms = self.raw_param_norms
         self.norm = torch.linalg.vector_norm(self.raw_param_norms)
-        # A global norm that overflows float32 (> 1.8e19) is treated as non-finite as well.
-        self.finite = torch.isfinite(self.norm)
+        self._param_norms = self.raw_param_norms
+        self._scale: Tensor | float | None = (
+            None  # a global factor not yet folded into _param_norms
+        )
+        self.modified = False
+        self._finite: Tensor | None = None
         self._layer_ids: Tensor | None = None
         self._weight_norms: Tensor | None = None
         self._norm_after: Tensor | None = None
 
     # ----- derived views ------------------------------------------------------------------------
     @property
+    def finite(self) -> Tensor:
+        # A global norm that overflows float32 (> 1.8e19) counts as non-finite as well.
+        if self._finite is None:
+            self._finite = torch.isfinite(self.norm)
+        return self._finite
+
+    @property
+    def param_norms(self) -> Tensor:
+        if self._scale is not None:
+            self._param_norms = self._param_norms * self._scale
+            self._scale = None
+        return self._param_norms
+
+    @property
     def num_layers(self) -> int:
         return len(self.layout.layer_names)
 
     @property
     def layer_ids(self) -> Tensor:
-        """Layer index of each gradient (long tensor, on the stats device)."""
+        """Layer index of each gradient (long tensor, on the stats device; cached)."""
         if self._layer_ids is None:
-            lo = self.layout.layer_of
-            self._layer_ids = self.layout.index_tensor(
-                [lo[i] for i in self.param_index], self.device
-            )
+            self._layer_ids = _layer_ids(self.layout, self.param_index, self.device)
         return self._layer_ids
 
     def layer_norms(self, param_norms: Tensor | None = None) -> Tensor:
         """Per-layer L2 norms (a layer = the params one module owns); 0 for layers without grads."""
         pn = self.param_norms if param_norms is None else param_norms
-        sq = torch.zeros(self.num_layers, device=self.device, dtype=torch.float32)
-        sq.index_add_(0, self.layer_ids, pn.square())
-        return sq.sqrt()
+        return _layer_norms(pn, self.layer_ids, self.num_layers)
 
     @property
     def raw_layer_norms(self) -> Tensor:
@@ -115,9 +164,14 @@ class GradStats:
     @property
     def norm_after(self) -> Tensor:
         """Global L2 norm after the mitigations applied so far."""
+        if not self.modified:
+            return self.norm
         if self._norm_after is None:
             self._norm_after = torch.linalg.vector_norm(self.param_norms)
         return self._norm_after
+
+    def summary(self) -> NormSummary:
+        return NormSummary(self)
 
     @property
     def weight_norms(self) -> Tensor:
@@ -132,27 +186,24 @@ class GradStats:
             self._weight_norms = torch.stack(out) if out else torch.zeros(0, device=self.device)
         return self._weight_norms
 
-    def grads_of(self, ks: Sequence[int]) -> list[Tensor]:
-        return [self.grads[k] for k in ks]
-
     # ----- in-place mitigations -----------------------------------------------------------------
     def scale_(self, factor: Tensor | float) -> None:
-        """Multiply every gradient by one factor (a 0-dim tensor: no host sync)."""
+        """Multiply every gradient by one factor: a 0-dim tensor (no host sync) or a float."""
         for grp in self.groups:
             f = factor.to(grp.device, non_blocking=True) if isinstance(factor, Tensor) else factor
             torch._foreach_mul_(grp.grads, f)
-        self.param_norms = self.param_norms * factor
+        self._scale = factor if self._scale is None else self._scale * factor
+        self.modified = True
         self._norm_after = None
 
     def scale_params_(self, factors: Tensor) -> None:
         """Multiply gradient ``k`` by ``factors[k]`` (one factor per gradient, float32 tensor)."""
         for grp in self.groups:
             fs = factors.to(grp.device, non_blocking=True)
-            idx = self.layout.index_tensor(grp.index, grp.device) if len(self.groups) > 1 else None
-            fs = fs if idx is None else fs.index_select(0, idx)
+            if len(self.groups) > 1:
+                fs = fs.index_select(0, self.layout.index_tensor(grp.index, grp.device))
             torch._foreach_mul_(grp.grads, list(fs.to(grp.grads[0].dtype).unbind()))
-        self.param_norms = self.param_norms * factors
-        self._norm_after = None
+        self.set_param_norms(self.param_norms * factors)
 
     def clamp_(self, limit: float) -> None:
         """Clamp every gradient element to [-limit, limit]; the norms are re-measured (an elementwise
@@ -164,13 +215,14 @@ class GradStats:
         for grp in self.groups:
             for k, n in zip(grp.index, foreach_norms(grp.grads), strict=True):
                 norms[k] = n.to(self.device, non_blocking=True)
-        # A NaN survives clamping; keep the non-finite flag meaningful by leaving NaN norms as NaN.
-        self.param_norms = torch.stack(norms) if norms else self.param_norms
-        self._norm_after = None
+        if norms:
+            self.set_param_norms(torch.stack(norms))
 
     def set_param_norms(self, norms: Tensor) -> None:
         """For policies that changed gradients themselves and know the resulting norms exactly."""
-        self.param_norms = norms
+        self._param_norms = norms
+        self._scale = None
+        self.modified = True
         self._norm_after = None
 
 

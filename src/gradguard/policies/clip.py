@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from ..errors import SpecError
@@ -54,6 +55,19 @@ class clip_norm(Policy):
     def apply(self, ctx: StepContext) -> None:
         stats = ctx.stats
         if not stats.grads:
+            return
+        if self.norm_type == 2.0 and ctx.host is not None and not stats.modified:
+            # The Guard already read the norm: decide on the host and leave an unclipped gradient
+            # untouched. The factor is computed in float32 exactly as torch computes it
+            # (``max_norm * reciprocal(norm + 1e-6)``), so the result stays bit-identical.
+            coef = float(
+                np.float32(1.0)
+                / (np.float32(ctx.host.norm) + np.float32(NORM_EPS))
+                * np.float32(self.max_norm)
+            )
+            if coef < 1.0:
+                stats.scale_(coef)
+            ctx.record(self.name, coef < 1.0)
             return
         if self.norm_type == 2.0:
             total = stats.norm_after

@@ -200,17 +200,19 @@ class zclip(Policy):
         stats = ctx.stats
         if not stats.grads:
             return
-        x = stats.norm_after
-        if ctx.host is not None and stats.param_norms is stats.raw_param_norms:
-            # The Guard already read the raw norm to the host: do the scalar math in Python.
-            thr, spike = self._host(ctx.host.norm)
-            if math.isfinite(ctx.host.norm) and ctx.host.norm > thr:
-                stats.scale_(thr / (ctx.host.norm + NORM_EPS))
+        if ctx.host is not None and not stats.modified:
+            # The Guard already read the raw norm to the host: do the scalar math in Python, and
+            # touch the gradients only when there is something to clip.
+            norm = ctx.host.norm
+            thr, spike = self._host(norm)
+            if math.isfinite(norm) and norm > thr:
+                stats.scale_(thr / (norm + NORM_EPS))
                 ctx.record(self.name, True)
             ctx.metrics["zclip.threshold"] = thr
             if spike:
                 ctx.metrics["zclip.spike"] = 1.0
             return
+        x = stats.norm_after
         thr, spike = self._device(x)
         coef = torch.where(x > thr, thr / (x + NORM_EPS), torch.ones_like(x))
         stats.scale_(coef)
