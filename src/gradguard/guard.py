@@ -76,9 +76,7 @@ class Guard:
             )
         _check_optimizer(optimizer)
         chain = parse_spec(policy)
-        if check_finite and not any(
-            isinstance(p, (skip_nonfinite,)) or p.name == "rollback" for p in chain
-        ):
+        if check_finite and not any(p.name in ("skip_nonfinite", "rollback") for p in chain):
             chain.insert(0, skip_nonfinite())
         names = [p.name for p in chain]
         dupes = sorted({n for n in names if names.count(n) > 1})
@@ -100,9 +98,7 @@ class Guard:
         # GradScaler.step reads its overflow flag to the host anyway; the Guard reads it in the
         # same step to report (and not double count) the scaler's skip.
         self._needs_host = any(p.needs_host for p in chain) or self.scaler is not None
-        self._needs_host_param_norms = any(
-            getattr(p, "needs_host_param_norms", False) for p in chain
-        )
+        self._needs_host_param_norms = any(p.needs_host_param_norms for p in chain)
         self._kinds = {p.name: p.kind for p in chain}
         self._step = 0
         self._tally = Tally(("steps", "skipped", "rolled_back", "amp_overflow", "clipped"))

@@ -92,6 +92,8 @@ class Policy:
     name: ClassVar[str] = ""
     #: Needs host-side values (global norm, finiteness, loss) this step: costs the Guard's one sync.
     needs_host: ClassVar[bool] = False
+    #: Also needs each parameter's gradient norm on the host (read in the same transfer).
+    needs_host_param_norms: ClassVar[bool] = False
     #: Reads the loss: ``guard.step(loss=...)`` must be given.
     needs_loss: ClassVar[bool] = False
     #: "clip": changes gradients; "reset": changes optimizer state before the step; "skip": may
