@@ -209,6 +209,15 @@ class ResultStore:
         rows = self.conn.execute("SELECT status, COUNT(*) FROM runs GROUP BY status").fetchall()
         return {"pending": 0, "running": 0, "done": 0, "failed": 0, **dict(rows)}
 
+    def counts_of(self, keys: Sequence[str]) -> dict[str, int]:
+        """Status counts among ``keys`` (a grid inside a database that holds several)."""
+        out = {"pending": 0, "running": 0, "done": 0, "failed": 0}
+        wanted = set(keys)
+        for key, status in self.conn.execute("SELECT key, status FROM runs").fetchall():
+            if key in wanted:
+                out[status] += 1
+        return out
+
     def runs(
         self, status: str | None = "done", keys: Sequence[str] | None = None
     ) -> list[dict[str, Any]]:

@@ -1,0 +1,238 @@
+"""What one bench run is (:class:`RunConfig`), the mitigation axis, grids and named suites.
+
+A grid is the product of lists over the axes (task, model, optimizer, lr, mitigation, seed, ...)
+on top of a base configuration. The mitigation axis puts the seed document's architectural and
+optimizer mitigations (``leaky_relu``, ``dropout``, ``batchnorm``, ``momentum``, ``nesterov``) side
+by side with every Guard policy spec (``zclip``, ``clip_norm:1.0``, ``skip_nonfinite+agc:0.01``).
+Every config is validated before any run starts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, SpecError
+from ..policies import parse_spec
+
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
+SCHEDULES = ("constant", "cosine")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One training run of the bench. Everything a run does follows from these fields."""
+
+    task: str = "digits"
+    model: str = "mlp"
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    mitigation: str = "none"
+    seed: int = 0
+    steps: int = 300
+    batch_size: int = 64
+    momentum: float = 0.9  # used by the momentum and nesterov optimizers
+    weight_decay: float = 0.0
+    warmup: int = 0  # linear LR warmup steps
+    schedule: str = "constant"
+    eval_every: int = 50  # test evaluations, for steps/seconds to the task's success criterion
+    task_options: Mapping[str, Any] = field(default_factory=dict)
+    model_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["task_options"] = dict(self.task_options)
+        d["model_options"] = dict(self.model_options)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RunConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(
+                f"unknown run setting(s) {', '.join(unknown)}; valid settings: {', '.join(sorted(names))}"
+            )
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A run config with its mitigation applied: the model/optimizer settings and Guard policy."""
+
+    config: RunConfig
+    optimizer: str
+    momentum: float
+    model_options: dict[str, Any]
+    policy: str | None  # None: train without a Guard
+
+
+def _variant_value(spec: str, default: float) -> float:
+    name, _, value = spec.partition(":")
+    if not value:
+        return default
+    try:
+        v = float(value)
+    except ValueError:
+        raise ConfigError(
+            f"mitigation {spec!r}: {value!r} is not a number (e.g. {name}:{default})"
+        ) from None
+    if not math.isfinite(v) or v < 0:
+        raise ConfigError(f"mitigation {spec!r}: value must be a finite number >= 0")
+    return v
+
+
+#: The seed document's mitigations that change the model or the optimizer, not the step.
+VARIANTS = {
+    "none": "train as configured, without a Guard",
+    "leaky_relu": "LeakyReLU activations (leaky_relu:0.1 sets the negative slope; default 0.01)",
+    "dropout": "dropout after each hidden block (dropout:0.2 sets p; default 0.1)",
+    "batchnorm": "batch normalization in each hidden block",
+    "layernorm": "layer normalization in each hidden block",
+    "momentum": "SGD with momentum (momentum:0.95 sets it; default 0.9)",
+    "nesterov": "SGD with Nesterov momentum (nesterov:0.95 sets it; default 0.9)",
+}
+
+
+def resolve(cfg: RunConfig) -> Resolved:
+    """Apply the mitigation to the config; raise ConfigError on anything invalid."""
+    validate_basics(cfg)
+    spec = cfg.mitigation.strip()
+    name = spec.partition(":")[0]
+    opt, mom, mopts, policy = cfg.optimizer, cfg.momentum, dict(cfg.model_options), None
+    if name == "none":
+        if spec != "none":
+            raise ConfigError("mitigation 'none' takes no value")
+    elif name == "leaky_relu":
+        mopts.update(activation="leaky_relu", leak=_variant_value(spec, 0.01))
+    elif name == "dropout":
+        p = _variant_value(spec, 0.1)
+        if p >= 1:
+            raise ConfigError(f"mitigation {spec!r}: dropout p must be < 1")
+        mopts["dropout"] = p
+    elif name in ("batchnorm", "layernorm"):
+        mopts["norm"] = "batch" if name == "batchnorm" else "layer"
+    elif name in ("momentum", "nesterov"):
+        opt, mom = name, _variant_value(spec, 0.9)
+    else:
+        try:
+            parse_spec(spec)
+        except SpecError as e:
+            raise ConfigError(
+                f"mitigation {spec!r} is neither a model/optimizer variant ({', '.join(VARIANTS)}) nor a valid "
+                f"Guard policy: {e}"
+            ) from None
+        policy = spec
+    return Resolved(cfg, opt, mom, mopts, policy)
+
+
+def validate_basics(cfg: RunConfig) -> None:
+    if not (isinstance(cfg.lr, (int, float)) and math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise ConfigError(f"lr must be a finite number > 0, got {cfg.lr!r}")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ConfigError(
+            f"unknown optimizer {cfg.optimizer!r}; valid optimizers: {', '.join(OPTIMIZERS)}"
+        )
+    if cfg.schedule not in SCHEDULES:
+        raise ConfigError(
+            f"unknown schedule {cfg.schedule!r}; valid schedules: {', '.join(SCHEDULES)}"
+        )
+    for name in ("steps", "batch_size", "eval_every"):
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
+    if not isinstance(cfg.warmup, int) or cfg.warmup < 0:
+        raise ConfigError(f"warmup must be an integer >= 0, got {cfg.warmup!r}")
+    if not isinstance(cfg.seed, int):
+        raise ConfigError(f"seed must be an integer, got {cfg.seed!r}")
+
+
+# ----- grids and suites ---------------------------------------------------------------------------
+AXES = ("task", "model", "optimizer", "lr", "mitigation", "seed")
+
+
+def expand_grid(base: Mapping[str, Any], axes: Mapping[str, Iterable[Any]]) -> list[RunConfig]:
+    """Every combination of the axes' values on top of ``base``, validated."""
+    axes = {k: list(v) if isinstance(v, (list, tuple)) else [v] for k, v in axes.items()}
+    for k, v in axes.items():
+        if not v:
+            raise ConfigError(f"grid axis {k!r} is empty")
+    base_cfg = RunConfig.from_dict(dict(base))
+    keys = list(axes)
+    out = []
+    for values in itertools.product(*(axes[k] for k in keys)):
+        cfg = replace(base_cfg, **dict(zip(keys, values, strict=True))) if keys else base_cfg
+        out.append(cfg)
+    # Fail before any run starts.
+    for cfg in {c.mitigation: c for c in out}.values():
+        resolve(cfg)
+    for cfg in out:
+        validate_basics(cfg)
+    return out
+
+
+QUICK_MITIGATIONS = (
+    "none",
+    "leaky_relu",
+    "batchnorm",
+    "nesterov",
+    "clip_norm:1.0",
+    "autoclip:10",
+    "agc:0.01",
+    "zclip",
+    "default",
+    "skip_nonfinite+zclip+agc:0.01",
+)
+
+SUITES: dict[str, tuple[dict[str, Any], dict[str, list[Any]]]] = {
+    # Digits, a deep plain MLP, plain SGD: from an LR where it trains well unguarded (0.01) to ones
+    # where it diverges in most seeds (0.1, 0.3).
+    "quick": (
+        {"steps": 300, "batch_size": 64, "model_options": {"depth": 12, "width": 64}},
+        {
+            "task": ["digits"],
+            "model": ["mlp"],
+            "optimizer": ["sgd"],
+            "lr": [0.01, 0.1, 0.3],
+            "mitigation": list(QUICK_MITIGATIONS),
+            "seed": [0, 1, 2],
+        },
+    ),
+}
+
+
+def suite(name: str) -> list[RunConfig]:
+    try:
+        base, axes = SUITES[name]
+    except KeyError:
+        raise ConfigError(f"unknown suite {name!r}; valid suites: {', '.join(SUITES)}") from None
+    return expand_grid(base, axes)
+
+
+def load_toml_grid(path: str | Path) -> list[RunConfig]:
+    """A grid from a TOML file: ``[base]`` settings and ``[grid]`` axes (lists)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"grid file {p} does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"grid file {p} is not valid TOML: {e}") from None
+    unknown = sorted(set(data) - {"base", "grid"})
+    if unknown:
+        raise ConfigError(
+            f"grid file {p}: unknown table(s) {', '.join(unknown)}; use [base] and [grid]"
+        )
+    base, axes = data.get("base", {}), data.get("grid", {})
+    if not isinstance(base, dict) or not isinstance(axes, dict):
+        raise ConfigError(f"grid file {p}: [base] and [grid] must be tables")
+    return expand_grid(base, axes)

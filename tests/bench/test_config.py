@@ -1,0 +1,103 @@
+"""Grids, the mitigation axis and named suites: everything is validated before a run starts."""
+
+from __future__ import annotations
+
+import pytest
+
+from gradguard.bench.config import RunConfig, expand_grid, load_toml_grid, resolve, suite
+from gradguard.errors import ConfigError
+
+
+def test_grid_is_the_product_of_its_axes():
+    cfgs = expand_grid(
+        {"steps": 10},
+        {"lr": [0.01, 0.1], "mitigation": ["none", "zclip", "leaky_relu"], "seed": [0, 1]},
+    )
+    assert len(cfgs) == 12
+    assert {(c.lr, c.mitigation, c.seed) for c in cfgs} == {
+        (lr, m, s) for lr in (0.01, 0.1) for m in ("none", "zclip", "leaky_relu") for s in (0, 1)
+    }
+    assert all(c.steps == 10 for c in cfgs)
+
+
+@pytest.mark.parametrize(
+    ("mitigation", "expect"),
+    [
+        ("none", {"policy": None, "optimizer": "sgd"}),
+        ("leaky_relu", {"model_options": {"activation": "leaky_relu", "leak": 0.01}}),
+        ("leaky_relu:0.2", {"model_options": {"activation": "leaky_relu", "leak": 0.2}}),
+        ("dropout:0.3", {"model_options": {"dropout": 0.3}}),
+        ("batchnorm", {"model_options": {"norm": "batch"}}),
+        ("momentum", {"optimizer": "momentum", "momentum": 0.9}),
+        ("nesterov:0.95", {"optimizer": "nesterov", "momentum": 0.95}),
+        ("clip_norm:1.0", {"policy": "clip_norm:1.0", "optimizer": "sgd"}),
+        ("skip_nonfinite+zclip", {"policy": "skip_nonfinite+zclip"}),
+    ],
+)
+def test_mitigations_resolve(mitigation, expect):
+    res = resolve(RunConfig(mitigation=mitigation))
+    for k, v in expect.items():
+        got = getattr(res, k)
+        if isinstance(v, dict):
+            assert {kk: got[kk] for kk in v} == v
+        else:
+            assert got == v
+
+
+@pytest.mark.parametrize(
+    ("axes", "fragment"),
+    [
+        ({"lr": [0.1, 0.0]}, "lr must be a finite number > 0"),
+        ({"lr": [-1.0]}, "lr must be a finite number > 0"),
+        ({"mitigation": ["zclip", "clipnorm:1"]}, "neither a model/optimizer variant"),
+        ({"mitigation": ["dropout:1.5"]}, "dropout p must be < 1"),
+        ({"optimizer": ["lion"]}, "unknown optimizer 'lion'"),
+        ({"seed": []}, "grid axis 'seed' is empty"),
+        ({"steps": [0]}, "steps must be an integer >= 1"),
+    ],
+)
+def test_bad_grids_fail_before_any_run(axes, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(")):
+        expand_grid({}, axes)
+
+
+def test_unknown_setting_is_named():
+    with pytest.raises(ConfigError, match="unknown run setting"):
+        expand_grid({"stepz": 3}, {})
+
+
+def test_toml_grid(tmp_path):
+    p = tmp_path / "g.toml"
+    p.write_text(
+        '[base]\nsteps = 20\n[base.model_options]\ndepth = 3\n[grid]\nlr = [0.01, 0.1]\nmitigation = ["none", "agc:0.01"]\n'
+    )
+    cfgs = load_toml_grid(p)
+    assert len(cfgs) == 4 and all(c.steps == 20 and c.model_options == {"depth": 3} for c in cfgs)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[grid\nlr = 1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_toml_grid(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_toml_grid(tmp_path / "nope.toml")
+    other = tmp_path / "other.toml"
+    other.write_text("[runs]\nx = 1\n")
+    with pytest.raises(ConfigError, match=r"unknown table\(s\) runs"):
+        load_toml_grid(other)
+
+
+def test_quick_suite_spans_safe_to_divergent_lrs():
+    cfgs = suite("quick")
+    lrs = sorted({c.lr for c in cfgs})
+    mits = {c.mitigation for c in cfgs}
+    assert lrs[0] <= 0.01 and lrs[-1] >= 0.3
+    assert {
+        "none",
+        "leaky_relu",
+        "nesterov",
+        "clip_norm:1.0",
+        "zclip",
+        "agc:0.01",
+        "autoclip:10",
+    } <= mits
+    with pytest.raises(ConfigError, match="unknown suite"):
+        suite("huge")
