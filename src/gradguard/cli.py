@@ -3,6 +3,8 @@
     gradguard policies            list the policies, their parameters and defaults
     gradguard check SPEC          validate a policy spec and print the chain it builds
     gradguard demo [--lr ...]     a deep plain net on handwritten digits, with and without guards
+    gradguard bench [...]         the mitigation comparison suite (parallel, resumable, SQLite)
+    gradguard train [...]         one configuration, with a progress bar
 
 Bad arguments exit with status 2 and one readable line, no traceback.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import sys
+from pathlib import Path
 
 from . import __version__
 from .errors import GradGuardError
@@ -65,6 +68,95 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+_AXIS_FLAGS = {
+    "task": str,
+    "model": str,
+    "optimizer": str,
+    "lr": float,
+    "mitigation": str,
+    "seed": int,
+}
+
+
+def _bench_configs(args: argparse.Namespace):
+    from .bench.config import SUITES, expand_grid, load_toml_grid
+
+    if args.grid:
+        if args.suite:
+            raise GradGuardError("give either --suite or --grid, not both")
+        configs = load_toml_grid(args.grid)
+        base, axes = {}, {}
+    else:
+        name = args.suite or "quick"
+        if name not in SUITES:
+            raise GradGuardError(f"unknown suite {name!r}; valid suites: {', '.join(SUITES)}")
+        base, axes = dict(SUITES[name][0]), dict(SUITES[name][1])
+        configs = None
+    overrides = {k: getattr(args, k) for k in _AXIS_FLAGS if getattr(args, k)}
+    if args.seeds is not None:
+        if args.seeds < 1:
+            raise GradGuardError(f"--seeds must be >= 1, got {args.seeds}")
+        overrides["seed"] = list(range(args.seeds))
+    for k in ("steps", "batch_size"):
+        if getattr(args, k) is not None:
+            base[k] = getattr(args, k)
+    if configs is not None:
+        if overrides or args.steps or args.batch_size:
+            raise GradGuardError(
+                "--grid files set every axis themselves; edit the file instead of passing axis flags"
+            )
+        return configs
+    axes.update(overrides)
+    return expand_grid(base, axes)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench.runner import DB_NAME, run_grid
+    from .bench.store import ResultStore
+    from .bench.summary import terminal_table, write_outputs
+
+    configs = _bench_configs(args)
+    out = Path(
+        args.out
+        or f"results/bench-{Path(args.grid).stem if args.grid else (args.suite or 'quick')}"
+    )
+    print(
+        f"gradguard bench: {len(configs)} runs -> {out}/ ({DB_NAME}, summary.md, summary.csv, PNG plots)",
+        flush=True,
+    )
+    runs = run_grid(configs, out, workers=args.workers, progress=not args.no_progress)
+    with ResultStore(out / DB_NAME) as store:
+        rows = write_outputs(runs, store.steps, out)
+    print(terminal_table(rows))
+    missing = len(configs) - len(runs)
+    if missing:
+        print(
+            f"{missing} run(s) failed; see the 'error' column of the runs table in {out / DB_NAME}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .bench.config import RunConfig, resolve
+    from .bench.train import train_run
+
+    fields = {
+        k: getattr(args, k)
+        for k in ("task", "model", "optimizer", "lr", "mitigation", "seed", "steps", "batch_size")
+    }
+    cfg = RunConfig.from_dict({k: v for k, v in fields.items() if v is not None})
+    resolve(cfg)
+    with tqdm(total=cfg.steps, unit="step", desc=f"{cfg.task}/{cfg.model} {cfg.mitigation}") as bar:
+        result, _ = train_run(cfg, on_step=lambda _s: bar.update(1))
+    for k, v in result.items():
+        print(f"{k:20s} {v}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="gradguard", description="Prevent, detect, diagnose and mitigate exploding gradients."
@@ -91,6 +183,43 @@ def build_parser() -> argparse.ArgumentParser:
         "--policy", action="append", help="policy spec to compare (repeatable); 'none' = no guard"
     )
     demo.set_defaults(func=_cmd_demo)
+
+    bench = sub.add_parser(
+        "bench", help="compare mitigations over a grid (default: the quick suite on digits)"
+    )
+    bench.add_argument("--suite", help="named suite (default quick)")
+    bench.add_argument("--grid", help="TOML file with [base] settings and [grid] axes")
+    for name, typ in _AXIS_FLAGS.items():
+        if name != "seed":
+            bench.add_argument(
+                f"--{name}", type=typ, nargs="+", help=f"override the suite's {name} axis"
+            )
+    bench.add_argument("--seed", type=int, nargs="+", help="override the seeds")
+    bench.add_argument("--seeds", type=int, help="use seeds 0..N-1")
+    bench.add_argument("--steps", type=int)
+    bench.add_argument("--batch-size", type=int)
+    bench.add_argument("--workers", type=int, help="worker processes (default: one per core)")
+    bench.add_argument(
+        "--out", help="results folder (default results/bench-SUITE); rerun to resume"
+    )
+    bench.add_argument("--no-progress", action="store_true")
+    bench.set_defaults(func=_cmd_bench)
+
+    train = sub.add_parser("train", help="train one configuration with a progress bar")
+    train.add_argument("--task", default="digits")
+    train.add_argument("--model", default="mlp")
+    train.add_argument("--optimizer", default="sgd")
+    train.add_argument("--lr", type=float, default=0.1)
+    train.add_argument(
+        "--mitigation",
+        "--policy",
+        default="default",
+        help="a policy spec or variant; 'none' = no guard",
+    )
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--steps", type=int, default=300)
+    train.add_argument("--batch-size", type=int, default=64)
+    train.set_defaults(func=_cmd_train)
     return parser
 
 

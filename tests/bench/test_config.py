@@ -54,6 +54,9 @@ def test_mitigations_resolve(mitigation, expect):
         ({"optimizer": ["lion"]}, "unknown optimizer 'lion'"),
         ({"seed": []}, "grid axis 'seed' is empty"),
         ({"steps": [0]}, "steps must be an integer >= 1"),
+        ({"task": ["imagenet"]}, "unknown task 'imagenet'"),
+        ({"model": ["resnet51"]}, "unknown model 'resnet51'"),
+        ({"model": ["lstm"], "mitigation": ["leaky_relu"]}, "set by mitigation 'leaky_relu'"),
     ],
 )
 def test_bad_grids_fail_before_any_run(axes, fragment):

@@ -1,0 +1,239 @@
+"""Turn finished runs into the comparison: one row per setting x mitigation (divergence rate over
+seeds, test metric mean +- std, time to target, Guard overhead, interventions), as ``summary.md``,
+``summary.csv``, a terminal table, and PNG plots (loss curves with seed bands, the stability map,
+gradient-norm timelines)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+SETTING = ("task", "model", "optimizer", "lr")
+COLUMNS = (
+    "task",
+    "model",
+    "optimizer",
+    "lr",
+    "mitigation",
+    "runs",
+    "diverged",
+    "divergence_rate",
+    "metric_mean",
+    "metric_std",
+    "reached_target",
+    "steps_to_target",
+    "seconds_to_target",
+    "guard_share",
+    "clipped_per_run",
+    "skipped_per_run",
+)
+
+
+def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    if not xs:
+        return math.nan, math.nan
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Aggregate runs over seeds, keeping the order in which settings and mitigations appear."""
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in runs:
+        c = r["config"]
+        groups[(*(c[k] for k in SETTING), c["mitigation"])].append(r)
+    rows = []
+    for key, members in groups.items():
+        res = [m["result"] for m in members]
+        metric_mean, metric_std = _mean_std([x["test_metric"] for x in res])
+        reached = [x for x in res if x["steps_to_target"] is not None]
+        inter = [x.get("interventions", {}) for x in res]
+        rows.append(
+            dict(
+                zip(SETTING, key[:-1], strict=True),
+                mitigation=key[-1],
+                runs=len(res),
+                diverged=sum(x["diverged"] for x in res),
+                divergence_rate=sum(x["diverged"] for x in res) / len(res),
+                metric_mean=metric_mean,
+                metric_std=metric_std,
+                reached_target=len(reached),
+                steps_to_target=statistics.median(x["steps_to_target"] for x in reached)
+                if reached
+                else None,
+                seconds_to_target=statistics.median(x["seconds_to_target"] for x in reached)
+                if reached
+                else None,
+                guard_share=statistics.fmean(x["guard_share"] for x in res),
+                clipped_per_run=statistics.fmean(i.get("clipped", 0) for i in inter),
+                skipped_per_run=statistics.fmean(i.get("skipped", 0) for i in inter),
+            )
+        )
+    return rows
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return "-" if math.isnan(v) else f"{v:.{digits}g}"
+    return str(v)
+
+
+def _metric_cell(r: dict[str, Any]) -> str:
+    if math.isnan(r["metric_mean"]):
+        return "-"
+    return f"{_fmt(r['metric_mean'])} +- {_fmt(r['metric_std'], 2)}"
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    head = "| task | model | opt | lr | mitigation | diverged | test metric | reached target | steps to target | guard share | clipped/run | skipped/run |"
+    sep = "|" + "---|" * 12
+    lines = [head, sep]
+    for r in rows:
+        lines.append(
+            f"| {r['task']} | {r['model']} | {r['optimizer']} | {_fmt(r['lr'])} | `{r['mitigation']}` | "
+            f"{r['diverged']}/{r['runs']} | {_metric_cell(r)} | "
+            f"{r['reached_target']}/{r['runs']} | {_fmt(r['steps_to_target'])} | {r['guard_share']:.1%} | "
+            f"{r['clipped_per_run']:.0f} | {r['skipped_per_run']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def terminal_table(rows: Sequence[dict[str, Any]]) -> str:
+    head = f"{'setting':28s} {'mitigation':32s} {'diverged':>8s} {'test metric':>15s} {'to target':>9s} {'guard':>6s}"
+    out = [head, "-" * len(head)]
+    for r in rows:
+        setting = f"{r['task']}/{r['model']}/{r['optimizer']} lr={_fmt(r['lr'])}"
+        metric = (
+            "-"
+            if math.isnan(r["metric_mean"])
+            else f"{_fmt(r['metric_mean'])}+-{_fmt(r['metric_std'], 2)}"
+        )
+        out.append(
+            f"{setting:28s} {r['mitigation'][:32]:32s} {r['diverged']:>4d}/{r['runs']:<3d} {metric:>15s} "
+            f"{_fmt(r['steps_to_target']):>9s} {r['guard_share']:>6.1%}"
+        )
+    return "\n".join(out)
+
+
+def write_outputs(
+    runs: Sequence[dict[str, Any]], steps_of, out_dir: str | Path
+) -> list[dict[str, Any]]:
+    """Write summary.md, summary.csv and the plots; return the summary rows.
+
+    ``steps_of(key)`` returns a run's per-step metrics (from the results database).
+    """
+    out = Path(out_dir)
+    rows = summarize(runs)
+    with open(out / "summary.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    (out / "summary.md").write_text(
+        "# gradguard bench\n\nDiverged: non-finite loss or weights, loss above 10x its first value, or a final test "
+        "metric at chance. Test metric: mean +- std over seeds (accuracy for classification, MSE for regression). "
+        "Guard share: the fraction of training time spent in `Guard.step()`.\n\n"
+        + markdown_table(rows)
+        + "\n"
+    )
+    plot_all(runs, steps_of, out)
+    return rows
+
+
+def plot_all(runs: Sequence[dict[str, Any]], steps_of, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    by_setting: dict[tuple, list[dict]] = defaultdict(list)
+    for r in runs:
+        by_setting[tuple(r["config"][k] for k in ("task", "model", "optimizer"))].append(r)
+    for (task, model, opt), members in by_setting.items():
+        tag = f"{task}_{model}_{opt}"
+        mitigations = list(dict.fromkeys(m["config"]["mitigation"] for m in members))
+        lrs = sorted({m["config"]["lr"] for m in members})
+        colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(mitigations)}
+
+        # Stability map: divergence rate against LR, one line per mitigation.
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for mit in mitigations:
+            rates = []
+            for lr in lrs:
+                rs = [
+                    m
+                    for m in members
+                    if m["config"]["mitigation"] == mit and m["config"]["lr"] == lr
+                ]
+                rates.append(sum(m["result"]["diverged"] for m in rs) / len(rs) if rs else math.nan)
+            ax.plot(lrs, rates, marker="o", label=mit, color=colors[mit])
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("divergence rate over seeds")
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_title(f"stability map: {task} / {model} / {opt}")
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
+        fig.tight_layout()
+        written.append(_save(fig, out / f"stability_{tag}.png"))
+
+        # Loss curves and gradient-norm timelines: one panel per LR, seed band per mitigation.
+        for metric, fname, ylabel in (
+            ("loss", "loss", "training loss"),
+            ("grad_norm", "gradnorm", "gradient norm (pre-clip)"),
+        ):
+            fig, axes = plt.subplots(1, len(lrs), figsize=(4.5 * len(lrs), 4), squeeze=False)
+            for ax, lr in zip(axes[0], lrs, strict=True):
+                for mit in mitigations:
+                    curves = [
+                        [s[metric] for s in steps_of(m["key"])]
+                        for m in members
+                        if m["config"]["mitigation"] == mit and m["config"]["lr"] == lr
+                    ]
+                    _band(ax, curves, colors[mit], mit)
+                ax.set_yscale("log")
+                ax.set_title(f"lr={lr:g}")
+                ax.set_xlabel("step")
+                ax.set_ylabel(ylabel)
+            axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
+            fig.suptitle(f"{task} / {model} / {opt}")
+            fig.tight_layout()
+            written.append(_save(fig, out / f"{fname}_{tag}.png"))
+    return written
+
+
+def _band(ax, curves: list[list[float]], color, label: str) -> None:
+    """Median over seeds with a min-max band; non-finite values end a curve."""
+    import numpy as np
+
+    if not curves:
+        return
+    n = max(len(c) for c in curves)
+    arr = np.full((len(curves), n), np.nan)
+    for i, c in enumerate(curves):
+        arr[i, : len(c)] = c
+    arr[~np.isfinite(arr)] = np.nan
+    arr[arr <= 0] = np.nan
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            med, lo, hi = np.nanmedian(arr, 0), np.nanmin(arr, 0), np.nanmax(arr, 0)
+    x = np.arange(n)
+    ax.plot(x, med, color=color, label=label, lw=1)
+    ax.fill_between(x, lo, hi, color=color, alpha=0.15, lw=0)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path

@@ -1,0 +1,184 @@
+"""One bench run: build the task, model, optimizer and (if the mitigation is a policy) the Guard
+from a :class:`RunConfig`, train, and measure what the bench compares.
+
+Deterministic from the config's seed: model init, batch order and every policy decision.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..guard import Guard
+from .config import Resolved, RunConfig, resolve
+from .models import build_model
+from .tasks import Task, make_task
+
+#: A run whose training loss exceeds this multiple of its first loss has diverged.
+LOSS_BLOWUP = 10.0
+
+
+def make_optimizer(res: Resolved, params) -> torch.optim.Optimizer:
+    cfg = res.config
+    if res.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if res.optimizer in ("momentum", "nesterov"):
+        return torch.optim.SGD(
+            params,
+            lr=cfg.lr,
+            momentum=res.momentum,
+            nesterov=res.optimizer == "nesterov",
+            weight_decay=cfg.weight_decay,
+        )
+    if res.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_lambda(cfg: RunConfig) -> Callable[[int], float]:
+    """Linear warmup over ``warmup`` steps, then constant or cosine to zero."""
+
+    def factor(step: int) -> float:
+        if cfg.warmup and step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        if cfg.schedule == "cosine":
+            span = max(1, cfg.steps - cfg.warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup) / span)))
+        return 1.0
+
+    return factor
+
+
+def at_chance(task: Task, metric: float) -> bool:
+    """Whether a final metric is no better than guessing: within 0.05 of chance accuracy (a trained
+    model is far above: 0.9+ on digits), or an error within 5% of the constant predictor's."""
+    if not math.isfinite(metric):
+        return True
+    if task.higher_is_better:
+        return metric <= task.chance_metric + 0.05
+    return metric >= 0.95 * task.chance_metric
+
+
+def params_finite(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def train_run(
+    cfg: RunConfig, on_step: Callable[[int], None] | None = None
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Train one configuration; return (result, per-step metrics)."""
+    res = resolve(cfg)
+    torch.manual_seed(cfg.seed)
+    task = make_task(cfg.task, **dict(cfg.task_options))
+    model = build_model(cfg.model, task.input_shape, task.num_outputs, **res.model_options)
+    opt = make_optimizer(res, model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    guard = Guard(model, opt, res.policy) if res.policy is not None else None
+    gen = torch.Generator().manual_seed(cfg.seed)
+    batches = task.batches(cfg.batch_size, gen)
+
+    steps: list[dict[str, Any]] = []
+    first_loss: float | None = None
+    diverged_reason: str | None = None
+    steps_to_target: int | None = None
+    seconds_to_target: float | None = None
+    guard_seconds = 0.0
+    t0 = time.perf_counter()
+    for step in range(cfg.steps):
+        model.train()
+        x, y = next(batches)
+        opt.zero_grad(set_to_none=True)
+        loss = task.loss(model(x), y)
+        loss.backward()
+        loss_val = float(loss.detach())
+        if first_loss is None and math.isfinite(loss_val):
+            first_loss = loss_val
+        lr = opt.param_groups[0]["lr"]
+        if guard is not None:
+            tg = time.perf_counter()
+            report = guard.step(loss=loss)
+            guard_seconds += time.perf_counter() - tg
+            row = {
+                "step": step,
+                "loss": loss_val,
+                "grad_norm": report.grad_norm,
+                "grad_norm_after": report.grad_norm_after,
+                "clipped": report.clipped,
+                "skipped": report.skipped,
+                "lr": lr * report.lr_scale,
+            }
+        else:
+            norm = float(
+                torch.nn.utils.get_total_norm(
+                    [p.grad for p in model.parameters() if p.grad is not None]
+                )
+            )
+            opt.step()
+            row = {
+                "step": step,
+                "loss": loss_val,
+                "grad_norm": norm,
+                "grad_norm_after": norm,
+                "clipped": False,
+                "skipped": False,
+                "lr": lr,
+            }
+        sched.step()
+        steps.append(row)
+        if on_step is not None:
+            on_step(step)
+        if not params_finite(model):
+            diverged_reason = "nonfinite_weights"
+            break
+        if guard is None and not math.isfinite(loss_val):
+            diverged_reason = "nonfinite_loss"
+            break
+        if (step + 1) % cfg.eval_every == 0 and steps_to_target is None:
+            ev = task.evaluate(model, 512)
+            if ev["success"]:
+                steps_to_target, seconds_to_target = step + 1, time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+
+    ev = (
+        task.evaluate(model, 512)
+        if diverged_reason is None
+        else {"loss": math.nan, "metric": math.nan, "success": False}
+    )
+    if steps_to_target is None and ev["success"] and diverged_reason is None:
+        steps_to_target, seconds_to_target = len(steps), wall
+    tail = [r["loss"] for r in steps[-max(1, len(steps) // 10) :]]
+    final_loss = statistics.fmean(tail) if all(math.isfinite(v) for v in tail) else math.nan
+    if diverged_reason is None:
+        if not math.isfinite(final_loss):
+            diverged_reason = "nonfinite_loss"
+        elif first_loss is not None and final_loss > LOSS_BLOWUP * first_loss:
+            diverged_reason = "loss_blowup"
+        elif at_chance(task, ev["metric"]):
+            diverged_reason = "at_chance"
+    norms = [r["grad_norm"] for r in steps if math.isfinite(r["grad_norm"])]
+    counters = guard.counters if guard is not None else {}
+    result = {
+        "diverged": diverged_reason is not None,
+        "diverged_reason": diverged_reason,
+        "steps_run": len(steps),
+        "final_train_loss": final_loss,
+        "test_loss": float(ev["loss"]),
+        "test_metric": float(ev["metric"]),
+        "success": bool(ev["success"]),
+        "steps_to_target": steps_to_target,
+        "seconds_to_target": seconds_to_target,
+        "max_grad_norm": max(norms) if norms else math.nan,
+        "median_grad_norm": statistics.median(norms) if norms else math.nan,
+        "interventions": {k: v for k, v in counters.items() if k not in ("steps",)},
+        "wall_seconds": wall,
+        "guard_seconds": guard_seconds,
+        "guard_share": guard_seconds / wall if wall > 0 else 0.0,
+        "policy": res.policy,
+    }
+    return result, steps

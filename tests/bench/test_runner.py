@@ -1,0 +1,181 @@
+"""The bench end to end: a tiny grid through training, SQLite and the table; resume without
+recomputing; a run killed mid-way redone, never half-counted; bad grids refused up front."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from gradguard.bench import runner
+from gradguard.bench.config import RunConfig, expand_grid
+from gradguard.bench.runner import DB_NAME, run_grid
+from gradguard.bench.store import ResultStore
+from gradguard.bench.summary import summarize
+from gradguard.bench.train import train_run
+from gradguard.cli import main
+
+pytestmark = pytest.mark.slow
+
+BASE = {
+    "steps": 40,
+    "batch_size": 32,
+    "eval_every": 20,
+    "optimizer": "momentum",
+    "model_options": {"depth": 6, "width": 32},
+}
+
+
+def tiny_grid(**axes):
+    return expand_grid(
+        BASE, {"lr": [0.01, 0.5], "mitigation": ["none", "clip_norm:1.0"], "seed": [0], **axes}
+    )
+
+
+def test_train_run_measures_what_the_bench_compares():
+    result, steps = train_run(RunConfig(**{**BASE, "lr": 0.05, "mitigation": "zclip"}))
+    assert len(steps) == 40 and result["steps_run"] == 40
+    assert {"loss", "grad_norm", "grad_norm_after", "clipped", "skipped", "lr"} <= set(steps[0])
+    assert not result["diverged"] and 0.0 <= result["test_metric"] <= 1.0
+    assert result["max_grad_norm"] >= result["median_grad_norm"] > 0
+    assert 0 < result["guard_share"] < 1 and result["policy"] == "zclip"
+    assert set(result["interventions"]) >= {"clipped", "skipped"}
+
+
+def test_a_diverging_run_is_called_diverged():
+    result, _ = train_run(RunConfig(**{**BASE, "lr": 3.0, "mitigation": "none"}))
+    assert result["diverged"] and result["diverged_reason"] in (
+        "nonfinite_weights",
+        "nonfinite_loss",
+        "loss_blowup",
+        "at_chance",
+    )
+    guarded, _ = train_run(RunConfig(**{**BASE, "lr": 3.0, "mitigation": "default"}))
+    assert (
+        guarded["diverged_reason"] != "nonfinite_weights"
+    )  # a Guard never lets NaN into the weights
+
+
+def test_tiny_grid_end_to_end_through_sqlite_to_the_table(tmp_path, capsys):
+    runs = run_grid(tiny_grid(seed=[0, 1]), tmp_path, workers=2, progress=False)
+    assert len(runs) == 8
+    with ResultStore(tmp_path / DB_NAME) as store:
+        assert store.counts() == {"pending": 0, "running": 0, "done": 8, "failed": 0}
+        assert all(len(store.steps(r["key"])) == r["result"]["steps_run"] for r in runs)
+    rows = summarize(runs)
+    assert len(rows) == 4 and all(r["runs"] == 2 for r in rows)
+    # The CLI on the same folder resumes (nothing left to do) and writes the outputs.
+    argv = ["bench", "--lr", "0.01", "0.5", "--mitigation", "none", "clip_norm:1.0", "--seeds", "2"]
+    argv += ["--steps", "40", "--batch-size", "32", "--out", str(tmp_path), "--no-progress"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "mitigation" in out
+
+
+def test_rerun_skips_finished_runs(tmp_path, monkeypatch):
+    calls = []
+    real = runner.train_run
+
+    def counting(cfg):
+        calls.append((cfg.lr, cfg.mitigation))
+        return real(cfg)
+
+    monkeypatch.setattr(runner, "train_run", counting)
+    grid = tiny_grid()
+    run_grid(grid[:2], tmp_path, workers=1, progress=False)
+    assert len(calls) == 2
+    runs = run_grid(grid, tmp_path, workers=1, progress=False)
+    assert len(calls) == 4 and len(runs) == 4  # only the two new runs were trained
+    run_grid(grid, tmp_path, workers=1, progress=False)
+    assert len(calls) == 4
+
+
+def test_killed_bench_resumes_without_recomputing_or_double_counting(tmp_path):
+    out = tmp_path / "bench"
+    args = [
+        sys.executable,
+        "-m",
+        "gradguard",
+        "bench",
+        "--lr",
+        "0.01",
+        "0.02",
+        "0.03",
+        "--mitigation",
+        "none",
+        "zclip",
+        "--seeds",
+        "1",
+        "--steps",
+        "400",
+        "--workers",
+        "1",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    proc = subprocess.Popen(
+        args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    db = out / DB_NAME
+    deadline = time.time() + 120
+    done = 0
+    while time.time() < deadline and done < 2:
+        time.sleep(0.2)
+        if db.exists():
+            try:
+                with sqlite3.connect(db) as c:
+                    done = c.execute("SELECT COUNT(*) FROM runs WHERE status='done'").fetchone()[0]
+            except sqlite3.OperationalError:
+                pass
+    assert done >= 2, "the bench did not finish two runs in time"
+    os.killpg(proc.pid, signal.SIGKILL)  # kill -9, mid-grid
+    proc.wait()
+    with ResultStore(db) as store:
+        before = {r["key"]: r for r in store.runs("done")}
+        assert store.integrity_ok()
+    assert subprocess.run(args, capture_output=True).returncode == 0
+    with ResultStore(db) as store:
+        after = {r["key"]: r for r in store.runs("done")}
+        assert store.counts() == {"pending": 0, "running": 0, "done": 6, "failed": 0}
+        assert store.integrity_ok()
+        for key, run in before.items():
+            assert after[key]["result"] == run["result"]  # not recomputed
+            assert len(store.steps(key)) == run["result"]["steps_run"]  # not double counted
+    assert (out / "summary.md").exists() and (out / "summary.csv").exists()
+    assert any(p.suffix == ".png" for p in out.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["--task", "imagenet"], "unknown task"),
+        (["--lr", "0"], "lr must be"),
+        (["--mitigation", "zclipp"], "neither a model/optimizer variant"),
+        (["--model", "resnet51"], "unknown model"),
+    ],
+)
+def test_bad_grids_exit_2_before_any_run(tmp_path, argv, fragment):
+    proc = subprocess.run(
+        [sys.executable, "-m", "gradguard", "bench", *argv, "--out", str(tmp_path / "b")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and fragment in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "b" / DB_NAME).exists()
+
+
+def test_summary_rates(tmp_path):
+    runs = run_grid(tiny_grid(), tmp_path, workers=1, progress=False)
+    rows = {(r["lr"], r["mitigation"]): r for r in summarize(runs)}
+    for (lr, mit), row in rows.items():
+        (run,) = [r for r in runs if r["config"]["lr"] == lr and r["config"]["mitigation"] == mit]
+        assert row["divergence_rate"] == float(run["result"]["diverged"])
+        if math.isfinite(run["result"]["test_metric"]):
+            assert row["metric_mean"] == pytest.approx(run["result"]["test_metric"])
