@@ -2,7 +2,6 @@
 
     gradguard policies            list the policies, their parameters and defaults
     gradguard check SPEC          validate a policy spec and print the chain it builds
-    gradguard demo [--lr ...]     a deep plain net on handwritten digits, with and without guards
     gradguard bench [...]         the mitigation comparison suite (parallel, resumable, SQLite)
     gradguard train [...]         one configuration, with a progress bar
 
@@ -42,29 +41,6 @@ def _cmd_check(args: argparse.Namespace) -> int:
     chain = parse_spec(args.spec)
     for p in chain:
         print(p.spec())
-    return 0
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import DEMO_POLICIES, format_table, run_demo
-
-    policies = args.policy or list(DEMO_POLICIES)
-    for p in policies:
-        if p != "none":
-            parse_spec(p)  # fail before any training on a bad spec
-    results = []
-    for lr in args.lr:
-        if not lr > 0:
-            raise GradGuardError(f"--lr must be > 0, got {lr}")
-        for seed in range(args.seeds):
-            for p in policies:
-                results.append(run_demo(p, lr=lr, seed=seed, steps=args.steps))
-                print(
-                    format_table(results[-1:]).splitlines()[-1]
-                    if len(results) > 1
-                    else format_table(results[-1:]),
-                    flush=True,
-                )
     return 0
 
 
@@ -167,23 +143,6 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a policy spec")
     check.add_argument("spec", help="e.g. 'skip_nonfinite+zclip:z_thresh=2.0'")
     check.set_defaults(func=_cmd_check)
-    demo = sub.add_parser(
-        "demo", help="deep plain net on handwritten digits, with and without guards"
-    )
-    demo.add_argument(
-        "--lr",
-        type=float,
-        nargs="+",
-        default=[0.1],
-        help="learning rates (default 0.1, where the unguarded net diverges)",
-    )
-    demo.add_argument("--seeds", type=int, default=1)
-    demo.add_argument("--steps", type=int, default=300)
-    demo.add_argument(
-        "--policy", action="append", help="policy spec to compare (repeatable); 'none' = no guard"
-    )
-    demo.set_defaults(func=_cmd_demo)
-
     bench = sub.add_parser(
         "bench", help="compare mitigations over a grid (default: the quick suite on digits)"
     )

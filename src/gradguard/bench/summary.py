@@ -160,7 +160,8 @@ def plot_all(runs: Sequence[dict[str, Any]], steps_of, out: Path) -> list[Path]:
         tag = f"{task}_{model}_{opt}"
         mitigations = list(dict.fromkeys(m["config"]["mitigation"] for m in members))
         lrs = sorted({m["config"]["lr"] for m in members})
-        colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(mitigations)}
+        colors = {m: plt.cm.tab20((2 * i) % 20 + (i // 10) % 2) for i, m in enumerate(mitigations)}
+        markers = {m: "osD^v<>ph*X"[i % 11] for i, m in enumerate(mitigations)}
 
         # Stability map: divergence rate against LR, one line per mitigation.
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -173,7 +174,16 @@ def plot_all(runs: Sequence[dict[str, Any]], steps_of, out: Path) -> list[Path]:
                     if m["config"]["mitigation"] == mit and m["config"]["lr"] == lr
                 ]
                 rates.append(sum(m["result"]["diverged"] for m in rs) / len(rs) if rs else math.nan)
-            ax.plot(lrs, rates, marker="o", label=mit, color=colors[mit])
+            # Slight vertical offsets keep lines that coincide (all 0 or all 1) visible.
+            k = mitigations.index(mit) - len(mitigations) / 2
+            ax.plot(
+                lrs,
+                [r + 0.006 * k for r in rates],
+                marker=markers[mit],
+                label=mit,
+                color=colors[mit],
+                alpha=0.85,
+            )
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
         ax.set_ylabel("divergence rate over seeds")
