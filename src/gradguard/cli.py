@@ -55,35 +55,34 @@ _AXIS_FLAGS = {
 
 
 def _bench_configs(args: argparse.Namespace):
+    """The suite's (or the TOML file's) grid, with the axes and settings given as flags replacing
+    the suite's."""
     from .bench.config import SUITES, expand_grid, load_toml_grid
 
-    if args.grid:
-        if args.suite:
-            raise GradGuardError("give either --suite or --grid, not both")
-        configs = load_toml_grid(args.grid)
-        base, axes = {}, {}
-    else:
-        name = args.suite or "quick"
-        if name not in SUITES:
-            raise GradGuardError(f"unknown suite {name!r}; valid suites: {', '.join(SUITES)}")
-        base, axes = dict(SUITES[name][0]), dict(SUITES[name][1])
-        configs = None
     overrides = {k: getattr(args, k) for k in _AXIS_FLAGS if getattr(args, k)}
     if args.seeds is not None:
         if args.seeds < 1:
             raise GradGuardError(f"--seeds must be >= 1, got {args.seeds}")
         overrides["seed"] = list(range(args.seeds))
-    for k in ("steps", "batch_size"):
-        if getattr(args, k) is not None:
-            base[k] = getattr(args, k)
-    if configs is not None:
-        if overrides or args.steps or args.batch_size:
+    settings = {
+        k: getattr(args, k) for k in ("steps", "batch_size") if getattr(args, k) is not None
+    }
+    if args.grid:
+        if args.suite:
+            raise GradGuardError("give either --suite or --grid, not both")
+        if overrides or settings:
             raise GradGuardError(
                 "--grid files set every axis themselves; edit the file instead of passing axis flags"
             )
-        return configs
-    axes.update(overrides)
-    return expand_grid(base, axes)
+        return load_toml_grid(args.grid)
+    name = args.suite or "quick"
+    if name not in SUITES:
+        raise GradGuardError(f"unknown suite {name!r}; valid suites: {', '.join(SUITES)}")
+    return [
+        cfg
+        for base, axes in SUITES[name]
+        for cfg in expand_grid({**base, **settings}, {**axes, **overrides})
+    ]
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gradguard.bench.config import RunConfig, expand_grid, load_toml_grid, resolve, suite
+from gradguard.bench.store import run_key
 from gradguard.errors import ConfigError
 
 
@@ -104,3 +105,16 @@ def test_quick_suite_spans_safe_to_divergent_lrs():
     } <= mits
     with pytest.raises(ConfigError, match="unknown suite"):
         suite("huge")
+
+
+@pytest.mark.parametrize("name", ["seed", "rnn", "transformer", "full"])
+def test_every_suite_expands_and_validates(name):
+    cfgs = suite(name)
+    assert cfgs and len({run_key(c.as_dict()) for c in cfgs}) == len(cfgs)
+    for cfg in cfgs:
+        resolve(cfg)
+
+
+def test_full_is_the_union_of_the_others():
+    parts = [c for n in ("quick", "seed", "rnn", "transformer") for c in suite(n)]
+    assert suite("full") == parts

@@ -179,3 +179,26 @@ def test_summary_rates(tmp_path):
         assert row["divergence_rate"] == float(run["result"]["diverged"])
         if math.isfinite(run["result"]["test_metric"]):
             assert row["metric_mean"] == pytest.approx(run["result"]["test_metric"])
+
+
+@pytest.mark.parametrize("name", ["seed", "rnn", "transformer"])
+def test_each_suite_trains(name):
+    """A few steps of each suite's settings (every task/model pair it uses), through the real loop."""
+    from dataclasses import replace
+
+    from gradguard.bench.config import suite
+
+    seen = {}
+    for cfg in suite(name):
+        seen.setdefault((cfg.task, cfg.model), cfg)
+    for cfg in seen.values():
+        opts = dict(cfg.task_options)
+        if cfg.task in ("adding", "temporal_order"):
+            opts.update(n_train=64, n_test=64)
+        result, steps = train_run(
+            replace(
+                cfg, steps=3, eval_every=3, batch_size=8, mitigation="default", task_options=opts
+            )
+        )
+        assert len(steps) == 3 and result["steps_run"] == 3
+        assert all(math.isfinite(s["grad_norm"]) for s in steps)

@@ -93,6 +93,7 @@ VARIANTS = {
     "dropout": "dropout after each hidden block (dropout:0.2 sets p; default 0.1)",
     "batchnorm": "batch normalization in each hidden block",
     "layernorm": "layer normalization in each hidden block",
+    "qk_layernorm": "LayerNorm on attention queries and keys (transformers)",
     "momentum": "SGD with momentum (momentum:0.95 sets it; default 0.9)",
     "nesterov": "SGD with Nesterov momentum (nesterov:0.95 sets it; default 0.9)",
 }
@@ -116,6 +117,8 @@ def resolve(cfg: RunConfig) -> Resolved:
         mopts["dropout"] = p
     elif name in ("batchnorm", "layernorm"):
         mopts["norm"] = "batch" if name == "batchnorm" else "layer"
+    elif name == "qk_layernorm":
+        mopts["qk_layernorm"] = True
     elif name in ("momentum", "nesterov"):
         opt, mom = name, _variant_value(spec, 0.9)
     else:
@@ -212,30 +215,117 @@ QUICK_MITIGATIONS = (
     "skip_nonfinite+zclip+agc:0.01",
 )
 
-SUITES: dict[str, tuple[dict[str, Any], dict[str, list[Any]]]] = {
+Grid = tuple[dict[str, Any], dict[str, list[Any]]]
+
+SUITES: dict[str, list[Grid]] = {
     # Handwritten digits, a deep plain MLP (12 Linear+ReLU layers, He init, no normalization), SGD
     # with momentum 0.9: from an LR where it trains well unguarded (0.01) to ones where it diverges
     # in most seeds (0.1, 0.3), so the table shows what each mitigation buys.
-    "quick": (
-        {"steps": 300, "batch_size": 64, "model_options": {"depth": 12, "width": 64}},
-        {
-            "task": ["digits"],
-            "model": ["mlp"],
-            "optimizer": ["momentum"],
-            "lr": [0.01, 0.03, 0.1, 0.3],
-            "mitigation": list(QUICK_MITIGATIONS),
-            "seed": [0, 1, 2],
-        },
-    ),
+    "quick": [
+        (
+            {"steps": 300, "batch_size": 64, "model_options": {"depth": 12, "width": 64}},
+            {
+                "task": ["digits"],
+                "model": ["mlp"],
+                "optimizer": ["momentum"],
+                "lr": [0.01, 0.03, 0.1, 0.3],
+                "mitigation": list(QUICK_MITIGATIONS),
+                "seed": [0, 1, 2],
+            },
+        )
+    ],
+    # The seed document's scenario: ResNet-50 on handwritten digits, plain SGD, its mitigations
+    # (LeakyReLU, momentum, Nesterov) beside clipping, layer-wise clipping and the default. Heavy on
+    # a CPU (ResNet-50 steps): run it with --workers and time to spare.
+    "seed": [
+        (
+            {"steps": 200, "batch_size": 64, "eval_every": 50},
+            {
+                "task": ["digits"],
+                "model": ["resnet50"],
+                "optimizer": ["sgd"],
+                "lr": [0.01, 0.1, 0.5],
+                "mitigation": [
+                    "none",
+                    "leaky_relu",
+                    "momentum",
+                    "nesterov",
+                    "clip_norm:1.0",
+                    "clip_layerwise:factor=3",
+                    "agc:0.01",
+                    "default",
+                ],
+                "seed": [0, 1, 2],
+            },
+        )
+    ],
+    # The pathological long-sequence problems (Pascanu et al. 2013): a vanilla tanh RNN whose
+    # recurrent weights start with spectral radius > 1, and an LSTM, trained with plain SGD.
+    "rnn": [
+        (
+            {
+                "steps": 1000,
+                "batch_size": 32,
+                "eval_every": 100,
+                "task_options": {"T": 50},
+                "model_options": {"hidden": 64, "init_scale": 2.0},
+            },
+            {
+                "task": ["adding", "temporal_order"],
+                "model": ["rnn", "lstm"],
+                "optimizer": ["sgd"],
+                "lr": [0.01, 0.1],
+                "mitigation": [
+                    "none",
+                    "clip_norm:1.0",
+                    "clip_value:0.1",
+                    "zclip",
+                    "autoclip:10",
+                    "default",
+                ],
+                "seed": [0, 1, 2],
+            },
+        )
+    ],
+    # Loss spikes in a small pre-LN transformer (character LM on the Python standard library) with
+    # AdamW at high LRs and no warmup; qk-layernorm as the architectural mitigation.
+    "transformer": [
+        (
+            {
+                "steps": 400,
+                "batch_size": 32,
+                "eval_every": 100,
+                "task_options": {"context": 64, "max_chars": 300_000},
+                "model_options": {"d_model": 128, "n_layers": 2, "n_heads": 4},
+            },
+            {
+                "task": ["charlm"],
+                "model": ["gpt"],
+                "optimizer": ["adamw"],
+                "lr": [1e-3, 1e-2, 3e-2],
+                "mitigation": [
+                    "none",
+                    "qk_layernorm",
+                    "clip_norm:1.0",
+                    "zclip",
+                    "skip_spike",
+                    "default",
+                    "skip_nonfinite+zclip+rollback+lr_backoff",
+                ],
+                "seed": [0, 1, 2],
+            },
+        )
+    ],
 }
+SUITES["full"] = [g for name in ("quick", "seed", "rnn", "transformer") for g in SUITES[name]]
 
 
 def suite(name: str) -> list[RunConfig]:
     try:
-        base, axes = SUITES[name]
+        grids = SUITES[name]
     except KeyError:
         raise ConfigError(f"unknown suite {name!r}; valid suites: {', '.join(SUITES)}") from None
-    return expand_grid(base, axes)
+    return [cfg for base, axes in grids for cfg in expand_grid(base, axes)]
 
 
 def load_toml_grid(path: str | Path) -> list[RunConfig]:
