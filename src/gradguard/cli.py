@@ -58,6 +58,7 @@ def _bench_configs(args: argparse.Namespace):
     """The suite's (or the TOML file's) grid, with the axes and settings given as flags replacing
     the suite's."""
     from .bench.config import SUITES, expand_grid, load_toml_grid
+    from .bench.store import run_key
 
     overrides = {k: getattr(args, k) for k in _AXIS_FLAGS if getattr(args, k)}
     if args.seeds is not None:
@@ -78,11 +79,13 @@ def _bench_configs(args: argparse.Namespace):
     name = args.suite or "quick"
     if name not in SUITES:
         raise GradGuardError(f"unknown suite {name!r}; valid suites: {', '.join(SUITES)}")
-    return [
+    configs = [
         cfg
         for base, axes in SUITES[name]
         for cfg in expand_grid({**base, **settings}, {**axes, **overrides})
     ]
+    # Flags that override an axis can make a suite's grids coincide: keep each run once.
+    return list({run_key(c.as_dict()): c for c in configs}.values())
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
