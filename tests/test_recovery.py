@@ -208,3 +208,22 @@ def test_corrupt_disk_snapshot_is_named(tmp_path):
     model.fc1.weight.grad.fill_(float("nan"))
     with pytest.raises(GradGuardError, match=r"last_good\.pt"):
         guard.step()
+
+
+def test_restored_state_is_a_copy_of_the_snapshot():
+    """Restoring into an optimizer whose state was dropped must not hand it the snapshot's own
+    tensors: the next steps would update the snapshot in place."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    guard = gradguard.Guard(model, opt, "rollback:every=2")
+    for step in range(2):
+        guard.step(loss=train_step(model, opt, *data(step)))
+    saved = snapshot(model, opt)  # the snapshot taken after the second applied step
+    for rollback_round in range(2):
+        opt.state.clear()  # e.g. state dropped by user code
+        train_step(model, opt, *data(10 + rollback_round))
+        model.fc1.weight.grad.fill_(float("nan"))
+        assert guard.step().rolled_back
+        assert_same(saved, snapshot(model, opt))
+        guard.step(loss=train_step(model, opt, *data(20 + rollback_round)))  # a good step after it

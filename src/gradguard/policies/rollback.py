@@ -162,9 +162,8 @@ class rollback(Policy):
             for p, saved in zip(self._params, snap["optim"], strict=True):
                 cur = opt.state.get(p)
                 if not saved:
-                    opt.state.pop(
-                        p, None
-                    )  # the optimizer re-initializes it lazily, as at the start
+                    # The optimizer re-initializes it lazily, as at the start.
+                    opt.state.pop(p, None)
                     continue
                 if cur is None:
                     opt.state[p] = cur = {}
@@ -172,12 +171,11 @@ class rollback(Policy):
                     old = cur.get(k)
                     if isinstance(v, Tensor) and isinstance(old, Tensor) and old.shape == v.shape:
                         old.copy_(v)  # in place: fused/capturable optimizers keep their buffers
+                    elif isinstance(v, Tensor):
+                        # A copy: the optimizer updates it in place, the snapshot must stay intact.
+                        cur[k] = v.clone() if k == "step" else v.to(p.device, copy=True)
                     else:
-                        cur[k] = (
-                            v.to(p.device)
-                            if isinstance(v, Tensor) and k != "step"
-                            else (v.clone() if isinstance(v, Tensor) else v)
-                        )
+                        cur[k] = v
                 for k in [k for k in cur if k not in saved]:
                     del cur[k]
 
