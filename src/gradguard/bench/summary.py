@@ -8,10 +8,13 @@ from __future__ import annotations
 import csv
 import math
 import statistics
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 SETTING = ("task", "model", "optimizer", "lr")
 COLUMNS = (
@@ -220,22 +223,16 @@ def plot_all(runs: Sequence[dict[str, Any]], steps_of, out: Path) -> list[Path]:
 
 def _band(ax, curves: list[list[float]], color, label: str) -> None:
     """Median over seeds with a min-max band; non-finite values end a curve."""
-    import numpy as np
-
     if not curves:
         return
     n = max(len(c) for c in curves)
     arr = np.full((len(curves), n), np.nan)
     for i, c in enumerate(curves):
         arr[i, : len(c)] = c
-    arr[~np.isfinite(arr)] = np.nan
-    arr[arr <= 0] = np.nan
-    with np.errstate(all="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            med, lo, hi = np.nanmedian(arr, 0), np.nanmin(arr, 0), np.nanmax(arr, 0)
+    arr[~np.isfinite(arr) | (arr <= 0)] = np.nan  # log scale; a diverged run's curve ends
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns after every run ended
+        med, lo, hi = np.nanmedian(arr, 0), np.nanmin(arr, 0), np.nanmax(arr, 0)
     x = np.arange(n)
     ax.plot(x, med, color=color, label=label, lw=1)
     ax.fill_between(x, lo, hi, color=color, alpha=0.15, lw=0)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..guard import Guard
+from ..stats import foreach_norms
 from .config import Resolved, RunConfig, resolve
 from .models import build_model
 from .tasks import Task, make_task
@@ -66,7 +67,9 @@ def at_chance(task: Task, metric: float) -> bool:
 
 
 def params_finite(model: nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    """One fused norm per parameter instead of an elementwise scan: a NaN/Inf makes it non-finite."""
+    norms = foreach_norms([p.detach() for p in model.parameters()])
+    return bool(torch.isfinite(torch.stack(norms)).all()) if norms else True
 
 
 def train_run(
