@@ -41,6 +41,7 @@ Run
     python benchmarks/bench_guard_overhead.py --quick           # ~15 s smoke run
     python benchmarks/bench_guard_overhead.py --optimizer adamw --threads 1
     python benchmarks/bench_guard_overhead.py --only mlp --profile  # + where the Guard's time goes
+    python benchmarks/bench_guard_overhead.py --device cuda     # on a GPU (synchronized timing)
 """
 
 from __future__ import annotations
@@ -121,9 +122,9 @@ def make_optimizer(name: str, params: list[Tensor]) -> torch.optim.Optimizer:
 
 
 def fixed_grads(params: list[Tensor], seed: int = 0) -> list[Tensor]:
-    """Random gradients with a global L2 norm of GRAD_NORM (deterministic)."""
+    """Random gradients with a global L2 norm of GRAD_NORM (deterministic), on the params' device."""
     gen = torch.Generator().manual_seed(seed)
-    grads = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+    grads = [torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) for p in params]
     total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
     torch._foreach_mul_(grads, GRAD_NORM / total.item())
     return grads
@@ -150,10 +151,13 @@ def bench(
     rounds: int,
     iters: int,
     warmup: int,
+    sync: Callable[[], None] = lambda: None,
 ) -> dict[str, Timings]:
     """Time each variant's call, interleaved call by call in a rotating order.
 
-    ``refill`` runs (untimed) before every call, identically for all variants.
+    ``refill`` runs (untimed) before every call, identically for all variants. ``sync`` waits for
+    the device (``torch.cuda.synchronize``) before the clock starts and before it stops, so a call
+    is timed with the device work it queued, not just its launch.
     """
     names = list(variants)
     k = len(names)
@@ -170,8 +174,10 @@ def bench(
             for name in names[shift:] + names[:shift]:
                 refill()
                 fn = variants[name]
+                sync()
                 t0 = clock()
                 fn()
+                sync()
                 per[name].append(clock() - t0)
         for name in names:
             out[name].rounds.append(per[name])
@@ -192,9 +198,9 @@ class Setup:
     guard_default: Guard
 
     @classmethod
-    def build(cls, make_model: Callable[[], nn.Module], optimizer: str) -> Setup:
+    def build(cls, make_model: Callable[[], nn.Module], optimizer: str, device: str) -> Setup:
         torch.manual_seed(0)
-        model = make_model()
+        model = make_model().to(device)
         params = list(model.parameters())
         grads0 = fixed_grads(params)
         for p, g in zip(params, grads0, strict=True):
@@ -364,7 +370,20 @@ def main() -> int:
     ap.add_argument("--only", choices=tuple(PARAM_SETS), default=None, help="one parameter set")
     ap.add_argument("--no-parts", action="store_true", help="skip the per-part breakdown")
     ap.add_argument("--profile", action="store_true", help="profile guard.step() after timing")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     args = ap.parse_args()
+
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            ap.error(
+                "--device cuda: torch sees no CUDA device (torch.cuda.is_available() is False)"
+            )
+        sync = lambda: torch.cuda.synchronize(device)  # noqa: E731
+        where = f"GPU: {torch.cuda.get_device_name(device)}"
+    else:
+        sync = lambda: None  # noqa: E731
+        where = f"CPU: {cpu_model()}"
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -375,7 +394,7 @@ def main() -> int:
 
     print(
         f"gradguard {gradguard.__version__}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, CPU: {cpu_model()}, python {platform.python_version()}"
+        f"{torch.get_num_threads()} threads, {where}, python {platform.python_version()}"
     )
     print(
         f"optimizer: {args.optimizer} (foreach), {rounds} rounds, gradient norm {GRAD_NORM} "
@@ -392,16 +411,16 @@ def main() -> int:
     names = [args.only] if args.only else list(PARAM_SETS)
     for name in names:
         t0 = time.perf_counter()
-        setup = Setup.build(PARAM_SETS[name], args.optimizer)
+        setup = Setup.build(PARAM_SETS[name], args.optimizer, args.device)
         n_el = sum(p.numel() for p in setup.params)
         print(
             f"\n== {name}: {len(setup.params)} tensors, {n_el / 1e6:.2f}M parameters, "
             f"{iters[name]} calls x {rounds} rounds per variant"
         )
-        res = bench(setup.main_variants(), setup.refill, rounds, iters[name], warmup[name])
+        res = bench(setup.main_variants(), setup.refill, rounds, iters[name], warmup[name], sync)
         all_ok &= print_main(res)
         if not args.no_parts:
-            parts = bench(setup.part_variants(), setup.refill, rounds, iters[name], 3)
+            parts = bench(setup.part_variants(), setup.refill, rounds, iters[name], 3, sync)
             print_parts(parts)
         for problem in setup.check():
             print(f"  WARNING: {problem}")

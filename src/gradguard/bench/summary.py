@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 import statistics
 import warnings
 from collections import defaultdict
@@ -22,6 +23,7 @@ COLUMNS = (
     "model",
     "optimizer",
     "lr",
+    "options",
     "mitigation",
     "runs",
     "diverged",
@@ -44,12 +46,47 @@ def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
+def _settings(config: dict[str, Any]) -> dict[str, Any]:
+    """Every setting of a run except its mitigation and seed, task/model options flattened."""
+    out = {k: v for k, v in config.items() if k not in ("mitigation", "seed")}
+    for group in ("task_options", "model_options"):
+        for name, value in sorted(dict(out.pop(group, {}) or {}).items()):
+            out[name if name not in out else f"{group}.{name}"] = value
+    return out
+
+
+def _option_label(settings: dict[str, Any], varying: Sequence[str]) -> str:
+    return " ".join(f"{k}={_fmt(settings.get(k))}" for k in varying)
+
+
+def _flat_and_varying(runs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Each run's flattened settings, and the names (beyond ``SETTING``) whose values differ."""
+    flat = [_settings(r["config"]) for r in runs]
+    names: list[str] = []
+    for f in flat:
+        names.extend(k for k in f if k not in names)
+    varying = [k for k in names if k not in SETTING and len({repr(f.get(k)) for f in flat}) > 1]
+    return flat, varying
+
+
 def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Aggregate runs over seeds, keeping the order in which settings and mitigations appear."""
+    """Aggregate runs over seeds, keeping the order in which settings and mitigations appear.
+
+    Runs are grouped by every setting but the seed, so runs that differ in anything else (steps,
+    an init scale, a sequence length) are never pooled; what varies beyond task, model, optimizer
+    and LR is named in the ``options`` column (e.g. ``T=20 init_scale=1.7``).
+    """
+    flat, varying = _flat_and_varying(runs)
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
-    for r in runs:
-        c = r["config"]
-        groups[(*(c[k] for k in SETTING), c["mitigation"])].append(r)
+    options: dict[tuple, str] = {}
+    for r, f in zip(runs, flat, strict=True):
+        key = (
+            *(f[k] for k in SETTING),
+            repr(sorted(f.items(), key=repr)),
+            r["config"]["mitigation"],
+        )
+        groups[key].append(r)
+        options[key] = _option_label(f, varying)
     rows = []
     for key, members in groups.items():
         res = [m["result"] for m in members]
@@ -58,7 +95,8 @@ def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         inter = [x.get("interventions", {}) for x in res]
         rows.append(
             dict(
-                zip(SETTING, key[:-1], strict=True),
+                zip(SETTING, key[: len(SETTING)], strict=True),
+                options=options[key],
                 mitigation=key[-1],
                 runs=len(res),
                 diverged=sum(x["diverged"] for x in res),
@@ -95,12 +133,18 @@ def _metric_cell(r: dict[str, Any]) -> str:
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    head = "| task | model | opt | lr | mitigation | diverged | test metric | reached target | steps to target | guard share | clipped/run | skipped/run |"
-    sep = "|" + "---|" * 12
+    with_options = any(r.get("options") for r in rows)
+    head = (
+        "| task | model | opt | lr | "
+        + ("options | " if with_options else "")
+        + "mitigation | diverged | test metric | reached target | steps to target | guard share | clipped/run | skipped/run |"
+    )
+    sep = "|" + "---|" * (13 if with_options else 12)
     lines = [head, sep]
     for r in rows:
+        opts = f"{r.get('options', '')} | " if with_options else ""
         lines.append(
-            f"| {r['task']} | {r['model']} | {r['optimizer']} | {_fmt(r['lr'])} | `{r['mitigation']}` | "
+            f"| {r['task']} | {r['model']} | {r['optimizer']} | {_fmt(r['lr'])} | {opts}`{r['mitigation']}` | "
             f"{r['diverged']}/{r['runs']} | {_metric_cell(r)} | "
             f"{r['reached_target']}/{r['runs']} | {_fmt(r['steps_to_target'])} | {r['guard_share']:.1%} | "
             f"{r['clipped_per_run']:.0f} | {r['skipped_per_run']:.0f} |"
@@ -109,17 +153,28 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def terminal_table(rows: Sequence[dict[str, Any]]) -> str:
-    head = f"{'setting':28s} {'mitigation':32s} {'diverged':>8s} {'test metric':>15s} {'to target':>9s} {'guard':>6s}"
+    settings = [
+        " ".join(
+            x
+            for x in (
+                f"{r['task']}/{r['model']}/{r['optimizer']} lr={_fmt(r['lr'])}",
+                r.get("options"),
+            )
+            if x
+        )
+        for r in rows
+    ]
+    width = max([28, *map(len, settings)])
+    head = f"{'setting':{width}s} {'mitigation':32s} {'diverged':>8s} {'test metric':>15s} {'to target':>9s} {'guard':>6s}"
     out = [head, "-" * len(head)]
-    for r in rows:
-        setting = f"{r['task']}/{r['model']}/{r['optimizer']} lr={_fmt(r['lr'])}"
+    for r, setting in zip(rows, settings, strict=True):
         metric = (
             "-"
             if math.isnan(r["metric_mean"])
             else f"{_fmt(r['metric_mean'])}+-{_fmt(r['metric_std'], 2)}"
         )
         out.append(
-            f"{setting:28s} {r['mitigation'][:32]:32s} {r['diverged']:>4d}/{r['runs']:<3d} {metric:>15s} "
+            f"{setting:{width}s} {r['mitigation'][:32]:32s} {r['diverged']:>4d}/{r['runs']:<3d} {metric:>15s} "
             f"{_fmt(r['steps_to_target']):>9s} {r['guard_share']:>6.1%}"
         )
     return "\n".join(out)
@@ -156,11 +211,21 @@ def plot_all(runs: Sequence[dict[str, Any]], steps_of, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    by_setting: dict[tuple, list[dict]] = defaultdict(list)
-    for r in runs:
-        by_setting[tuple(r["config"][k] for k in ("task", "model", "optimizer"))].append(r)
-    for (task, model, opt), members in by_setting.items():
-        tag = f"{task}_{model}_{opt}"
+    # One set of figures per setting (all but LR, mitigation and seed); LRs are the x axis/panels.
+    flat, varying = _flat_and_varying(runs)
+    by_setting: dict[str, list[dict]] = defaultdict(list)
+    labels: dict[str, str] = {}
+    for r, f in zip(runs, flat, strict=True):
+        key = repr(sorted(((k, v) for k, v in f.items() if k != "lr"), key=repr))
+        by_setting[key].append(r)
+        labels[key] = _option_label(f, varying)
+    for key, members in by_setting.items():
+        c = members[0]["config"]
+        task, model, opt = c["task"], c["model"], c["optimizer"]
+        tag = "_".join(
+            x for x in (task, model, opt, re.sub(r"[^A-Za-z0-9.=-]+", "_", labels[key])) if x
+        )
+        title = " / ".join(x for x in (task, model, opt, labels[key]) if x)
         mitigations = list(dict.fromkeys(m["config"]["mitigation"] for m in members))
         lrs = sorted({m["config"]["lr"] for m in members})
         colors = {m: plt.cm.tab20((2 * i) % 20 + (i // 10) % 2) for i, m in enumerate(mitigations)}
@@ -191,7 +256,7 @@ def plot_all(runs: Sequence[dict[str, Any]], steps_of, out: Path) -> list[Path]:
         ax.set_xlabel("learning rate")
         ax.set_ylabel("divergence rate over seeds")
         ax.set_ylim(-0.05, 1.05)
-        ax.set_title(f"stability map: {task} / {model} / {opt}")
+        ax.set_title(f"stability map: {title}")
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
         fig.tight_layout()
         written.append(_save(fig, out / f"stability_{tag}.png"))
@@ -215,7 +280,7 @@ def plot_all(runs: Sequence[dict[str, Any]], steps_of, out: Path) -> list[Path]:
                 ax.set_xlabel("step")
                 ax.set_ylabel(ylabel)
             axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
-            fig.suptitle(f"{task} / {model} / {opt}")
+            fig.suptitle(title)
             fig.tight_layout()
             written.append(_save(fig, out / f"{fname}_{tag}.png"))
     return written

@@ -1,0 +1,222 @@
+"""The Guard on a CUDA device: the same numbers as torch, the sync budget counted by CUDA itself
+(``torch.cuda.set_sync_debug_mode``), fp16 autocast with a real ``GradScaler`` overflow, fused
+optimizers, bf16, rollback, and parameters split across CPU and GPU. Skipped without a GPU (CI has
+none); run with ``python -m pytest tests/test_cuda.py`` on a machine that has one."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import gradguard
+
+from conftest import assert_same, snapshot
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+DEV = "cuda"
+
+
+def net(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)
+    ).to(DEV, dtype)
+
+
+def batch(step: int, dtype: torch.dtype = torch.float32):
+    gen = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(64, 32, generator=gen).to(DEV, dtype)
+    y = torch.randint(0, 10, (64,), generator=gen).to(DEV)
+    return x, y
+
+
+def backward(model: nn.Module, step: int, scale: float = 1.0) -> torch.Tensor:
+    for p in model.parameters():
+        p.grad = None
+    x, y = batch(step, next(model.parameters()).dtype)
+    loss = nn.functional.cross_entropy(model(x).float(), y)
+    (loss * scale).backward()
+    return loss
+
+
+def test_clip_norm_gives_torchs_clip_grad_norm_bit_for_bit():
+    ref, ours = net(), net()
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9, foreach=True)
+    opt = torch.optim.SGD(ours.parameters(), lr=0.05, momentum=0.9, foreach=True)
+    guard = gradguard.Guard(ours, opt, "clip_norm:0.5")
+    for step in range(8):
+        backward(ref, step, scale=10.0)
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5, foreach=True)
+        opt_ref.step()
+        backward(ours, step, scale=10.0)
+        r = guard.step()
+        assert r.clipped
+    for a, b in zip(ref.parameters(), ours.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def _steady_state_syncs(spec: str, mode: str, **guard_kw) -> list[int]:
+    """Synchronizing CUDA calls inside each ``guard.step()`` after warmup, as CUDA reports them."""
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, foreach=True)
+    guard = gradguard.Guard(model, opt, spec, **guard_kw)
+    counts = []
+    for step in range(50):
+        loss = backward(model, step)
+        if step == 45:
+            model[0].weight.grad.mul_(1e3)  # a spike, so the adaptive clippers engage
+        torch.cuda.synchronize()
+        if step < 40:
+            guard.step(loss=loss)
+            continue
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode(mode)
+            try:
+                guard.step(loss=loss)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts.append(sum("synchroniz" in str(w.message) for w in caught))
+    return counts
+
+
+def test_a_clipping_only_chain_never_synchronizes():
+    spec = (
+        "clip_norm:0.5+zclip:warmup=10+autoclip:10+clip_layerwise:factor=2,warmup=10"
+        "+agc:0.05+clip_value:1"
+    )
+    # "error" raises on the first synchronizing call, so passing means there was none.
+    assert _steady_state_syncs(spec, "error", check_finite=False) == [0] * 10
+
+
+def test_a_chain_that_can_skip_synchronizes_once_per_step():
+    assert _steady_state_syncs("default", "warn") == [1] * 10
+    assert _steady_state_syncs("skip_spike+reset_moments", "warn") == [1] * 10
+
+
+def test_fp16_autocast_overflows_are_the_scalers_skips_and_match_the_plain_loop():
+    ref, ours = net(), net()
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+    opt = torch.optim.SGD(ours.parameters(), lr=0.05, momentum=0.9)
+    # A scale of 2**40 overflows fp16 on the first steps: the scaler halves it until it fits.
+    scaler_ref = torch.amp.GradScaler("cuda", init_scale=2.0**40)
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**40)
+    guard = gradguard.Guard(ours, opt, "default", scaler=scaler)
+    overflows = 0
+    for step in range(30):
+        for model, sc in ((ref, scaler_ref), (ours, scaler)):
+            for p in model.parameters():
+                p.grad = None
+            x, y = batch(step)
+            with torch.autocast("cuda", dtype=torch.float16):
+                loss = nn.functional.cross_entropy(model(x), y)
+            sc.scale(loss).backward()
+        scaler_ref.step(opt_ref)
+        scaler_ref.update()
+        r = guard.step()
+        overflows += r.skip_reason == "amp_overflow"
+        assert scaler.get_scale() == scaler_ref.get_scale()
+    assert overflows >= 5  # 2**40 -> below 2**16 takes many halvings
+    c = guard.counters
+    assert c["amp_overflow"] == overflows and c["skipped"] == 0
+    for a, b in zip(ref.parameters(), ours.parameters(), strict=True):
+        assert torch.isfinite(b).all()
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_nan_never_reaches_weights_or_fused_adam_state(fused):
+    model = net()
+    opt = torch.optim.Adam(
+        model.parameters(), lr=1e-3, fused=fused, foreach=None if fused else True
+    )
+    guard = gradguard.Guard(model, opt, "default")
+    for step in range(12):
+        backward(model, step)
+        if step == 8:
+            before = snapshot(model, opt)
+            model[2].weight.grad[3, 5] = float("nan")
+        r = guard.step()
+        if step == 8:
+            assert r.skipped and r.layers["skip_nonfinite"] == ("2",)
+            assert_same(before, snapshot(model, opt))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_bf16_gradients_are_measured_in_fp32():
+    model = net(dtype=torch.bfloat16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gradguard.Guard(model, opt, "clip_norm:1e9")
+    backward(model, 0, scale=1e3)
+    expected = torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(p.grad.double()) for p in model.parameters()])
+    ).item()
+    assert guard.step().grad_norm == pytest.approx(expected, rel=1e-5)
+
+
+def test_zclip_device_path_matches_the_host_path():
+    runs = []
+    for check_finite in (True, False):
+        model = net()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        guard = gradguard.Guard(model, opt, "zclip:warmup=10", check_finite=check_finite)
+        clipped = 0
+        for step in range(40):
+            backward(model, step, scale=300.0 if step in (25, 31, 32) else 1.0)
+            clipped += bool(guard.step().clipped)
+        runs.append(([p.detach().clone() for p in model.parameters()], clipped))
+    (host, n_host), (device, n_device) = runs
+    assert n_host == n_device >= 2
+    for a, b in zip(host, device, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("to", ["memory", "disk"])
+def test_rollback_restores_gpu_weights_and_fused_state(to, tmp_path):
+    model = net()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    spec = "rollback:every=5,to=disk,path=" + str(tmp_path) if to == "disk" else "rollback:every=5"
+    guard = gradguard.Guard(model, opt, spec)
+    for step in range(10):
+        guard.step(loss=backward(model, step))
+    good = snapshot(model, opt)  # the snapshot after the 10th applied step
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("inf")  # a bad update got through: the next loss is NaN
+    r = guard.step(loss=backward(model, 10))
+    assert r.rolled_back
+    assert_same(good, snapshot(model, opt))
+    assert all(p.device.type == "cuda" for p in model.parameters())
+    assert all(
+        v.device == p.device
+        for p in model.parameters()
+        for k, v in opt.state[p].items()
+        if k != "step" and isinstance(v, torch.Tensor)
+    )
+    for step in range(11, 15):
+        assert not guard.step(loss=backward(model, step)).skipped
+
+
+def test_parameters_split_across_cpu_and_gpu():
+    torch.manual_seed(0)
+    cpu_layer, gpu_layer = nn.Linear(8, 8), nn.Linear(8, 8).to(DEV)
+    model = nn.ModuleDict({"cpu": cpu_layer, "gpu": gpu_layer})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gradguard.Guard(model, opt, "skip_nonfinite+clip_norm:1")
+    gen = torch.Generator().manual_seed(0)
+    for p in model.parameters():
+        p.grad = (torch.randn(p.shape, generator=gen) * 5).to(p.device)
+    expected = torch.linalg.vector_norm(
+        torch.stack([p.grad.cpu().norm() for p in model.parameters()])
+    )
+    r = guard.step()
+    assert r.grad_norm == pytest.approx(expected.item(), rel=1e-6) and r.clipped
+    after = torch.linalg.vector_norm(torch.stack([p.grad.cpu().norm() for p in model.parameters()]))
+    assert after.item() == pytest.approx(1.0, rel=1e-5)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    gpu_layer.bias.grad[0] = float("inf")
+    assert guard.step().skipped
