@@ -9,7 +9,9 @@ out="${1:-.}"
 mkdir -p "$out"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 python3 -c "import torch; print('torch', torch.__version__, '|', torch.cuda.get_device_name())"
-python3 -m pytest -q -rA -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/cuda_tests.log"
+status=0
+python3 -m pytest -q -rA -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/cuda_tests.log" || status=1
 python3 benchmarks/bench_guard_overhead.py --device cuda 2>&1 | tee "$out/bench_cuda_sgd.log"
 python3 benchmarks/bench_guard_overhead.py --device cuda --optimizer adamw --no-parts 2>&1 |
     tee "$out/bench_cuda_adamw.log"
+exit $status
