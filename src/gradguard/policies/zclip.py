@@ -117,10 +117,10 @@ class zclip(Policy):
         init = st["initialized"]
         # Warmup: record finite norms in the buffer.
         warm = finite & ~init
-        slot = st["n"].clamp(max=self.warmup - 1)
-        st["buffer"] = st["buffer"].index_put(
-            (slot.reshape(1),), torch.where(warm, x, st["buffer"][slot]).reshape(1)
-        )
+        # index_select/scatter with a device index: indexing by a 0-dim tensor would sync.
+        slot = st["n"].clamp(max=self.warmup - 1).reshape(1)
+        current = st["buffer"].index_select(0, slot)
+        st["buffer"] = st["buffer"].scatter(0, slot, torch.where(warm, x, current).reshape(1))
         n = st["n"] + warm.long()
         just_ready = warm & (n >= self.warmup)
         buf_mean = st["buffer"].mean()
