@@ -65,7 +65,7 @@ def _steady_state_syncs(spec: str, **guard_kw) -> tuple[list[int], set[str]]:
     model = net()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, foreach=True)
     guard = gradguard.Guard(model, opt, spec, **guard_kw)
-    # Toggle the debug mode once first: its first use in a process can sync on its own.
+    # Toggle the debug mode once first: its first use warns that it is a prototype feature.
     torch.cuda.set_sync_debug_mode("warn")
     torch.cuda.set_sync_debug_mode("default")
     counts, sites = [], set()
@@ -84,7 +84,11 @@ def _steady_state_syncs(spec: str, **guard_kw) -> tuple[list[int], set[str]]:
                 guard.step(loss=loss)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        where = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+        where = [
+            f"{w.filename}:{w.lineno}"
+            for w in caught
+            if "called a synchronizing CUDA operation" in str(w.message)
+        ]
         counts.append(len(where))
         sites.update(where)
     return counts, sites

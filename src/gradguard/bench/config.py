@@ -260,28 +260,29 @@ SUITES: dict[str, list[Grid]] = {
         )
     ],
     # The pathological long-sequence problems (Hochreiter & Schmidhuber 1997; Pascanu et al. 2013)
-    # at T=50: a vanilla tanh RNN whose recurrent weights start with spectral radius > 1 (about
-    # 1.2) and an LSTM, with plain SGD (where Pascanu et al. show clipping is what makes training
-    # possible) and with Adam (which solves adding with the LSTM here in ~1000 steps).
+    # at T=20 with plain SGD, Pascanu et al.'s setting: a vanilla tanh RNN whose recurrent weights
+    # start near spectral radius 1 (init_scale 1.7 on PyTorch's init), and an LSTM, 64 units, 5000
+    # steps of 32 sequences. Unclipped, the vanilla RNN explodes at the LRs where clipping lets it
+    # solve both problems; the LSTM's gates keep it trainable either way. (The papers go to T=50..200
+    # with millions of sequences: out of reach of a CPU suite.)
     "rnn": [
         (
             {
-                "steps": 1500,
+                "steps": 5000,
                 "batch_size": 32,
-                "eval_every": 250,
-                "task_options": {"T": 50},
-                "model_options": {"hidden": 64, "init_scale": 2.0},
+                "eval_every": 500,
+                "task_options": {"T": 20},
+                "model_options": {"hidden": 64, "init_scale": 1.7},
             },
             {
                 "task": ["adding", "temporal_order"],
                 "model": ["rnn", "lstm"],
-                "optimizer": [opt],
-                "lr": lrs,
+                "optimizer": ["sgd"],
+                "lr": [0.03, 0.1, 0.3],
                 "mitigation": ["none", "clip_norm:1.0", "zclip", "autoclip:10", "default"],
                 "seed": [0, 1, 2],
             },
         )
-        for opt, lrs in (("sgd", [0.1, 1.0]), ("adam", [0.003, 0.03]))
     ],
     # Loss spikes in a small pre-LN transformer (character LM on the Python standard library) with
     # AdamW at high LRs and no warmup; qk-layernorm as the architectural mitigation.
