@@ -103,7 +103,9 @@ def test_state_round_trips_through_weights_only_load(name):
     assert same(guard.state_dict(), again)
 
 
-@pytest.mark.parametrize("name", [n for n in gradguard.available_policies() if policy_class(n).kind != "clip"])
+@pytest.mark.parametrize(
+    "name", [n for n in gradguard.available_policies() if policy_class(n).kind != "clip"]
+)
 def test_quiet_run_is_left_alone_by_detectors(name):
     """On a healthy run, skip/rollback/reset policies never fire (clipping ones may engage)."""
     torch.manual_seed(0)

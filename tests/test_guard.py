@@ -204,7 +204,9 @@ def test_amp_overflow_is_the_scalers_skip_not_counted_twice():
     assert c["amp_overflow"] == 1 and c["skipped"] == 0 and "acted.skip_nonfinite" not in c
 
 
-@pytest.mark.parametrize("spec", ["rollback+lr_backoff:events=1", "skip_spike:window=4,warmup=2", "clip_norm"])
+@pytest.mark.parametrize(
+    "spec", ["rollback+lr_backoff:events=1", "skip_spike:window=4,warmup=2", "clip_norm"]
+)
 def test_amp_overflow_is_no_incident_for_any_policy(spec):
     torch.manual_seed(0)
     model = TinyNet()

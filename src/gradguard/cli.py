@@ -4,6 +4,7 @@
     gradguard check SPEC          validate a policy spec and print the chain it builds
     gradguard bench [...]         the mitigation comparison suite (parallel, resumable, SQLite)
     gradguard train [...]         one configuration, with a progress bar
+    gradguard report RUN_DIR      report.html (figures, events, diagnosis) from a run's telemetry
 
 Bad arguments exit with status 2 and one readable line, no traceback.
 """
@@ -129,9 +130,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = RunConfig.from_dict({k: v for k, v in fields.items() if v is not None})
     resolve(cfg)
     with tqdm(total=cfg.steps, unit="step", desc=f"{cfg.task}/{cfg.model} {cfg.mitigation}") as bar:
-        result, _ = train_run(cfg, on_step=lambda _s: bar.update(1))
+        result, _ = train_run(cfg, on_step=lambda _s: bar.update(1), log_dir=args.out)
     for k, v in result.items():
         print(f"{k:20s} {v}")
+    if args.out:
+        print(f"telemetry in {args.out}; render it with: gradguard report {args.out}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .diagnose.html import open_run, render_report, terminal_summary
+    from .diagnose.rules import diagnose
+
+    run = open_run(args.run_dir)
+    findings = diagnose(run)
+    path = render_report(run, findings, args.out or run.path.parent)
+    print(terminal_summary(run, findings, path))
     return 0
 
 
@@ -180,7 +194,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--steps", type=int, default=300)
     train.add_argument("--batch-size", type=int, default=64)
+    train.add_argument("--out", help="record telemetry to this folder (then: gradguard report OUT)")
     train.set_defaults(func=_cmd_train)
+
+    report = sub.add_parser(
+        "report", help="write report.html (diagnosis, events, figures) from a run's telemetry"
+    )
+    report.add_argument(
+        "run_dir", help="the folder a Guard's log_dir wrote (holds telemetry.jsonl)"
+    )
+    report.add_argument("--out", help="folder for report.html and the figures (default: RUN_DIR)")
+    report.set_defaults(func=_cmd_report)
     return parser
 
 

@@ -14,10 +14,11 @@ policies' after-step hooks.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 import weakref
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +28,9 @@ from .layout import ParamLayout
 from .policies import HostView, Policy, StepContext, parse_spec, skip_nonfinite
 from .report import StepReport, Tally
 from .stats import GradStats, compute_grad_stats
+
+if TYPE_CHECKING:
+    from .diagnose.telemetry import Telemetry
 
 _STATE_VERSION = 1
 _PHASES = {"clip": 0, "reset": 0, "skip": 0, "react": 1}
@@ -58,6 +62,11 @@ class Guard:
             where you accept torch's own behaviour on NaN.
         layer_stats: compute per-layer gradient norms every step and expose them on the report
             (``report.layer_norms``); they come from the per-parameter norms, no extra pass.
+        log_dir: record telemetry (per-layer norms, actions, events, where a NaN started) to this
+            folder as ``telemetry.jsonl`` and TensorBoard files; ``gradguard report DIR`` renders it.
+            Call ``guard.close()`` at the end (or use the Guard as a context manager).
+        telemetry: a :class:`gradguard.diagnose.Telemetry` with non-default settings, instead of
+            ``log_dir``.
     """
 
     def __init__(
@@ -69,6 +78,8 @@ class Guard:
         scaler: torch.amp.GradScaler | None = None,
         check_finite: bool = True,
         layer_stats: bool = False,
+        log_dir: str | os.PathLike | None = None,
+        telemetry: Telemetry | None = None,
     ):
         if model is not None and not isinstance(model, nn.Module):
             raise ConfigError(
@@ -103,14 +114,33 @@ class Guard:
         self._step = 0
         self._tally = Tally(("steps", "skipped", "rolled_back", "amp_overflow", "clipped"))
         self._last_grad: tuple[weakref.ref, int] | None = None
+        if log_dir is not None and telemetry is not None:
+            raise ConfigError(
+                "give log_dir or telemetry, not both (Telemetry(log_dir, ...) holds the folder)"
+            )
+        if log_dir is not None:
+            from .diagnose.telemetry import Telemetry
+
+            telemetry = Telemetry(log_dir)
+        self.telemetry = telemetry
+        if telemetry is not None:
+            telemetry.bind(self)
 
     # ----- the step ---------------------------------------------------------------------------------
-    def step(self, loss: Tensor | float | None = None) -> StepReport:
+    def step(
+        self, loss: Tensor | float | None = None, *, replay: Callable[[], Tensor] | None = None
+    ) -> StepReport:
         """Measure the gradients, run the policy chain, then step the optimizer or skip.
 
         Call once per optimizer step, after ``backward()`` (after the last micro-batch when
         accumulating gradients), in place of ``optimizer.step()`` (and of ``scaler.step/update``).
         ``loss`` lets loss-aware policies (``skip_spike``, ``rollback``) see it.
+
+        ``replay``: a function that recomputes this step's loss (same batch), e.g.
+        ``lambda: loss_fn(model(x), y)``. It is called only when the step's gradient is
+        non-finite: once, with hooks on every module, to find the module where the NaN/Inf starts
+        (forward or backward); the model, its buffers and gradients are left as they were. The
+        result is ``report.localization`` and goes to the telemetry. Normal steps never call it.
         """
         self._unscale()
         stats = compute_grad_stats(self.layout)
@@ -149,6 +179,11 @@ class Guard:
                 continue
             policy.apply(ctx)
         stepped = not ctx.skip
+        localization = None
+        if replay is not None and self._nonfinite(ctx):
+            localization = self._localize(replay, ctx.step)
+        if stepped and self.telemetry is not None and self.telemetry.wants_update_ratio(ctx.step):
+            self.telemetry.before_update(stats)
         if stepped:
             self._apply_step(ctx.lr_scale)
         else:
@@ -157,7 +192,24 @@ class Guard:
             self.optimizer.zero_grad(set_to_none=True)
         for policy in self.policies:
             policy.after_step(ctx, stepped)
-        return self._finish(ctx, stats, stepped)
+        report = self._finish(ctx, stats, stepped)
+        report.localization = localization
+        if self.telemetry is not None:
+            self.telemetry.after_step(self, ctx, stats, report, stepped, localization)
+        return report
+
+    def _nonfinite(self, ctx: StepContext) -> bool:
+        host = ctx.host
+        if host is None or ctx.amp_overflow:
+            return False
+        return not host.finite or (host.loss is not None and not math.isfinite(host.loss))
+
+    def _localize(self, replay: Callable[[], Tensor], step: int) -> dict[str, Any] | None:
+        if self.model is None:
+            return None
+        from .diagnose.localize import replay as run_replay
+
+        return run_replay(self.model, replay).as_record(step)
 
     def _unscale(self) -> None:
         if self.scaler is None:
@@ -306,6 +358,18 @@ class Guard:
             p.load_state_dict(s["state"])
         self._step = int(state["step"])
         self._tally.load(state.get("counters", {}))
+
+    # ----- telemetry ------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Finish the telemetry (pending steps, the end record, TensorBoard files). Idempotent."""
+        if self.telemetry is not None and not self.telemetry.closed:
+            self.telemetry.close(self.counters)
+
+    def __enter__(self) -> Guard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         return f"Guard(policy={self.spec!r}, params={len(self.layout)}, layers={len(self.layout.layer_names)})"

@@ -48,6 +48,7 @@ class StepReport:
         "_metrics",
         "_norms",
         "_policy_kinds",
+        "localization",
         "lr_scale",
         "rolled_back",
         "skip_reason",
@@ -83,6 +84,8 @@ class StepReport:
         self._policy_kinds = policy_kinds
         self._layer_stats = layer_stats
         self._cache: dict[str, Any] = {}
+        # Where a non-finite gradient started (a localization record), when the step had a replay.
+        self.localization: dict[str, Any] | None = None
 
     def _memo(self, key: str, fn):
         if key not in self._cache:

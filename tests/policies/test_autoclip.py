@@ -166,7 +166,9 @@ def test_reservoir_percentile_tracks_the_whole_history(drift, percentile):
         pol.observe(torch.tensor(x))
         if i >= 4 * m and i % 7 == 0:
             thr = float(pol.threshold())
-            worst = max(worst, abs(fractional_rank(np.array(norms[: i + 1]), thr) - percentile / 100))
+            worst = max(
+                worst, abs(fractional_rank(np.array(norms[: i + 1]), thr) - percentile / 100)
+            )
     assert pol.state["sorted"].numel() <= m + 1 and pol.state["size"] == m
     assert worst <= dkw_bound(m), worst
 

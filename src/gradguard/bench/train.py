@@ -7,6 +7,7 @@ Deterministic from the config's seed: model init, batch order and every policy d
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -73,16 +74,28 @@ def params_finite(model: nn.Module) -> bool:
 
 
 def train_run(
-    cfg: RunConfig, on_step: Callable[[int], None] | None = None
+    cfg: RunConfig,
+    on_step: Callable[[int], None] | None = None,
+    log_dir: str | os.PathLike | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Train one configuration; return (result, per-step metrics)."""
+    """Train one configuration; return (result, per-step metrics).
+
+    ``log_dir``: also record the Guard's telemetry there (for ``gradguard report``); an unguarded
+    run (``mitigation="none"``) then gets a measuring-only Guard (no policy, no finiteness skip),
+    which trains exactly as the bare optimizer does.
+    """
     res = resolve(cfg)
     torch.manual_seed(cfg.seed)
     task = make_task(cfg.task, **dict(cfg.task_options))
     model = build_model(cfg.model, task.input_shape, task.num_outputs, **res.model_options)
     opt = make_optimizer(res, model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    guard = Guard(model, opt, res.policy) if res.policy is not None else None
+    if res.policy is not None:
+        guard = Guard(model, opt, res.policy, log_dir=log_dir)
+    elif log_dir is not None:
+        guard = Guard(model, opt, "none", check_finite=False, log_dir=log_dir)
+    else:
+        guard = None
     gen = torch.Generator().manual_seed(cfg.seed)
     batches = task.batches(cfg.batch_size, gen)
 
@@ -105,7 +118,7 @@ def train_run(
         lr = opt.param_groups[0]["lr"]
         if guard is not None:
             tg = time.perf_counter()
-            report = guard.step(loss=loss)
+            report = guard.step(loss=loss, replay=lambda x=x, y=y: task.loss(model(x), y))
             guard_seconds += time.perf_counter() - tg
             row = {
                 "step": step,
@@ -139,7 +152,7 @@ def train_run(
         if not params_finite(model):
             diverged_reason = "nonfinite_weights"
             break
-        if guard is None and not math.isfinite(loss_val):
+        if res.policy is None and not math.isfinite(loss_val):
             diverged_reason = "nonfinite_loss"
             break
         if (step + 1) % cfg.eval_every == 0 and steps_to_target is None:
@@ -165,7 +178,9 @@ def train_run(
         elif at_chance(task, ev["metric"]):
             diverged_reason = "at_chance"
     norms = [r["grad_norm"] for r in steps if math.isfinite(r["grad_norm"])]
-    counters = guard.counters if guard is not None else {}
+    counters = guard.counters if guard is not None and res.policy is not None else {}
+    if guard is not None:
+        guard.close()
     result = {
         "diverged": diverged_reason is not None,
         "diverged_reason": diverged_reason,

@@ -1,0 +1,206 @@
+"""The telemetry file format: ``RUN_DIR/telemetry.jsonl``, one JSON object per line.
+
+It is what a Guard with ``log_dir`` writes, what ``gradguard train`` writes, and what
+``gradguard report`` and the diagnosis rules read. Lines are appended and flushed in whole lines, so
+a run killed mid-write leaves at most one partial last line, which the reader drops.
+
+Record types (key ``"type"``), version 1:
+
+``meta`` (first line)
+    ``version``, ``created`` (ISO time), ``gradguard``, ``torch``, ``policy`` (the Guard's spec),
+    ``layers`` (layer names; every per-layer list below follows this order), ``layer_types`` (module
+    class names), ``layer_params`` (parameter count per layer), ``forward_order`` (layer indices in
+    the order their forward ran, input side first; empty if unknown), ``normalization`` (the model
+    has a BatchNorm/LayerNorm/GroupNorm/RMSNorm-like layer), ``recurrent`` (names of recurrent
+    layers), ``amp`` (an fp16 GradScaler is in use), ``sampling`` (how steps are kept, see below).
+
+``step``
+    ``step``; ``loss`` (float or null); ``lr`` (the first param group's LR as applied, after any
+    backoff); ``grad_norm`` (global L2 norm before mitigation) and ``grad_norm_after`` (what the
+    optimizer received; 0 when skipped); ``clipped``, ``skipped``, ``skip_reason``, ``rolled_back``,
+    ``actions`` (policies that acted); ``layer_norms`` (per-layer gradient norm before mitigation)
+    and ``layer_norms_after`` (after; null when nothing changed the gradient); ``weight_norms`` and
+    ``update_ratio`` (per-layer ``||w_after - w_before|| / ||w_before||``; null on steps where they
+    were not sampled); ``nonfinite_layers`` (indices of layers with a NaN/Inf gradient; empty when
+    finite); ``input`` (``mean``, ``std``, ``absmax`` of the batch fed to the model, or null);
+    ``amp_scale`` (the GradScaler's scale, or null); ``radius`` (``{layer: spectral radius of its
+    recurrent weights}`` on sampled steps, or null).
+
+``event``
+    ``step``, ``kind`` (``nonfinite_grad``, ``nonfinite_loss``, ``grad_spike``, ``layer_spike``,
+    ``loss_spike``, ``vanishing``, ``amp_overflow``), ``layers`` (the layers involved, most
+    implicated first), ``action`` (what the Guard did: ``skipped``, ``rolled_back``, ``clipped`` or
+    ``none``), ``detail`` (kind-specific numbers: z-scores, shares of the global norm, values).
+
+``localization``
+    ``step``, ``origin`` (the module where it starts), ``phase`` (``forward``: an activation went
+    non-finite; ``backward``: a gradient did; ``gradient``: only parameter gradients were seen),
+    ``path`` (modules in the order the fault spread), ``method`` (``replay`` or ``static``),
+    ``detail``.
+
+``end``
+    ``step`` (steps seen), ``counters`` (the Guard's counters), ``events`` (count per kind).
+
+Non-finite floats are written as JSON's ``NaN`` / ``Infinity`` extensions (Python's ``json``
+reads them back).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+FILENAME = "telemetry.jsonl"
+VERSION = 1
+RECORD_TYPES = ("meta", "step", "event", "localization", "end")
+EVENT_KINDS = (
+    "nonfinite_grad",
+    "nonfinite_loss",
+    "grad_spike",
+    "layer_spike",
+    "loss_spike",
+    "vanishing",
+    "amp_overflow",
+)
+
+
+def run_file(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / FILENAME
+
+
+def dumps(record: Mapping[str, Any]) -> str:
+    """One record as one line (no newline inside: JSON escapes them)."""
+    return json.dumps(record, separators=(",", ":"), allow_nan=True)
+
+
+class RecordWriter:
+    """Appends records to ``telemetry.jsonl``; lines are buffered and written whole on ``flush``."""
+
+    def __init__(self, run_dir: str | os.PathLike, *, buffer_lines: int = 256):
+        self.dir = Path(run_dir)
+        if self.dir.exists() and not self.dir.is_dir():
+            raise ConfigError(f"log_dir {self.dir} exists and is not a folder; give a folder path")
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create the log folder {self.dir}: {e}") from None
+        self.path = self.dir / FILENAME
+        self._buffer: list[str] = []
+        self._limit = buffer_lines
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+
+    def write(self, record: Mapping[str, Any], *, flush: bool = False) -> None:
+        self._buffer.append(dumps(record))
+        if flush or len(self._buffer) >= self._limit:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._buffer and not self._file.closed:
+            self._file.write("\n".join(self._buffer) + "\n")
+            self._file.flush()
+            self._buffer.clear()
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self.flush()
+            self._file.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._file.closed
+
+
+@dataclass
+class RunLog:
+    """A telemetry file read back: the meta record, and the other records by type, in order."""
+
+    path: Path
+    meta: dict[str, Any]
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    localizations: list[dict[str, Any]] = field(default_factory=list)
+    end: dict[str, Any] | None = None
+    dropped_lines: int = 0  # a partial last line (a run killed mid-write), or unreadable lines
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.meta.get("layers") or [])
+
+    @property
+    def forward_order(self) -> list[int]:
+        """Layer indices input side first (the meta's ``forward_order``, else the layer order)."""
+        order = list(self.meta.get("forward_order") or [])
+        n = len(self.layers)
+        return order + [i for i in range(n) if i not in set(order)]
+
+    def steps_between(self, first: int, last: int) -> list[dict[str, Any]]:
+        return [s for s in self.steps if first <= s["step"] <= last]
+
+    def step_at(self, step: int) -> dict[str, Any] | None:
+        for s in self.steps:
+            if s["step"] == step:
+                return s
+        return None
+
+
+def _lines(path: Path) -> Iterator[str]:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        yield from f
+
+
+def load_run(run_dir: str | os.PathLike) -> RunLog:
+    """Read ``RUN_DIR/telemetry.jsonl`` (or the file itself if a file is given)."""
+    p = Path(run_dir)
+    path = p if p.is_file() else run_file(p)
+    if not path.exists():
+        raise ConfigError(
+            f"no telemetry in {p}: expected {path.name} there; create it with "
+            "Guard(..., log_dir=DIR) or `gradguard train --out DIR`"
+        )
+    meta: dict[str, Any] | None = None
+    log = RunLog(path=path, meta={})
+    by_type = {"step": log.steps, "event": log.events, "localization": log.localizations}
+    for line in _lines(path):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            log.dropped_lines += 1
+            continue
+        if not isinstance(rec, dict):
+            log.dropped_lines += 1
+            continue
+        kind = rec.get("type")
+        if kind == "meta":
+            if meta is None:  # a resumed run appends a second meta; the first one names the run
+                meta = rec
+        elif kind in by_type:
+            by_type[kind].append(rec)
+        elif kind == "end":
+            log.end = rec
+        else:
+            log.dropped_lines += 1
+    if meta is None:
+        raise ConfigError(f"{path} has no meta record: it is not a gradguard telemetry file")
+    if meta.get("version", 0) > VERSION:
+        raise ConfigError(
+            f"{path} was written by a newer gradguard (format {meta.get('version')}); upgrade gradguard to read it"
+        )
+    log.meta = meta
+    log.steps.sort(key=lambda r: r["step"])
+    return log
+
+
+def event_counts(events: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for e in events:
+        out[e["kind"]] = out.get(e["kind"], 0) + 1
+    return out

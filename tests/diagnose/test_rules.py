@@ -1,0 +1,604 @@
+"""Diagnosis rules: each fires on the run it describes (naming the step and layer) and stays quiet on
+the near miss; a healthy run gets no finding; every registered rule survives missing fields."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from gradguard.diagnose.records import RecordWriter, RunLog, load_run
+from gradguard.diagnose.rules import (
+    RULES,
+    SEVERITIES,
+    Finding,
+    diagnose,
+    fp16_overflow,
+    init_depth,
+    list_rules,
+    lr_too_high,
+    missing_normalization,
+    outlier_batch,
+    recurrent_explosion,
+)
+
+LAYERS = [f"fc{i}" for i in range(6)]
+
+
+def meta(**over: Any) -> dict[str, Any]:
+    m = {
+        "type": "meta",
+        "version": 1,
+        "layers": list(LAYERS),
+        "layer_types": ["Linear"] * len(LAYERS),
+        "layer_params": [100] * len(LAYERS),
+        "forward_order": list(range(len(LAYERS))),
+        "normalization": True,
+        "recurrent": [],
+        "amp": False,
+    }
+    m.update(over)
+    return m
+
+
+def steps(n: int = 60, *, layers: int = 6, seed: int = 0, **over: Any) -> list[dict[str, Any]]:
+    """A calm run: flat layer norms, update ratios ~1e-3 every 5th step, steady inputs."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        out.append(
+            {
+                "type": "step",
+                "step": i,
+                "loss": 2.0 - i / n,
+                "lr": 1e-3,
+                "grad_norm": 1.0,
+                "grad_norm_after": 1.0,
+                "skipped": False,
+                "rolled_back": False,
+                "layer_norms": [0.4 * (1 + 0.05 * rng.gauss(0, 1)) for _ in range(layers)],
+                "update_ratio": [1e-3 * (1 + 0.1 * rng.gauss(0, 1)) for _ in range(layers)]
+                if i % 5 == 0
+                else None,
+                "nonfinite_layers": [],
+                "input": {
+                    "mean": 0.01 * rng.gauss(0, 1),
+                    "std": 1 + 0.02 * rng.gauss(0, 1),
+                    "absmax": 3.5 + 0.2 * rng.gauss(0, 1),
+                },
+                "amp_scale": None,
+                "radius": None,
+                **over,
+            }
+        )
+    return out
+
+
+def event(step: int, kind: str = "grad_spike", layers: list[str] | None = None) -> dict:
+    return {
+        "type": "event",
+        "step": step,
+        "kind": kind,
+        "layers": layers or [],
+        "action": "none",
+        "detail": {},
+    }
+
+
+def write(tmp_path: Path, m: dict, st: list[dict], ev: list[dict] = (), end: bool = True) -> RunLog:
+    """Through the real writer and reader, as the report sees it."""
+    w = RecordWriter(tmp_path)
+    w.write(m)
+    for rec in sorted([*st, *ev], key=lambda r: (r["step"], r["type"] != "step")):
+        w.write(rec)
+    if end:
+        w.write({"type": "end", "step": len(st), "counters": {}, "events": {}})
+    w.close()
+    return load_run(tmp_path)
+
+
+def ratios(st: list[dict], value: float, *, until: int | None = None, layer: int | None = None):
+    for s in st:
+        if s["update_ratio"] is not None and (until is None or s["step"] < until):
+            for i in range(len(s["update_ratio"])):
+                if layer is None or i == layer:
+                    s["update_ratio"][i] = value * (1 + 0.01 * i)
+    return st
+
+
+# ----- a healthy run --------------------------------------------------------------------------------
+
+
+def test_healthy_run_has_no_finding(tmp_path):
+    run = write(tmp_path, meta(), steps())
+    assert diagnose(run) == []
+
+
+def test_healthy_run_without_normalization_or_with_rnn_and_amp(tmp_path):
+    st = steps()
+    for s in st:
+        s["amp_scale"] = 65536.0 / 2**3 if s["step"] >= 3 else 65536.0 / 2 ** s["step"]
+        s["radius"] = {"fc5": 0.9} if s["step"] % 10 == 0 else None
+    ev = [event(i, "amp_overflow") for i in range(3)]  # the scaler calibrating
+    run = write(tmp_path, meta(normalization=False, amp=True, recurrent=["fc5"]), st, ev)
+    assert diagnose(run) == []
+
+
+# ----- lr_too_high ----------------------------------------------------------------------------------
+
+
+def test_lr_too_high_fires_before_a_spike(tmp_path):
+    st = ratios(steps(), 3e-2)
+    run = write(tmp_path, meta(), st, [event(40)])
+    f = lr_too_high(run)
+    assert f is not None and f.severity == "high" and f.step == 40
+    assert any("before the first spike/non-finite step (40)" in e for e in f.evidence)
+    assert f.layers[0] == "fc5"  # the largest ratio (ratios() makes the last layer the largest)
+    assert "Divide the learning rate by about 31" in f.advice[0]  # median 3.075e-2 / 1e-3
+    assert "about 3.3e-05" in f.advice[0]
+
+
+def test_lr_too_high_one_hot_layer(tmp_path):
+    st = ratios(steps(), 0.3, layer=2)
+    f = lr_too_high(write(tmp_path, meta(), st, [event(33, "nonfinite_grad")]))
+    assert f is not None and f.layers == ["fc2"] and "fc2" in f.advice[0]
+
+
+def test_lr_too_high_severe_without_events(tmp_path):
+    f = lr_too_high(write(tmp_path, meta(), ratios(steps(), 0.3)))
+    assert f is not None and f.severity == "medium"
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "below_threshold",  # 5e-3 with a spike: a bit high, not "far above"
+        "no_events",  # 3e-2 and nothing went wrong: a matter of taste
+        "only_after",  # high only after the spike (the spike did it, not the LR)
+    ],
+)
+def test_lr_too_high_near_miss(tmp_path, case):
+    st = steps()
+    if case == "below_threshold":
+        ratios(st, 5e-3)
+    elif case == "no_events":
+        ratios(st, 3e-2)
+    else:
+        for s in st:
+            if s["update_ratio"] is not None and s["step"] >= 40:
+                s["update_ratio"] = [0.5] * 6
+    ev = [] if case == "no_events" else [event(40)]
+    assert lr_too_high(write(tmp_path, meta(), st, ev)) is None
+
+
+# ----- init_depth -----------------------------------------------------------------------------------
+
+
+def graded(n_layers: int, decades_per_layer: float, **kw) -> list[dict]:
+    """Layer norms falling geometrically from the input side (layer 0) to the output side."""
+    st = steps(layers=n_layers, **kw)
+    for s in st:
+        s["layer_norms"] = [
+            v * 10 ** (decades_per_layer * (n_layers - 1 - i))
+            for i, v in enumerate(s["layer_norms"])
+        ]
+    return st
+
+
+def deep_meta(n: int, **over) -> dict:
+    return meta(
+        layers=[f"l{i}" for i in range(n)],
+        layer_types=["Linear"] * n,
+        layer_params=[100] * n,
+        forward_order=list(range(n)),
+        **over,
+    )
+
+
+def test_init_depth_explode(tmp_path):
+    f = init_depth(write(tmp_path, deep_meta(8), graded(8, 0.3)))
+    assert f is not None and f.layers == ["l0", "l7"] and "exploding" in f.title
+    assert "multiplied by about 2.00 per layer" in f.summary
+    assert any("R^2 = 1.00" in e for e in f.evidence)
+
+
+def test_init_depth_vanish_in_forward_order_only_weight_layers(tmp_path):
+    n = 9
+    st = graded(n, -0.3)
+    m = deep_meta(n)
+    # registered output-first: forward order is what counts; l4 is a norm layer with a wild value
+    m["layers"] = m["layers"][::-1]
+    m["forward_order"] = list(range(n))[::-1]
+    m["layer_types"][4] = "LayerNorm"
+    for s in st:
+        s["layer_norms"] = s["layer_norms"][::-1]
+        s["layer_norms"][4] = 1e6
+    f = init_depth(write(tmp_path, m, st))
+    assert f is not None and "vanishing" in f.title
+    # input side first: index 8 ("l0") by the forward order; by index order it would be "l8", and
+    # the trend would read as exploding
+    assert f.layers == ["l0", "l8"]
+
+
+@pytest.mark.parametrize("case", ["gentle", "scattered", "shallow", "after_event"])
+def test_init_depth_near_miss(tmp_path, case):
+    n = 5 if case == "shallow" else 8
+    st = graded(n, 0.5 if case in ("shallow", "after_event") else 0.12)
+    if case == "scattered":  # large differences, no geometric trend
+        for s in st:
+            s["layer_norms"] = [10.0**e for e in (3, -1, 2, 0, 3, -1, 1, 0)]
+    ev = []
+    if case == "after_event":  # flat at the start, the trend only after an event: not the init
+        st[0]["layer_norms"] = [0.4] * n
+        ev = [event(1)]
+    assert init_depth(write(tmp_path, deep_meta(n), st, ev)) is None
+
+
+def _train_mlp(tmp_path: Path, gain: float, act: type[nn.Module] = nn.Tanh, default_init=False):
+    """A real 12-layer plain MLP, 5 SGD steps, recorded by hand in the telemetry format."""
+    torch.manual_seed(0)
+    mods: list[tuple[str, nn.Module]] = []
+    d = 16
+    for i in range(12):
+        out = 64 if i < 11 else 4
+        mods.append((f"fc{i}", nn.Linear(d, out)))
+        d = out
+        if i < 11:
+            mods.append((f"act{i}", act()))
+    model = nn.Sequential(OrderedDict(mods))
+    lin = [(n, m) for n, m in model.named_children() if isinstance(m, nn.Linear)]
+    if not default_init:
+        for _, m in lin:
+            nn.init.xavier_normal_(m.weight, gain=nn.init.calculate_gain("tanh") * gain)
+            nn.init.zeros_(m.bias)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def flat(m: nn.Module, grad: bool = False) -> torch.Tensor:
+        return torch.cat([(p.grad if grad else p.detach()).flatten() for p in m.parameters()])
+
+    w = RecordWriter(tmp_path)
+    w.write(
+        meta(
+            layers=[n for n, _ in lin],
+            layer_types=["Linear"] * len(lin),
+            layer_params=[sum(p.numel() for p in m.parameters()) for _, m in lin],
+            forward_order=list(range(len(lin))),
+            normalization=False,
+        )
+    )
+    g = torch.Generator().manual_seed(1)
+    for step in range(5):
+        x, y = torch.randn(64, 16, generator=g), torch.randint(0, 4, (64,), generator=g)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        norms = [torch.linalg.vector_norm(flat(m, grad=True)).item() for _, m in lin]
+        before = [flat(m).clone() for _, m in lin]
+        opt.step()
+        ratio = [
+            (torch.linalg.vector_norm(flat(m) - b) / torch.linalg.vector_norm(b)).item()
+            for (_, m), b in zip(lin, before, strict=True)
+        ]
+        w.write(
+            {
+                "type": "step",
+                "step": step,
+                "loss": loss.item(),
+                "lr": 1e-3,
+                "grad_norm": math.sqrt(sum(v * v for v in norms)),
+                "layer_norms": norms,
+                "update_ratio": ratio,
+                "weight_norms": [torch.linalg.vector_norm(b).item() for b in before],
+                "nonfinite_layers": [i for i, v in enumerate(norms) if not math.isfinite(v)],
+                "input": {
+                    "mean": x.mean().item(),
+                    "std": x.std().item(),
+                    "absmax": x.abs().max().item(),
+                },
+            }
+        )
+    w.close()
+    return load_run(tmp_path)
+
+
+def test_init_depth_real_training_loop(tmp_path):
+    # tanh at 4x the Xavier gain: the chaotic phase, the gradient grows ~1.9x per layer toward the
+    # input (a ReLU net would not show it: scaling a homogeneous net's init scales every layer's
+    # weight gradient alike; see INIT_RATIO)
+    bad = _train_mlp(tmp_path / "bad", gain=4.0)
+    f = init_depth(bad)
+    assert f is not None and "exploding" in f.title and f.layers == ["fc0", "fc11"]
+    assert [x.cause for x in diagnose(bad)] == ["init_depth"]
+    good = _train_mlp(tmp_path / "good", gain=1.0)
+    assert init_depth(good) is None
+    assert diagnose(good) == []
+    # sigmoid with PyTorch's default init: the classic vanishing gradient
+    vanish = init_depth(_train_mlp(tmp_path / "sigmoid", 1.0, act=nn.Sigmoid, default_init=True))
+    assert vanish is not None and "vanishing" in vanish.title
+
+
+# ----- missing_normalization --------------------------------------------------------------------------
+
+
+def test_missing_normalization_fires(tmp_path):
+    run = write(
+        tmp_path, deep_meta(8, normalization=False), steps(layers=8), [event(17, "nonfinite_grad")]
+    )
+    f = missing_normalization(run)
+    assert f is not None and f.step == 17
+    assert any("8 weight layers" in e for e in f.evidence)
+    assert any("LayerNorm" in a for a in f.advice)
+
+
+@pytest.mark.parametrize("case", ["shallow", "normalized", "unknown", "no_events", "norm_counted"])
+def test_missing_normalization_near_miss(tmp_path, case):
+    m = deep_meta(7 if case == "shallow" else 8, normalization=case == "normalized")
+    if case == "unknown":
+        del m["normalization"]
+    if case == "norm_counted":  # a norm layer is not a weight layer: 7 weight layers
+        m["layer_types"][3] = "BatchNorm1d"
+        m["normalization"] = False
+    ev = [] if case == "no_events" else [event(17)]
+    assert missing_normalization(write(tmp_path, m, steps(layers=len(m["layers"])), ev)) is None
+
+
+# ----- outlier_batch ----------------------------------------------------------------------------------
+
+
+def test_outlier_batch_fires_on_the_spike_step(tmp_path):
+    st = steps(40)
+    st[30]["input"] = {"mean": 0.0, "std": 3.0, "absmax": 500.0}
+    f = outlier_batch(write(tmp_path, meta(), st, [event(30)]))
+    assert f is not None and f.step == 30 and f.severity == "high"
+    assert "step 30" in f.evidence[0] and "absmax" in f.evidence[0]
+    assert any("training set" in a for a in f.advice) and any("skip_spike" in a for a in f.advice)
+
+
+def test_outlier_batch_nan_in_the_batch(tmp_path):
+    st = steps(40)
+    st[12]["input"] = {"mean": math.nan, "std": math.nan, "absmax": math.inf}
+    f = outlier_batch(write(tmp_path, meta(), st, [event(12, "nonfinite_loss")]))
+    assert f is not None and f.step == 12 and "NaN/Inf" in f.evidence[0]
+
+
+def test_outlier_batch_mean_shift(tmp_path):
+    st = steps(40)
+    st[25]["input"] = dict(st[25]["input"], mean=1.5)
+    f = outlier_batch(write(tmp_path, meta(), st, [event(25)]))
+    assert f is not None and "input mean" in f.evidence[0]
+
+
+@pytest.mark.parametrize("case", ["normal_batch", "outlier_elsewhere", "short_history", "no_input"])
+def test_outlier_batch_near_miss(tmp_path, case):
+    st = steps(40)
+    ev_step = 30
+    if case == "outlier_elsewhere":
+        st[20]["input"] = {"mean": 0.0, "std": 3.0, "absmax": 500.0}  # no event there
+    if case == "short_history":
+        ev_step = 5
+        st[5]["input"] = {"mean": 0.0, "std": 3.0, "absmax": 500.0}
+    if case == "no_input":
+        for s in st:
+            s["input"] = None
+    if case == "normal_batch":
+        st[ev_step]["input"] = dict(st[ev_step]["input"], absmax=4.2)  # 20% above usual
+    assert outlier_batch(write(tmp_path, meta(), st, [event(ev_step)])) is None
+
+
+# ----- fp16_overflow ----------------------------------------------------------------------------------
+
+
+def amp_steps(n: int, scales: list[float]) -> list[dict]:
+    st = steps(n)
+    for s, sc in zip(st, scales, strict=True):
+        s["amp_scale"] = sc
+    return st
+
+
+def test_fp16_overflow_frequent(tmp_path):
+    over = [0, 1, 2, *range(10, 100, 8)]  # calibration, then 12 overflows in 97 steps
+    st = amp_steps(100, [2048.0] * 100)
+    ev = [event(i, "amp_overflow", layers=["fc4"] if i >= 10 else []) for i in over]
+    f = fp16_overflow(write(tmp_path, meta(amp=True), st, ev))
+    assert f is not None and f.severity == "medium" and f.step == 10
+    assert f.layers == ["fc4"] and any("fc4" in a for a in f.advice)
+    assert any("3 while the scale calibrated" in e for e in f.evidence)
+    assert "bf16" in f.advice[0]
+
+
+def test_fp16_overflow_scale_collapse(tmp_path):
+    scales = [65536.0 / 2**i for i in range(20)] + [65536.0 / 2**19] * 20  # down to 0.125
+    st = amp_steps(40, scales)
+    f = fp16_overflow(write(tmp_path, meta(amp=True), st))
+    assert f is not None and f.severity == "high" and "0.125" in f.summary
+    assert any("overflow even unscaled" in a for a in f.advice)
+
+
+def test_fp16_overflow_steady_fall(tmp_path):
+    scales = [65536.0] * 40 + [65536.0 / 2 ** (i // 4) for i in range(40)]  # to 2^16/2^9 = 128
+    f = fp16_overflow(write(tmp_path, meta(amp=True), amp_steps(80, scales)))
+    assert f is not None and any("only fell" in e for e in f.evidence)
+
+
+@pytest.mark.parametrize("case", ["routine", "no_amp"])
+def test_fp16_overflow_near_miss(tmp_path, case):
+    st = amp_steps(100, [65536.0 / 2 ** min(i, 5) for i in range(100)])
+    ev = [event(i, "amp_overflow") for i in (0, 1, 2, 3, 4, 50)]  # calibration + one
+    if case == "no_amp":
+        ev = [event(i, "amp_overflow") for i in range(0, 100, 3)]
+    assert fp16_overflow(write(tmp_path, meta(amp=case == "routine"), st, ev)) is None
+
+
+# ----- recurrent_explosion ----------------------------------------------------------------------------
+
+
+def rnn_run(tmp_path, radii: dict[int, float], ev: list[dict]) -> RunLog:
+    st = steps(60)
+    for s in st:
+        s["radius"] = {"rnn": radii[s["step"]]} if s["step"] in radii else None
+    m = meta(layers=["emb", "rnn", "fc2", "fc3", "fc4", "head"], recurrent=["rnn"])
+    m["layer_types"] = ["Linear", "RNN", "Linear", "Linear", "Linear", "Linear"]
+    return write(tmp_path, m, st, ev)
+
+
+def test_recurrent_explosion_fires(tmp_path):
+    radii = {0: 0.9, 10: 0.98, 20: 1.05, 30: 1.2, 40: 1.35, 50: 1.5}
+    f = recurrent_explosion(rnn_run(tmp_path, radii, [event(45)]))
+    assert f is not None and f.layers == ["rnn"] and f.step == 45 and f.severity == "high"
+    assert "1.5" in f.summary and any("step 50" in e for e in f.evidence)
+    assert any("clip_norm" in a for a in f.advice) and any("LSTM or GRU" in a for a in f.advice)
+    assert any("was 0.9 at step 0" in e for e in f.evidence)
+
+
+@pytest.mark.parametrize("case", ["contractive", "no_events", "far_away", "not_recurrent"])
+def test_recurrent_explosion_near_miss(tmp_path, case):
+    radii = {s: (0.95 if case == "contractive" else 1.4) for s in range(0, 60, 10)}
+    ev = [] if case == "no_events" else [event(45)]
+    if case == "far_away":
+        radii = {0: 1.4, 1: 1.4}
+        st = steps(300)
+        for s in st:
+            s["radius"] = {"rnn": radii[s["step"]]} if s["step"] in radii else None
+        m = meta(layers=["emb", "rnn", "fc2", "fc3", "fc4", "head"], recurrent=["rnn"])
+        assert recurrent_explosion(write(tmp_path, m, st, [event(250)])) is None
+        return
+    run = rnn_run(tmp_path, radii, ev)
+    if case == "not_recurrent":
+        run.meta["recurrent"] = []
+    assert recurrent_explosion(run) is None
+
+
+# ----- ordering, the registry, the contract -------------------------------------------------------------
+
+
+def test_findings_sorted_by_severity(tmp_path):
+    st = ratios(steps(layers=8), 3e-2)
+    run = write(tmp_path, deep_meta(8, normalization=False), st, [event(40)])
+    found = diagnose(run)
+    assert [f.cause for f in found] == ["lr_too_high", "missing_normalization"]
+    assert [f.severity for f in found] == ["high", "medium"]
+
+
+#: One run on which each rule must fire: a new rule without a firing case fails the contract test.
+FIRING = {
+    "lr_too_high": test_lr_too_high_fires_before_a_spike,
+    "init_depth": test_init_depth_explode,
+    "missing_normalization": test_missing_normalization_fires,
+    "outlier_batch": test_outlier_batch_fires_on_the_spike_step,
+    "fp16_overflow": test_fp16_overflow_frequent,
+    "recurrent_explosion": test_recurrent_explosion_fires,
+}
+
+
+def test_every_rule_has_a_firing_case():
+    assert sorted(FIRING) == sorted(list_rules())
+    assert len(set(list_rules())) == len(RULES)
+
+
+def _odd_runs() -> dict[str, RunLog]:
+    """Runs with missing, null, empty and non-finite optional fields."""
+    p = Path("telemetry.jsonl")
+    nan, inf = math.nan, math.inf
+    full = meta(normalization=False, amp=True, recurrent=["fc1"])
+    nulls = [
+        {
+            "type": "step",
+            "step": i,
+            "loss": None,
+            "lr": None,
+            "layer_norms": None,
+            "update_ratio": None,
+            "weight_norms": None,
+            "nonfinite_layers": None,
+            "input": None,
+            "amp_scale": None,
+            "radius": None,
+        }
+        for i in range(30)
+    ]
+    broken = [
+        {
+            "type": "step",
+            "step": i,
+            "loss": nan,
+            "lr": inf,
+            "layer_norms": [nan, inf, 0.0, -1.0],  # shorter than the layers
+            "update_ratio": [nan, inf, None, 0.0, 1e9, "x"],
+            "nonfinite_layers": [0, 1, 99],
+            "input": {"mean": nan, "std": 0.0, "absmax": None},
+            "amp_scale": 0.0,
+            "radius": {"fc1": nan, "ghost": 3.0, "fc2": None},
+        }
+        for i in range(30)
+    ]
+    odd_events = [
+        {"type": "event", "kind": "grad_spike"},  # no step
+        {"type": "event", "step": 3},  # no kind
+        {"type": "event", "step": 4, "kind": "amp_overflow", "layers": None},
+        {"type": "event", "step": 5, "kind": "nonfinite_grad", "layers": [7]},
+    ]
+    return {
+        "empty": RunLog(path=p, meta={}),
+        "meta_only": RunLog(path=p, meta=full),
+        "bare_steps": RunLog(path=p, meta=full, steps=[{"step": i} for i in range(20)]),
+        "nulls": RunLog(path=p, meta=full, steps=nulls, events=odd_events),
+        "broken": RunLog(path=p, meta=full, steps=broken, events=odd_events),
+        "events_only": RunLog(
+            path=p, meta={"layers": ["a"], "amp": True, "recurrent": ["a"]}, events=odd_events
+        ),
+        "odd_meta": RunLog(
+            path=p,
+            meta={
+                "layers": ["a", "b"],
+                "layer_types": None,
+                "forward_order": None,
+                "recurrent": None,
+            },
+            steps=nulls,
+            events=odd_events,
+            end={"type": "end", "step": "many"},
+        ),
+        "null_meta": RunLog(
+            path=p,
+            meta={
+                "layers": None,
+                "forward_order": ["x", 1, 1],
+                "amp": True,
+                "normalization": False,
+            },
+            steps=broken,
+            events=odd_events,
+        ),
+    }
+
+
+@pytest.mark.parametrize("rule", RULES, ids=list_rules())
+@pytest.mark.parametrize("name", list(_odd_runs()))
+def test_rule_contract(rule, name):
+    run = _odd_runs()[name]
+    f = rule(run)
+    assert f is None or isinstance(f, Finding)
+    if f is not None:
+        assert f.cause == rule.__name__
+        assert f.summary and f.title and f.advice and f.evidence
+        assert f.severity in SEVERITIES
+        json.dumps(f.as_dict())
+
+
+def test_diagnose_survives_odd_runs_and_a_broken_rule():
+    for run in _odd_runs().values():
+        found = diagnose(run)
+        assert all(isinstance(f, Finding) for f in found)
+
+    def broken(run):
+        raise KeyError("step")
+
+    with pytest.warns(UserWarning, match="broken failed"):
+        assert diagnose(_odd_runs()["empty"], rules=[broken]) == []
