@@ -256,3 +256,23 @@ def test_bad_settings_fail_clearly(tmp_path):
         Telemetry(tmp_path, every=0)
     with pytest.raises(gradguard.ConfigError, match="no telemetry"):
         load_run(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("layer", ["fc1", "fc2", "head"])
+def test_a_spike_injected_into_a_layer_is_ranked_first(tmp_path, layer):
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with gradguard.Guard(model, opt, "clip_norm:10", log_dir=tmp_path) as guard:
+        for step in range(60):
+            backward(model, step)
+            if step == 50:
+                for p in getattr(model, layer).parameters():
+                    p.grad.mul_(1e3)
+            guard.step()
+    run = load_run(tmp_path)
+    spikes = [e for e in run.events if e["kind"] == "grad_spike"]
+    assert [e["step"] for e in spikes] == [50]
+    assert spikes[0]["layers"][0] == layer
+    top = spikes[0]["detail"]["ranked"][0]
+    assert top["name"] == layer and top["share"] > 0.99
