@@ -44,6 +44,24 @@ def _check_optimizer(optimizer: Any) -> None:
         )
 
 
+def _refuse_fsdp1(model: nn.Module | None, optimizer: Any) -> None:
+    """FSDP1 flattens parameters into per-rank FlatParameters whose gradients gradguard cannot
+    attribute to layers or reduce: refuse it clearly rather than report partial norms."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
+    except ImportError:
+        return
+    flat = any(
+        type(p).__name__ == "FlatParameter" for g in optimizer.param_groups for p in g["params"]
+    )
+    if flat or (model is not None and any(isinstance(m, FSDP1) for m in model.modules())):
+        raise ConfigError(
+            "FSDP1 (FullyShardedDataParallel) is not supported: its flat parameters hold a per-rank "
+            "slice of many layers, so norms would be partial. Use FSDP2 (torch.distributed.fsdp."
+            "fully_shard), whose DTensor gradients the Guard reduces across ranks, or DDP."
+        )
+
+
 class Guard:
     """Guard an optimizer: measure, mitigate, then step or skip.
 
@@ -86,6 +104,7 @@ class Guard:
                 f"Guard's first argument must be the nn.Module being trained (or None), got {type(model).__name__}"
             )
         _check_optimizer(optimizer)
+        _refuse_fsdp1(model, optimizer)
         chain = parse_spec(policy)
         if check_finite and not any(p.name in ("skip_nonfinite", "rollback") for p in chain):
             chain.insert(0, skip_nonfinite())
@@ -230,11 +249,19 @@ class Guard:
                 raise ConfigError(
                     f"loss must be a scalar tensor, got shape {tuple(loss.shape)}; pass loss.mean() or loss.sum()"
                 )
-            parts.append(loss.detach().to(device=stats.device, dtype=torch.float32).reshape(1))
+            parts.append(
+                self._mean_over_ranks(
+                    loss.detach().to(device=stats.device, dtype=torch.float32).reshape(1)
+                )
+            )
         elif loss is not None:
             if not isinstance(loss, (int, float)):
                 raise ConfigError(f"loss must be a tensor or a number, got {type(loss).__name__}")
             loss_val = float(loss)
+            if self._world > 1:
+                loss_val = float(
+                    self._mean_over_ranks(torch.tensor([loss_val], device=stats.device))
+                )
         param_norms = None
         if self._needs_host_param_norms:
             parts.append(stats.raw_param_norms)
@@ -251,6 +278,20 @@ class Guard:
         return HostView(
             norm=norm, finite=math.isfinite(norm), loss=loss_val, param_norms=param_norms
         )
+
+    @property
+    def _world(self) -> int:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return 1
+        return torch.distributed.get_world_size()
+
+    def _mean_over_ranks(self, t: Tensor) -> Tensor:
+        """The loss averaged over ranks, so that loss-aware policies decide alike on every rank
+        (gradients are already identical: DDP averages them, sharded norms are all-reduced)."""
+        if self._world > 1:
+            torch.distributed.all_reduce(t)
+            t = t / self._world
+        return t
 
     def _apply_step(self, lr_scale: float) -> None:
         groups = self.optimizer.param_groups

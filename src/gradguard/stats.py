@@ -15,7 +15,87 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .errors import ConfigError
 from .layout import ParamLayout
+
+
+def _dtensor_type() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return None
+    return DTensor
+
+
+class Sharding:
+    """Gradients sharded across ranks as DTensors (FSDP2's ``fully_shard``, tensor parallelism).
+
+    Each rank holds a shard; the true norm of a parameter's gradient is the square root of the sum
+    of its shards' squared norms over the ranks. The statistics are taken on the local shards and
+    the per-parameter squared norms are summed with ONE all-reduce (per mesh dimension), so every
+    rank sees the same global, per-parameter and per-layer norms and takes the same decisions.
+    A replicated placement holds the whole tensor on every rank of that mesh dimension: its share
+    is divided by the number of replicas so the sum counts it once. Plain tensors beside DTensors
+    are taken to be replicated on every rank of the mesh (as DDP-averaged gradients are). The
+    in-place mitigations act on the local shards, which is exact for per-tensor and elementwise
+    factors.
+    """
+
+    def __init__(self, mesh, weights: list[float]):
+        self.mesh = mesh
+        self.weights = weights
+        self._weights_t: dict[torch.device, Tensor] = {}
+
+    @staticmethod
+    def split(tensors: list[Tensor]) -> tuple[list[Tensor], Sharding | None]:
+        """(local tensors, sharding) of a list that may hold DTensors; (same list, None) if none."""
+        dt = _dtensor_type()
+        if dt is None or not any(isinstance(t, dt) for t in tensors):
+            return tensors, None
+        mesh = None
+        local: list[Tensor] = []
+        weights: list[float | None] = []
+        for t in tensors:
+            if not isinstance(t, dt):
+                local.append(t)
+                weights.append(None)  # replicated everywhere: filled in below
+                continue
+            if mesh is None:
+                mesh = t.device_mesh
+            elif t.device_mesh != mesh:
+                raise ConfigError(
+                    "gradients live on different device meshes; gradguard sums shards over one mesh: "
+                    "guard each mesh's parameters with their own Guard"
+                )
+            replicas = 1
+            for dim, placement in enumerate(t.placements):
+                if placement.is_partial():
+                    raise ConfigError(
+                        "a gradient is a Partial DTensor (not reduced yet): call guard.step() after "
+                        "the gradient reduction (FSDP2 does it at the end of backward)"
+                    )
+                if placement.is_replicate():
+                    replicas *= mesh.size(dim)
+            local.append(t.to_local())
+            weights.append(1.0 / replicas)
+        size = mesh.size()
+        return local, Sharding(mesh, [1.0 / size if w is None else w for w in weights])
+
+    def all_reduce_sq(self, sq: Tensor, weights: list[float] | None = None) -> Tensor:
+        """Sum per-tensor squared norms over the mesh (counting replicated tensors once)."""
+        import torch.distributed as dist
+
+        w = self._weights(sq.device) if weights is None else torch.tensor(weights, device=sq.device)
+        out = sq * w
+        for dim in range(self.mesh.ndim):
+            dist.all_reduce(out, group=self.mesh.get_group(dim))
+        return out
+
+    def _weights(self, device: torch.device) -> Tensor:
+        t = self._weights_t.get(device)
+        if t is None:
+            t = self._weights_t[device] = torch.tensor(self.weights, device=device)
+        return t
 
 
 class _Group:
@@ -94,6 +174,8 @@ class GradStats:
 
     def __init__(self, layout: ParamLayout, grads: list[Tensor], param_index: list[int]):
         self.layout = layout
+        # Sharded (DTensor) gradients are measured and mitigated through their local shards.
+        grads, self.sharding = Sharding.split(grads)
         self.grads = grads
         self.param_index = param_index  # grads[k] belongs to layout.params[param_index[k]]
         groups: dict[tuple[torch.device, torch.dtype], _Group] = {}
@@ -115,6 +197,8 @@ class GradStats:
                 for k, n in zip(grp.index, foreach_norms(grp.grads), strict=True):
                     norms[k] = n.to(self.device, non_blocking=True)
         self.raw_param_norms = torch.stack(norms) if norms else torch.zeros(0, device=self.device)
+        if self.sharding is not None:
+            self.raw_param_norms = self.sharding.all_reduce_sq(self.raw_param_norms.square()).sqrt()
         self.norm = torch.linalg.vector_norm(self.raw_param_norms)
         self._param_norms = self.raw_param_norms
         self._scale: Tensor | float | None = (
@@ -177,13 +261,17 @@ class GradStats:
     def weight_norms(self) -> Tensor:
         """L2 norm of each parameter (the weights, not the gradients), computed once on demand."""
         if self._weight_norms is None:
-            params = [self.layout.params[i].detach() for i in self.param_index]
+            params, sharding = Sharding.split(
+                [self.layout.params[i].detach() for i in self.param_index]
+            )
             out = [torch.empty((), device=self.device)] * len(params)
             for grp in self.groups:
                 ws = [params[k] for k in grp.index]
                 for k, n in zip(grp.index, foreach_norms(ws), strict=True):
                     out[k] = n.to(self.device, non_blocking=True)
             self._weight_norms = torch.stack(out) if out else torch.zeros(0, device=self.device)
+            if sharding is not None:
+                self._weight_norms = sharding.all_reduce_sq(self._weight_norms.square()).sqrt()
         return self._weight_norms
 
     # ----- in-place mitigations -----------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import ConfigError
 from .base import Policy, StepContext
 from .clip import _check_positive
 from .registry import register
@@ -70,6 +71,11 @@ class agc(Policy):
         stats = ctx.stats
         if not stats.grads:
             return
+        if stats.sharding is not None:
+            raise ConfigError(
+                "agc needs each unit's whole row of weights and gradient; with sharded (FSDP2/DTensor) "
+                "parameters use clip_norm, zclip or autoclip, which are exact across shards"
+            )
         excluded = self.excluded_params()
         sq = stats.param_norms.square()
         new_sq: list[torch.Tensor] = []

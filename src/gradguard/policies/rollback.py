@@ -103,7 +103,12 @@ class rollback(Policy):
                 raise ConfigError(
                     f"rollback path {folder} exists and is not a folder; give a folder path"
                 )
-            self._file = folder / "last_good.pt"
+            # Under torch.distributed every rank snapshots its own (possibly sharded) state.
+            dist = torch.distributed
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                self._file = folder / f"last_good.rank{dist.get_rank()}.pt"
+            else:
+                self._file = folder / "last_good.pt"
 
     # ----- snapshot -------------------------------------------------------------------------------
     def _capture(self) -> dict[str, Any]:
