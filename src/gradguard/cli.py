@@ -103,7 +103,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         f"gradguard bench: {len(configs)} runs -> {out}/ ({DB_NAME}, summary.md, summary.csv, PNG plots)",
         flush=True,
     )
-    runs = run_grid(configs, out, workers=args.workers, progress=not args.no_progress)
+    runs = run_grid(
+        configs,
+        out,
+        workers=args.workers,
+        progress=not args.no_progress,
+        executor=args.executor,
+        ray_address=args.ray_address,
+        telemetry=args.telemetry,
+    )
     with ResultStore(out / DB_NAME) as store:
         rows = write_outputs(runs, store.steps, out)
     print(terminal_table(rows))
@@ -118,10 +126,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    """One run in this process; data-parallel under ``torchrun`` (its environment names the
+    rank) or over ``--nproc N`` processes this command starts itself."""
+    import os
 
+    from .bench import parallel
     from .bench.config import RunConfig, resolve
-    from .bench.train import train_run
 
     fields = {
         k: getattr(args, k)
@@ -129,12 +139,56 @@ def _cmd_train(args: argparse.Namespace) -> int:
     }
     cfg = RunConfig.from_dict({k: v for k, v in fields.items() if v is not None})
     resolve(cfg)
-    with tqdm(total=cfg.steps, unit="step", desc=f"{cfg.task}/{cfg.model} {cfg.mitigation}") as bar:
-        result, _ = train_run(cfg, on_step=lambda _s: bar.update(1), log_dir=args.out)
+    if args.nproc < 1:
+        raise GradGuardError(f"--nproc must be >= 1, got {args.nproc}")
+    if parallel.launched_by_torchrun():
+        if args.nproc != 1:
+            raise GradGuardError(
+                "--nproc starts its own processes; under torchrun leave it out "
+                "(torchrun's --nproc_per_node sets the number)"
+            )
+        parallel.check_divisible(cfg.batch_size, int(os.environ["WORLD_SIZE"]))
+        return _train_rank(cfg, args.out)
+    if args.nproc == 1:
+        return _train_one(cfg, args.out)
+    # Refuse a bad configuration here, once, rather than in every process.
+    parallel.check_divisible(cfg.batch_size, args.nproc)
+    try:
+        parallel.spawn(args.nproc, _train_rank, cfg, args.out)
+    except Exception as e:  # a process failed: its traceback is in the message
+        print(f"gradguard: error: a training process failed: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _train_rank(cfg, out: str | None) -> int:
+    """One rank of a data-parallel run (under torchrun or spawned by ``--nproc``)."""
+    from .bench import parallel
+
+    with parallel.process_group_from_env():
+        return _train_one(cfg, out)
+
+
+def _train_one(cfg, out: str | None) -> int:
+    """Train ``cfg``; rank 0 (or the only process) shows the progress bar and prints the result."""
+    from tqdm import tqdm
+
+    from .bench import parallel
+    from .bench.train import train_run
+
+    ranks = parallel.current()
+    main = ranks is None or ranks.is_main
+    desc = f"{cfg.task}/{cfg.model} {cfg.mitigation}"
+    if ranks is not None:
+        desc += f" x{ranks.world_size} ranks"
+    with tqdm(total=cfg.steps, unit="step", desc=desc, disable=not main) as bar:
+        result, _ = train_run(cfg, on_step=lambda _s: bar.update(1), log_dir=out)
+    if not main:
+        return 0
     for k, v in result.items():
         print(f"{k:20s} {v}")
-    if args.out:
-        print(f"telemetry in {args.out}; render it with: gradguard report {args.out}")
+    if out:
+        print(f"telemetry in {out}; render it with: gradguard report {out}")
     return 0
 
 
@@ -178,6 +232,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", help="results folder (default results/bench-SUITE); rerun to resume"
     )
     bench.add_argument("--no-progress", action="store_true")
+    bench.add_argument(
+        "--telemetry",
+        action="store_true",
+        help="record each run's telemetry in OUT/runs/<key> (then: gradguard report OUT/runs/<key>)",
+    )
+    bench.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="local: worker processes here; ray: one Ray task per run (pip install gradguard[ray])",
+    )
+    bench.add_argument(
+        "--ray-address",
+        help="the Ray cluster (ray://head:10001, auto); default $RAY_ADDRESS, else a local Ray",
+    )
     bench.set_defaults(func=_cmd_bench)
 
     train = sub.add_parser("train", help="train one configuration with a progress bar")
@@ -195,6 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=int, default=300)
     train.add_argument("--batch-size", type=int, default=64)
     train.add_argument("--out", help="record telemetry to this folder (then: gradguard report OUT)")
+    train.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="data-parallel over N local processes (DDP; --batch-size is the global batch). "
+        "Under torchrun leave it out: torchrun --nproc_per_node N -m gradguard train ...",
+    )
     train.set_defaults(func=_cmd_train)
 
     report = sub.add_parser(

@@ -82,9 +82,9 @@ def test_rerun_skips_finished_runs(tmp_path, monkeypatch):
     calls = []
     real = runner.train_run
 
-    def counting(cfg):
+    def counting(cfg, **kw):
         calls.append((cfg.lr, cfg.mitigation))
-        return real(cfg)
+        return real(cfg, **kw)
 
     monkeypatch.setattr(runner, "train_run", counting)
     grid = tiny_grid()

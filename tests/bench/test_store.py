@@ -137,3 +137,14 @@ def test_not_a_database_is_a_clear_error(tmp_path):
 def test_wal_mode(tmp_path):
     with ResultStore(tmp_path / "r.db") as store:
         assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_release_puts_only_its_own_claim_back(tmp_path):
+    with ResultStore(tmp_path / "r.db") as store:
+        keys = store.add_runs(GRID[:2])
+        mine, _ = store.claim([keys[0]], owner="me:1")
+        theirs, _ = store.claim([keys[1]], owner="them:2")
+        store.release(theirs, owner="me:1")  # not mine: untouched
+        store.release(mine, owner="me:1")
+        assert store.counts() == {"pending": 1, "running": 1, "done": 0, "failed": 0}
+        assert store.claim(owner="me:1")[0] == mine  # pending again, claimable

@@ -276,3 +276,33 @@ def test_a_spike_injected_into_a_layer_is_ranked_first(tmp_path, layer):
     assert spikes[0]["layers"][0] == layer
     top = spikes[0]["detail"]["ranked"][0]
     assert top["name"] == layer and top["share"] > 0.99
+
+
+def test_bench_runs_record_telemetry_that_the_report_reads(tmp_path):
+    from gradguard.bench.config import RunConfig
+    from gradguard.bench.runner import run_grid, telemetry_dir
+    from gradguard.bench.store import run_key
+    from gradguard.cli import main
+
+    cfg = RunConfig(
+        task="digits",
+        model="mlp",
+        optimizer="momentum",
+        lr=0.05,
+        mitigation="default",
+        steps=30,
+        eval_every=30,
+        model_options={"depth": 3, "width": 16},
+    )
+    key = run_key(cfg.as_dict())
+    stale = telemetry_dir(tmp_path, key)
+    stale.mkdir(parents=True)
+    (stale / "telemetry.jsonl").write_text('{"type":"step","step":999}\n')  # a crashed attempt
+    (runs,) = [run_grid([cfg], tmp_path, workers=1, progress=False, telemetry=True)]
+    assert [r["key"] for r in runs] == [key]
+    log = load_run(stale)
+    assert [s["step"] for s in log.steps] == list(range(30))  # the crashed attempt is gone
+    assert log.end["counters"]["steps"] == 30
+    assert main(["report", str(stale)]) == 0 and (stale / "report.html").exists()
+    with pytest.raises(gradguard.ConfigError, match="local executor"):
+        run_grid([cfg], tmp_path / "r", executor="ray", telemetry=True)

@@ -2,30 +2,54 @@
 
 - parallel: ``workers`` processes (default one per core), each with its torch threads set so the
   cores are not oversubscribed (``cores // workers``, at least 1);
-- resumable: the database knows which runs are done; runs whose worker died are reset and redone
-  from scratch (see :mod:`gradguard.bench.store`);
+- or on a Ray cluster (``executor="ray"``): one Ray task per run; the driver (this process) owns
+  the database, claims each run before submitting it and writes each result as its task ends, so
+  the cluster's nodes need not share a filesystem;
+- resumable: the database knows which runs are done; runs whose worker (or driver) died are reset
+  and redone from scratch (see :mod:`gradguard.bench.store`);
 - a progress bar over runs (tqdm), driven from the database.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import math
 import multiprocessing as mp
 import os
+import shutil
+import sys
 import time
 import traceback
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from ..errors import ConfigError
 from .config import RunConfig
 from .store import ResultStore, this_owner
 from .train import train_run
 
 DB_NAME = "results.db"
+EXECUTORS = ("local", "ray")
+#: Ray tasks in flight at once, per CPU of the cluster: enough to keep every CPU busy while the
+#: driver writes results, few enough that a huge grid does not flood the scheduler.
+RAY_IN_FLIGHT_PER_CPU = 2
 
 
-def _work(db_path: str, keys: Sequence[str], threads: int) -> int:
+def _error_text(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=5)}"
+
+
+def telemetry_dir(out_dir: str | Path, key: str) -> Path:
+    """Where a bench run's telemetry goes with ``telemetry=True``: ``OUT/runs/<key>``."""
+    return Path(out_dir) / "runs" / key
+
+
+def _work(db_path: str, keys: Sequence[str], threads: int, telemetry: bool = False) -> int:
     """Claim and train runs until none of ``keys`` is pending. Returns how many it ran."""
     torch.set_num_threads(threads)
     store = ResultStore(db_path)
@@ -34,12 +58,15 @@ def _work(db_path: str, keys: Sequence[str], threads: int) -> int:
     try:
         while (claimed := store.claim(keys, owner=owner)) is not None:
             key, cfg = claimed
+            log_dir = None
+            if telemetry:
+                # A run redone after a crash starts its telemetry afresh, like its metrics.
+                log_dir = telemetry_dir(Path(db_path).parent, key)
+                shutil.rmtree(log_dir, ignore_errors=True)
             try:
-                result, steps = train_run(RunConfig.from_dict(cfg))
+                result, steps = train_run(RunConfig.from_dict(cfg), log_dir=log_dir)
             except Exception as e:
-                store.fail(
-                    key, f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=5)}", owner=owner
-                )
+                store.fail(key, _error_text(e), owner=owner)
             else:
                 store.finish(key, result, steps, owner=owner)
             n += 1
@@ -53,8 +80,29 @@ def run_grid(
     out_dir: str | Path,
     workers: int | None = None,
     progress: bool = True,
+    executor: str = "local",
+    ray_address: str | None = None,
+    cpus_per_run: float = 1,
+    telemetry: bool = False,
 ) -> list[dict]:
-    """Run every config not already done; return the finished runs of this grid."""
+    """Run every config not already done; return the finished runs of this grid.
+
+    ``executor``: ``"local"`` (worker processes on this machine) or ``"ray"`` (one Ray task per
+    run, see :func:`_run_ray`): the same rows, resume and table either way. ``ray_address``: the
+    cluster to connect to (else ``RAY_ADDRESS``, else a local Ray of ``workers`` CPUs started for
+    this call); ``cpus_per_run``: the CPUs each Ray task reserves (and its torch threads).
+    ``telemetry``: each run also records the Guard's telemetry in ``OUT/runs/<key>`` (for
+    ``gradguard report``); local executor only.
+    """
+    if telemetry and executor != "local":
+        raise ConfigError(
+            "telemetry is written by the local executor only (Ray's nodes need not share a disk)"
+        )
+    if executor not in EXECUTORS:
+        raise ConfigError(f"unknown executor {executor!r}; choose one of: {', '.join(EXECUTORS)}")
+    if not (isinstance(cpus_per_run, (int, float)) and cpus_per_run > 0):
+        raise ConfigError(f"cpus_per_run must be a number > 0, got {cpus_per_run!r}")
+    ray = _import_ray() if executor == "ray" else None  # before the database is touched
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     db = out / DB_NAME
@@ -71,32 +119,36 @@ def run_grid(
 
         bar = tqdm(total=len(keys), initial=len(keys) - len(todo), unit="run", desc="bench")
     if todo:
-        if workers == 1:
-            _run_inline(db, todo, threads, bar)
+        if ray is not None:
+            _run_ray(ray, db, todo, bar, ray_address, workers, cpus_per_run)
+        elif workers == 1:
+            _run_inline(db, todo, threads, bar, telemetry)
         else:
-            _run_pool(db, todo, workers, threads, bar, len(keys))
+            _run_pool(db, todo, workers, threads, bar, len(keys), telemetry)
     if bar is not None:
         bar.close()
     with ResultStore(db) as store:
         return store.runs("done", keys)
 
 
-def _run_inline(db: Path, todo: list[str], threads: int, bar) -> None:
+def _run_inline(db: Path, todo: list[str], threads: int, bar, telemetry: bool = False) -> None:
     old = torch.get_num_threads()
     try:
         for key in todo:
-            _work(str(db), [key], threads)
+            _work(str(db), [key], threads, telemetry)
             if bar is not None:
                 bar.update(1)
     finally:
         torch.set_num_threads(old)
 
 
-def _run_pool(db: Path, todo: list[str], workers: int, threads: int, bar, total: int) -> None:
+def _run_pool(
+    db: Path, todo: list[str], workers: int, threads: int, bar, total: int, telemetry: bool = False
+) -> None:
     # spawn: a fresh interpreter per worker (fork would copy torch's thread pools and locks).
     ctx = mp.get_context("spawn")
     procs = [
-        ctx.Process(target=_work, args=(str(db), todo, threads), daemon=True)
+        ctx.Process(target=_work, args=(str(db), todo, threads, telemetry), daemon=True)
         for _ in range(workers)
     ]
     for p in procs:
@@ -115,3 +167,108 @@ def _run_pool(db: Path, todo: list[str], workers: int, threads: int, bar, total:
             if p.is_alive():
                 p.terminate()
             p.join()
+
+
+# ----- Ray ----------------------------------------------------------------------------------------
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError(
+            "--executor ray needs Ray, which is not installed: pip install 'gradguard[ray]'"
+        ) from None
+    return ray
+
+
+def _train_task(cfg: dict, threads: int) -> tuple[bool, Any]:
+    """One run on a Ray worker: ``(True, (result, steps))``, or ``(False, error text)`` when
+    training raised (recorded as a failed run, as the local workers do)."""
+    torch.set_num_threads(threads)
+    try:
+        return True, train_run(RunConfig.from_dict(cfg))
+    except Exception as e:
+        return False, _error_text(e)
+
+
+def _run_ray(
+    ray: Any,
+    db: Path,
+    todo: list[str],
+    bar,
+    address: str | None,
+    workers: int,
+    cpus_per_run: float,
+) -> None:
+    """Train ``todo`` as Ray tasks; this process, the driver, is the only one that opens ``db``.
+
+    Each run is claimed (owner: this process) just before its task is submitted, so a concurrent
+    bench never takes it, and a run another bench claimed first is skipped. Results are written
+    with ``finish``/``fail`` as tasks end. A driver killed mid-way leaves its claims ``running``
+    under a dead owner, which the next invocation's ``reset_stale`` puts back to ``pending``;
+    a task Ray itself lost (a worker or node died) is released to ``pending`` for the next
+    invocation. At most ``RAY_IN_FLIGHT_PER_CPU`` tasks per cluster CPU are in flight.
+    """
+    started = False
+    if not ray.is_initialized():  # else: a session the caller opened (a notebook, a test)
+        address = address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        else:  # "local": start a fresh one even if a `ray start` cluster runs on this machine
+            ray.init(
+                address="local",
+                num_cpus=math.ceil(workers * cpus_per_run),
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level=logging.WARNING,
+            )
+        started = True
+    try:
+        task = ray.remote(num_cpus=cpus_per_run)(_train_task)
+        threads = max(1, round(cpus_per_run))
+        cpus = ray.cluster_resources().get("CPU", 1)
+        bound = max(1, int(RAY_IN_FLIGHT_PER_CPU * cpus / cpus_per_run))
+        owner = this_owner()
+        queue = deque(todo)
+        in_flight: dict[Any, str] = {}  # ObjectRef -> run key
+        lost: list[str] = []
+        with ResultStore(db) as store:
+            try:
+                while queue or in_flight:
+                    while queue and len(in_flight) < bound:
+                        claimed = store.claim([queue.popleft()], owner=owner)
+                        if claimed is None:  # another bench took it meanwhile: it is theirs
+                            if bar is not None:
+                                bar.update(1)
+                            continue
+                        key, cfg = claimed
+                        in_flight[task.remote(cfg, threads)] = key
+                    if not in_flight:
+                        break
+                    (ref,), _ = ray.wait(list(in_flight), num_returns=1)
+                    key = in_flight.pop(ref)
+                    try:
+                        ok, payload = ray.get(ref)
+                    except ray.exceptions.RayError as e:  # not training's error: Ray's
+                        store.release(key, owner=owner)
+                        lost.append(f"{type(e).__name__}: {e}")
+                        continue
+                    if ok:
+                        store.finish(key, *payload, owner=owner)
+                    else:
+                        store.fail(key, payload, owner=owner)
+                    if bar is not None:
+                        bar.update(1)
+            finally:  # interrupted (Ctrl-C, cluster gone): hand the claims back now
+                for ref, key in in_flight.items():
+                    with contextlib.suppress(Exception):  # the cluster may be gone
+                        ray.cancel(ref)
+                    store.release(key, owner=owner)
+        if lost:
+            print(
+                f"gradguard bench: {len(lost)} run(s) lost to Ray errors, left pending (rerun to"
+                f" retry them); the first: {lost[0][:500]}",
+                file=sys.stderr,
+            )
+    finally:
+        if started:
+            ray.shutdown()

@@ -157,6 +157,18 @@ class ResultStore:
             )
         return row[0], json.loads(row[1])
 
+    def release(self, key: str, owner: str | None = None) -> None:
+        """Put a run that ``owner`` claimed but will not finish back to ``pending`` (its work was
+        lost elsewhere, e.g. a Ray worker died), so the next invocation redoes it. It has no
+        metrics to drop: those are written only with its result."""
+        owner = owner or this_owner()
+        with self._tx():
+            self.conn.execute(
+                "UPDATE runs SET status = 'pending', owner = NULL, started = NULL"
+                " WHERE key = ? AND status = 'running' AND owner = ?",
+                (key, owner),
+            )
+
     def finish(
         self,
         key: str,

@@ -15,11 +15,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from ..guard import Guard
 from ..stats import foreach_norms
 from .config import Resolved, RunConfig, resolve
 from .models import build_model
+from .parallel import check_divisible, current, from_main, mean_over_ranks, rank_slice
 from .tasks import Task, make_task
 
 #: A run whose training loss exceeds this multiple of its first loss has diverged.
@@ -83,17 +85,44 @@ def train_run(
     ``log_dir``: also record the Guard's telemetry there (for ``gradguard report``); an unguarded
     run (``mitigation="none"``) then gets a measuring-only Guard (no policy, no finiteness skip),
     which trains exactly as the bare optimizer does.
+
+    Data-parallel when a ``torch.distributed`` process group is initialized (``torchrun``,
+    ``gradguard train --nproc N``): every rank builds the same model from the seed and wraps it in
+    ``DistributedDataParallel``, draws the same global batch of ``cfg.batch_size`` examples from the
+    same generator and trains on its contiguous slice (``batch_size`` must divide by the world
+    size). The task losses are means and the slices equal, so DDP's averaged gradient is the whole
+    batch's: N processes take the steps one process takes, to floating-point rounding. The Guard
+    guards the unwrapped module (same layer names) and gets the loss averaged over the ranks.
+    Rank 0 alone evaluates and writes telemetry (rank 0's ``log_dir``; the others' is ignored).
+    Every rank returns rank 0's result and the per-step metrics, which are the same on every rank.
+    Not equal to one process: ``batchnorm`` on the CPU (per-rank batch statistics; on GPUs it
+    becomes SyncBatchNorm) and ``dropout`` (each rank draws its own masks).
     """
     res = resolve(cfg)
+    ranks = current()
+    if ranks is not None:
+        check_divisible(cfg.batch_size, ranks.world_size)
+        log_dir = from_main(log_dir, ranks)  # every rank builds the Guard rank 0 builds
+    main = ranks is None or ranks.is_main
     torch.manual_seed(cfg.seed)
     task = make_task(cfg.task, **dict(cfg.task_options))
     model = build_model(cfg.model, task.input_shape, task.num_outputs, **res.model_options)
+    net: nn.Module = model  # what the training forward runs: the DDP wrapper when distributed
+    if ranks is not None:
+        model = model.to(ranks.device)
+        if ranks.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        device_ids = [ranks.device] if ranks.device.type == "cuda" else None
+        net = DistributedDataParallel(model, device_ids=device_ids)
+        # Same init on every rank (above), independent dropout masks from here on.
+        torch.manual_seed(cfg.seed + ranks.rank)
     opt = make_optimizer(res, model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    guard_log = log_dir if main else None
     if res.policy is not None:
-        guard = Guard(model, opt, res.policy, log_dir=log_dir)
+        guard = Guard(model, opt, res.policy, log_dir=guard_log)
     elif log_dir is not None:
-        guard = Guard(model, opt, "none", check_finite=False, log_dir=log_dir)
+        guard = Guard(model, opt, "none", check_finite=False, log_dir=guard_log)
     else:
         guard = None
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -109,15 +138,22 @@ def train_run(
     for step in range(cfg.steps):
         model.train()
         x, y = next(batches)
+        if ranks is not None:
+            x, y = rank_slice((x, y), ranks.rank, ranks.world_size)
+            x, y = x.to(ranks.device), y.to(ranks.device)
         opt.zero_grad(set_to_none=True)
-        loss = task.loss(model(x), y)
-        loss.backward()
+        loss = task.loss(net(x), y)
+        loss.backward()  # DDP: the gradients arrive averaged over the ranks
+        if ranks is not None:
+            # The whole batch's loss, for the policies that read it and for the result.
+            loss = mean_over_ranks(loss)
         loss_val = float(loss.detach())
         if first_loss is None and math.isfinite(loss_val):
             first_loss = loss_val
         lr = opt.param_groups[0]["lr"]
         if guard is not None:
             tg = time.perf_counter()
+            # The replay runs the unwrapped module: no DDP collective on a local re-run.
             report = guard.step(loss=loss, replay=lambda x=x, y=y: task.loss(model(x), y))
             guard_seconds += time.perf_counter() - tg
             row = {
@@ -155,11 +191,16 @@ def train_run(
         if res.policy is None and not math.isfinite(loss_val):
             diverged_reason = "nonfinite_loss"
             break
-        if (step + 1) % cfg.eval_every == 0 and steps_to_target is None:
+        if main and (step + 1) % cfg.eval_every == 0 and steps_to_target is None:
             ev = task.evaluate(model, 512)
             if ev["success"]:
                 steps_to_target, seconds_to_target = step + 1, time.perf_counter() - t0
     wall = time.perf_counter() - t0
+    counters = guard.counters if guard is not None and res.policy is not None else {}
+    if guard is not None:
+        guard.close()
+    if not main:
+        return from_main(None, ranks), steps
 
     ev = (
         task.evaluate(model, 512)
@@ -178,9 +219,6 @@ def train_run(
         elif at_chance(task, ev["metric"]):
             diverged_reason = "at_chance"
     norms = [r["grad_norm"] for r in steps if math.isfinite(r["grad_norm"])]
-    counters = guard.counters if guard is not None and res.policy is not None else {}
-    if guard is not None:
-        guard.close()
     result = {
         "diverged": diverged_reason is not None,
         "diverged_reason": diverged_reason,
@@ -199,4 +237,6 @@ def train_run(
         "guard_share": guard_seconds / wall if wall > 0 else 0.0,
         "policy": res.policy,
     }
+    if ranks is not None:
+        from_main(result, ranks)
     return result, steps

@@ -226,7 +226,8 @@ class Telemetry:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(self.dir / "tb"))
+                # A deep queue: add_scalar never blocks on the writer thread (flushed on events and close).
+                self._tb = SummaryWriter(str(self.dir / "tb"), max_queue=100_000, flush_secs=60)
             except ImportError:
                 if self._want_tb:
                     raise
