@@ -21,7 +21,7 @@ from gradguard import SpecError, parse_spec
         ("zclip", ["zclip"], {"z_thresh": 2.5, "alpha": 0.97, "warmup": 25, "max_norm": None}),
         ("zclip:z_thresh=2.0,max_norm=5", ["zclip"], {"z_thresh": 2.0, "max_norm": 5.0}),
         ("skip_nonfinite+zclip", ["skip_nonfinite", "zclip"], {}),
-        ("default", ["skip_nonfinite", "zclip"], {}),
+        ("default", ["skip_nonfinite", "zclip", "clip_norm"], {}),
         ("agc:clipping=0.02,exclude=fc1*|head", ["agc"], {"exclude": ("fc1*", "head")}),
         ("rollback:every=10,to=disk", ["rollback"], {"every": 10, "to": "disk"}),
         (" skip_nonfinite + clip_norm : 2 ", ["skip_nonfinite", "clip_norm"], {}),

@@ -20,7 +20,7 @@ from .base import Policy
 _REGISTRY: dict[str, type[Policy]] = {}
 
 #: The recommended chain (see the README for why).
-DEFAULT_SPEC = "skip_nonfinite+zclip"
+DEFAULT_SPEC = "skip_nonfinite+zclip+clip_norm:1.0"
 
 
 def register(cls: type[Policy]) -> type[Policy]:
