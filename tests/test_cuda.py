@@ -109,6 +109,13 @@ def test_a_chain_that_can_skip_synchronizes_once_per_step():
         assert counts == [1] * 10, (spec, sorted(sites))
 
 
+def test_telemetry_adds_no_sync_once_its_copies_have_landed(tmp_path):
+    # The step's numbers travel in one non-blocking copy, read a step later (here the harness
+    # synchronizes between steps, as a later step's work would have: the copy has landed).
+    counts, sites = _steady_state_syncs("default", log_dir=tmp_path)
+    assert counts == [1] * 10, sorted(sites)
+
+
 def test_fp16_autocast_overflows_are_the_scalers_skips_and_match_the_plain_loop():
     ref, ours = net(), net()
     opt_ref = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
@@ -231,3 +238,27 @@ def test_parameters_split_across_cpu_and_gpu():
         p.grad = torch.zeros_like(p)
     gpu_layer.bias.grad[0] = float("inf")
     assert guard.step().skipped
+
+
+def test_telemetry_on_cuda_matches_the_reports_and_names_the_layer(tmp_path):
+    from gradguard.diagnose import load_run
+
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    norms = {}
+    with gradguard.Guard(model, opt, "default", log_dir=tmp_path) as guard:
+        for step in range(40):
+            loss = backward(model, step)
+            if step == 30:
+                model[2].weight.grad[1, 1] = float("nan")
+            r = guard.step(loss=loss)
+            norms[step] = r.grad_norm
+    run = load_run(tmp_path)
+    assert [s["step"] for s in run.steps] == list(range(40))
+    for s in run.steps:
+        if s["step"] != 30:
+            assert s["grad_norm"] == pytest.approx(norms[s["step"]], rel=1e-6)
+        assert (s["update_ratio"] is not None) == (s["step"] % 10 == 0 and s["step"] != 30)
+    (event,) = [e for e in run.events if e["kind"] == "nonfinite_grad"]
+    assert event["step"] == 30 and event["layers"] == ["2"] and event["action"] == "skipped"
+    assert run.localizations[0]["origin"] == "2"

@@ -85,7 +85,9 @@ class _Pending:
     def __init__(self, vector: Tensor, fields: dict[str, Any]):
         self.fields = fields
         if vector.device.type == "cuda":
-            self.host = vector.to("cpu", non_blocking=True)
+            # Into pinned memory: a copy to pageable memory would block until the GPU is done.
+            self.host = torch.empty(vector.shape, dtype=vector.dtype, pin_memory=True)
+            self.host.copy_(vector, non_blocking=True)
             self.event = torch.cuda.Event()
             self.event.record()
         else:
@@ -96,7 +98,7 @@ class _Pending:
         return self.event is None or self.event.query()
 
     def values(self) -> list[float]:
-        if self.event is not None:
+        if self.event is not None and not self.event.query():
             self.event.synchronize()  # waits for this copy only, not for later work
         return self.host.tolist()
 
