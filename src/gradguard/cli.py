@@ -51,6 +51,7 @@ _AXIS_FLAGS = {
     "optimizer": str,
     "lr": float,
     "mitigation": str,
+    "faults": str,
     "seed": int,
 }
 
@@ -135,7 +136,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     fields = {
         k: getattr(args, k)
-        for k in ("task", "model", "optimizer", "lr", "mitigation", "seed", "steps", "batch_size")
+        for k in (
+            "task",
+            "model",
+            "optimizer",
+            "lr",
+            "mitigation",
+            "seed",
+            "steps",
+            "batch_size",
+            "faults",
+        )
     }
     cfg = RunConfig.from_dict({k: v for k, v in fields.items() if v is not None})
     resolve(cfg)
@@ -261,6 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a policy spec or variant; 'none' = no guard",
     )
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--faults",
+        default="none",
+        help="faults to inject, e.g. 'nan:p=0.01+spike:scale=1e4,p=0.02'",
+    )
     train.add_argument("--steps", type=int, default=300)
     train.add_argument("--batch-size", type=int, default=64)
     train.add_argument("--out", help="record telemetry to this folder (then: gradguard report OUT)")

@@ -50,3 +50,36 @@ def test_options_column_is_empty_when_only_the_seed_varies():
     rows = summarize([run(0, 1.0, False, 0.1), run(1, 1.0, False, 0.3)])
     assert len(rows) == 1 and rows[0]["options"] == "" and rows[0]["runs"] == 2
     assert "options" not in markdown_table(rows)
+
+
+def test_a_faulted_row_is_compared_with_the_same_setting_without_the_fault():
+    def faulted(seed, faults, metric, recover=None):
+        r = run(seed, 1.0, False, metric)
+        if faults != "none":
+            r["config"]["faults"] = faults
+            r["result"].update(steps_to_recover=recover, unrecovered=0)
+        return r
+
+    rows = summarize(
+        [
+            faulted(0, "none", 0.90),
+            faulted(1, "none", 0.92),
+            faulted(0, "nan:p=0.01", 0.85, recover=3),
+            faulted(1, "nan:p=0.01", 0.87, recover=5),
+        ]
+    )
+    by = {r["faults"]: r for r in rows}
+    assert by["none"]["vs_clean"] is None
+    assert abs(by["nan:p=0.01"]["vs_clean"] - (-0.05)) < 1e-9
+    assert by["nan:p=0.01"]["steps_to_recover"] == 4
+    assert "vs clean" in markdown_table(rows) and "-0.050" in markdown_table(rows)
+
+
+def test_steps_to_recover_counts_back_to_the_pre_fault_level():
+    from gradguard.bench.train import steps_to_recover
+
+    losses = [1.0] * 20 + [5.0, 3.0, 1.2, 1.05, 1.0] + [1.0] * 5 + [9.0] * 5
+    # fault at 20: back within 10% of 1.0 at step 23; fault at 30: never back.
+    assert steps_to_recover(losses, [20, 30]) == (3, 1)
+    assert steps_to_recover(losses, []) == (None, 0)
+    assert steps_to_recover([float("nan")] * 5, [2]) == (None, 0)  # no finite level before

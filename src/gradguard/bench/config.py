@@ -42,11 +42,14 @@ class RunConfig:
     eval_every: int = 50  # test evaluations, for steps/seconds to the task's success criterion
     task_options: Mapping[str, Any] = field(default_factory=dict)
     model_options: Mapping[str, Any] = field(default_factory=dict)
+    faults: str = "none"  # faults injected into the run (gradguard.faults spec)
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["task_options"] = dict(self.task_options)
         d["model_options"] = dict(self.model_options)
+        if d["faults"] == "none":
+            del d["faults"]  # so a fault-free run keeps the key it had before faults existed
         return d
 
     @classmethod
@@ -131,7 +134,21 @@ def resolve(cfg: RunConfig) -> Resolved:
             ) from None
         policy = spec
     _check_names(cfg, mopts, spec)
+    _check_faults(cfg)
     return Resolved(cfg, opt, mom, mopts, policy)
+
+
+def _check_faults(cfg: RunConfig) -> None:
+    if not isinstance(cfg.faults, str):
+        raise ConfigError(f"faults must be a fault spec string, got {cfg.faults!r}")
+    if cfg.faults.strip() == "none":
+        return
+    from ..faults import parse as parse_faults
+
+    try:
+        parse_faults(cfg.faults, seed=cfg.seed)
+    except SpecError as e:
+        raise ConfigError(f"faults {cfg.faults!r}: {e}") from None
 
 
 def _check_names(cfg: RunConfig, mopts: Mapping[str, Any], mitigation: str) -> None:
@@ -314,6 +331,59 @@ SUITES: dict[str, list[Grid]] = {
         )
     ],
 }
+# Which policies hold under which faults: every fault (and none) against the policies (and
+# none), over seeds, on digits (the quick suite's net at an LR where it trains well unguarded) and
+# on an LSTM solving temporal order. The clean rows are the reference for "vs clean".
+FAULT_SPECS = (
+    "none",
+    "nan:p=0.01",
+    "spike:scale=1e4,p=0.02",
+    "poison:scale=1e3,p=0.01",
+    "lr_burst:factor=100,steps=10,at=200",
+)
+FAULT_POLICIES = (
+    "none",
+    "skip_nonfinite",
+    "clip_norm:1.0",
+    "zclip",
+    "autoclip:10",
+    "agc:0.01",
+    "skip_spike",
+    "default",
+    "skip_nonfinite+zclip+clip_norm:1.0+rollback+lr_backoff",
+)
+SUITES["faults"] = [
+    (
+        {"steps": 300, "batch_size": 64, "model_options": {"depth": 12, "width": 64}},
+        {
+            "task": ["digits"],
+            "model": ["mlp"],
+            "optimizer": ["momentum"],
+            "lr": [0.03],
+            "mitigation": list(FAULT_POLICIES),
+            "faults": list(FAULT_SPECS),
+            "seed": [0, 1, 2],
+        },
+    ),
+    (
+        {
+            "steps": 1500,
+            "batch_size": 32,
+            "eval_every": 250,
+            "task_options": {"T": 20},
+            "model_options": {"hidden": 64},
+        },
+        {
+            "task": ["temporal_order"],
+            "model": ["lstm"],
+            "optimizer": ["sgd"],
+            "lr": [0.3],
+            "mitigation": list(FAULT_POLICIES),
+            "faults": list(FAULT_SPECS),
+            "seed": [0, 1, 2],
+        },
+    ),
+]
 SUITES["full"] = [g for name in ("quick", "seed", "rnn", "transformer") for g in SUITES[name]]
 
 

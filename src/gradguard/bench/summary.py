@@ -36,6 +36,11 @@ COLUMNS = (
     "guard_share",
     "clipped_per_run",
     "skipped_per_run",
+    "faults",
+    "vs_clean",
+    "nonfinite_weights",
+    "steps_to_recover",
+    "unrecovered",
 )
 
 
@@ -79,15 +84,20 @@ def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     flat, varying = _flat_and_varying(runs)
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     options: dict[tuple, str] = {}
+    clean_of: dict[tuple, tuple] = {}  # a faulted group -> the same settings without the fault
+
+    def key_of(f: dict[str, Any], mitigation: str) -> tuple:
+        return (*(f[k] for k in SETTING), repr(sorted(f.items(), key=repr)), mitigation)
+
     for r, f in zip(runs, flat, strict=True):
-        key = (
-            *(f[k] for k in SETTING),
-            repr(sorted(f.items(), key=repr)),
-            r["config"]["mitigation"],
-        )
+        mitigation = r["config"]["mitigation"]
+        key = key_of(f, mitigation)
         groups[key].append(r)
         options[key] = _option_label(f, varying)
+        if f.get("faults", "none") != "none":
+            clean_of[key] = key_of({k: v for k, v in f.items() if k != "faults"}, mitigation)
     rows = []
+    metric_of: dict[tuple, float] = {}
     for key, members in groups.items():
         res = [m["result"] for m in members]
         metric_mean, metric_std = _mean_std([x["test_metric"] for x in res])
@@ -113,9 +123,26 @@ def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 guard_share=statistics.fmean(x["guard_share"] for x in res),
                 clipped_per_run=statistics.fmean(i.get("clipped", 0) for i in inter),
                 skipped_per_run=statistics.fmean(i.get("skipped", 0) for i in inter),
+                faults=members[0]["config"].get("faults", "none"),
+                vs_clean=None,
+                nonfinite_weights=sum(x.get("diverged_reason") == "nonfinite_weights" for x in res),
+                steps_to_recover=_median_or_none(
+                    [x["steps_to_recover"] for x in res if x.get("steps_to_recover") is not None]
+                ),
+                unrecovered=sum(x.get("unrecovered", 0) for x in res),
             )
         )
+        metric_of[key] = metric_mean
+    # A faulted row's metric against the same setting and mitigation without the fault.
+    for row, key in zip(rows, groups, strict=True):
+        clean = metric_of.get(clean_of.get(key, ()))
+        if clean is not None and not math.isnan(clean) and not math.isnan(row["metric_mean"]):
+            row["vs_clean"] = row["metric_mean"] - clean
     return rows
+
+
+def _median_or_none(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -139,16 +166,26 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
         + ("options | " if with_options else "")
         + "mitigation | diverged | test metric | reached target | steps to target | guard share | clipped/run | skipped/run |"
     )
-    sep = "|" + "---|" * (13 if with_options else 12)
+    with_faults = any(r.get("faults", "none") != "none" for r in rows)
+    if with_faults:
+        head += " vs clean | non-finite weights | steps to recover | unrecovered |"
+    sep = "|" + "---|" * (head.count("|") - 1)
     lines = [head, sep]
     for r in rows:
         opts = f"{r.get('options', '')} | " if with_options else ""
-        lines.append(
+        line = (
             f"| {r['task']} | {r['model']} | {r['optimizer']} | {_fmt(r['lr'])} | {opts}`{r['mitigation']}` | "
             f"{r['diverged']}/{r['runs']} | {_metric_cell(r)} | "
             f"{r['reached_target']}/{r['runs']} | {_fmt(r['steps_to_target'])} | {r['guard_share']:.1%} | "
             f"{r['clipped_per_run']:.0f} | {r['skipped_per_run']:.0f} |"
         )
+        if with_faults:
+            vs = r.get("vs_clean")
+            line += (
+                f" {'-' if vs is None else f'{vs:+.3f}'} | {r.get('nonfinite_weights', 0)}/{r['runs']} | "
+                f"{_fmt(r.get('steps_to_recover'))} | {r.get('unrecovered', 0)} |"
+            )
+        lines.append(line)
     return "\n".join(lines)
 
 

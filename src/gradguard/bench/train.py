@@ -75,6 +75,30 @@ def params_finite(model: nn.Module) -> bool:
     return bool(torch.isfinite(torch.stack(norms)).all()) if norms else True
 
 
+RECOVER_WINDOW = 10  # steps before a fault that set the loss level to get back to
+RECOVER_TOLERANCE = 0.10  # back within 10% of that level
+
+
+def steps_to_recover(losses: list[float], strikes: list[int]) -> tuple[float | None, int]:
+    """After each fault step, how many steps until the loss is back within 10% of its level (the
+    mean of the 10 finite losses before the fault). Returns (median over the faults that
+    recovered, or None; how many never recovered before the run ended)."""
+    took, never = [], 0
+    for s in strikes:
+        before = [v for v in losses[max(0, s - RECOVER_WINDOW) : s] if math.isfinite(v)]
+        if not before or s >= len(losses):
+            continue
+        level = statistics.fmean(before) * (1 + RECOVER_TOLERANCE)
+        after = [
+            t for t in range(s, len(losses)) if math.isfinite(losses[t]) and losses[t] <= level
+        ]
+        if after:
+            took.append(after[0] - s)
+        else:
+            never += 1
+    return (statistics.median(took) if took else None), never
+
+
 def train_run(
     cfg: RunConfig,
     on_step: Callable[[int], None] | None = None,
@@ -127,6 +151,11 @@ def train_run(
         guard = None
     gen = torch.Generator().manual_seed(cfg.seed)
     batches = task.batches(cfg.batch_size, gen)
+    plan = None
+    if cfg.faults.strip() != "none":
+        from ..faults import parse as parse_faults
+
+        plan = parse_faults(cfg.faults, seed=cfg.seed)
 
     steps: list[dict[str, Any]] = []
     first_loss: float | None = None
@@ -138,6 +167,8 @@ def train_run(
     for step in range(cfg.steps):
         model.train()
         x, y = next(batches)
+        if plan is not None:
+            x, y = plan.on_batch(step, x, y)
         if ranks is not None:
             x, y = rank_slice((x, y), ranks.rank, ranks.world_size)
             x, y = x.to(ranks.device), y.to(ranks.device)
@@ -150,6 +181,9 @@ def train_run(
         loss_val = float(loss.detach())
         if first_loss is None and math.isfinite(loss_val):
             first_loss = loss_val
+        if plan is not None:
+            plan.on_gradients(step, model)
+            plan.on_optimizer(step, opt)
         lr = opt.param_groups[0]["lr"]
         if guard is not None:
             tg = time.perf_counter()
@@ -181,6 +215,8 @@ def train_run(
                 "skipped": False,
                 "lr": lr,
             }
+        if plan is not None:
+            plan.after_step(step, opt)
         sched.step()
         steps.append(row)
         if on_step is not None:
@@ -237,6 +273,17 @@ def train_run(
         "guard_share": guard_seconds / wall if wall > 0 else 0.0,
         "policy": res.policy,
     }
+    if plan is not None:
+        strikes = plan.strikes
+        struck = sorted({st.step for st in strikes})
+        recover, unrecovered = steps_to_recover([r["loss"] for r in steps], struck)
+        result.update(
+            faults={
+                k: sum(st.kind == k for st in strikes) for k in sorted({st.kind for st in strikes})
+            },
+            steps_to_recover=recover,
+            unrecovered=unrecovered,
+        )
     if ranks is not None:
         from_main(result, ranks)
     return result, steps
