@@ -159,6 +159,8 @@ def test_killed_bench_resumes_without_recomputing_or_double_counting(tmp_path):
         (["--lr", "0"], "lr must be"),
         (["--mitigation", "zclipp"], "neither a model/optimizer variant"),
         (["--model", "resnet51"], "unknown model"),
+        (["--faults", "nan:p=2"], "probability per step"),
+        (["--faults", "meteor"], "unknown fault"),
     ],
 )
 def test_bad_grids_exit_2_before_any_run(tmp_path, argv, fragment):
@@ -202,3 +204,26 @@ def test_each_suite_trains(name):
         )
         assert len(steps) == 3 and result["steps_run"] == 3
         assert all(math.isfinite(s["grad_norm"]) for s in steps)
+
+
+def test_a_fault_axis_runs_end_to_end_to_the_table(tmp_path):
+    grid = expand_grid(
+        BASE,
+        {
+            "lr": [0.05],
+            "mitigation": ["none", "default"],
+            "faults": ["none", "nan:at=10"],
+            "seed": [0],
+        },
+    )
+    runs = run_grid(grid, tmp_path, workers=1, progress=False)
+    by = {(r["config"]["mitigation"], r["config"].get("faults", "none")): r["result"] for r in runs}
+    assert by[("none", "nan:at=10")]["diverged_reason"] == "nonfinite_weights"
+    assert by[("none", "nan:at=10")]["faults"] == {"nan": 1}
+    guarded = by[("default", "nan:at=10")]
+    assert not guarded["diverged"] and guarded["interventions"]["skipped"] == 1
+    assert guarded["steps_to_recover"] == 0 and guarded["unrecovered"] == 0
+    rows = {(r["mitigation"], r["faults"]): r for r in summarize(runs)}
+    assert rows[("default", "nan:at=10")]["vs_clean"] is not None
+    assert abs(rows[("default", "nan:at=10")]["vs_clean"]) < 0.05
+    assert rows[("none", "nan:at=10")]["nonfinite_weights"] == 1
