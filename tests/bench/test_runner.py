@@ -227,3 +227,44 @@ def test_a_fault_axis_runs_end_to_end_to_the_table(tmp_path):
     assert rows[("default", "nan:at=10")]["vs_clean"] is not None
     assert abs(rows[("default", "nan:at=10")]["vs_clean"]) < 0.05
     assert rows[("none", "nan:at=10")]["nonfinite_weights"] == 1
+
+
+@pytest.mark.slow
+def test_bench_killed_at_random_moments_loses_and_double_counts_nothing(tmp_path):
+    """kill -9 the whole bench (driver and workers) at seeded random moments, several times in a
+    row; after each kill the database is intact, every run finished before is still there and
+    unchanged, and no run has more step rows than steps; the last rerun completes the grid."""
+    import random
+
+    out = tmp_path / "bench"
+    args = [
+        *(sys.executable, "-m", "gradguard", "bench", "--lr", "0.01", "0.03", "0.1"),
+        *("--mitigation", "none", "zclip", "default", "--seeds", "1", "--steps", "150"),
+        *("--workers", "2", "--out", str(out), "--no-progress"),
+    ]
+    db = out / DB_NAME
+    rng = random.Random(7)
+    finished: dict[str, dict] = {}
+    for _ in range(4):
+        proc = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        time.sleep(rng.uniform(1.0, 4.0))  # startup, mid-run or mid-write: wherever it falls
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        if not db.exists():
+            continue
+        with ResultStore(db) as store:
+            assert store.integrity_ok()
+            done = {r["key"]: r for r in store.runs("done")}
+            for key, run in finished.items():
+                assert done[key]["result"] == run["result"]  # never lost, never recomputed
+            for key, run in done.items():
+                assert len(store.steps(key)) == run["result"]["steps_run"]
+            finished = done
+    assert subprocess.run(args, capture_output=True).returncode == 0
+    with ResultStore(db) as store:
+        assert store.counts() == {"pending": 0, "running": 0, "done": 9, "failed": 0}
+        assert store.integrity_ok()
+        for key, run in finished.items():
+            assert store.runs("done", [key])[0]["result"] == run["result"]
