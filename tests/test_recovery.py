@@ -227,3 +227,44 @@ def test_restored_state_is_a_copy_of_the_snapshot():
         assert guard.step().rolled_back
         assert_same(saved, snapshot(model, opt))
         guard.step(loss=train_step(model, opt, *data(20 + rollback_round)))  # a good step after it
+
+
+@pytest.mark.parametrize("mode", ["truncate", "garbage"])
+def test_a_corrupted_snapshot_is_a_clear_error_naming_the_file(tmp_path, mode):
+    from gradguard.faults import corrupt_checkpoint
+
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gradguard.Guard(model, opt, f"rollback:to=disk,path={tmp_path}")
+    guard.step(loss=train_step(model, opt, *data(0)))
+    corrupt_checkpoint(tmp_path / "last_good.pt", mode=mode, seed=1)
+    train_step(model, opt, *data(1))
+    model.fc1.weight.grad.fill_(float("nan"))
+    with pytest.raises(
+        GradGuardError, match=r"could not read the rollback snapshot .*last_good\.pt"
+    ):
+        guard.step()
+
+
+def test_a_crash_while_writing_a_snapshot_keeps_the_previous_good_one(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gradguard.Guard(model, opt, f"rollback:every=1,to=disk,path={tmp_path}")
+    guard.step(loss=train_step(model, opt, *data(0)))
+    good = torch.load(tmp_path / "last_good.pt", weights_only=True)
+    real_save = torch.save
+
+    def dies_halfway(obj, f, *a, **kw):
+        real_save(obj, f, *a, **kw)
+        raise OSError("disk full")  # after writing the temp file, before the rename
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(OSError, match="disk full"):
+        guard.step(loss=train_step(model, opt, *data(1)))
+    monkeypatch.setattr(torch, "save", real_save)
+    kept = torch.load(tmp_path / "last_good.pt", weights_only=True)  # still loads, still the old
+    for k, v in good["model"].items():
+        assert torch.equal(kept["model"][k], v)
+    assert [p.name for p in tmp_path.iterdir()] == ["last_good.pt"]  # no temp file left behind
