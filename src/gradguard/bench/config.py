@@ -173,7 +173,28 @@ def _check_names(cfg: RunConfig, mopts: Mapping[str, Any], mitigation: str) -> N
         )
 
 
+_STR_FIELDS = ("task", "model", "optimizer", "mitigation", "schedule", "faults")
+_NUM_FIELDS = ("lr", "momentum", "weight_decay")
+
+
+def _check_types(cfg: RunConfig) -> None:
+    """Each setting has the type it must have (a TOML file can hold anything)."""
+    for name in _STR_FIELDS:
+        v = getattr(cfg, name)
+        if not isinstance(v, str):
+            raise ConfigError(f"{name} must be a string, got {v!r}")
+    for name in _NUM_FIELDS:
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ConfigError(f"{name} must be a finite number, got {v!r}")
+    for name in ("task_options", "model_options"):
+        v = getattr(cfg, name)
+        if not isinstance(v, Mapping) or not all(isinstance(k, str) for k in v):
+            raise ConfigError(f"{name} must be a table of name = value, got {v!r}")
+
+
 def validate_basics(cfg: RunConfig) -> None:
+    _check_types(cfg)
     if not (isinstance(cfg.lr, (int, float)) and math.isfinite(cfg.lr) and cfg.lr > 0):
         raise ConfigError(f"lr must be a finite number > 0, got {cfg.lr!r}")
     if cfg.optimizer not in OPTIMIZERS:
@@ -201,7 +222,12 @@ AXES = ("task", "model", "optimizer", "lr", "mitigation", "seed")
 def expand_grid(base: Mapping[str, Any], axes: Mapping[str, Iterable[Any]]) -> list[RunConfig]:
     """Every combination of the axes' values on top of ``base``, validated."""
     axes = {k: list(v) if isinstance(v, (list, tuple)) else [v] for k, v in axes.items()}
+    names = {f.name for f in fields(RunConfig)}
     for k, v in axes.items():
+        if k not in names:
+            raise ConfigError(
+                f"unknown grid axis {k!r}; valid settings: {', '.join(sorted(names))}"
+            )
         if not v:
             raise ConfigError(f"grid axis {k!r} is empty")
     base_cfg = RunConfig.from_dict(dict(base))
@@ -210,11 +236,14 @@ def expand_grid(base: Mapping[str, Any], axes: Mapping[str, Iterable[Any]]) -> l
     for values in itertools.product(*(axes[k] for k in keys)):
         cfg = replace(base_cfg, **dict(zip(keys, values, strict=True))) if keys else base_cfg
         out.append(cfg)
-    # Fail before any run starts: resolve each distinct (task, model, mitigation), check the rest.
-    for cfg in {(c.task, c.model, c.mitigation): c for c in out}.values():
-        resolve(cfg)
+    # Fail before any run starts: check every config, resolve each distinct one.
     for cfg in out:
         validate_basics(cfg)
+    for cfg in {
+        (c.task, c.model, c.mitigation, c.faults, repr(c.model_options), repr(c.task_options)): c
+        for c in out
+    }.values():
+        resolve(cfg)
     return out
 
 
@@ -407,6 +436,10 @@ def load_toml_grid(path: str | Path) -> list[RunConfig]:
         data = tomllib.loads(p.read_text())
     except FileNotFoundError:
         raise ConfigError(f"grid file {p} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"grid file {p} is a folder; give the path of a .toml file") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read grid file {p}: {e.strerror or e}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"grid file {p} is not valid TOML: {e}") from None
     unknown = sorted(set(data) - {"base", "grid"})
