@@ -251,3 +251,36 @@ def test_arbitrary_text_parses_or_raises_a_spec_error(text):
         faults.parse(text, seed=0)
     except SpecError as e:
         assert str(e)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "nan:at=100,layer=fc2",
+        "inf:at=100,layer=fc1",
+        "spike:at=100,scale=1e6,layer=*",
+        "poison:at=100,scale=1e6",
+        "nan:p=0.02",
+        "spike:p=0.02,scale=1e4",
+    ],
+)
+def test_the_default_guard_keeps_accuracy_within_a_point_of_the_clean_run(spec):
+    def accuracy(fault_spec):
+        torch.manual_seed(0)
+        model = Net()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        guard = gradguard.Guard(model, opt, "default")
+        plan = faults.parse(fault_spec, seed=0)
+        for step in range(200):
+            x, y = plan.on_batch(step, *batch(step % 50))
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            plan.on_gradients(step, model)
+            guard.step(loss=loss)
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+        x = torch.cat([batch(1000 + i)[0] for i in range(16)])
+        with torch.no_grad():
+            return (model(x).argmax(1) == (x @ TEACHER).argmax(1)).float().mean().item()
+
+    assert accuracy(spec) >= accuracy("none") - 0.01
