@@ -400,7 +400,7 @@ SUITES["faults"] = [
             "batch_size": 32,
             "eval_every": 250,
             "task_options": {"T": 20},
-            "model_options": {"hidden": 64},
+            "model_options": {"hidden": 64, "init_scale": 1.7},
         },
         {
             "task": ["temporal_order"],
