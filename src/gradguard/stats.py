@@ -12,6 +12,8 @@ that after a policy acts the running per-parameter norms stay exact without anot
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -19,6 +21,7 @@ from .errors import ConfigError
 from .layout import ParamLayout
 
 
+@functools.cache
 def _dtensor_type() -> type | None:
     try:
         from torch.distributed.tensor import DTensor

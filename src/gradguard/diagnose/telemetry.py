@@ -288,7 +288,7 @@ class Telemetry:
             "rolled_back": ctx.rollback,
             "n_layers": L,
         }
-        loss = ctx.loss if ctx.loss is not None else None
+        loss = ctx.loss
         if isinstance(loss, Tensor):
             parts.append(loss.detach().float().reshape(1).to(device))
             fields["loss_in_vector"] = True

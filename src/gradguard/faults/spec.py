@@ -1,0 +1,156 @@
+"""The fault registry and the fault spec language, the policy spec language's twin.
+
+A spec names a plan: faults joined by ``+``; each is ``name``, ``name:value`` (sets its first
+option) or ``name:key=value,key=value``. Lists use ``|`` (``at=3|7|20``). ``none`` is the empty
+plan. Examples: ``nan:p=0.01``, ``spike:1e5,at=100``, ``poison:shuffle,p=0.02``,
+``lr_burst:factor=100,steps=10,at=200``, ``nan:p=0.01+spike:scale=1e4,p=0.02``.
+
+Every malformed spec raises :class:`FaultSpecError` (a :class:`~gradguard.SpecError`) naming the
+problem and the fix: the valid faults, the fault's options, the option's range.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .base import Fault, FaultPlan, FaultSpecError, Option, check_seed
+
+_REGISTRY: dict[str, type[Fault]] = {}
+_NAME = re.compile(r"[a-z][a-z0-9_]*")
+
+
+@dataclass(frozen=True)
+class FaultInfo:
+    """What the registry knows of a fault: its name, class, one-line summary and options."""
+
+    name: str
+    cls: type[Fault]
+    summary: str
+    options: tuple[Option, ...]
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """Each option's default (``None``: not set; ``p`` then defaults to 0.01 unless ``at``)."""
+        return {o.name: o.default for o in self.options}
+
+
+def register(cls: type[Fault]) -> type[Fault]:
+    """Class decorator: make a fault available to specs under ``cls.name``."""
+    if not cls.name or not _NAME.fullmatch(cls.name):
+        raise TypeError(f"{cls.__name__} needs a class attribute `name` (lowercase, a-z0-9_)")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise TypeError(
+            f"fault {cls.name!r} is already registered by {_REGISTRY[cls.name].__name__}"
+        )
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_faults() -> dict[str, FaultInfo]:
+    """Every registered fault by name (sorted), with its summary and options (for ``--help``,
+    a CLI listing, and the contract test that runs over every fault)."""
+    return {
+        name: FaultInfo(
+            name,
+            cls,
+            (cls.__doc__ or "").strip().split("\n\n")[0].replace("\n", " "),
+            cls.options,
+        )
+        for name, cls in sorted(_REGISTRY.items())
+    }
+
+
+def _unknown_fault(name: str) -> FaultSpecError:
+    names = sorted(_REGISTRY)
+    close = difflib.get_close_matches(name.lower(), names, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return FaultSpecError(
+        f"unknown fault {name!r}{hint}; valid faults: {', '.join(names)} (or 'none' for no faults)"
+    )
+
+
+def fault_class(name: str) -> type[Fault]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise _unknown_fault(name) from None
+
+
+def _option(cls: type[Fault], key: str) -> Option:
+    for o in cls.options:
+        if o.name == key:
+            return o
+    names = [o.name for o in cls.options]
+    close = difflib.get_close_matches(key.lower(), names, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise FaultSpecError(
+        f"fault {cls.name!r}: unknown option {key!r}{hint}; options: {', '.join(names)}"
+    )
+
+
+def parse_fault(text: str, seed: int = 0) -> Fault:
+    """One fault from ``name``, ``name:value`` or ``name:key=value,...``."""
+    if not isinstance(text, str):
+        raise FaultSpecError(f"a fault spec is a string, got {type(text).__name__}")
+    text = text.strip()
+    if not text:
+        raise FaultSpecError("empty fault; write e.g. 'nan:p=0.01' (faults joined by '+')")
+    name, sep, rest = text.partition(":")
+    name = name.strip()
+    if not name:
+        raise FaultSpecError(
+            f"missing fault name in {text!r}; write name:key=value, e.g. nan:p=0.01 "
+            f"(faults: {', '.join(sorted(_REGISTRY))})"
+        )
+    if name == "none":
+        raise FaultSpecError("'none' stands alone (the empty plan); drop it or drop the others")
+    cls = fault_class(name)
+    if not sep:
+        return cls(seed=seed)
+    if not rest.strip():
+        raise FaultSpecError(
+            f"fault {name!r}: nothing after ':'; write {name}:key=value "
+            f"(options: {', '.join(o.name for o in cls.options)})"
+        )
+    values: dict[str, Any] = {}
+    for i, item in enumerate(rest.split(",")):
+        key, eq, raw = item.partition("=")
+        key = key.strip()
+        if not eq:
+            if i > 0:
+                raise FaultSpecError(
+                    f"fault {name!r}: {item.strip()!r} is not key=value; only the first value may "
+                    f"omit its key (options: {', '.join(o.name for o in cls.options)})"
+                )
+            opt, raw = cls.options[0], item
+        elif not key:
+            raise FaultSpecError(
+                f"fault {name!r}: missing option name in {item.strip()!r}; write key=value "
+                f"(options: {', '.join(o.name for o in cls.options)})"
+            )
+        else:
+            opt = _option(cls, key)
+        if opt.name in values:
+            raise FaultSpecError(f"fault {name!r}: option {opt.name!r} given twice")
+        values[opt.name] = opt.parse(name, raw)
+    return cls(seed=seed, **values)
+
+
+def parse(spec: str, seed: int = 0) -> FaultPlan:
+    """A :class:`FaultPlan` from a spec such as ``"nan:p=0.01+lr_burst:factor=100,at=200"``;
+    ``"none"`` is the empty plan. The schedules are drawn from ``seed`` (an int >= 0)."""
+    if not isinstance(spec, str):
+        raise FaultSpecError(f"a fault spec is a string, got {type(spec).__name__}")
+    seed = check_seed(seed)
+    text = spec.strip()
+    if not text:
+        raise FaultSpecError("empty fault spec; write 'none' or e.g. 'nan:p=0.01'")
+    if text == "none":
+        return FaultPlan()
+    parts = text.split("+")
+    if any(not p.strip() for p in parts):
+        raise FaultSpecError(f"empty fault in {spec!r}; join faults with a single '+'")
+    return FaultPlan(parse_fault(p, seed) for p in parts)
