@@ -51,6 +51,13 @@ def _num(v: float) -> str:
     return str(int(v)) if isinstance(v, int) else repr(float(v))
 
 
+def _show(v: Any) -> str:
+    """A value for a message: ``2`` for a whole float, ``repr`` else."""
+    if isinstance(v, float) and v.is_integer() and abs(v) < 1e15:
+        return str(int(v))
+    return repr(v)
+
+
 @dataclass(frozen=True)
 class Option:
     """One option of a fault: its type, default, valid range and what it means.
@@ -92,6 +99,11 @@ class Option:
                     raise FaultSpecError(f"{where} is not one of {', '.join(self.choices)}")
                 return text
             return text  # checked by validate(), for text and Python values alike
+        if self.type is int:
+            try:
+                return int(text)  # exact, however large; "1e3" goes on to float()
+            except ValueError:
+                pass
         try:
             v = float(text)
         except ValueError:
@@ -125,8 +137,10 @@ class Option:
         return {int: "an integer", float: "a number", str: "a string"}[self.type]
 
     def _check(self, fault: str, v: Any) -> Any:
+        given = v
+
         def bad(msg: str) -> FaultSpecError:
-            return FaultSpecError(f"fault {fault!r}: {self.name}={v!r} {msg}; {self.doc}")
+            return FaultSpecError(f"fault {fault!r}: {self.name}={_show(given)} {msg}; {self.doc}")
 
         if self.type is str:
             if not isinstance(v, str):

@@ -12,6 +12,7 @@ problem and the fix: the valid faults, the fault's options, the option's range.
 from __future__ import annotations
 
 import difflib
+import inspect
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -56,7 +57,7 @@ def available_faults() -> dict[str, FaultInfo]:
         name: FaultInfo(
             name,
             cls,
-            (cls.__doc__ or "").strip().split("\n\n")[0].replace("\n", " "),
+            " ".join(inspect.cleandoc(cls.__doc__ or "").split("\n\n")[0].split()),
             cls.options,
         )
         for name, cls in sorted(_REGISTRY.items())
