@@ -62,6 +62,9 @@ def test_objects_and_lists():
         ("skip_nonfinite:3", "takes no parameters"),
         ("zclip:alpha=0.9,alpha=0.8", "given twice"),
         ("rollback:to=cloud", "is not one of memory, disk"),
+        # a count past a C size was an OverflowError from collections.deque
+        ("skip_spike:window=1e30", "window='1e30' is too large (at most 9223372036854775807)"),
+        ("clip_norm:1e+", "max_norm='1e' is not a number"),
     ],
 )
 def test_bad_specs_name_the_problem(spec, fragment):
@@ -90,6 +93,21 @@ def test_spec_round_trips(name):
     p = gradguard.policies.policy_class(name)(**kwargs)
     (q,) = parse_spec(p.spec())
     assert type(q) is type(p) and q.params() == p.params()
+
+
+def test_exponents_are_not_chain_separators():
+    """str(1e20) is '1e+20': spec() of a large value parsed back as two policies ('1e', '20')."""
+    (p,) = parse_spec("clip_norm:100000000000000000000")
+    assert p.spec() == "clip_norm:max_norm=1e+20,norm_type=2.0"
+    assert [q.spec() for q in parse_spec(p.spec())] == [p.spec()]
+    chain = parse_spec("clip_norm:2.5E+3+zclip+skip_nonfinite+clip_value:1e-3")
+    assert [q.name for q in chain] == ["clip_norm", "zclip", "skip_nonfinite", "clip_value"]
+    assert chain[0].max_norm == 2500.0 and chain[3].limit == 0.001
+
+
+def test_integers_are_exact_past_float_precision():
+    (p,) = parse_spec("skip_spike:window=9007199254740993")
+    assert p.window == 9007199254740993
 
 
 @settings(max_examples=300, deadline=None)

@@ -26,6 +26,19 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"gradguard: error: {message}\n")
 
 
+def _out_folder(path: str, flag: str) -> Path:
+    """``path`` as an output folder, refused before any work starts if a file is in the way."""
+    if "\0" in path:
+        raise GradGuardError(f"{flag} {path!r}: a path cannot hold a NUL character")
+    out = Path(path)
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise GradGuardError(f"{flag} {path}: {p} is a file, not a folder")
+            break
+    return out
+
+
 def _cmd_policies(_args: argparse.Namespace) -> int:
     for name in available_policies():
         cls = policy_class(name)
@@ -59,13 +72,13 @@ _AXIS_FLAGS = {
 def _bench_configs(args: argparse.Namespace):
     """The suite's (or the TOML file's) grid, with the axes and settings given as flags replacing
     the suite's."""
-    from .bench.config import SUITES, expand_grid, load_toml_grid
+    from .bench.config import MAX_GRID_RUNS, SUITES, expand_grid, load_toml_grid
     from .bench.store import run_key
 
     overrides = {k: getattr(args, k) for k in _AXIS_FLAGS if getattr(args, k)}
     if args.seeds is not None:
-        if args.seeds < 1:
-            raise GradGuardError(f"--seeds must be >= 1, got {args.seeds}")
+        if not 1 <= args.seeds <= MAX_GRID_RUNS:  # before the list of seeds is built
+            raise GradGuardError(f"--seeds must be in [1, {MAX_GRID_RUNS}], got {args.seeds}")
         overrides["seed"] = list(range(args.seeds))
     settings = {
         k: getattr(args, k) for k in ("steps", "batch_size") if getattr(args, k) is not None
@@ -96,9 +109,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench.summary import terminal_table, write_outputs
 
     configs = _bench_configs(args)
-    out = Path(
+    out = _out_folder(
         args.out
-        or f"results/bench-{Path(args.grid).stem if args.grid else (args.suite or 'quick')}"
+        or f"results/bench-{Path(args.grid).stem if args.grid else (args.suite or 'quick')}",
+        "--out",
     )
     print(
         f"gradguard bench: {len(configs)} runs -> {out}/ ({DB_NAME}, summary.md, summary.csv, PNG plots)",
@@ -152,6 +166,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     resolve(cfg)
     if args.nproc < 1:
         raise GradGuardError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.out:
+        _out_folder(args.out, "--out")
     if parallel.launched_by_torchrun():
         if args.nproc != 1:
             raise GradGuardError(
@@ -207,6 +223,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from .diagnose.html import open_run, render_report, terminal_summary
     from .diagnose.rules import diagnose
 
+    if args.out:
+        _out_folder(args.out, "--out")
     run = open_run(args.run_dir)
     findings = diagnose(run)
     path = render_report(run, findings, args.out or run.path.parent)
@@ -306,6 +324,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except GradGuardError as e:
         print(f"gradguard: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path the arguments name: a folder for a file, unwritable, ...
+        where = f": {e.filename}" if e.filename else ""
+        print(f"gradguard: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from gradguard.bench.config import RunConfig, expand_grid, load_toml_grid, resolve, suite
@@ -58,10 +60,22 @@ def test_mitigations_resolve(mitigation, expect):
         ({"task": ["imagenet"]}, "unknown task 'imagenet'"),
         ({"model": ["resnet51"]}, "unknown model 'resnet51'"),
         ({"model": ["lstm"], "mitigation": ["leaky_relu"]}, "set by mitigation 'leaky_relu'"),
+        # found by tests/test_fuzz_inputs.py: each of these started runs that all failed
+        ({"seed": [True]}, "seed must be an integer in [0, 2**63), got True"),
+        ({"seed": [-1]}, "seed must be an integer in [0, 2**63), got -1"),
+        ({"seed": [2**64]}, "seed must be an integer in [0, 2**63)"),
+        ({"warmup": [True]}, "warmup must be an integer >= 0, got True"),
+        ({"model_options": [{"depth": "x"}]}, "mlp: depth='x' is not an integer"),
+        ({"model_options": [{"activation": "swish"}]}, "activation='swish' is not one of relu"),
+        (
+            {"task": ["adding"], "model": ["rnn"], "task_options": [{"T": 2.5}]},
+            "task adding: T=2.5 is not an integer",
+        ),
+        ({"seed": list(range(400)), "lr": [0.1] * 400}, "grid of 160000 runs (400 seed x 400 lr)"),
     ],
 )
 def test_bad_grids_fail_before_any_run(axes, fragment):
-    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(")):
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
         expand_grid({}, axes)
 
 

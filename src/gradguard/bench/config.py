@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -152,17 +153,24 @@ def _check_faults(cfg: RunConfig) -> None:
 
 
 def _check_names(cfg: RunConfig, mopts: Mapping[str, Any], mitigation: str) -> None:
-    """Task and model names and option keys, checked without building anything."""
-    from .models import model_options
-    from .tasks import task_options
+    """Task and model names, option keys and option types, checked without building anything."""
+    from . import models, tasks
 
-    valid_t = task_options(cfg.task)  # raises ConfigError naming the valid tasks
+    valid_t = tasks.task_options(cfg.task)  # raises ConfigError naming the valid tasks
     bad = sorted(set(cfg.task_options) - set(valid_t))
     if bad:
         raise ConfigError(
             f"task {cfg.task}: unknown option(s) {', '.join(bad)}; valid options: {', '.join(valid_t)}"
         )
-    valid_m = model_options(cfg.model)
+    # Wrong value types (depth = "x" in a TOML file) would fail every run of the grid; fail here.
+    hints = typing.get_type_hints(tasks._builder(cfg.task))
+    for k, v in cfg.task_options.items():
+        models._check_type(f"task {cfg.task}", k, v, hints.get(k, Any))
+    hints = typing.get_type_hints(models.model_info(cfg.model).build)
+    for k, v in cfg.model_options.items():
+        if k in hints:
+            models._check_type(cfg.model, k, v, hints[k])
+    valid_m = models.model_options(cfg.model)
     bad = sorted(set(mopts) - set(valid_m))
     if bad:
         via = (
@@ -209,14 +217,17 @@ def validate_basics(cfg: RunConfig) -> None:
         v = getattr(cfg, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
-    if not isinstance(cfg.warmup, int) or cfg.warmup < 0:
+    if not isinstance(cfg.warmup, int) or isinstance(cfg.warmup, bool) or cfg.warmup < 0:
         raise ConfigError(f"warmup must be an integer >= 0, got {cfg.warmup!r}")
-    if not isinstance(cfg.seed, int):
-        raise ConfigError(f"seed must be an integer, got {cfg.seed!r}")
+    # Here, not in every run: torch.manual_seed refuses seeds >= 2**64, fault schedules negative ones.
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or not 0 <= cfg.seed < 2**63:
+        raise ConfigError(f"seed must be an integer in [0, 2**63), got {cfg.seed!r}")
 
 
 # ----- grids and suites ---------------------------------------------------------------------------
 AXES = ("task", "model", "optimizer", "lr", "mitigation", "seed")
+#: More runs than a bench could finish: refuse the grid before building the product in memory.
+MAX_GRID_RUNS = 100_000
 
 
 def expand_grid(base: Mapping[str, Any], axes: Mapping[str, Iterable[Any]]) -> list[RunConfig]:
@@ -230,6 +241,10 @@ def expand_grid(base: Mapping[str, Any], axes: Mapping[str, Iterable[Any]]) -> l
             )
         if not v:
             raise ConfigError(f"grid axis {k!r} is empty")
+    n_runs = math.prod(len(v) for v in axes.values())
+    if n_runs > MAX_GRID_RUNS:
+        sizes = " x ".join(f"{len(v)} {k}" for k, v in axes.items())
+        raise ConfigError(f"grid of {n_runs} runs ({sizes}); at most {MAX_GRID_RUNS}")
     base_cfg = RunConfig.from_dict(dict(base))
     keys = list(axes)
     out = []
@@ -437,7 +452,7 @@ def load_toml_grid(path: str | Path) -> list[RunConfig]:
 
     p = Path(path)
     try:
-        data = tomllib.loads(p.read_text())
+        data = tomllib.loads(p.read_text(encoding="utf-8"))  # TOML is UTF-8 whatever the locale
     except FileNotFoundError:
         raise ConfigError(f"grid file {p} does not exist") from None
     except IsADirectoryError:
@@ -446,6 +461,8 @@ def load_toml_grid(path: str | Path) -> list[RunConfig]:
         raise ConfigError(f"cannot read grid file {p}: {e.strerror or e}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"grid file {p} is not valid TOML: {e}") from None
+    except ValueError as e:  # a path the OS refuses before looking (a NUL character)
+        raise ConfigError(f"cannot read grid file {str(path)!r}: {e}") from None
     unknown = sorted(set(data) - {"base", "grid"})
     if unknown:
         raise ConfigError(

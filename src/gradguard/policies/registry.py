@@ -9,6 +9,8 @@ chain. List values use ``|`` (``agc:exclude=head|fc*``).
 from __future__ import annotations
 
 import inspect
+import re
+import sys
 import types
 import typing
 from collections.abc import Iterable, Sequence
@@ -21,6 +23,10 @@ _REGISTRY: dict[str, type[Policy]] = {}
 
 #: The recommended chain (see the README for why).
 DEFAULT_SPEC = "skip_nonfinite+zclip+clip_norm:1.0"
+
+# A '+' joins policies, except inside a number's exponent: ``str(1e20)`` is ``1e+20``, and a
+# policy's ``spec()`` must parse back (``clip_norm:max_norm=1e+20``).
+_CHAIN_SEP = re.compile(r"\+(?![0-9])|(?<![0-9.][eE])\+")
 
 
 def register(cls: type[Policy]) -> type[Policy]:
@@ -87,12 +93,15 @@ def _coerce(policy: str, pname: str, raw: str, hint: Any) -> Any:
         raise SpecError(f"{policy}: {pname}={text!r} is not a boolean (use true or false)")
     if hint is int:
         try:
-            f = float(text)
+            f = float(text)  # 1e3, 100.0
         except ValueError:
             raise SpecError(f"{policy}: {pname}={text!r} is not an integer") from None
         if not f.is_integer():
             raise SpecError(f"{policy}: {pname}={text!r} is not an integer")
-        return int(f)
+        n = int(text) if text.lstrip("+-").isdigit() else int(f)  # exact past 2**53
+        if abs(n) > sys.maxsize:  # beyond any count or window (and a C size: deque would raise)
+            raise SpecError(f"{policy}: {pname}={text!r} is too large (at most {sys.maxsize})")
+        return n
     if hint is float:
         try:
             return float(text)
@@ -131,7 +140,7 @@ def make_policy(
         values[k] = _coerce(name, k, v, hints.get(k, str))
     try:
         return cls(**values)
-    except (TypeError, ValueError) as e:  # SpecError included: prefix the policy's name
+    except (TypeError, ValueError, OverflowError) as e:  # SpecError included: prefix the name
         raise SpecError(f"{name}: {e}") from None
 
 
@@ -178,7 +187,7 @@ def parse_spec(spec: str | Policy | Iterable[str | Policy] | None) -> list[Polic
         if spec.strip() == "none":
             return []
         out: list[Policy] = []
-        for part in spec.split("+"):
+        for part in _CHAIN_SEP.split(spec):
             out.extend(parse_spec(DEFAULT_SPEC) if part.strip() == "default" else [parse_one(part)])
         return out
     out = []
