@@ -8,6 +8,7 @@ report = guard.step(loss=loss)     # replaces optimizer.step()
 from .errors import ConfigError, GradGuardError, SpecError
 from .guard import Guard
 from .layout import ParamLayout
+from .optim import GuardedOptimizer
 from .policies import (
     DEFAULT_SPEC,
     Policy,
@@ -37,6 +38,7 @@ __all__ = [
     "GradGuardError",
     "GradStats",
     "Guard",
+    "GuardedOptimizer",
     "ParamLayout",
     "Policy",
     "SpecError",

@@ -18,12 +18,13 @@ import os
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from .errors import ConfigError
+from .errors import ConfigError, GradGuardError
 from .layout import ParamLayout
 from .policies import HostView, Policy, StepContext, parse_spec, skip_nonfinite
 from .report import StepReport, Tally
@@ -60,6 +61,27 @@ def _refuse_fsdp1(model: nn.Module | None, optimizer: Any) -> None:
             "slice of many layers, so norms would be partial. Use FSDP2 (torch.distributed.fsdp."
             "fully_shard), whose DTensor gradients the Guard reduces across ranks, or DDP."
         )
+
+
+@dataclass(eq=False)
+class PendingStep:
+    """A step measured and decided by :meth:`Guard.before_step`, awaiting :meth:`Guard.after_step`."""
+
+    ctx: StepContext
+    stats: GradStats
+    stale: bool = False
+    localization: dict[str, Any] | None = None
+    saved_lrs: list[float] | None = None
+
+    @property
+    def stepped(self) -> bool:
+        """Whether the optimizer should step (False: the Guard skipped, rolled back or the AMP
+        scaler found an overflow)."""
+        return not self.ctx.skip
+
+    @property
+    def skip_reason(self) -> str | None:
+        return self.ctx.skip_reason
 
 
 class Guard:
@@ -133,6 +155,7 @@ class Guard:
         self._step = 0
         self._tally = Tally(("steps", "skipped", "rolled_back", "amp_overflow", "clipped"))
         self._last_grad: tuple[weakref.ref, int] | None = None
+        self._pending: PendingStep | None = None
         if log_dir is not None and telemetry is not None:
             raise ConfigError(
                 "give log_dir or telemetry, not both (Telemetry(log_dir, ...) holds the folder)"
@@ -161,21 +184,80 @@ class Guard:
         (forward or backward); the model, its buffers and gradients are left as they were. The
         result is ``report.localization`` and goes to the telemetry. Normal steps never call it.
         """
+        pending = self._decide(loss, replay, stacklevel=3)
+        ctx = pending.ctx
+        if pending.stepped:
+            if self.telemetry is not None and self.telemetry.wants_update_ratio(ctx.step):
+                self.telemetry.before_update(pending.stats)
+            self._apply_step(ctx.lr_scale)
+        elif not pending.stale:
+            if self.scaler is not None:
+                self.scaler.update()  # backs the scale off on overflow; unscale_ recorded the check
+            self.optimizer.zero_grad(set_to_none=True)
+        return self._conclude(pending)
+
+    def before_step(
+        self, loss: Tensor | float | None = None, *, replay: Callable[[], Tensor] | None = None
+    ) -> PendingStep:
+        """First half of :meth:`step`, for frameworks that call ``optimizer.step()`` themselves.
+
+        Measures the gradients and runs the chain exactly as :meth:`step` does. The Guard does not
+        step: the caller's framework does, right after. So that its ``optimizer.step()`` cannot
+        apply a cancelled step, a skip drops the gradients (sets every ``.grad`` to ``None``):
+        every ``torch.optim`` optimizer leaves a parameter without a gradient untouched, its
+        moments and step count included. An LR scale (``lr_backoff``) is applied to the param
+        groups until :meth:`after_step`. With a ``scaler``, the framework owns ``scaler.step`` and
+        ``scaler.update``; the Guard only reads the overflow it recorded.
+
+        Call :meth:`after_step` with the returned object once the framework's step is done.
+        """
+        if self._pending is not None:
+            raise GradGuardError(
+                "before_step() was called twice without after_step() in between; call "
+                "guard.after_step(pending) once the optimizer has stepped"
+            )
+        pending = self._decide(loss, replay, stacklevel=3)
+        ctx = pending.ctx
+        if pending.stepped:
+            if self.telemetry is not None and self.telemetry.wants_update_ratio(ctx.step):
+                self.telemetry.before_update(pending.stats)
+            if ctx.lr_scale != 1.0:
+                pending.saved_lrs = [g["lr"] for g in self.optimizer.param_groups]
+                for g in self.optimizer.param_groups:
+                    g["lr"] = g["lr"] * ctx.lr_scale
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+        self._pending = pending
+        return pending
+
+    def after_step(self, pending: PendingStep) -> StepReport:
+        """Second half of :meth:`step`: restore the LR, run the policies' after-step hooks
+        (snapshots, EMA updates), count, and write telemetry. Returns the step's report."""
+        if pending is not self._pending:
+            raise GradGuardError(
+                "after_step() needs the object returned by this Guard's last before_step()"
+            )
+        self._pending = None
+        if pending.saved_lrs is not None:
+            for g, lr in zip(self.optimizer.param_groups, pending.saved_lrs, strict=True):
+                g["lr"] = lr
+        return self._conclude(pending)
+
+    def _decide(
+        self, loss: Tensor | float | None, replay: Callable[[], Tensor] | None, stacklevel: int
+    ) -> PendingStep:
         self._unscale()
         stats = compute_grad_stats(self.layout)
         if self._is_stale(stats):
             warnings.warn(
                 "Guard.step() was called again on the same gradients without a backward() in between; "
                 "this step is skipped. Call guard.step() once per optimizer step.",
-                stacklevel=2,
+                stacklevel=stacklevel + 1,
             )
-            return self._finish(
-                StepContext(
-                    self._step, stats, self.optimizer, skip=True, skip_reason="stale_grads"
-                ),
-                stats,
-                False,
+            ctx = StepContext(
+                self._step, stats, self.optimizer, skip=True, skip_reason="stale_grads"
             )
+            return PendingStep(ctx, stats, stale=True)
         ctx = StepContext(
             self._step, stats, self.optimizer, loss=loss if isinstance(loss, Tensor) else None
         )
@@ -197,24 +279,21 @@ class Guard:
             if ctx.amp_overflow and policy.kind != "react":
                 continue
             policy.apply(ctx)
-        stepped = not ctx.skip
-        localization = None
+        pending = PendingStep(ctx, stats)
         if replay is not None and self._nonfinite(ctx):
-            localization = self._localize(replay, ctx.step)
-        if stepped and self.telemetry is not None and self.telemetry.wants_update_ratio(ctx.step):
-            self.telemetry.before_update(stats)
-        if stepped:
-            self._apply_step(ctx.lr_scale)
-        else:
-            if self.scaler is not None:
-                self.scaler.update()  # backs the scale off on overflow; unscale_ recorded the check
-            self.optimizer.zero_grad(set_to_none=True)
+            pending.localization = self._localize(replay, ctx.step)
+        return pending
+
+    def _conclude(self, pending: PendingStep) -> StepReport:
+        ctx, stats, stepped = pending.ctx, pending.stats, pending.stepped
+        if pending.stale:
+            return self._finish(ctx, stats, False)
         for policy in self.policies:
             policy.after_step(ctx, stepped)
         report = self._finish(ctx, stats, stepped)
-        report.localization = localization
+        report.localization = pending.localization
         if self.telemetry is not None:
-            self.telemetry.after_step(self, ctx, stats, report, stepped, localization)
+            self.telemetry.after_step(self, ctx, stats, report, stepped, pending.localization)
         return report
 
     def _nonfinite(self, ctx: StepContext) -> bool:
