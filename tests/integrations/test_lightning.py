@@ -206,3 +206,14 @@ def test_lightning_clipping_on_top_warns():
 def test_bad_policy_fails_at_construction():
     with pytest.raises(SpecError, match="unknown policy"):
         GuardCallback("clip_nrom:1.0")
+
+
+def test_bf16_autocast_and_accumulation():
+    """bf16-mixed precision and gradient accumulation: one Guard step per optimizer step (not per
+    micro-batch), and the step whose micro-batch went NaN is skipped whole."""
+    model = Net(nan_steps=[1], optimizer="momentum")
+    cb = GuardCallback("default")
+    trainer = _fit(model, 4, [cb], precision="bf16-mixed", accumulate_grad_batches=2)
+    assert trainer.global_step == 4
+    assert cb.guard.counters["steps"] == 4 and cb.guard.counters["skipped"] == 1
+    assert torch.isfinite(model.flat()).all()
