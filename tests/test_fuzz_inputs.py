@@ -24,7 +24,7 @@ from gradguard import available_policies, parse_spec
 from gradguard.bench import parallel, runner, train
 from gradguard.bench.config import MAX_GRID_RUNS, load_toml_grid, resolve
 from gradguard.cli import main
-from gradguard.errors import GradGuardError
+from gradguard.errors import ConfigError, GradGuardError, SpecError
 from gradguard.policies.registry import _parameters, policy_class
 
 POLICIES = available_policies()
@@ -473,3 +473,25 @@ def test_os_error_from_a_named_path_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(runner, "run_grid", refuse)
     assert main(["bench", "--out", str(tmp_path / "out"), "--seeds", "1"]) == 2
     assert capsys.readouterr().err == f"gradguard: error: Permission denied: {tmp_path / 'out'}\n"
+
+
+def test_grid_file_with_a_bom_loads(tmp_path):
+    """Some Windows editors start UTF-8 files with a byte-order mark; TOML parsers refuse it."""
+    p = tmp_path / "bom.toml"
+    p.write_bytes(b"\xef\xbb\xbf[grid]\nlr = [0.1, 0.2]\n")
+    assert [c.lr for c in load_toml_grid(p)] == [0.1, 0.2]
+
+
+def test_empty_grid_file_is_refused_not_run_as_defaults(tmp_path):
+    p = tmp_path / "empty.toml"
+    p.write_text("# nothing yet\n")
+    with pytest.raises(ConfigError, match=r"is empty; give a \[base\]"):
+        load_toml_grid(p)
+
+
+@pytest.mark.parametrize("spec", ["autoclip:history=1000000000000", "autoclip:max_history=10**9"])
+def test_autoclip_history_that_cannot_fit_is_refused_at_parse(spec):
+    spec = spec.replace("10**9", str(10**9))
+    with pytest.raises(SpecError, match="limit is 10,000,000"):
+        parse_spec(spec)
+    assert parse_spec("autoclip:history=1000")[0].capacity == 1000

@@ -452,7 +452,8 @@ def load_toml_grid(path: str | Path) -> list[RunConfig]:
 
     p = Path(path)
     try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))  # TOML is UTF-8 whatever the locale
+        # TOML is UTF-8 whatever the locale; utf-8-sig also takes the BOM some editors write.
+        data = tomllib.loads(p.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise ConfigError(f"grid file {p} does not exist") from None
     except IsADirectoryError:
@@ -467,6 +468,11 @@ def load_toml_grid(path: str | Path) -> list[RunConfig]:
     if unknown:
         raise ConfigError(
             f"grid file {p}: unknown table(s) {', '.join(unknown)}; use [base] and [grid]"
+        )
+    if not data:
+        raise ConfigError(
+            f"grid file {p} is empty; give a [base] table of settings and/or a [grid] table of "
+            "lists, e.g. [grid] lr = [0.01, 0.1] (a run of the defaults alone: gradguard train)"
         )
     base, axes = data.get("base", {}), data.get("grid", {})
     if not isinstance(base, dict) or not isinstance(axes, dict):

@@ -13,6 +13,8 @@ from .base import Policy, StepContext
 from .clip import NORM_EPS
 from .registry import register
 
+#: History slots at most (two float32 buffers of this length: 80 MB).
+_MAX_SLOTS = 10_000_000
 _INITIAL_CAPACITY = 1024
 
 
@@ -94,6 +96,13 @@ class autoclip(Policy):
             )
         if not isinstance(max_history, int) or max_history < 2:
             raise SpecError(f"max_history must be an integer >= 2, got {max_history!r}")
+        for key, n in (("history", history), ("max_history", max_history)):
+            if n is not None and n > _MAX_SLOTS:
+                raise SpecError(
+                    f"{key}={n} would keep {n} norms in two device buffers ({n * 8 / 1e9:.1f} GB); "
+                    f"the limit is {_MAX_SLOTS:,}. Leave history unset: AutoClip then keeps every "
+                    f"norm up to max_history and a uniform sample of them beyond"
+                )
         self.percentile = float(percentile)
         self.history = history
         self.max_history = max_history
