@@ -19,6 +19,7 @@ from typing import Any
 
 from ..errors import ConfigError, SpecError
 from ..policies import parse_spec
+from . import keras_train
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
 SCHEDULES = ("constant", "cosine")
@@ -136,6 +137,9 @@ def resolve(cfg: RunConfig) -> Resolved:
         policy = spec
     _check_names(cfg, mopts, spec)
     _check_faults(cfg)
+    if keras_train.is_keras_model(cfg.model):
+        keras_train.check_config(cfg, mopts, spec)
+        keras_train.check_policy(cfg, policy)
     return Resolved(cfg, opt, mom, mopts, policy)
 
 
@@ -166,6 +170,8 @@ def _check_names(cfg: RunConfig, mopts: Mapping[str, Any], mitigation: str) -> N
     hints = typing.get_type_hints(tasks._builder(cfg.task))
     for k, v in cfg.task_options.items():
         models._check_type(f"task {cfg.task}", k, v, hints.get(k, Any))
+    if keras_train.is_keras_model(cfg.model):
+        return  # a Keras model: checked by keras_train.check_config (in resolve)
     hints = typing.get_type_hints(models.model_info(cfg.model).build)
     for k, v in cfg.model_options.items():
         if k in hints:
@@ -433,6 +439,8 @@ SUITES["faults"] = [
     ),
 ]
 SUITES["full"] = [g for name in ("quick", "seed", "rnn", "transformer") for g in SUITES[name]]
+# The seed document's TensorFlow scenario, in Keras (needs gradguard[keras]; not part of "full").
+SUITES["keras"] = keras_train.SUITE
 
 
 def suite(name: str) -> list[RunConfig]:

@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..guard import Guard
 from ..stats import foreach_norms
+from . import keras_train
 from .config import Resolved, RunConfig, resolve
 from .models import build_model
 from .parallel import check_divisible, current, from_main, mean_over_ranks, rank_slice
@@ -122,6 +123,8 @@ def train_run(
     Not equal to one process: ``batchnorm`` on the CPU (per-rank batch statistics; on GPUs it
     becomes SyncBatchNorm) and ``dropout`` (each rank draws its own masks).
     """
+    if keras_train.is_keras_model(cfg.model):
+        return keras_train.train_run(cfg, on_step=on_step, log_dir=log_dir)
     res = resolve(cfg)
     ranks = current()
     if ranks is not None:
@@ -243,6 +246,42 @@ def train_run(
         if diverged_reason is None
         else {"loss": math.nan, "metric": math.nan, "success": False}
     )
+    result = run_result(
+        task,
+        steps,
+        ev,
+        first_loss=first_loss,
+        diverged_reason=diverged_reason,
+        steps_to_target=steps_to_target,
+        seconds_to_target=seconds_to_target,
+        wall=wall,
+        counters=counters,
+        guard_seconds=guard_seconds,
+        policy=res.policy,
+        plan=plan,
+    )
+    if ranks is not None:
+        from_main(result, ranks)
+    return result, steps
+
+
+def run_result(
+    task: Any,
+    steps: list[dict[str, Any]],
+    ev: dict[str, Any],
+    *,
+    first_loss: float | None,
+    diverged_reason: str | None,
+    steps_to_target: int | None,
+    seconds_to_target: float | None,
+    wall: float,
+    counters: dict[str, int],
+    guard_seconds: float,
+    policy: str | None,
+    plan: Any = None,
+) -> dict[str, Any]:
+    """A finished run's result row (what the store keeps), from its step records and final
+    evaluation ``ev``; the one definition of divergence, whichever framework trained."""
     if steps_to_target is None and ev["success"] and diverged_reason is None:
         steps_to_target, seconds_to_target = len(steps), wall
     tail = [r["loss"] for r in steps[-max(1, len(steps) // 10) :]]
@@ -255,7 +294,7 @@ def train_run(
         elif at_chance(task, ev["metric"]):
             diverged_reason = "at_chance"
     norms = [r["grad_norm"] for r in steps if math.isfinite(r["grad_norm"])]
-    result = {
+    result: dict[str, Any] = {
         "diverged": diverged_reason is not None,
         "diverged_reason": diverged_reason,
         "steps_run": len(steps),
@@ -267,11 +306,11 @@ def train_run(
         "seconds_to_target": seconds_to_target,
         "max_grad_norm": max(norms) if norms else math.nan,
         "median_grad_norm": statistics.median(norms) if norms else math.nan,
-        "interventions": {k: v for k, v in counters.items() if k not in ("steps",)},
+        "interventions": {k: v for k, v in counters.items() if k != "steps"},
         "wall_seconds": wall,
         "guard_seconds": guard_seconds,
         "guard_share": guard_seconds / wall if wall > 0 else 0.0,
-        "policy": res.policy,
+        "policy": policy,
     }
     if plan is not None:
         strikes = plan.strikes
@@ -284,6 +323,4 @@ def train_run(
             steps_to_recover=recover,
             unrecovered=unrecovered,
         )
-    if ranks is not None:
-        from_main(result, ranks)
-    return result, steps
+    return result

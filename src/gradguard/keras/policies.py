@@ -1,0 +1,765 @@
+"""The Guard's policies in ``keras.ops``: the same algorithms, spec names, parameters and defaults
+as :mod:`gradguard.policies`, for Keras 3 on any backend (TensorFlow, JAX, torch).
+
+Each class here names its torch twin in ``reference``: constructing one constructs the twin, so the
+spec grammar, the defaults and every parameter check are the torch registry's own (one source of
+truth), and ``spec()`` prints the same string. What differs is only how the step is computed: every
+decision is a tensor (``ops.where``), never a Python ``if`` on a value, so a policy runs inside a
+``tf.function``, under XLA and under ``jax.jit``; and state lives in ``keras.Variable``s the
+:class:`~gradguard.keras.GuardedOptimizer` owns, so it is saved with the optimizer.
+
+Two policies are not portable and are refused with a :class:`~gradguard.errors.ConfigError` that
+says why (see ``REFUSED``): ``rollback`` and ``reset_moments``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import keras
+from keras import ops
+
+from ..errors import ConfigError, SpecError
+from ..policies import Policy, parse_spec
+from ..policies import agc as _agc
+from ..policies import autoclip as _autoclip
+from ..policies import clip_layerwise as _clip_layerwise
+from ..policies import clip_norm as _clip_norm
+from ..policies import clip_value as _clip_value
+from ..policies import lr_backoff as _lr_backoff
+from ..policies import skip_nonfinite as _skip_nonfinite
+from ..policies import skip_spike as _skip_spike
+from ..policies import zclip as _zclip
+from ..policies.clip import NORM_EPS
+from ..policies.registry import _CHAIN_SEP
+
+if TYPE_CHECKING:
+    from .optimizer import GuardedOptimizer
+
+#: Skip reasons, stored as an int code in a variable (index into this tuple; 0 = not skipped).
+SKIP_REASONS = (None, "nonfinite_grad", "spike_grad_norm")
+
+#: Policies with no Keras version, and why.
+REFUSED = {
+    "rollback": (
+        "it restores a snapshot of the model and the optimizer, which a Keras optimizer cannot "
+        "reach from inside a compiled train step; use keras.callbacks.BackupAndRestore or "
+        "ModelCheckpoint to resume from a good state"
+    ),
+    "reset_moments": (
+        "it zeroes one parameter's moments and restarts that parameter's step count, but Keras "
+        "optimizers share one iteration counter across all variables (Adam's bias correction), "
+        "so the reset cannot be done exactly"
+    ),
+}
+
+
+# ----- where the variables live ---------------------------------------------------------------
+@dataclass(frozen=True)
+class VarLayout:
+    """The guarded variables in the optimizer's order, with paths and layers.
+
+    A variable's layer is its path without the last component (``"dense_1/kernel"`` -> layer
+    ``"dense_1"``); a model-name prefix shared by every layer (``"sequential/dense_1"``) is dropped.
+    """
+
+    paths: tuple[str, ...]
+    layer_names: tuple[str, ...]
+    layer_of: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+    @classmethod
+    def build(cls, variables: Sequence[Any]) -> VarLayout:
+        paths = tuple(
+            str(getattr(v, "path", None) or getattr(v, "name", f"var.{i}"))
+            for i, v in enumerate(variables)
+        )
+        owners = [p.rpartition("/")[0] or p for p in paths]
+        heads = {o.partition("/")[0] for o in owners}
+        if len(heads) == 1 and all("/" in o for o in owners):
+            owners = [o.partition("/")[2] for o in owners]
+        layer_names: list[str] = []
+        index: dict[str, int] = {}
+        layer_of = []
+        for o in owners:
+            if o not in index:
+                index[o] = len(layer_names)
+                layer_names.append(o)
+            layer_of.append(index[o])
+        sizes = tuple(int(math.prod(tuple(v.shape))) for v in variables)
+        return cls(paths, tuple(layer_names), tuple(layer_of), sizes)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def select(self, patterns: Iterable[str]) -> list[int]:
+        """Indices of the variables whose path or layer name matches any glob pattern."""
+        import fnmatch
+
+        pats = list(patterns)
+        return [
+            i
+            for i, (p, li) in enumerate(zip(self.paths, self.layer_of, strict=True))
+            if any(
+                fnmatch.fnmatchcase(p, pat) or fnmatch.fnmatchcase(self.layer_names[li], pat)
+                for pat in pats
+            )
+        ]
+
+    def head_layer(self) -> int | None:
+        """The output layer: the layer of the last variable (a Sequential or functional model
+        lists its variables in layer order; a subclassed model in the order it created them, so
+        there pass ``agc:exclude=...`` instead)."""
+        return self.layer_of[-1] if self.layer_of else None
+
+
+# ----- one step ---------------------------------------------------------------------------------
+def _f32(x: Any) -> Any:
+    return ops.cast(x, "float32")
+
+
+def _norm(g: Any) -> Any:
+    """L2 norm in float32 whatever the gradient dtype (as torch's ``_foreach_norm(dtype=float32)``)."""
+    return ops.sqrt(ops.sum(ops.square(_f32(g))))
+
+
+class KerasStep:
+    """One step's gradients, statistics and decisions: the Keras twin of ``StepContext`` +
+    ``GradStats``. Every flag and number is a tensor; nothing here reads a value to the host.
+
+    ``grads`` are the non-empty gradients, ``index[k]`` the layout position of ``grads[k]``.
+    ``gate`` (set by the optimizer around each clipping policy) is False once the step is
+    cancelled: a gated policy neither changes the gradients nor learns from the step, as in the
+    torch Guard, where clipping policies do not run on a skipped step.
+    """
+
+    def __init__(
+        self, grads: list[Any], index: list[int], variables: list[Any], layout: VarLayout, step: Any
+    ):
+        self.grads = list(grads)
+        self.index = list(index)
+        self.positions = list(range(len(grads)))  # where each gradient sits in the caller's list
+        self.variables = list(variables)
+        self.layout = layout
+        self.step = step
+        self.raw_norms = ops.stack([_norm(g) for g in grads]) if grads else ops.zeros((0,))
+        self.norms = self.raw_norms
+        self.norm = ops.sqrt(ops.sum(ops.square(self.raw_norms)))
+        self.skip = ops.convert_to_tensor(False)
+        self.skip_code = ops.convert_to_tensor(0, "int32")
+        self.lr_scale = ops.convert_to_tensor(1.0, "float32")
+        self.acted: dict[str, Any] = {}
+        self.metrics: dict[str, Any] = {}
+        self.gate: Any = None
+        self.modified = False
+
+    # ----- statistics -------------------------------------------------------------------------------
+    @property
+    def norm_after(self) -> Any:
+        """Global L2 norm after the mitigations applied so far."""
+        if not self.modified:
+            return self.norm
+        return ops.sqrt(ops.sum(ops.square(self.norms)))
+
+    @property
+    def layer_ids(self) -> list[int]:
+        return [self.layout.layer_of[i] for i in self.index]
+
+    def layer_norms(self, norms: Any = None) -> Any:
+        """Per-layer L2 norms over the layout's layers (0 for a layer without gradients). Summed
+        per layer in Python, not by a one-hot matmul, where an Inf times 0 would be NaN."""
+        norms = self.norms if norms is None else norms
+        sq = ops.square(norms)
+        ids = self.layer_ids
+        out = []
+        for li in range(len(self.layout.layer_names)):
+            members = [k for k, lid in enumerate(ids) if lid == li]
+            out.append(ops.sum(ops.stack([sq[k] for k in members])) if members else ops.zeros(()))
+        return ops.sqrt(ops.stack(out))
+
+    # ----- changing the gradients -----------------------------------------------------------------
+    def _gated(self, value: Any, otherwise: Any) -> Any:
+        return value if self.gate is None else ops.where(self.gate, value, otherwise)
+
+    def scale(self, coef: Any) -> None:
+        """Multiply every gradient by one float32 scalar."""
+        coef = self._gated(_f32(coef), 1.0)
+        self.grads = [g * ops.cast(coef, g.dtype) for g in self.grads]
+        self.norms = self.norms * coef
+        self.modified = True
+
+    def scale_each(self, coefs: Any) -> None:
+        """Multiply gradient ``k`` by ``coefs[k]`` (a float32 vector)."""
+        coefs = self._gated(_f32(coefs), ops.ones_like(coefs))
+        self.grads = [g * ops.cast(coefs[k], g.dtype) for k, g in enumerate(self.grads)]
+        self.norms = self.norms * coefs
+        self.modified = True
+
+    def replace(self, grads: list[Any], norms: Any) -> None:
+        """Policies that changed the gradients themselves (and know the resulting norms)."""
+        if self.gate is not None:
+            grads = [ops.where(self.gate, n, o) for n, o in zip(grads, self.grads, strict=True)]
+            norms = ops.where(self.gate, norms, self.norms)
+        self.grads = list(grads)
+        self.norms = norms
+        self.modified = True
+
+    # ----- decisions and state -----------------------------------------------------------------
+    def record(self, policy: str, acted: Any) -> None:
+        acted = ops.convert_to_tensor(acted)
+        if self.gate is not None:
+            acted = ops.logical_and(acted, self.gate)
+        prev = self.acted.get(policy)
+        self.acted[policy] = acted if prev is None else ops.logical_or(prev, acted)
+
+    def metric(self, name: str, value: Any) -> None:
+        """A named number for telemetry; NaN on a step the policy sat out (gated)."""
+        self.metrics[name] = self._gated(_f32(value), math.nan)
+
+    def request_skip(self, cond: Any, reason: str) -> None:
+        """Cancel the step where ``cond`` holds; the first reason given is kept."""
+        cond = ops.convert_to_tensor(cond)
+        code = ops.convert_to_tensor(SKIP_REASONS.index(reason), "int32")
+        self.skip_code = ops.where(self.skip, self.skip_code, ops.where(cond, code, 0))
+        self.skip = ops.logical_or(self.skip, cond)
+
+    def assign(self, variable: Any, value: Any) -> None:
+        """Update a state variable, unless this policy is gated off for the step."""
+        value = ops.cast(value, variable.dtype)
+        variable.assign(self._gated(value, variable))
+
+
+# ----- the policies ---------------------------------------------------------------------------------
+class KerasPolicy:
+    """Base class: a policy whose parameters, defaults and checks are its torch twin's.
+
+    Subclasses set ``reference`` (the torch class), may declare ``metrics`` (names of the numbers
+    they report), create their state in ``build`` with ``optimizer.add_variable`` and implement
+    ``apply``.
+    """
+
+    reference: ClassVar[type[Policy]]
+    name: ClassVar[str] = ""
+    kind: ClassVar[str] = "clip"
+    metrics: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.name = cls.reference.name
+        cls.kind = cls.reference.kind
+        # The constructor's signature is the twin's, for help() and introspection.
+        import inspect
+
+        sig = inspect.signature(cls.reference.__init__)
+        cls.__signature__ = sig.replace(parameters=list(sig.parameters.values())[1:])  # type: ignore[attr-defined]
+
+    def __init__(self, *args: Any, **params: Any):
+        try:
+            self.twin = self.reference(*args, **params)  # validates, fills in the defaults
+        except SpecError as e:
+            raise ConfigError(f"{self.name}: {e}") from None
+        for k, v in self.twin.params().items():
+            setattr(self, k, v)
+
+    def params(self) -> dict[str, Any]:
+        return self.twin.params()
+
+    def spec(self) -> str:
+        """The spec string that rebuilds this policy (the torch twin's)."""
+        return self.twin.spec()
+
+    def build(self, optimizer: GuardedOptimizer, layout: VarLayout) -> None:
+        """Create the state variables (called once, from the optimizer's ``build``)."""
+
+    def apply(self, ctx: KerasStep) -> None:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
+        return f"keras.{type(self).__name__}({args})"
+
+
+def _var(
+    opt: GuardedOptimizer,
+    name: str,
+    shape: tuple[int, ...] = (),
+    dtype: str = "float32",
+    value: float | int = 0,
+) -> Any:
+    init = "zeros" if value == 0 else keras.initializers.Constant(value)
+    return opt.add_variable(shape=shape, initializer=init, dtype=dtype, name=name)
+
+
+class clip_norm(KerasPolicy):
+    """Clip by global norm: ``g <- g * min(1, max_norm / (||g|| + 1e-6))`` (see the torch twin)."""
+
+    reference = _clip_norm
+
+    def apply(self, ctx: KerasStep) -> None:
+        if not ctx.grads:
+            return
+        if self.norm_type == 2.0:
+            total = ctx.norm_after
+        elif self.norm_type == math.inf:
+            total = ops.max(ops.stack([ops.max(ops.abs(_f32(g))) for g in ctx.grads]))
+        else:
+            p = self.norm_type
+            per = ops.stack(
+                [ops.power(ops.sum(ops.power(ops.abs(_f32(g)), p)), 1.0 / p) for g in ctx.grads]
+            )
+            total = ops.power(ops.sum(ops.power(per, p)), 1.0 / p)
+        coef = ops.minimum(self.max_norm / (total + NORM_EPS), 1.0)
+        ctx.scale(coef)
+        ctx.record(self.name, coef < 1.0)
+
+
+class clip_value(KerasPolicy):
+    """Clip every gradient element to ``[-limit, limit]``; the norms are re-measured."""
+
+    reference = _clip_value
+
+    def apply(self, ctx: KerasStep) -> None:
+        if not ctx.grads:
+            return
+        before = ctx.norms
+        grads = [ops.clip(g, -self.limit, self.limit) for g in ctx.grads]
+        after = ops.stack([_norm(g) for g in grads])
+        ctx.replace(grads, after)
+        ctx.record(self.name, ops.any(after < before))
+
+
+class clip_layerwise(KerasPolicy):
+    """Clip each layer's gradient against a fixed ``max_norm``, ``factor`` x its running norm
+    (a bias-corrected EMA of its post-clip norm, after ``warmup`` steps), or the smaller of both."""
+
+    reference = _clip_layerwise
+
+    def build(self, optimizer: GuardedOptimizer, layout: VarLayout) -> None:
+        n = len(layout.layer_names)
+        self.ema = _var(optimizer, "clip_layerwise_ema", (n,))
+        self.count = _var(optimizer, "clip_layerwise_count", (n,))
+
+    def apply(self, ctx: KerasStep) -> None:
+        if not ctx.grads:
+            return
+        norms = ctx.layer_norms()
+        ema, count = ops.convert_to_tensor(self.ema), ops.convert_to_tensor(self.count)
+        thr = ops.full_like(norms, math.inf)
+        if self.factor is not None:
+            corrected = ema / (1.0 - ops.power(self.beta, ops.maximum(count, 1.0)))
+            thr = ops.where(count >= self.warmup, self.factor * corrected, thr)
+        if self.max_norm is not None:
+            thr = ops.minimum(thr, self.max_norm)
+        coef = ops.minimum(thr / (norms + NORM_EPS), 1.0)
+        ids = ctx.layer_ids
+        ctx.scale_each(ops.stack([coef[li] for li in ids]))
+        ctx.record(self.name, ops.any(coef < 1.0))
+        if self.factor is not None:
+            # Track the norm each layer had after clipping; skip layers without a finite gradient.
+            after = norms * coef
+            present = ops.convert_to_tensor(
+                [li in set(ids) for li in range(len(ctx.layout.layer_names))]
+            )
+            upd = ops.logical_and(present, ops.isfinite(after))
+            ctx.assign(self.ema, ops.where(upd, self.beta * ema + (1 - self.beta) * after, ema))
+            ctx.assign(self.count, count + ops.cast(upd, "float32"))
+
+
+def unit_norms(t: Any) -> Any:
+    """Norm per output unit: Keras keeps the output axis LAST (a Dense kernel is ``(in, out)``, a
+    Conv2D kernel ``(h, w, in, out)``), so reduce over every axis but the last; tensors of
+    ``ndim <= 1`` as a whole. (torch keeps it first; the units are the same.)"""
+    t = _f32(t)
+    if len(t.shape) <= 1:
+        return ops.reshape(ops.sqrt(ops.sum(ops.square(t))), (1,))
+    return ops.sqrt(ops.sum(ops.square(t), axis=tuple(range(len(t.shape) - 1))))
+
+
+class agc(KerasPolicy):
+    """Unit-wise adaptive gradient clipping (Brock et al. 2021): where ``||g||_unit >
+    clipping * max(||W||_unit, eps)``, scale the unit down to it. The output layer (the layer of
+    the last variable) is left alone unless ``exclude_head=false``; ``exclude`` adds globs over
+    variable paths and layer names."""
+
+    reference = _agc
+
+    def build(self, optimizer: GuardedOptimizer, layout: VarLayout) -> None:
+        excluded = set(layout.select(self.exclude)) if self.exclude else set()
+        head = layout.head_layer() if self.exclude_head else None
+        if head is not None:
+            excluded |= {i for i, li in enumerate(layout.layer_of) if li == head}
+        self.excluded = excluded
+
+    def apply(self, ctx: KerasStep) -> None:
+        if not ctx.grads:
+            return
+        grads, sq, acted = list(ctx.grads), [], []
+        for k, (g, i, w) in enumerate(zip(ctx.grads, ctx.index, ctx.variables, strict=True)):
+            if i in self.excluded:
+                sq.append(ops.square(ctx.norms[k]))
+                continue
+            max_norm = ops.maximum(unit_norms(w), self.eps) * self.clipping
+            g_norm = unit_norms(g)
+            clip = g_norm > max_norm
+            factor = ops.where(clip, max_norm / ops.maximum(g_norm, 1e-6), 1.0)
+            grads[k] = g * ops.cast(factor if len(g.shape) > 1 else factor[0], g.dtype)
+            sq.append(ops.sum(ops.square(g_norm * factor)))
+            acted.append(ops.any(clip))
+        if not acted:
+            return
+        ctx.replace(grads, ops.sqrt(ops.stack(sq)))
+        ctx.record(self.name, ops.any(ops.stack(acted)))
+
+
+def _count_le(buf: Any, x: Any, strict: bool) -> Any:
+    """Where ``x`` goes in ascending ``buf``: searchsorted as a count (``right=True``: of elements
+    <= x; ``strict``: < x). O(n) elementwise, portable to every backend and to XLA."""
+    hit = buf < x if strict else buf <= x
+    return ops.sum(ops.cast(hit, "int32"))
+
+
+def sorted_insert(buf: Any, x: Any) -> Any:
+    """Insert ``x`` into ascending ``buf`` (+inf padded at the end), dropping the last slot."""
+    idx = _count_le(buf, x, strict=False)
+    ar = ops.arange(buf.shape[0], dtype="int32")
+    shifted = ops.concatenate([buf[:1], buf[:-1]])
+    return ops.where(ar < idx, buf, ops.where(ar == idx, x, shifted))
+
+
+def sorted_remove(buf: Any, x: Any) -> Any:
+    """Remove one occurrence of ``x`` (present) from ascending ``buf``; pad with +inf."""
+    idx = _count_le(buf, x, strict=True)
+    ar = ops.arange(buf.shape[0], dtype="int32")
+    shifted = ops.concatenate([buf[1:], ops.full((1,), math.inf, dtype=buf.dtype)])
+    return ops.where(ar < idx, buf, shifted)
+
+
+def percentile_sorted(buf: Any, n: Any, q: float) -> Any:
+    """``numpy.percentile(buf[:n], q)`` (linear interpolation) for ascending ``buf``; +inf if n == 0."""
+    last = ops.maximum(_f32(n) - 1.0, 0.0)
+    pos = (q / 100.0) * last
+    lo = ops.floor(pos)
+    hi = ops.minimum(lo + 1.0, last)
+    a = ops.take(buf, ops.cast(lo, "int32"))
+    b = ops.take(buf, ops.cast(hi, "int32"))
+    val = a + (b - a) * (pos - lo)
+    return ops.where(n > 0, val, math.inf)
+
+
+def reservoir_slot(count: Any, capacity: int) -> tuple[Any, Any]:
+    """(slot, drawn) for the ``count``-th norm (0-based) of a reservoir sample (Algorithm R).
+
+    The draw is an integer hash of ``count`` (multiply-xorshift, all in int64 without overflow:
+    every product stays below 2**63), so a resumed run draws what the uninterrupted one would.
+    It is not the torch policy's splitmix64 (Keras has no unsigned 64-bit arithmetic on every
+    backend), so past ``max_history`` norms the two keep different, equally uniform, samples.
+    """
+    c = ops.cast(count, "int64")
+    h = ops.mod(c * 2654435761, 2**32)
+    h = ops.bitwise_xor(h, ops.right_shift(h, 16))
+    h = ops.mod(h * 0x45D9F3B, 2**32)
+    h = ops.bitwise_xor(h, ops.right_shift(h, 16))
+    j = ops.mod(h, c + 1)
+    slot = ops.where(c < capacity, c, j)
+    return ops.cast(slot, "int32"), slot < capacity
+
+
+class autoclip(KerasPolicy):
+    """Clip to the ``percentile``-th percentile of the history of global norms, the current one
+    included (Seetharaman et al. 2020). ``history=N``: the last N steps; ``history=None``: every
+    norm up to ``max_history``, then a reservoir sample. The history is one sorted, +inf-padded
+    float32 variable of ``capacity + 1`` slots plus a ring of the same norms by slot."""
+
+    reference = _autoclip
+    metrics = ("autoclip.threshold",)
+
+    @property
+    def capacity(self) -> int:
+        return self.history if self.history is not None else self.max_history
+
+    def build(self, optimizer: GuardedOptimizer, layout: VarLayout) -> None:
+        cap = self.capacity
+        self.sorted = _var(optimizer, "autoclip_sorted", (cap + 1,), value=math.inf)
+        self.ring = _var(optimizer, "autoclip_ring", (cap,), value=math.inf)
+        self.n_valid = _var(optimizer, "autoclip_n_valid", dtype="int32")
+        self.count = _var(optimizer, "autoclip_count", dtype="int32")
+
+    def apply(self, ctx: KerasStep) -> None:
+        if not ctx.grads:
+            return
+        x = ctx.norm_after
+        cap = self.capacity
+        count = ops.convert_to_tensor(self.count)
+        if self.history is not None:
+            slot, drawn = ops.mod(count, cap), ops.convert_to_tensor(True)
+        else:
+            slot, drawn = reservoir_slot(count, cap)
+        evict = count >= cap  # the slot holds an older norm (the ring is full)
+        finite = ops.isfinite(x)
+        xin = ops.where(finite, x, math.inf)
+        ring = ops.convert_to_tensor(self.ring)
+        buf = ops.convert_to_tensor(self.sorted)
+        n_valid = ops.convert_to_tensor(self.n_valid)
+        at_slot = ops.arange(cap, dtype="int32") == slot
+        old = ops.sum(
+            ops.where(at_slot, ring, 0.0)
+        )  # ring[slot], gathered without indexing by a tensor
+        old = ops.where(ops.isfinite(old), old, math.inf)
+        removed = ops.where(evict, sorted_remove(buf, old), buf)
+        n_left = n_valid - ops.cast(ops.logical_and(evict, ops.isfinite(old)), "int32")
+        new_buf = ops.where(drawn, sorted_insert(removed, xin), buf)
+        new_ring = ops.where(ops.logical_and(drawn, at_slot), xin, ring)
+        new_n = ops.where(drawn, n_left + ops.cast(finite, "int32"), n_valid)
+        ctx.assign(self.sorted, new_buf)
+        ctx.assign(self.ring, new_ring)
+        ctx.assign(self.n_valid, new_n)
+        ctx.assign(self.count, count + 1)
+        thr = percentile_sorted(new_buf, new_n, self.percentile)
+        coef = ops.minimum(thr / (x + NORM_EPS), 1.0)
+        ctx.scale(coef)
+        ctx.record(self.name, coef < 1.0)
+        ctx.metric("autoclip.threshold", thr)
+
+
+class zclip(KerasPolicy):
+    """ZClip (Kumar et al. 2025): clip a global-norm spike found by its z-score against an EMA of
+    recent norms, after a warmup of ``warmup`` finite norms (see the torch twin for the rule)."""
+
+    reference = _zclip
+    metrics = ("zclip.threshold",)
+
+    def build(self, optimizer: GuardedOptimizer, layout: VarLayout) -> None:
+        self.buffer = _var(optimizer, "zclip_buffer", (self.warmup,))
+        self.n = _var(optimizer, "zclip_n", dtype="int32")
+        self.mean = _var(optimizer, "zclip_mean")
+        self.var = _var(optimizer, "zclip_var")
+        self.initialized = _var(optimizer, "zclip_initialized", dtype="int32")
+
+    def apply(self, ctx: KerasStep) -> None:
+        if not ctx.grads:
+            return
+        x = ctx.norm_after
+        finite = ops.isfinite(x)
+        init = ops.convert_to_tensor(self.initialized) > 0
+        n = ops.convert_to_tensor(self.n)
+        # Warmup: record finite norms in the buffer.
+        warm = ops.logical_and(finite, ops.logical_not(init))
+        slot = ops.minimum(n, self.warmup - 1)
+        at_slot = ops.arange(self.warmup, dtype="int32") == slot
+        buffer = ops.where(ops.logical_and(warm, at_slot), x, ops.convert_to_tensor(self.buffer))
+        n_new = n + ops.cast(warm, "int32")
+        just_ready = ops.logical_and(warm, n_new >= self.warmup)
+        buf_mean = ops.mean(buffer)
+        buf_var = ops.mean(ops.square(buffer - buf_mean))
+        # After warmup: z-score, threshold, EMA.
+        mean, var = ops.convert_to_tensor(self.mean), ops.convert_to_tensor(self.var)
+        std = ops.sqrt(var)
+        z = (x - mean) / (std + self.eps)
+        spike = ops.logical_and(ops.logical_and(init, finite), z > self.z_thresh)
+        if self.clip_option == "mean":
+            adaptive = mean
+        else:
+            adaptive = (mean + (self.z_thresh * std) / (z / self.z_thresh)) * self.clip_factor
+        clip_val = ops.where(spike, adaptive, x)
+        update = ops.logical_and(init, finite)
+        if self.skip_update_on_spike:
+            update = ops.logical_and(update, ops.logical_not(spike))
+        new_mean = self.alpha * mean + (1 - self.alpha) * clip_val
+        new_var = self.alpha * var + (1 - self.alpha) * ops.square(clip_val - new_mean)
+        ctx.assign(self.buffer, buffer)
+        ctx.assign(self.n, n_new)
+        ctx.assign(self.mean, ops.where(update, new_mean, ops.where(just_ready, buf_mean, mean)))
+        ctx.assign(self.var, ops.where(update, new_var, ops.where(just_ready, buf_var, var)))
+        ctx.assign(self.initialized, ops.cast(ops.logical_or(init, just_ready), "int32"))
+        thr = ops.where(spike, adaptive, math.inf)
+        if self.max_norm is not None:
+            thr = ops.minimum(thr, self.max_norm)
+        clip = x > thr
+        coef = ops.where(clip, thr / (x + NORM_EPS), 1.0)
+        ctx.scale(coef)
+        ctx.record(self.name, clip)
+        ctx.metric("zclip.threshold", thr)
+
+
+class skip_nonfinite(KerasPolicy):
+    """Skip the step when any gradient holds a NaN or Inf (the global norm is then non-finite).
+    The weights, the inner optimizer's slots and its iteration count stay untouched."""
+
+    reference = _skip_nonfinite
+
+    def apply(self, ctx: KerasStep) -> None:
+        bad = ops.logical_not(ops.isfinite(ctx.norm))
+        ctx.request_skip(bad, "nonfinite_grad")
+        ctx.record(self.name, bad)
+
+
+class skip_spike(KerasPolicy):
+    """Skip a step whose global gradient norm is more than ``z`` standard deviations above the
+    mean of a rolling window of recent norms (OLMo-core's rule); skipped norms stay out of the
+    window. Keras optimizers do not see the loss, so only ``on=grad_norm`` (and ``both``, which
+    then means the gradient norm) is available."""
+
+    reference = _skip_spike
+
+    def __init__(self, *args: Any, **params: Any):
+        super().__init__(*args, **params)
+        if self.on == "loss":
+            raise ConfigError(
+                "skip_spike:on=loss is not available in Keras: an optimizer never sees the loss; "
+                "use skip_spike:on=grad_norm"
+            )
+
+    def build(self, optimizer: GuardedOptimizer, layout: VarLayout) -> None:
+        self.values = _var(optimizer, "skip_spike_window", (self.window,))
+        self.count = _var(optimizer, "skip_spike_count", dtype="int32")
+
+    def apply(self, ctx: KerasStep) -> None:
+        x = ctx.norm
+        count = ops.convert_to_tensor(self.count)
+        w = ops.convert_to_tensor(self.values)
+        filled = ops.minimum(count, self.window)
+        valid = ops.arange(self.window, dtype="int32") < filled
+        n = _f32(filled)
+        mean = ops.sum(ops.where(valid, w, 0.0)) / ops.maximum(n, 1.0)
+        ss = ops.sum(ops.where(valid, ops.square(w - mean), 0.0))
+        std = ops.sqrt(ss / ops.maximum(n - 1.0, 1.0))
+        need = self.warmup if self.warmup is not None else max(2, self.window // 2)
+        outlier = ops.logical_and(filled >= need, x - mean > self.z * std)
+        spiked = ops.logical_or(ops.logical_not(ops.isfinite(x)), outlier)
+        ctx.request_skip(spiked, "spike_grad_norm")
+        ctx.record(self.name, spiked)
+        keep = ops.logical_not(spiked)
+        at = ops.arange(self.window, dtype="int32") == ops.mod(count, self.window)
+        ctx.assign(self.values, ops.where(ops.logical_and(keep, at), x, w))
+        ctx.assign(self.count, count + ops.cast(keep, "int32"))
+
+
+class lr_backoff(KerasPolicy):
+    """Multiply the LR by ``factor`` when ``events`` skipped steps happen within ``window`` steps;
+    after ``window`` calm steps grow it back so one cut is undone over ``recover`` steps (never
+    below ``min_scale``). Applied around the inner optimizer's step only."""
+
+    reference = _lr_backoff
+    metrics = ("lr_scale",)
+
+    def build(self, optimizer: GuardedOptimizer, layout: VarLayout) -> None:
+        self.scale = _var(optimizer, "lr_backoff_scale", value=1.0)
+        # The steps of the recent events (-1: empty). Fewer than `events` are ever kept: reaching
+        # `events` cuts the LR and clears them.
+        self.recent = _var(optimizer, "lr_backoff_recent", (self.events,), dtype="int32", value=-1)
+        self.last_event = _var(optimizer, "lr_backoff_last_event", dtype="int32", value=-1)
+        self.cuts = _var(optimizer, "lr_backoff_cuts", dtype="int32")
+
+    def apply(self, ctx: KerasStep) -> None:
+        step = ops.cast(ctx.step, "int32")
+        recent = ops.convert_to_tensor(self.recent)
+        scale = ops.convert_to_tensor(self.scale)
+        last = ops.convert_to_tensor(self.last_event)
+        live = ops.logical_and(recent >= 0, step - recent < self.window)
+        recent = ops.where(live, recent, -1)
+        event = ctx.skip
+        free = ops.argmax(ops.cast(ops.logical_not(live), "int32"))  # first empty slot
+        added = ops.where(
+            ops.arange(self.events, dtype="int32") == ops.cast(free, "int32"), step, recent
+        )
+        n_events = ops.sum(ops.cast(live, "int32")) + 1
+        cut = ops.logical_and(event, n_events >= self.events)
+        cut_scale = ops.maximum(self.min_scale, scale * self.factor)
+        calm = ops.logical_and(scale < 1.0, ops.logical_or(last < 0, step - last >= self.window))
+        grown = ops.minimum(1.0, scale * (1.0 / self.factor) ** (1.0 / self.recover))
+        new_scale = ops.where(
+            event, ops.where(cut, cut_scale, scale), ops.where(calm, grown, scale)
+        )
+        new_recent = ops.where(event, ops.where(cut, ops.full_like(recent, -1), added), recent)
+        ctx.assign(self.scale, new_scale)
+        ctx.assign(self.recent, new_recent)
+        ctx.assign(self.last_event, ops.where(event, step, last))
+        ctx.assign(self.cuts, ops.convert_to_tensor(self.cuts) + ops.cast(cut, "int32"))
+        ctx.record(self.name, cut)
+        ctx.lr_scale = ctx.lr_scale * new_scale
+        ctx.metric("lr_scale", new_scale)
+
+
+#: Every Keras policy by spec name.
+KERAS_POLICIES: dict[str, type[KerasPolicy]] = {
+    cls.name: cls
+    for cls in (
+        agc,
+        autoclip,
+        clip_layerwise,
+        clip_norm,
+        clip_value,
+        lr_backoff,
+        skip_nonfinite,
+        skip_spike,
+        zclip,
+    )
+}
+
+
+def available_policies() -> list[str]:
+    """Names of the policies available in Keras, sorted."""
+    return sorted(KERAS_POLICIES)
+
+
+def _unsupported(name: str) -> ConfigError:
+    valid = ", ".join(available_policies())
+    if name in REFUSED:
+        return ConfigError(
+            f"policy {name!r} is not available in Keras: {REFUSED[name]}. Policies available in "
+            f"Keras: {valid}"
+        )
+    refused = ", ".join(sorted(REFUSED))
+    return ConfigError(
+        f"unknown policy {name!r}; valid policies in Keras: {valid} (or 'default', 'none'); "
+        f"not available in Keras: {refused}"
+    )
+
+
+def to_keras(policy: Policy | KerasPolicy) -> KerasPolicy:
+    """The Keras twin of a torch policy object (same parameters), or the Keras policy itself."""
+    if isinstance(policy, KerasPolicy):
+        return policy
+    cls = KERAS_POLICIES.get(policy.name)
+    if cls is None:
+        raise _unsupported(policy.name)
+    return cls(**policy.params())
+
+
+def parse_keras_spec(spec: Any) -> list[KerasPolicy]:
+    """A spec string (the torch grammar: ``"skip_nonfinite+zclip+clip_norm:1.0"``, ``"default"``,
+    ``"none"``), a policy (Keras or torch), or a list of them, as fresh Keras policies.
+    Any problem raises :class:`ConfigError` naming the policies Keras has."""
+    if isinstance(spec, KerasPolicy):
+        return [spec]
+    if isinstance(spec, Policy):
+        return [to_keras(spec)]
+    if isinstance(spec, str):
+        for part in _CHAIN_SEP.split(spec):
+            name = part.partition(":")[0].strip()
+            if name and name not in ("default", "none") and name not in KERAS_POLICIES:
+                # Checked before the torch parser, so the message lists what Keras has.
+                raise _unsupported(name)
+        try:
+            return [to_keras(p) for p in parse_spec(spec)]
+        except SpecError as e:
+            raise ConfigError(f"policy {spec!r}: {e}") from None
+    if spec is None:
+        return parse_keras_spec("default")
+    try:
+        items = list(spec)
+    except TypeError:
+        raise ConfigError(
+            f"policy must be a spec string, a policy or a list of them, not {type(spec).__name__}"
+        ) from None
+    out: list[KerasPolicy] = []
+    for item in items:
+        if not isinstance(item, (str, Policy, KerasPolicy)):
+            raise ConfigError(
+                f"policy list items must be spec strings or policies, not {type(item).__name__}"
+            )
+        out.extend(parse_keras_spec(item))
+    return out
