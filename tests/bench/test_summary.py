@@ -83,3 +83,14 @@ def test_steps_to_recover_counts_back_to_the_pre_fault_level():
     assert steps_to_recover(losses, [20, 30]) == (3, 1)
     assert steps_to_recover(losses, []) == (None, 0)
     assert steps_to_recover([float("nan")] * 5, [2]) == (None, 0)  # no finite level before
+
+
+def test_an_unmeasured_guard_share_shows_as_a_dash():
+    """Keras runs cannot time the Guard apart from the compiled step: NaN, shown as "-"."""
+    measured, unmeasured = run(0, 1.0, False, 0.1), run(0, 2.0, False, 0.1)
+    measured["result"]["guard_share"] = 0.25
+    unmeasured["result"]["guard_share"] = float("nan")
+    rows = summarize([measured, unmeasured])
+    md = markdown_table(rows)
+    assert "25.0%" in md and "nan%" not in md
+    assert "nan%" not in terminal_table(rows)

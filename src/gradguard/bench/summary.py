@@ -153,6 +153,12 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
+def _share(v: float) -> str:
+    """A time share as a percentage; "-" where it was not measured (a Keras run's Guard runs
+    inside the compiled step)."""
+    return "-" if isinstance(v, float) and math.isnan(v) else f"{v:.1%}"
+
+
 def _metric_cell(r: dict[str, Any]) -> str:
     if math.isnan(r["metric_mean"]):
         return "-"
@@ -176,7 +182,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
         line = (
             f"| {r['task']} | {r['model']} | {r['optimizer']} | {_fmt(r['lr'])} | {opts}`{r['mitigation']}` | "
             f"{r['diverged']}/{r['runs']} | {_metric_cell(r)} | "
-            f"{r['reached_target']}/{r['runs']} | {_fmt(r['steps_to_target'])} | {r['guard_share']:.1%} | "
+            f"{r['reached_target']}/{r['runs']} | {_fmt(r['steps_to_target'])} | {_share(r['guard_share'])} | "
             f"{r['clipped_per_run']:.0f} | {r['skipped_per_run']:.0f} |"
         )
         if with_faults:
@@ -212,7 +218,7 @@ def terminal_table(rows: Sequence[dict[str, Any]]) -> str:
         )
         out.append(
             f"{setting:{width}s} {r['mitigation'][:32]:32s} {r['diverged']:>4d}/{r['runs']:<3d} {metric:>15s} "
-            f"{_fmt(r['steps_to_target']):>9s} {r['guard_share']:>6.1%}"
+            f"{_fmt(r['steps_to_target']):>9s} {_share(r['guard_share']):>6s}"
         )
     return "\n".join(out)
 
