@@ -5,6 +5,7 @@ loss.backward()
 report = guard.step(loss=loss)     # replaces optimizer.step()
 """
 
+from . import advise  # a callable package: gradguard.advise(...); its work loads when called
 from .errors import ConfigError, GradGuardError, SpecError
 from .guard import Guard
 from .layout import ParamLayout
@@ -45,6 +46,7 @@ __all__ = [
     "StepContext",
     "StepReport",
     "__version__",
+    "advise",
     "agc",
     "autoclip",
     "available_policies",

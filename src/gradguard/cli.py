@@ -5,6 +5,7 @@
     gradguard bench [...]         the mitigation comparison suite (parallel, resumable, SQLite)
     gradguard train [...]         one configuration, with a progress bar
     gradguard report RUN_DIR      report.html (figures, events, diagnosis) from a run's telemetry
+    gradguard advise [...]        choose the mitigation for a setup from a short, budgeted probe
 
 Bad arguments exit with status 2 and one readable line, no traceback.
 """
@@ -232,6 +233,65 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _key_values(items: list[str] | None, flag: str) -> dict:
+    """``KEY=VALUE`` flags as a dict; values read as JSON when they parse (12, 1.5, true), else
+    as text (relu)."""
+    import json
+
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise GradGuardError(f"{flag} {item!r}: expected KEY=VALUE, e.g. {flag} depth=12")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out
+
+
+_ADVISE_BENCH_FLAGS = ("task", "model", "optimizer", "batch_size", "momentum", "weight_decay")
+
+
+def _cmd_advise(args: argparse.Namespace) -> int:
+    from .advise import advise
+    from .advise.advisor import ProbeFailed
+
+    settings = {k: getattr(args, k) for k in _ADVISE_BENCH_FLAGS if getattr(args, k) is not None}
+    task_options = _key_values(args.task_option, "--task-option")
+    model_options = _key_values(args.model_option, "--model-option")
+    if task_options:
+        settings["task_options"] = task_options
+    if model_options:
+        settings["model_options"] = model_options
+    if args.entry and settings:
+        flags = ", ".join("--" + k.replace("_", "-") for k in settings)
+        raise GradGuardError(
+            f"--entry is your own setup; {flags} describe a bench setup: give one or the other"
+        )
+    if args.out:
+        _out_folder(args.out, "--out")
+    try:
+        advice = advise(
+            entry=args.entry,
+            lr=args.lr,
+            budget=args.budget,
+            out=args.out,
+            workers=args.workers,
+            seeds=args.seeds,
+            stress=tuple(args.stress),
+            steps=args.steps,
+            percentile=args.percentile,
+            progress=not args.no_progress,
+            **settings,
+        )
+    except ProbeFailed as e:
+        print(f"gradguard advise: {e}", file=sys.stderr)
+        return 1
+    print(advice.to_json() if args.json else advice)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="gradguard", description="Prevent, detect, diagnose and mitigate exploding gradients."
@@ -315,6 +375,62 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--out", help="folder for report.html and the figures (default: RUN_DIR)")
     report.set_defaults(func=_cmd_report)
+
+    adv = sub.add_parser(
+        "advise",
+        help="choose the mitigation for a setup: LR probe, candidate policies under stress, "
+        "within a budget",
+        description="Probe a setup (a bench task/model, or your own entry point) within a budget: "
+        "an unguarded LR range probe, then each candidate policy at your LR and at x3/x10 over a "
+        "few seeds; print the recommended policy, its code line, the evidence and the diagnosis. "
+        "Rerun with the same --out to resume.",
+    )
+    adv.add_argument(
+        "--entry",
+        help="your own setup: package.module:function returning model, optimizer factory, "
+        "loss(model, batch) and data (see examples/advise_entry.py)",
+    )
+    adv.add_argument("--task", help="bench task (default digits)")
+    adv.add_argument("--model", help="bench model (default mlp)")
+    adv.add_argument("--optimizer", help="bench optimizer (default sgd)")
+    adv.add_argument("--lr", type=float, help="your learning rate (--entry: default its own)")
+    adv.add_argument("--batch-size", type=int)
+    adv.add_argument("--momentum", type=float)
+    adv.add_argument("--weight-decay", type=float)
+    adv.add_argument(
+        "--task-option", action="append", metavar="KEY=VALUE", help="bench task option, e.g. T=20"
+    )
+    adv.add_argument(
+        "--model-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="bench model option, e.g. depth=12 (repeat the flag for several)",
+    )
+    adv.add_argument(
+        "--budget", default="300s", help="wall clock (300s, 5min) or training steps (2000steps)"
+    )
+    adv.add_argument(
+        "--out", help="results folder (default results/advise-SETTING); rerun to resume"
+    )
+    adv.add_argument("--workers", type=int, help="worker processes (default: one per core)")
+    adv.add_argument("--seeds", type=int, default=2, help="seeds per policy and LR (default 2)")
+    adv.add_argument(
+        "--stress",
+        type=float,
+        nargs="*",
+        default=[3.0, 10.0],
+        help="LR multiples each policy must survive besides x1 (default 3 10)",
+    )
+    adv.add_argument("--steps", type=int, help="steps per run at most (default 300)")
+    adv.add_argument(
+        "--percentile",
+        type=float,
+        default=90.0,
+        help="clip threshold: this percentile of the healthy run's gradient norms (default 90)",
+    )
+    adv.add_argument("--json", action="store_true", help="print the answer as JSON")
+    adv.add_argument("--no-progress", action="store_true")
+    adv.set_defaults(func=_cmd_advise)
     return parser
 
 

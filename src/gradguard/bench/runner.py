@@ -44,6 +44,30 @@ def _error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=5)}"
 
 
+def train_stored(
+    cfg: dict[str, Any], log_dir: str | Path | None = None
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Train one run from its stored config; return what :func:`train_run` returns.
+
+    A config with a ``trainer`` key names the function that trains it, ``"gradguard.<module>:<fn>"``
+    (called as ``fn(cfg, log_dir=log_dir)``): ``gradguard advise`` stores a user's own entry point
+    this way, so its runs share the bench's database, workers, resume and progress bar. Any other
+    config is a :class:`RunConfig`'s fields.
+    """
+    trainer = cfg.get("trainer")
+    if trainer is None:
+        return train_run(RunConfig.from_dict(cfg), log_dir=log_dir)
+    module, _, name = str(trainer).partition(":")
+    # Only gradguard's own trainers: a results database names code to run, not any code.
+    if not (module == "gradguard" or module.startswith("gradguard.")) or not name:
+        raise ConfigError(
+            f"trainer {trainer!r}: must name a gradguard function, gradguard.<module>:<fn>"
+        )
+    import importlib
+
+    return getattr(importlib.import_module(module), name)(cfg, log_dir=log_dir)
+
+
 def telemetry_dir(out_dir: str | Path, key: str) -> Path:
     """Where a bench run's telemetry goes with ``telemetry=True``: ``OUT/runs/<key>``."""
     return Path(out_dir) / "runs" / key
@@ -64,7 +88,7 @@ def _work(db_path: str, keys: Sequence[str], threads: int, telemetry: bool = Fal
                 log_dir = telemetry_dir(Path(db_path).parent, key)
                 shutil.rmtree(log_dir, ignore_errors=True)
             try:
-                result, steps = train_run(RunConfig.from_dict(cfg), log_dir=log_dir)
+                result, steps = train_stored(cfg, log_dir=log_dir)
             except Exception as e:
                 store.fail(key, _error_text(e), owner=owner)
             else:
@@ -84,6 +108,8 @@ def run_grid(
     ray_address: str | None = None,
     cpus_per_run: float = 1,
     telemetry: bool = False,
+    desc: str = "bench",
+    threads: int | None = None,
 ) -> list[dict]:
     """Run every config not already done; return the finished runs of this grid.
 
@@ -92,7 +118,10 @@ def run_grid(
     cluster to connect to (else ``RAY_ADDRESS``, else a local Ray of ``workers`` CPUs started for
     this call); ``cpus_per_run``: the CPUs each Ray task reserves (and its torch threads).
     ``telemetry``: each run also records the Guard's telemetry in ``OUT/runs/<key>`` (for
-    ``gradguard report``); local executor only.
+    ``gradguard report``); local executor only. ``desc``: the progress bar's label;
+    ``threads``: torch threads per run (default: the cores over the workers).
+    ``configs``: :class:`RunConfig` s, or any objects whose ``as_dict()`` gives a stored config
+    (see :func:`train_stored`).
     """
     if telemetry and executor != "local":
         raise ConfigError(
@@ -112,12 +141,12 @@ def run_grid(
         todo = [r["key"] for r in store.runs("pending", keys)]
     cores = os.cpu_count() or 1
     workers = max(1, min(workers or cores, len(todo) or 1))
-    threads = max(1, cores // workers)
+    threads = threads or max(1, cores // workers)
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(keys), initial=len(keys) - len(todo), unit="run", desc="bench")
+        bar = tqdm(total=len(keys), initial=len(keys) - len(todo), unit="run", desc=desc)
     if todo:
         if ray is not None:
             _run_ray(ray, db, todo, bar, ray_address, workers, cpus_per_run)
@@ -185,7 +214,7 @@ def _train_task(cfg: dict, threads: int) -> tuple[bool, Any]:
     training raised (recorded as a failed run, as the local workers do)."""
     torch.set_num_threads(threads)
     try:
-        return True, train_run(RunConfig.from_dict(cfg))
+        return True, train_stored(cfg)
     except Exception as e:
         return False, _error_text(e)
 

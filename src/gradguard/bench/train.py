@@ -193,15 +193,7 @@ def train_run(
             # The replay runs the unwrapped module: no DDP collective on a local re-run.
             report = guard.step(loss=loss, replay=lambda x=x, y=y: task.loss(model(x), y))
             guard_seconds += time.perf_counter() - tg
-            row = {
-                "step": step,
-                "loss": loss_val,
-                "grad_norm": report.grad_norm,
-                "grad_norm_after": report.grad_norm_after,
-                "clipped": report.clipped,
-                "skipped": report.skipped,
-                "lr": lr * report.lr_scale,
-            }
+            row = step_row(step, loss_val, lr, report=report)
         else:
             norm = float(
                 torch.nn.utils.get_total_norm(
@@ -209,15 +201,7 @@ def train_run(
                 )
             )
             opt.step()
-            row = {
-                "step": step,
-                "loss": loss_val,
-                "grad_norm": norm,
-                "grad_norm_after": norm,
-                "clipped": False,
-                "skipped": False,
-                "lr": lr,
-            }
+            row = step_row(step, loss_val, lr, norm=norm)
         if plan is not None:
             plan.after_step(step, opt)
         sched.step()
@@ -247,7 +231,6 @@ def train_run(
         else {"loss": math.nan, "metric": math.nan, "success": False}
     )
     result = run_result(
-        task,
         steps,
         ev,
         first_loss=first_loss,
@@ -259,14 +242,39 @@ def train_run(
         guard_seconds=guard_seconds,
         policy=res.policy,
         plan=plan,
+        off_target=lambda metric: "at_chance" if at_chance(task, metric) else None,
     )
     if ranks is not None:
         from_main(result, ranks)
     return result, steps
 
 
+def step_row(
+    step: int, loss: float, lr: float, *, report: Any = None, norm: float | None = None
+) -> dict[str, Any]:
+    """One step's record: from the Guard's report, or (unguarded) the measured norm."""
+    if report is not None:
+        return {
+            "step": step,
+            "loss": loss,
+            "grad_norm": report.grad_norm,
+            "grad_norm_after": report.grad_norm_after,
+            "clipped": report.clipped,
+            "skipped": report.skipped,
+            "lr": lr * report.lr_scale,
+        }
+    return {
+        "step": step,
+        "loss": loss,
+        "grad_norm": norm,
+        "grad_norm_after": norm,
+        "clipped": False,
+        "skipped": False,
+        "lr": lr,
+    }
+
+
 def run_result(
-    task: Any,
     steps: list[dict[str, Any]],
     ev: dict[str, Any],
     *,
@@ -279,9 +287,11 @@ def run_result(
     guard_seconds: float,
     policy: str | None,
     plan: Any = None,
+    off_target: Callable[[float], str | None] | None = None,
 ) -> dict[str, Any]:
     """A finished run's result row (what the store keeps), from its step records and final
-    evaluation ``ev``; the one definition of divergence, whichever framework trained."""
+    evaluation ``ev``; the one definition of divergence, whichever framework or entry point
+    trained. ``off_target(metric)``: a divergence reason for a final metric (at chance), or None."""
     if steps_to_target is None and ev["success"] and diverged_reason is None:
         steps_to_target, seconds_to_target = len(steps), wall
     tail = [r["loss"] for r in steps[-max(1, len(steps) // 10) :]]
@@ -291,8 +301,8 @@ def run_result(
             diverged_reason = "nonfinite_loss"
         elif first_loss is not None and final_loss > LOSS_BLOWUP * first_loss:
             diverged_reason = "loss_blowup"
-        elif at_chance(task, ev["metric"]):
-            diverged_reason = "at_chance"
+        elif off_target is not None:
+            diverged_reason = off_target(ev["metric"])
     norms = [r["grad_norm"] for r in steps if math.isfinite(r["grad_norm"])]
     result: dict[str, Any] = {
         "diverged": diverged_reason is not None,

@@ -31,7 +31,7 @@ import torch
 from ..bench import keras_train
 from ..bench.config import Resolved, RunConfig, resolve
 from ..bench.tasks import Task, make_task
-from ..bench.train import lr_lambda, run_result
+from ..bench.train import at_chance, lr_lambda, run_result
 from ..errors import ConfigError
 from ..faults import parse as parse_faults
 from ..faults.base import FaultSpecError, Strike, uniform
@@ -325,7 +325,6 @@ def train_run(
         else {"loss": math.nan, "metric": math.nan, "success": False}
     )
     result = run_result(
-        task,
         steps,
         ev,
         first_loss=first_loss,
@@ -337,6 +336,7 @@ def train_run(
         guard_seconds=math.nan,  # the Guard runs inside the compiled step: not separable
         policy=res.policy,
         plan=plan,
+        off_target=lambda metric: "at_chance" if at_chance(task, metric) else None,
     )
     result["framework"] = f"keras {keras.__version__} ({keras.backend.backend()})"
     return result, steps

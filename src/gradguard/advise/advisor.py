@@ -1,0 +1,433 @@
+"""The probe from start to answer: plan, LR range probe, candidates, score, diagnose.
+
+Both phases run through the bench runner (:func:`gradguard.bench.runner.run_grid`): parallel
+worker processes, one SQLite row per run in ``OUT/results.db``, a progress bar, and resume: a
+finished run is never recomputed, an interrupted one is redone from scratch. The plan (and, for a
+seconds budget, the re-plan after the probe) is saved in ``OUT/advise-<request>.json``, so that a
+rerun of the same request makes the same runs even though timings differ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, GradGuardError
+from . import budget as B
+from .candidates import candidates
+from .probe import DEFAULT_PERCENTILE, analyze, probe_factors
+from .recommend import choose, gather
+from .result import Advice
+from .setting import make_setting, scaled_lr
+
+#: Stress levels: the user's LR times these, besides x1.
+DEFAULT_STRESS = (3.0, 10.0)
+DEFAULT_SEEDS = 2
+#: Seconds kept back from a seconds budget for reading results, the diagnosis and the answer.
+REPORT_RESERVE_S = 2.0
+_VERSION = 1
+
+
+class ProbeFailed(GradGuardError):
+    """Every run of a phase raised: the setup fails when trained (the message has the error)."""
+
+
+def advise(
+    config: Any = None,
+    *,
+    entry: str | None = None,
+    lr: float | None = None,
+    budget: str | B.Budget = "300s",
+    out: str | os.PathLike | None = None,
+    workers: int | None = None,
+    seeds: int = DEFAULT_SEEDS,
+    stress: Sequence[float] = DEFAULT_STRESS,
+    steps: int | None = None,
+    percentile: float = DEFAULT_PERCENTILE,
+    progress: bool = True,
+    **settings: Any,
+) -> Advice:
+    """The probe and the answer; the public entry point (arguments, return) is
+    :func:`gradguard.advise.advise`."""
+    from ..bench.runner import DB_NAME, run_grid
+    from ..bench.store import ResultStore, run_key
+
+    t_start = time.perf_counter()
+    seeds = _check_int("seeds", seeds, 1, 100)
+    if workers is not None:
+        workers = _check_int("workers", workers, 1, 1024)
+    levels = _levels(stress)
+    if (
+        isinstance(percentile, bool)
+        or not isinstance(percentile, (int, float))
+        or not 0 < percentile <= 100
+    ):
+        raise ConfigError(f"percentile must be a number in (0, 100], got {percentile!r}")
+    bud = B.parse_budget(budget)
+    setting = make_setting(config, entry=entry, lr=lr, steps=steps, settings=settings)
+    if not isinstance(progress, bool):
+        raise ConfigError(f"progress must be True or False, got {progress!r}")
+    out_dir = Path(out) if out is not None else Path("results") / f"advise-{setting.slug()}"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"out {out_dir} is a file, not a folder")
+    n_workers = workers or os.cpu_count() or 1
+    # Torch threads per run, wherever it runs (the timing below is taken with as many): the cores
+    # over the workers, also for a phase run in this process, whose runs are small ones.
+    threads = max(1, (os.cpu_count() or 1) // n_workers)
+
+    request = {
+        "version": _VERSION,
+        "setting": setting.request(),
+        "budget": [bud.kind, bud.amount],
+        "seeds": seeds,
+        "levels": list(levels),
+        "max_steps": setting.max_steps,
+        "percentile": float(percentile),
+    }
+    state = _State(out_dir, request)  # a rerun of the same request finds its plan there
+    n_cands = len(candidates(1.0))
+    factors = probe_factors(levels)
+    notes: list[str] = []
+
+    # ----- the plan (nothing is written before it fits: a bad budget leaves no trace) ---------------
+    plan_dict, timing = state.get("plan"), state.get("timing")
+    fit_args = dict(
+        max_steps=setting.max_steps, seeds=seeds, levels=levels, probe=factors, candidates=n_cands
+    )
+    if plan_dict is None and bud.kind == "steps":
+        plan_dict = B.fit(bud.amount, B.Cost(), what=f" {bud}", **fit_args).as_dict()
+    if timing is None:  # seconds per step and per run: for a seconds budget, and where to run
+        t = _timed(setting, threads)
+        timing = {"setup_s": t.setup_s, "step_s": t.step_s}
+    if plan_dict is None:
+        room = bud.amount * B.SAFETY - (time.perf_counter() - t_start) - REPORT_RESERVE_S
+        plan_dict = _fit_seconds(room, timing, n_workers, 2, f" {bud}", fit_args).as_dict()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state.set("timing", timing)
+    state.set("plan", plan_dict)
+    plan = B.Plan.from_dict(plan_dict)
+
+    # ----- phase 1: the LR range probe --------------------------------------------------------------
+    probe_runs = []
+    for f in plan.probe:
+        run_lr = scaled_lr(setting.lr, f)
+        cfg = setting.run(run_lr, "none", 0, plan.probe_steps)
+        probe_runs.append((f, run_lr, run_key(cfg.as_dict()), cfg))
+    t1 = time.perf_counter()
+    w1 = _phase_workers(workers, n_workers, len(probe_runs), plan.probe_steps, timing)
+    run_grid(
+        [c for *_, c in probe_runs],
+        out_dir,
+        workers=w1,
+        threads=threads,
+        progress=progress,
+        telemetry=True,
+        desc="advise 1/2: LR probe",
+    )
+    if state.get("phase1") is None:
+        state.set(
+            "phase1",
+            {
+                "seconds": time.perf_counter() - t1,
+                "spent": time.perf_counter() - t_start,
+                "workers": w1,
+            },
+        )
+    with ResultStore(out_dir / DB_NAME) as store:
+        rows = {r["key"]: r for r in store.runs(None, [k for _, _, k, _ in probe_runs])}
+        _refuse_all_failed("LR probe", rows.values())
+        probe = analyze(
+            [(f, x, k) for f, x, k, _ in probe_runs], rows, store.steps, percentile, setting.lr
+        )
+    cands = candidates(probe.threshold)
+
+    # ----- phase 2: the candidates (a seconds budget is re-planned from the probe's timings) -----
+    if state.get("plan2") is None:
+        plan2 = plan
+        if bud.kind == "seconds":
+            plan2 = _replan(plan, bud, state, rows.values(), n_workers, notes)
+        state.set("plan2", plan2.as_dict())
+    plan2 = B.Plan.from_dict(
+        state.get("plan2")
+    )  # its cuts include the plan's: shown with the answer
+    cells: dict[tuple[str, float, int], str] = {}
+    cand_cfgs = []
+    for level in plan2.levels:
+        for seed in range(plan2.seeds):
+            for c in cands:
+                cfg = setting.run(scaled_lr(setting.lr, level), c.spec, seed, plan2.steps)
+                key = run_key(cfg.as_dict())
+                cells[(c.spec, level, seed)] = key
+                cand_cfgs.append(cfg)
+    w2 = _phase_workers(workers, n_workers, plan2.candidate_runs, plan2.steps, timing)
+    run_grid(
+        cand_cfgs,
+        out_dir,
+        workers=w2,
+        threads=threads,
+        progress=progress,
+        desc="advise 2/2: policies",
+    )
+    with ResultStore(out_dir / DB_NAME) as store:
+        rows2 = {r["key"]: r for r in store.runs(None, list(cells.values()))}
+    _refuse_all_failed("candidate", rows2.values())
+
+    # ----- the answer -------------------------------------------------------------------------------
+    use_metric = setting.kind == "bench" or getattr(setting, "has_evaluate", False)
+    higher = setting.higher_is_better if use_metric else False
+    table = gather(
+        cands,
+        plan2.levels,
+        plan2.seeds,
+        setting.lr,
+        lambda spec, level, seed: rows2.get(cells.get((spec, level, seed), "")),
+        use_metric,
+    )
+    chosen, trains = choose(table, higher, use_loss=use_metric)
+    from .diagnosis import diagnose_probe
+
+    diagnosis = diagnose_probe(out_dir, probe, setting.lr)
+    notes = _lr_notes(probe, setting.lr) + notes
+    steps_run = sum(
+        (r.get("result") or {}).get("steps_run", 0)
+        for r in {**rows, **rows2}.values()
+        if r.get("status") == "done"
+    )
+    advice = Advice(
+        setting=setting.label(),
+        lr=setting.lr,
+        spec=chosen.spec,
+        code=_code(chosen.spec),
+        reason=_reason(chosen, table, trains, probe, setting.lr, higher, setting.metric_name),
+        trains=trains,
+        metric=setting.metric_name if use_metric else "train loss",
+        higher_is_better=higher,
+        table=[r.as_dict() for r in sorted(table, key=lambda r: r.rank)],
+        probe=probe.as_dict(),
+        diagnosis=diagnosis,
+        notes=notes,
+        plan={**plan2.as_dict(), "probe_runs": plan2.probe_runs},
+        budget=str(bud),
+        spent={"seconds": time.perf_counter() - t_start, "steps": float(steps_run)},
+        out=str(out_dir),
+    )
+    (out_dir / "advice.json").write_text(advice.to_json() + "\n", encoding="utf-8")
+    (out_dir / "advice.md").write_text(advice.markdown() + "\n", encoding="utf-8")
+    return advice
+
+
+# ----- helpers ------------------------------------------------------------------------------------
+class _State:
+    """``OUT/advise-<request hash>.json``: the request, its plan(s) and the probe's timings."""
+
+    def __init__(self, out: Path, request: Mapping[str, Any]):
+        digest = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:12]
+        self.path = out / f"advise-{digest}.json"
+        self.data: dict[str, Any] = {"request": dict(request)}
+        if self.path.exists():
+            try:
+                loaded = json.loads(self.path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                loaded = None
+            if isinstance(loaded, dict) and loaded.get("request") == self.data["request"]:
+                self.data = loaded
+
+    def get(self, key: str) -> Any:
+        return self.data.get(key)
+
+    def set(self, key: str, value: Any) -> None:
+        self.data[key] = value
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1), encoding="utf-8")
+        os.replace(tmp, self.path)  # atomic: an interrupted write leaves the old file
+
+
+def _check_int(name: str, v: Any, low: int, high: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+        raise ConfigError(f"{name} must be an integer in [{low}, {high}], got {v!r}")
+    return v
+
+
+def _levels(stress: Sequence[float]) -> tuple[float, ...]:
+    if isinstance(stress, (int, float)):
+        stress = (stress,)
+    out = [1.0]
+    for s in stress:
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 1 < s <= 1000:
+            raise ConfigError(f"stress levels are LR multiples in (1, 1000], e.g. 3 10; got {s!r}")
+        out.append(float(s))
+    return tuple(sorted(set(out)))
+
+
+def _timed(setting, threads: int):
+    """The setting's timing with the threads each worker will have."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return setting.timing()
+    finally:
+        torch.set_num_threads(old)
+
+
+def _refuse_all_failed(phase: str, rows) -> None:
+    rows = list(rows)
+    failed = [r for r in rows if r.get("status") == "failed"]
+    if rows and len(failed) == len(rows):
+        err = (failed[0].get("error") or "").strip()
+        last = err.splitlines()[0] if err else "unknown error"
+        raise ProbeFailed(
+            f"every {phase} run raised; the first: {last} (full text in the 'error' column of "
+            "the runs table in results.db)"
+        )
+
+
+def _fit_seconds(room: float, timing, workers: int, phases: int, what: str, fit_args) -> B.Plan:
+    """The richest plan within ``room`` seconds, the phases run in this process or over
+    ``workers`` processes, whichever fits more."""
+    plans, error = [], None
+    step_s = timing["step_s"] * B.GUARD_FACTOR if phases == 2 else timing["step_s"]
+    for cost in B.phase_costs(timing["setup_s"], step_s, workers, phases):
+        try:
+            plans.append(B.fit(room, cost, what=what, **fit_args))
+        except ConfigError as e:
+            error = error or e
+    if not plans:
+        raise error
+    return B.richest(plans)
+
+
+def _phase_workers(asked: int | None, n_workers: int, runs: int, steps: int, timing) -> int:
+    """The processes a phase runs on: the ones asked for; else a pool of ``n_workers`` when it
+    ends sooner than running here (see :func:`gradguard.advise.budget.pool_pays`)."""
+    if asked is not None:
+        return asked
+    pays = B.pool_pays(runs, steps, timing["setup_s"], timing["step_s"], n_workers)
+    return n_workers if pays else 1
+
+
+def _replan(plan, bud, state, probe_rows, workers: int, notes: list[str]):
+    """Fit the candidates into what is left of a seconds budget, with the probe's own timings:
+    seconds per step from its runs, which had a (measuring) Guard too (the first timing was a
+    short unguarded one in this process)."""
+    timing = dict(state.get("timing") or {})
+    phase1 = state.get("phase1") or {}
+    # The median run: a worker's first run also pays its lazy imports (TensorBoard, on the first
+    # telemetry step) inside its training time.
+    per_step = [
+        r["result"]["wall_seconds"] / r["result"]["steps_run"]
+        for r in probe_rows
+        if r.get("status") == "done" and r["result"]["steps_run"] >= 10
+    ]
+    if per_step:
+        timing["step_s"] = max(timing.get("step_s", 0.0), statistics.median(per_step))
+    room = bud.amount * B.SAFETY - float(phase1.get("spent", 0.0)) - REPORT_RESERVE_S
+    fit_args = dict(
+        max_steps=plan.steps,
+        seeds=plan.seeds,
+        levels=plan.levels,
+        probe=plan.probe,
+        candidates=plan.candidates,
+        probe_steps=plan.probe_steps,
+    )
+    try:
+        return _fit_seconds(room, timing, workers, 1, " left after the LR probe", fit_args)
+    except ConfigError:
+        smallest = B.Plan(
+            steps=B.MIN_STEPS,
+            seeds=1,
+            levels=(1.0,),
+            probe=plan.probe,
+            candidates=plan.candidates,
+            probe_steps=plan.probe_steps,
+            cuts=("over budget: only x1, 1 seed, shortest runs",),
+        )
+        notes.append(
+            "the LR probe took longer than planned: the policies ran at your LR only, with 1 "
+            f"seed and {B.MIN_STEPS}-step runs, which may exceed the budget"
+        )
+        return smallest
+
+
+def _code(spec: str) -> str:
+    return f'guard = gradguard.Guard(model, optimizer, policy="{spec}")'
+
+
+def _reason(chosen, table, trains, probe, lr, higher, metric) -> str:
+    none = next((r for r in table if r.spec == "none"), None)
+    n_bad, n = chosen.runs.get("x1", [0, 0])
+    if not trains:
+        x1 = [why for r in table for why in r.reasons if why.startswith("x1 ")]
+        if x1 and all(why.endswith("at_chance") for why in x1):
+            steps = max((row.steps_run for row in probe.rows), default=0)
+            return (
+                f"no policy got beyond chance at lr {lr:g} within {steps} steps, and none blew "
+                "up: the probe's runs are too short for this task to learn. Rerun with --steps "
+                "long enough to learn (and a budget to match)."
+            )
+        up = probe.trains_up_to
+        return (
+            f"no policy trained at lr {lr:g} in every seed (the closest: {chosen.spec}, which "
+            f"diverged in {n_bad}/{n}). Lower the LR"
+            + (f" (unguarded training trains up to lr {lr * up:.3g})" if up else "")
+            + " or fix what the diagnosis names."
+        )
+    parts = [f"{chosen.spec} trained at your LR in {n}/{n} seeds"]
+    band = [r for r in table if r.in_band]
+    best = max(band, key=lambda r: (1 if higher else -1) * r.score)
+    word = "accuracy" if "accuracy" in metric else metric
+    if best is chosen:
+        parts.append(f"with the best {word} there ({chosen.score:.4g})")
+    else:
+        parts.append(
+            f"with {word} {chosen.score:.4g}, within the seeds' noise of the best ({best.spec}: "
+            f"{best.score:.4g})"
+        )
+    if chosen.margin is not None and chosen.margin > 1:
+        parts.append(f"and kept training in every seed up to x{chosen.margin:g} your LR")
+    wider = [r for r in table if r.margin is not None and (chosen.margin or 0) < r.margin]
+    if wider:
+        parts.append(
+            f"({', '.join(r.spec for r in wider[:2])} survived higher LRs but scored worse at "
+            "yours)"
+        )
+    if none is not None and none is not chosen:
+        nb, nn = none.runs.get("x1", [0, 0])
+        if none.margin is None:
+            parts.append(f"; without a Guard {nb}/{nn} seeds diverged at your LR")
+        else:
+            parts.append(f"; without a Guard every seed trained up to x{none.margin:g}")
+    elif none is chosen:
+        parts.append("; no policy did better, so no mitigation is needed at this LR")
+    if chosen.spec != "none" and math.isfinite(chosen.overhead):
+        parts.append(f"; overhead {chosen.overhead:.1%} of training time")
+    return " ".join(parts).replace(" ;", ";") + "."
+
+
+def _lr_notes(probe, lr: float) -> list[str]:
+    d, up = probe.diverges_at, probe.trains_up_to
+    if d is not None and d <= 1.0:
+        low = min(r.factor for r in probe.rows)
+        where = f"lr {lr * up:.3g} (x{up:g})" if up else f"no probed LR (down to x{low:g})"
+        return [
+            f"Your LR diverges without a Guard; unguarded training trains up to {where}. A Guard "
+            "keeps it from blowing up, but a lower LR (or the diagnosis' fixes) is the cure."
+        ]
+    if d is None:
+        return [
+            f"Unguarded training trained at every probed LR (up to x{up:g}): at your LR a Guard "
+            "is a safety net against the unexpected, not a necessity."
+        ]
+    return [
+        f"Unguarded training trains at your LR and up to x{up:g} (lr {lr * up:.3g}); it diverges "
+        f"from x{d:g} (lr {lr * d:.3g}). The policy buys a margin for LR schedules, data and "
+        "runs longer than the probe's."
+    ]

@@ -1,0 +1,136 @@
+"""One probe run of a user's entry point, trained the way the bench trains its own runs.
+
+The bench runner calls :func:`train_entry` for stored configs whose ``trainer`` is
+``gradguard.advise.runs:train_entry`` (see :func:`gradguard.bench.runner.train_stored`), so entry
+runs share the bench's SQLite rows, workers, resume and progress bar. It returns what
+:func:`gradguard.bench.train.train_run` returns: the same result keys (those that need a bench task,
+such as the time to its success criterion, are None) and the same per-step metrics.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ConfigError
+
+TRAINER = "gradguard.advise.runs:train_entry"
+
+
+@dataclass(frozen=True)
+class EntryRun:
+    """The stored config of one entry-point run (its ``as_dict()`` is the database row's config)."""
+
+    entry: str
+    digest: str
+    lr: float
+    mitigation: str
+    seed: int
+    steps: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "trainer": TRAINER,
+            "entry": self.entry,
+            "digest": self.digest,
+            "lr": self.lr,
+            "mitigation": self.mitigation,
+            "seed": self.seed,
+            "steps": self.steps,
+        }
+
+
+def train_entry(
+    cfg: dict[str, Any], log_dir: str | os.PathLike | None = None
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Train the entry point ``cfg["entry"]`` for ``cfg["steps"]`` steps at ``cfg["lr"]`` under the
+    Guard policy ``cfg["mitigation"]`` (``"none"``: no Guard); return (result, per-step metrics).
+
+    Divergence is called as the bench calls it: non-finite weights (or, unguarded, a non-finite
+    loss), a final training loss (mean of the last 10% of steps) non-finite or above 10x the first.
+    ``log_dir``: record telemetry there (an unguarded run gets a measuring-only Guard, which trains
+    exactly as the bare optimizer does).
+    """
+    import torch
+
+    from ..bench.train import params_finite, run_result, step_row
+    from ..guard import Guard
+    from . import entry as E
+
+    text = cfg["entry"]
+    digest = E.entry_digest(text)
+    if cfg.get("digest") and digest != cfg["digest"]:
+        raise ConfigError(
+            f"entry point {text!r} changed since this probe was planned; rerun gradguard advise "
+            "(with a fresh --out to start over)"
+        )
+    setup = E.build_setup(E.load_entry(text), int(cfg["seed"]), text)
+    model = setup.model
+    opt = E.make_optimizer(setup, text)
+    E.set_lr(opt, float(cfg["lr"]))
+    policy = None if cfg["mitigation"] == "none" else cfg["mitigation"]
+    if policy is not None:
+        guard = Guard(model, opt, policy, log_dir=log_dir)
+    elif log_dir is not None:
+        guard = Guard(model, opt, "none", check_finite=False, log_dir=log_dir)
+    else:
+        guard = None
+    params = [p for g in opt.param_groups for p in g["params"]]
+    data = E.batches(setup.data, text)
+
+    steps: list[dict[str, Any]] = []
+    first_loss: float | None = None
+    diverged_reason: str | None = None
+    guard_seconds = 0.0
+    t0 = time.perf_counter()
+    for step in range(int(cfg["steps"])):
+        model.train()
+        batch = next(data)
+        opt.zero_grad(set_to_none=True)
+        loss = E.loss_value(setup, model, batch, text)
+        loss.backward()
+        loss_val = float(loss.detach())
+        if first_loss is None and math.isfinite(loss_val):
+            first_loss = loss_val
+        lr = float(opt.param_groups[0]["lr"])
+        if guard is not None:
+            tg = time.perf_counter()
+            report = guard.step(loss=loss, replay=lambda b=batch: setup.loss(model, b))
+            guard_seconds += time.perf_counter() - tg
+            row = step_row(step, loss_val, lr, report=report)
+        else:
+            grads = [p.grad for p in params if p.grad is not None]
+            norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+            opt.step()
+            row = step_row(step, loss_val, lr, norm=norm)
+        steps.append(row)
+        if not params_finite(model):
+            diverged_reason = "nonfinite_weights"
+            break
+        if policy is None and not math.isfinite(loss_val):
+            diverged_reason = "nonfinite_loss"
+            break
+    wall = time.perf_counter() - t0
+    counters = guard.counters if guard is not None and policy is not None else {}
+    if guard is not None:
+        guard.close()
+    metric = E.evaluate(setup, model, text) if diverged_reason is None else math.nan
+    result = run_result(
+        steps,
+        {"loss": math.nan, "metric": metric, "success": False},
+        first_loss=first_loss,
+        diverged_reason=diverged_reason,
+        steps_to_target=None,
+        seconds_to_target=None,
+        wall=wall,
+        counters=counters,
+        guard_seconds=guard_seconds,
+        policy=policy,
+        off_target=lambda m: (
+            "nonfinite_metric" if setup.evaluate is not None and not math.isfinite(m) else None
+        ),
+    )
+    return result, steps

@@ -1,0 +1,161 @@
+"""Choosing a policy: train at the user's LR first, then be as good as the best (score and loss,
+within the seeds' noise), then the widest stability margin, then overhead."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from gradguard.advise.candidates import Candidate
+from gradguard.advise.recommend import choose, gather
+
+
+def row(spec, level, seed, *, diverged=False, metric=0.9, loss=0.1, share=0.1, failed=False):
+    if failed:
+        return {"status": "failed", "error": "Traceback ...\nGradGuardError: cannot recover"}
+    return {
+        "status": "done",
+        "result": {
+            "diverged": diverged,
+            "diverged_reason": "nonfinite_weights" if diverged else None,
+            "steps_run": 100,
+            "test_metric": math.nan if diverged else metric,
+            "final_train_loss": math.nan if diverged else loss,
+            "guard_share": share,
+            "interventions": {"clipped": 20, "skipped": 5, "rolled_back": 1},
+        },
+    }
+
+
+def evidence(table: dict[str, dict[float, list[dict]]], higher=True):
+    """``table[spec][level]`` = one row per seed."""
+    cands = [Candidate(s, s, "") for s in table]
+    levels = sorted({lv for per in table.values() for lv in per})
+    seeds = max(len(r) for per in table.values() for r in per.values())
+    rows = gather(
+        cands,
+        levels,
+        seeds,
+        0.1,
+        lambda spec, level, seed: (table[spec].get(level) or [None] * seeds)[seed],
+        use_metric=True,
+    )
+    chosen, trains = choose(rows, higher)
+    return {r.spec: r for r in rows}, chosen, trains
+
+
+def ok(metric=0.9, loss=0.1, share=0.1, n=2):
+    return [row("", 0, s, metric=metric + 0.001 * s, loss=loss, share=share) for s in range(n)]
+
+
+def bad(n=2, first_ok=False):
+    return [row("", 0, s, diverged=not (first_ok and s == 0)) for s in range(n)]
+
+
+def test_evidence_counts_divergences_margin_and_interventions():
+    rows, _, _ = evidence({"a": {1.0: ok(), 3.0: ok(), 10.0: bad(first_ok=True)}})
+    a = rows["a"]
+    assert a.runs == {"x1": [0, 2], "x3": [0, 2], "x10": [1, 2]}
+    assert a.margin == 3.0 and a.margin_lr == 0.3
+    assert a.score == pytest.approx(0.9005) and a.score_n == 2
+    assert a.clipped == pytest.approx(0.2) and a.skipped == pytest.approx(0.06)
+    assert a.reasons == ["x10 seed 1: nonfinite_weights"]
+
+
+def test_a_margin_is_the_highest_level_up_to_which_every_level_trained():
+    rows, _, _ = evidence({"a": {1.0: ok(), 3.0: bad(), 10.0: ok()}, "b": {1.0: bad(), 3.0: ok()}})
+    assert rows["a"].margin == 1.0  # x10 trained, but x3 did not
+    assert rows["b"].margin is None
+
+
+def test_what_diverges_at_the_users_lr_is_never_chosen_over_what_trains():
+    _, chosen, trains = evidence(
+        {
+            "wide": {1.0: bad(first_ok=True), 3.0: ok(), 10.0: ok()},
+            "plain": {1.0: ok(0.8), 3.0: bad()},
+        }
+    )
+    assert chosen.spec == "plain" and trains
+
+
+def test_among_equally_good_ones_the_widest_margin_wins():
+    rows, chosen, _ = evidence(
+        {
+            "none": {1.0: ok(0.95), 3.0: bad()},
+            "clip": {1.0: ok(0.951), 3.0: ok(), 10.0: bad()},
+            "agc": {1.0: ok(0.949), 3.0: ok(), 10.0: ok()},
+        }
+    )
+    assert all(r.in_band for r in rows.values())
+    assert chosen.spec == "agc" and [rows[s].rank for s in ("agc", "clip", "none")] == [1, 2, 3]
+
+
+def test_a_wider_margin_does_not_buy_a_worse_score():
+    rows, chosen, _ = evidence(
+        {"fast": {1.0: ok(0.95), 3.0: bad()}, "safe": {1.0: ok(0.90), 3.0: ok(), 10.0: ok()}}
+    )
+    assert chosen.spec == "fast" and not rows["safe"].in_band
+
+
+def test_seed_noise_widens_the_band():
+    steady = [row("", 0, s, metric=0.95) for s in range(2)]
+    close = [row("", 0, s, metric=0.94) for s in range(2)]
+    # 1 point below the best with no seed noise: not as good (the floor is half a point)
+    rows, chosen, _ = evidence({"fast": {1.0: steady, 3.0: bad()}, "safe": {1.0: close, 3.0: ok()}})
+    assert not rows["safe"].in_band and chosen.spec == "fast"
+    # the same mean when its seeds disagree by 8 points: within the noise
+    noisy = [row("", 0, 0, metric=0.98), row("", 0, 1, metric=0.90)]
+    rows, chosen, _ = evidence({"fast": {1.0: steady, 3.0: bad()}, "safe": {1.0: noisy, 3.0: ok()}})
+    assert rows["safe"].in_band and chosen.spec == "safe"
+    # but never more than 2 points below, however noisy
+    wild = [row("", 0, 0, metric=0.99), row("", 0, 1, metric=0.85)]
+    rows, chosen, _ = evidence({"fast": {1.0: steady, 3.0: bad()}, "safe": {1.0: wild, 3.0: ok()}})
+    assert not rows["safe"].in_band and chosen.spec == "fast"
+
+
+def test_a_slower_policy_is_out_of_the_band_even_when_the_score_saturates():
+    rows, chosen, _ = evidence(
+        {
+            "clip": {1.0: ok(1.0, loss=0.007), 3.0: ok(1.0), 10.0: bad()},
+            "agc": {1.0: ok(1.0, loss=0.032), 3.0: ok(1.0), 10.0: ok(1.0)},
+        }
+    )
+    assert not rows["agc"].in_band and chosen.spec == "clip"
+
+
+def test_overhead_then_chain_length_break_ties():
+    _, chosen, _ = evidence(
+        {
+            "a+b": {1.0: ok(share=0.2), 3.0: ok()},
+            "a": {1.0: ok(share=0.2), 3.0: ok()},
+            "c": {1.0: ok(share=0.3), 3.0: ok()},
+        }
+    )
+    assert chosen.spec == "a"
+
+
+def test_a_lower_is_better_score():
+    _, chosen, _ = evidence(
+        {"low": {1.0: ok(metric=0.10), 3.0: bad()}, "high": {1.0: ok(metric=0.30), 3.0: ok()}},
+        higher=False,
+    )
+    assert chosen.spec == "low"
+
+
+def test_when_nothing_trains_at_the_users_lr_the_least_diverging_is_named():
+    _, chosen, trains = evidence(
+        {
+            "a": {1.0: bad()},
+            "b": {1.0: bad(first_ok=True)},
+            "c": {1.0: [row("", 0, 0, failed=True), *bad(1)]},
+        }
+    )
+    assert chosen.spec == "b" and not trains
+
+
+def test_a_run_that_raised_counts_as_diverged_with_its_error():
+    rows, _, _ = evidence({"a": {1.0: [row("", 0, 0, failed=True), row("", 0, 1)]}})
+    assert rows["a"].runs["x1"] == [1, 2] and rows["a"].reasons == [
+        "x1 seed 0: raised GradGuardError: cannot recover"
+    ]
