@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -306,3 +308,27 @@ def test_bench_runs_record_telemetry_that_the_report_reads(tmp_path):
     assert main(["report", str(stale)]) == 0 and (stale / "report.html").exists()
     with pytest.raises(gradguard.ConfigError, match="local executor"):
         run_grid([cfg], tmp_path / "r", executor="ray", telemetry=True)
+
+
+def test_tensorboard_files_without_importing_tensorflow(tmp_path):
+    """Where TensorFlow is installed, torch's TensorBoard writer would import all of it (seconds
+    and a page of logs in every bench worker); the Guard's writer uses TensorBoard's stub."""
+    code = f"""
+import sys, torch, gradguard
+m = torch.nn.Linear(3, 2)
+opt = torch.optim.SGD(m.parameters(), lr=0.1)
+with gradguard.Guard(m, opt, log_dir={str(tmp_path)!r}) as g:
+    for _ in range(3):
+        m(torch.randn(4, 3)).sum().backward()
+        g.step()
+print("tensorflow" in sys.modules)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.strip().splitlines()[-1] == "False"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert any(len(acc.Scalars(tag)) == 3 for tag in acc.Tags()["scalars"])

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import sys
+import types
 import warnings
 import weakref
 from collections import deque
@@ -226,6 +228,7 @@ class Telemetry:
         )
         if self._want_tb is not False:
             try:
+                _tensorboard_without_tensorflow()
                 from torch.utils.tensorboard import SummaryWriter
 
                 # A deep queue: add_scalar never blocks on the writer thread (flushed on events and close).
@@ -554,3 +557,15 @@ def _version() -> str:
     from .. import __version__
 
     return __version__
+
+
+def _tensorboard_without_tensorflow() -> None:
+    """Have TensorBoard's writer use its own TF stub even where TensorFlow is installed.
+
+    ``torch.utils.tensorboard`` resolves TensorBoard's TF-like API on import, and that imports all
+    of TensorFlow when it is installed (about 5 s and a page of logs per process, for event files
+    the stub writes identically). TensorBoard's documented switch is the presence of the module
+    ``tensorboard.compat.notf``. Left alone where TensorFlow is already loaded (a Keras run)."""
+    if "tensorflow" in sys.modules or "tensorboard.compat.notf" in sys.modules:
+        return
+    sys.modules["tensorboard.compat.notf"] = types.ModuleType("tensorboard.compat.notf")
