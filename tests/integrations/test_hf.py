@@ -250,3 +250,19 @@ def test_adopt_max_grad_norm():
     chain = adopt_max_grad_norm("skip_nonfinite+clip_norm:max_norm=1.0,norm_type=inf", 2.0)
     assert chain[1].max_norm == 2.0 and chain[1].norm_type == float("inf")
     assert [p.name for p in adopt_max_grad_norm("zclip", 0.0)] == ["zclip"]
+
+
+def test_gradient_accumulation_guards_each_optimizer_step_once(tmp_path):
+    model = _model()
+    inject = Inject(model)
+    trainer = GuardedTrainer(
+        model=model,
+        args=_args(tmp_path, max_steps=5, gradient_accumulation_steps=2, max_grad_norm=0.0),
+        train_dataset=Tokens(),
+        callbacks=[inject],
+    )
+    _train(trainer)
+    counters = trainer.guard.counters
+    assert counters["steps"] == 5 and counters["skipped"] == 1  # not once per micro-batch
+    assert torch.equal(inject.snapshots[NAN_STEP], inject.snapshots[NAN_STEP - 1])
+    assert torch.isfinite(_flat(model)).all()
