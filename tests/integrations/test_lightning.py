@@ -217,3 +217,41 @@ def test_bf16_autocast_and_accumulation():
     assert trainer.global_step == 4
     assert cb.guard.counters["steps"] == 4 and cb.guard.counters["skipped"] == 1
     assert torch.isfinite(model.flat()).all()
+
+
+class RankNan(Net):
+    """The loss of rank 1 alone goes NaN at ``NAN_STEP``."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self.body(x), y)
+        if self.global_step == NAN_STEP and self.global_rank == 1:
+            loss = loss * float("nan")
+        return loss
+
+
+@pytest.mark.slow
+def test_ddp_both_ranks_skip_a_nan_seen_by_one(tmp_path):
+    """Lightning DDP, 2 gloo processes: the NaN in rank 1's loss reaches both ranks' averaged
+    gradients, and each rank's Guard skips that step (each writes its own telemetry)."""
+    model = RankNan()
+    cb = GuardCallback("default", log_dir=tmp_path / "tel")
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_steps=6,
+        callbacks=[cb],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        trainer.fit(model, _data())
+    assert torch.isfinite(model.flat()).all()  # the weights ddp_spawn brought back from rank 0
+    for folder in (tmp_path / "tel", tmp_path / "tel" / "rank1"):
+        run = load_run(folder)
+        assert run.end["counters"]["steps"] == 6 and run.end["counters"]["skipped"] == 1
+        assert {e["step"] for e in run.events if e["kind"] == "nonfinite_grad"} == {NAN_STEP}
