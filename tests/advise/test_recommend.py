@@ -159,3 +159,32 @@ def test_a_run_that_raised_counts_as_diverged_with_its_error():
     assert rows["a"].runs["x1"] == [1, 2] and rows["a"].reasons == [
         "x1 seed 0: raised GradGuardError: cannot recover"
     ]
+
+
+def at_chance(n=2):
+    rows = [row("", 0, s, metric=0.1) for s in range(n)]
+    for r in rows:
+        r["result"].update(diverged=True, diverged_reason="at_chance")
+    return rows
+
+
+def test_when_the_runs_only_fail_to_learn_the_answer_says_they_are_too_short():
+    """A policy that kept every seed finite where others blew up, but ended at chance (a task
+    that needs more steps than the probe ran): the advice is longer runs, not a lower LR."""
+    from types import SimpleNamespace
+
+    from gradguard.advise.advisor import _reason
+
+    rows, chosen, trains = evidence({"none": {1.0: bad()}, "clip_norm:1": {1.0: at_chance()}})
+    assert chosen.spec == "clip_norm:1" and not trains
+    probe = SimpleNamespace(rows=[SimpleNamespace(steps_run=300)], trains_up_to=None)
+    text = _reason(chosen, list(rows.values()), trains, probe, 0.3, True, "test accuracy")
+    assert "clip_norm:1 kept every seed finite at lr 0.3 where none blew up" in text
+    assert "too short" in text and "nor did unguarded training at any lower LR" in text
+    assert "Lower the LR" not in text
+
+    # A chosen policy that itself blew up: lower the LR.
+    rows, chosen, trains = evidence({"none": {1.0: bad()}, "zclip": {1.0: bad(first_ok=True)}})
+    probe = SimpleNamespace(rows=[SimpleNamespace(steps_run=300)], trains_up_to=0.3)
+    text = _reason(chosen, list(rows.values()), trains, probe, 0.3, True, "test accuracy")
+    assert "Lower the LR (unguarded training trains up to lr 0.09)" in text

@@ -156,6 +156,14 @@ def test_lr_too_high_severe_without_events(tmp_path):
     assert f is not None and f.severity == "medium"
 
 
+def test_lr_too_high_in_a_runaway_does_not_extrapolate_the_factor(tmp_path):
+    """Updates 20x the weights: the run is already diverging; "divide by 20000" would be noise."""
+    f = lr_too_high(write(tmp_path, meta(), ratios(steps(), 20.0)))
+    assert f is not None
+    assert f.advice[0].startswith("Divide the learning rate by 10 or more")
+    assert "20000" not in " ".join(f.advice)
+
+
 @pytest.mark.parametrize(
     "case",
     [

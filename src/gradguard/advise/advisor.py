@@ -365,13 +365,27 @@ def _reason(chosen, table, trains, probe, lr, higher, metric) -> str:
     none = next((r for r in table if r.spec == "none"), None)
     n_bad, n = chosen.runs.get("x1", [0, 0])
     if not trains:
-        x1 = [why for r in table for why in r.reasons if why.startswith("x1 ")]
-        if x1 and all(why.endswith("at_chance") for why in x1):
+        mine = [why for why in chosen.reasons if why.startswith("x1 ")]
+        if mine and all(why.endswith("at_chance") for why in mine):
+            # The chosen policy stayed finite and only failed to learn: the runs are too short
+            # (an LR cut would not help), and it is still the one that held where others blew up.
             steps = max((row.steps_run for row in probe.rows), default=0)
+            blew = [
+                r.spec
+                for r in table
+                if any(w.startswith("x1 ") and not w.endswith("at_chance") for w in r.reasons)
+            ]
             return (
-                f"no policy got beyond chance at lr {lr:g} within {steps} steps, and none blew "
-                "up: the probe's runs are too short for this task to learn. Rerun with --steps "
-                "long enough to learn (and a budget to match)."
+                f"{chosen.spec} kept every seed finite at lr {lr:g}"
+                + (f" where {', '.join(blew)} blew up" if blew else "")
+                + f", but no policy got beyond chance there within {steps} steps"
+                + (
+                    ", nor did unguarded training at any lower LR"
+                    if probe.trains_up_to is None
+                    else ""
+                )
+                + ": the probe's runs are too short for this task to learn. Rerun with --steps "
+                "long enough to learn (and a budget to match); until then it is the safe choice."
             )
         up = probe.trains_up_to
         return (

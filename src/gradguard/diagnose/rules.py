@@ -268,7 +268,16 @@ def lr_too_high(run: RunLog) -> Finding | None:
     if first is not None:
         evidence.append(f"the first spike or non-finite gradient came at step {first}")
     advice = []
-    if typical > UPDATE_RATIO_HIGH:
+    if typical > 1:
+        # Updates larger than the weights: the run is already running away, and the ratio grows
+        # with the weights it inflates; it no longer scales linearly with the LR.
+        target = f" (from {_g(lr)} to {lr / 10:.2g} or less)" if lr is not None else ""
+        advice.append(
+            f"Divide the learning rate by 10 or more{target} and measure again: at updates "
+            f"{_g(typical)}x the weights the run is already diverging, so this ratio overstates "
+            "the factor (updates scale about linearly with the LR only near the ~1e-3 working point)."
+        )
+    elif typical > UPDATE_RATIO_HIGH:
         factor = typical / UPDATE_RATIO_TARGET
         target = f" (from {_g(lr)} to about {lr / factor:.2g})" if lr is not None else ""
         advice.append(
