@@ -225,14 +225,9 @@ def train_run(
     if not main:
         return from_main(None, ranks), steps
 
-    ev = (
-        task.evaluate(model, 512)
-        if diverged_reason is None
-        else {"loss": math.nan, "metric": math.nan, "success": False}
-    )
     result = run_result(
         steps,
-        ev,
+        task.evaluate(model, 512) if diverged_reason is None else None,
         first_loss=first_loss,
         diverged_reason=diverged_reason,
         steps_to_target=steps_to_target,
@@ -276,7 +271,7 @@ def step_row(
 
 def run_result(
     steps: list[dict[str, Any]],
-    ev: dict[str, Any],
+    ev: dict[str, Any] | None,
     *,
     first_loss: float | None,
     diverged_reason: str | None,
@@ -290,8 +285,11 @@ def run_result(
     off_target: Callable[[float], str | None] | None = None,
 ) -> dict[str, Any]:
     """A finished run's result row (what the store keeps), from its step records and final
-    evaluation ``ev``; the one definition of divergence, whichever framework or entry point
+    evaluation ``ev`` (``{"loss", "metric", "success"}``; None: not evaluated, the run diverged
+    before the end); the one definition of divergence, whichever framework or entry point
     trained. ``off_target(metric)``: a divergence reason for a final metric (at chance), or None."""
+    if ev is None:
+        ev = {"loss": math.nan, "metric": math.nan, "success": False}
     if steps_to_target is None and ev["success"] and diverged_reason is None:
         steps_to_target, seconds_to_target = len(steps), wall
     tail = [r["loss"] for r in steps[-max(1, len(steps) // 10) :]]

@@ -319,14 +319,9 @@ def train_run(
     if telemetry is not None:
         telemetry.close()
 
-    ev = (
-        evaluate(model, task)
-        if diverged_reason is None
-        else {"loss": math.nan, "metric": math.nan, "success": False}
-    )
     result = run_result(
         steps,
-        ev,
+        evaluate(model, task) if diverged_reason is None else None,
         first_loss=first_loss,
         diverged_reason=diverged_reason,
         steps_to_target=steps_to_target,
