@@ -63,6 +63,23 @@ def _refuse_fsdp1(model: nn.Module | None, optimizer: Any) -> None:
         )
 
 
+def _check_params(layout: ParamLayout) -> None:
+    """Refuse parameters no gradient step can update: integer/bool dtypes and meta tensors."""
+    for name, p in zip(layout.names, layout.params, strict=True):
+        if p.device.type == "meta":
+            raise ConfigError(
+                f"parameter {name} is on the meta device (no data): materialize the model first, "
+                "e.g. model.to_empty(device='cpu') and initialize it, then build the optimizer and "
+                "the Guard"
+            )
+        if not (p.is_floating_point() or p.is_complex()):
+            raise ConfigError(
+                f"parameter {name} has dtype {str(p.dtype).removeprefix('torch.')}, which no gradient "
+                "can update; keep integer and bool tensors out of the optimizer (register them as "
+                "buffers)"
+            )
+
+
 @dataclass(eq=False)
 class PendingStep:
     """A step measured and decided by :meth:`Guard.before_step`, awaiting :meth:`Guard.after_step`."""
@@ -142,6 +159,7 @@ class Guard:
         self.optimizer = optimizer
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
         self.layout = ParamLayout.build(model, optimizer)
+        _check_params(self.layout)
         self.policies: list[Policy] = chain
         self.check_finite = check_finite
         self.layer_stats = layer_stats
@@ -353,6 +371,11 @@ class Guard:
                 param_norms = values[len(values) - stats.raw_param_norms.numel() :]
         else:
             norm = stats.norm.item()
+        if not math.isfinite(norm) and stats.rescue_():
+            # The norm overflowed while every element is finite: re-measured exactly (rare).
+            norm = stats.norm.item()
+            if param_norms is not None:
+                param_norms = stats.raw_param_norms.tolist()
         # A NaN or Inf in any gradient makes the global norm non-finite (see GradStats.finite).
         return HostView(
             norm=norm, finite=math.isfinite(norm), loss=loss_val, param_norms=param_norms

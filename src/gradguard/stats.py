@@ -1,10 +1,15 @@
 """One fused pass over the gradients per step: global, per-parameter and per-layer norms, and the
 non-finite flag derived from them.
 
-Norms are computed with ``torch._foreach_norm`` on gradients grouped by (device, dtype), as
-``torch.nn.utils.clip_grad_norm_`` does, accumulated in float32 so fp16/bf16 gradients neither
-overflow nor lose the norm. Finiteness is read off the global norm (a NaN or Inf anywhere makes it
-non-finite) instead of a separate ``isfinite`` scan over every element, which costs ~20x a norm.
+Norms are computed with ``torch._foreach_norm`` on gradients grouped by (device, dtype, layout), as
+``torch.nn.utils.clip_grad_norm_`` does: float32, float64 and complex gradients in their own
+precision (bit-identical to torch), fp16/bf16 accumulated in float32 so they neither overflow nor
+lose the norm. Sparse gradients are coalesced once and measured through their values. Finiteness is
+read off the global norm (a NaN or Inf anywhere makes it non-finite) instead of a separate
+``isfinite`` scan over every element, which costs ~20x a norm. A norm can also be infinite while
+every element is finite (float32 squares overflow above ~1.8e19): when the Guard sees a non-finite
+norm it calls :meth:`GradStats.rescue_`, which re-measures exactly (max-abs, then scaled float64
+norms) and keeps the statistics finite where the gradients are. That costs nothing on normal steps.
 
 The in-place operations on the gradients (`scale_`, `scale_params_`, `clamp_`) live here too, so
 that after a policy acts the running per-parameter norms stay exact without another pass.
@@ -13,6 +18,8 @@ that after a policy acts the running per-parameter norms stay exact without anot
 from __future__ import annotations
 
 import functools
+import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -94,6 +101,15 @@ class Sharding:
             dist.all_reduce(out, group=self.mesh.get_group(dim))
         return out
 
+    def all_reduce_max(self, t: Tensor) -> Tensor:
+        """Elementwise max of ``t`` over the mesh (a copy)."""
+        import torch.distributed as dist
+
+        out = t.clone()
+        for dim in range(self.mesh.ndim):
+            dist.all_reduce(out, op=dist.ReduceOp.MAX, group=self.mesh.get_group(dim))
+        return out
+
     def _weights(self, device: torch.device) -> Tensor:
         t = self._weights_t.get(device)
         if t is None:
@@ -117,13 +133,98 @@ def _foreach_ok(device: torch.device) -> bool:
     )
 
 
-def foreach_norms(tensors: list[Tensor], ord: float = 2.0) -> list[Tensor]:
-    """Per-tensor norms in float32, one kernel per (device, dtype) group where foreach is supported."""
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_WIDE = (torch.float64, torch.complex128)
+
+
+def norm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a norm of a ``dtype`` tensor is held in: float64 for float64/complex128, float32
+    otherwise (fp16/bf16 norms accumulate in float32: an fp16 sum of squares overflows at 256)."""
+    return torch.float64 if dtype in _WIDE else torch.float32
+
+
+def _norm_of_sparse(t: Tensor, ord: float) -> Tensor:
+    # A COO tensor may hold an index more than once: its values add up before they are squared.
+    values = (t.coalesce() if t.layout == torch.sparse_coo else t).values()
+    dt = torch.float32 if t.dtype in _LOW_PRECISION else None
+    return torch.linalg.vector_norm(values, ord, dtype=dt)
+
+
+def _group_norms(tensors: list[Tensor], ord: float) -> list[Tensor]:
+    """Norms of tensors that share one device, dtype and layout."""
+    t0 = tensors[0]
+    if t0.layout != torch.strided:
+        return [_norm_of_sparse(t, ord) for t in tensors]
+    dt = torch.float32 if t0.dtype in _LOW_PRECISION else None
+    if _foreach_ok(t0.device):
+        if dt is None:
+            return list(torch._foreach_norm(tensors, ord))
+        return list(torch._foreach_norm(tensors, ord, dtype=dt))
+    return [torch.linalg.vector_norm(t, ord, dtype=dt) for t in tensors]
+
+
+def group_by_kind(tensors: Sequence[Tensor]) -> dict[tuple, list[int]]:
+    """Positions of ``tensors`` grouped by (device, dtype, layout): one foreach kernel a group."""
+    groups: dict[tuple, list[int]] = {}
+    for k, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype, t.layout), []).append(k)
+    return groups
+
+
+def foreach_norms(tensors: Sequence[Tensor], ord: float = 2.0) -> list[Tensor]:
+    """Per-tensor norms in input order, one kernel per (device, dtype, layout) group.
+
+    Each norm is held in :func:`norm_dtype` of its tensor, on that tensor's device. Any mix of
+    devices, dtypes (fp16, bf16, float32, float64, complex) and sparse layouts is measured.
+    """
+    out: list[Tensor | None] = [None] * len(tensors)
+    for idx in group_by_kind(tensors).values():
+        for k, n in zip(idx, _group_norms([tensors[k] for k in idx], ord), strict=True):
+            out[k] = n
+    return out  # type: ignore[return-value]
+
+
+def stacked_norms(
+    tensors: Sequence[Tensor], device: torch.device, dtype: torch.dtype, ord: float = 2.0
+) -> Tensor:
+    """:func:`foreach_norms` as one 1-D tensor on ``device`` (empty for no tensors)."""
     if not tensors:
-        return []
-    if _foreach_ok(tensors[0].device) and all(not t.is_sparse for t in tensors):
-        return list(torch._foreach_norm(tensors, ord, dtype=torch.float32))
-    return [torch.linalg.vector_norm(t, ord, dtype=torch.float32) for t in tensors]
+        return torch.zeros(0, device=device, dtype=dtype)
+    return torch.stack(
+        [n.to(device=device, dtype=dtype, non_blocking=True) for n in foreach_norms(tensors, ord)]
+    )
+
+
+def all_finite(tensors: Sequence[Tensor]) -> Tensor:
+    """0-dim bool: every element of every tensor is finite (one max-abs pass; never overflows)."""
+    if not tensors:
+        return torch.tensor(True)
+    dev = tensors[0].device
+    inf = stacked_norms(tensors, dev, torch.float64, math.inf)
+    return torch.isfinite(inf).all()
+
+
+def exact_norms(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
+    """Overflow-free L2 norms in float64: ``m * ||t / m||`` with ``m`` the max-abs of ``t``.
+
+    A slow path (it copies each tensor to float64) for the rare step whose plain norm overflowed;
+    the result is infinite only where the true norm exceeds float64's range or an element is
+    non-finite.
+    """
+    out = []
+    for t in tensors:
+        v = (t.coalesce() if t.layout == torch.sparse_coo else t).values() if t.is_sparse else t
+        if v.is_complex():
+            v = torch.view_as_real(v)
+        v = v.detach().to(torch.float64)
+        m = v.abs().max() if v.numel() else torch.zeros((), dtype=torch.float64, device=v.device)
+        if not bool(torch.isfinite(m)) or float(m) == 0.0:
+            out.append(m.reshape(()))
+            continue
+        out.append(torch.linalg.vector_norm(v / m) * m)
+    if not out:
+        return torch.zeros(0, device=device, dtype=torch.float64)
+    return torch.stack([n.to(device) for n in out])
 
 
 class NormSummary:
@@ -158,9 +259,33 @@ def _layer_ids(layout: ParamLayout, param_index: list[int], device: torch.device
 
 
 def _layer_norms(param_norms: Tensor, layer_ids: Tensor, num_layers: int) -> Tensor:
-    sq = torch.zeros(num_layers, device=param_norms.device, dtype=torch.float32)
-    sq.index_add_(0, layer_ids, param_norms.square())
-    return sq.sqrt()
+    """Per-layer L2 norms from per-parameter norms, in the norms' dtype, never overflowing.
+
+    float32 norms are squared in float64 (no float32 norm's square overflows it); float64 norms
+    are scaled by their layer's largest norm first. A layer is non-finite exactly when one of its
+    parameters' norms is.
+    """
+    if param_norms.dtype != torch.float64:
+        sq = torch.zeros(num_layers, device=param_norms.device, dtype=torch.float64)
+        sq.index_add_(0, layer_ids, param_norms.to(torch.float64).square())
+        return sq.sqrt().to(param_norms.dtype)
+    top = torch.zeros(num_layers, device=param_norms.device, dtype=torch.float64)
+    top.index_reduce_(0, layer_ids, param_norms, "amax", include_self=False)
+    scale = top.index_select(0, layer_ids)
+    ok = torch.isfinite(scale) & (scale > 0)
+    ratio = torch.where(ok, param_norms / torch.where(ok, scale, 1.0), 0.0)
+    sq = torch.zeros_like(top).index_add_(0, layer_ids, ratio.square())
+    return torch.where(torch.isfinite(top) & (top > 0), sq.sqrt() * top, top)
+
+
+def scaled_l2(norms: Tensor) -> Tensor:
+    """The L2 norm of a 1-D tensor of norms, scaled by its largest entry (no overflow)."""
+    if norms.numel() == 0:
+        return torch.zeros((), device=norms.device, dtype=norms.dtype)
+    top = norms.abs().amax()
+    if not bool(torch.isfinite(top)) or float(top) == 0.0:
+        return top
+    return torch.linalg.vector_norm(norms / top) * top
 
 
 class GradStats:
@@ -181,25 +306,28 @@ class GradStats:
         grads, self.sharding = Sharding.split(grads)
         self.grads = grads
         self.param_index = param_index  # grads[k] belongs to layout.params[param_index[k]]
-        groups: dict[tuple[torch.device, torch.dtype], _Group] = {}
-        for k, g in enumerate(grads):
-            key = (g.device, g.dtype)
-            grp = groups.get(key)
-            if grp is None:
-                groups[key] = grp = _Group(g.device, [], [])
-            grp.grads.append(g)
-            grp.index.append(k)
-        self.groups = list(groups.values())
+        self.groups = [
+            _Group(grads[idx[0]].device, [grads[k] for k in idx], idx)
+            for idx in group_by_kind(grads).values()
+        ]
         self.device = grads[0].device if grads else torch.device("cpu")
+        #: The dtype every norm of this step is held in: float64 if any gradient is float64.
+        self.dtype = (
+            torch.float64
+            if any(grp.grads[0].dtype in _WIDE for grp in self.groups)
+            else torch.float32
+        )
 
         if len(self.groups) == 1:
-            norms = foreach_norms(self.groups[0].grads)
+            norms = _group_norms(self.groups[0].grads, 2.0)
         else:
             norms = [torch.empty((), device=self.device)] * len(grads)
             for grp in self.groups:
-                for k, n in zip(grp.index, foreach_norms(grp.grads), strict=True):
-                    norms[k] = n.to(self.device, non_blocking=True)
-        self.raw_param_norms = torch.stack(norms) if norms else torch.zeros(0, device=self.device)
+                for k, n in zip(grp.index, _group_norms(grp.grads, 2.0), strict=True):
+                    norms[k] = n.to(self.device, self.dtype, non_blocking=True)
+        self.raw_param_norms = (
+            torch.stack(norms) if norms else torch.zeros(0, device=self.device, dtype=self.dtype)
+        )
         if self.sharding is not None:
             self.raw_param_norms = self.sharding.all_reduce_sq(self.raw_param_norms.square()).sqrt()
         self.norm = torch.linalg.vector_norm(self.raw_param_norms)
@@ -220,6 +348,35 @@ class GradStats:
         if self._finite is None:
             self._finite = torch.isfinite(self.norm)
         return self._finite
+
+    def rescue_(self) -> bool:
+        """Re-measure a step whose norm read non-finite; True if every gradient is finite after all.
+
+        A float32 (or bf16/fp16) sum of squares overflows for norms above ~1.8e19 although every
+        element is finite. The Guard calls this only when the norm it read is non-finite (a rare
+        step, so the extra passes cost nothing on normal steps): one max-abs pass decides
+        finiteness exactly, and if the gradients are finite their norms are re-measured in float64
+        without overflow and replace this step's statistics (held in float64 from then on).
+        """
+        if not self.grads:
+            return False
+        flag = (~all_finite(self.grads)).to(torch.float64).reshape(1)
+        if self.sharding is not None:
+            flag = self.sharding.all_reduce_max(flag)
+        if bool(flag.item()):
+            return False
+        pn = exact_norms(self.grads, self.device)
+        if self.sharding is not None:
+            top = self.sharding.all_reduce_max(pn.amax().reshape(1)).clamp(min=1e-300)
+            pn = self.sharding.all_reduce_sq((pn / top).square()).sqrt() * top
+        self.dtype = torch.float64
+        self.raw_param_norms = self._param_norms = pn
+        self.norm = scaled_l2(pn)
+        self._scale = None
+        self._finite = None
+        self._layer_ids = None
+        self._norm_after = None
+        return True
 
     @property
     def param_norms(self) -> Tensor:
@@ -267,12 +424,7 @@ class GradStats:
             params, sharding = Sharding.split(
                 [self.layout.params[i].detach() for i in self.param_index]
             )
-            out = [torch.empty((), device=self.device)] * len(params)
-            for grp in self.groups:
-                ws = [params[k] for k in grp.index]
-                for k, n in zip(grp.index, foreach_norms(ws), strict=True):
-                    out[k] = n.to(self.device, non_blocking=True)
-            self._weight_norms = torch.stack(out) if out else torch.zeros(0, device=self.device)
+            self._weight_norms = stacked_norms(params, self.device, self.dtype)
             if sharding is not None:
                 self._weight_norms = sharding.all_reduce_sq(self._weight_norms.square()).sqrt()
         return self._weight_norms
@@ -288,26 +440,29 @@ class GradStats:
         self._norm_after = None
 
     def scale_params_(self, factors: Tensor) -> None:
-        """Multiply gradient ``k`` by ``factors[k]`` (one factor per gradient, float32 tensor)."""
+        """Multiply gradient ``k`` by ``factors[k]`` (one factor per gradient)."""
         for grp in self.groups:
             fs = factors.to(grp.device, non_blocking=True)
             if len(self.groups) > 1:
                 fs = fs.index_select(0, self.layout.index_tensor(grp.index, grp.device))
-            torch._foreach_mul_(grp.grads, list(fs.to(grp.grads[0].dtype).unbind()))
-        self.set_param_norms(self.param_norms * factors)
+            g0 = grp.grads[0]
+            fdt = g0.real.dtype if g0.is_complex() else g0.dtype
+            torch._foreach_mul_(grp.grads, list(fs.to(fdt).unbind()))
+        self.set_param_norms(self.param_norms * factors.to(self.dtype))
 
     def clamp_(self, limit: float) -> None:
         """Clamp every gradient element to [-limit, limit]; the norms are re-measured (an elementwise
-        clamp changes them in a way no summary statistic predicts)."""
+        clamp changes them in a way no summary statistic predicts). Sparse gradients (coalesced by
+        :func:`collect_grads`) are clamped through their values."""
         for grp in self.groups:
+            if grp.grads[0].is_sparse:
+                for g in grp.grads:
+                    g._values().clamp_(-limit, limit)
+                continue
             torch._foreach_clamp_min_(grp.grads, -limit)
             torch._foreach_clamp_max_(grp.grads, limit)
-        norms = [torch.empty((), device=self.device)] * len(self.grads)
-        for grp in self.groups:
-            for k, n in zip(grp.index, foreach_norms(grp.grads), strict=True):
-                norms[k] = n.to(self.device, non_blocking=True)
-        if norms:
-            self.set_param_norms(torch.stack(norms))
+        if self.grads:
+            self.set_param_norms(stacked_norms(self.grads, self.device, self.dtype))
 
     def set_param_norms(self, norms: Tensor) -> None:
         """For policies that changed gradients themselves and know the resulting norms exactly."""
@@ -318,11 +473,16 @@ class GradStats:
 
 
 def collect_grads(layout: ParamLayout) -> tuple[list[Tensor], list[int]]:
+    """The parameters' gradients in layout order (and their layout positions), sparse COO
+    gradients coalesced in place."""
     grads: list[Tensor] = []
     index: list[int] = []
     for i, p in enumerate(layout.params):
         g = p.grad
         if g is not None:
+            if g.layout == torch.sparse_coo and not g.is_coalesced():
+                # Coalesced once here, so norms, clamps and row scalings see each index once.
+                g = p.grad = g.coalesce()
             grads.append(g)
             index.append(i)
     return grads, index

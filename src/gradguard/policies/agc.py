@@ -6,16 +6,43 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
+from ..stats import norm_dtype
 from .base import Policy, StepContext
 from .clip import _check_positive
 from .registry import register
 
 
 def unit_norms(t: torch.Tensor) -> torch.Tensor:
-    """Norm per output unit (row): reduce over every dim but 0; tensors of ndim <= 1 as a whole."""
+    """Norm per output unit (row): reduce over every dim but 0; tensors of ndim <= 1 as a whole.
+
+    Held in :func:`~gradguard.stats.norm_dtype` (float64 for float64 tensors). A sparse COO
+    tensor (coalesced) is reduced over the entries of each row it holds; rows it does not hold
+    have norm 0.
+    """
+    dt = norm_dtype(t.dtype)
+    if t.is_sparse:
+        vals = t._values()
+        sq = vals.abs().to(dt).square().reshape(vals.shape[0], -1).sum(1)
+        rows = torch.zeros(t.shape[0], dtype=dt, device=t.device)
+        return rows.index_add_(0, t._indices()[0], sq).sqrt()
     if t.ndim <= 1:
-        return torch.linalg.vector_norm(t, dtype=torch.float32).reshape(1)
-    return torch.linalg.vector_norm(t, dim=tuple(range(1, t.ndim)), dtype=torch.float32)
+        return torch.linalg.vector_norm(t, dtype=None if t.is_complex() else dt).reshape(1).to(dt)
+    return torch.linalg.vector_norm(
+        t, dim=tuple(range(1, t.ndim)), dtype=None if t.is_complex() else dt
+    ).to(dt)
+
+
+def _scale_units_(g: torch.Tensor, factor: torch.Tensor) -> None:
+    """``g[row] *= factor[row]`` in place (one factor for a tensor of ndim <= 1)."""
+    fdt = g.real.dtype if g.is_complex() else g.dtype
+    if g.is_sparse:
+        vals = g._values()
+        f = factor.to(fdt).index_select(0, g._indices()[0])
+        vals.mul_(f.reshape((-1,) + (1,) * (vals.ndim - 1)))
+    elif g.ndim > 1:
+        g.mul_(factor.to(fdt).reshape((-1,) + (1,) * (g.ndim - 1)))
+    else:
+        g.mul_(factor[0].to(fdt))
 
 
 @register
@@ -89,18 +116,14 @@ class agc(Policy):
             g_norm = unit_norms(g)
             clip = g_norm > max_norm
             factor = torch.where(clip, max_norm / g_norm.clamp(min=1e-6), torch.ones_like(g_norm))
-            g.mul_(
-                factor.to(g.dtype).reshape((-1,) + (1,) * (g.ndim - 1))
-                if g.ndim > 1
-                else factor[0].to(g.dtype)
-            )
+            _scale_units_(g, factor)
             new_sq.append((g_norm * factor).square().sum())
             acted.append(clip.any())
             ks.append(k)
         if not ks:
             return
         idx = stats.layout.index_tensor(ks, stats.device)
-        sq = sq.index_put((idx,), torch.stack(new_sq).to(stats.device))
+        sq = sq.index_put((idx,), torch.stack(new_sq).to(stats.device, sq.dtype))
         stats.set_param_norms(sq.sqrt())
         mask = torch.zeros(len(stats.grads), dtype=torch.bool, device=stats.device).index_put(
             (idx,), torch.stack(acted).to(stats.device)

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import torch
 
-from ..errors import SpecError
-from ..stats import foreach_norms
+from ..errors import ConfigError, SpecError
+from ..stats import stacked_norms
 from .base import Policy, StepContext
 from .registry import register
 
@@ -58,13 +58,10 @@ class clip_norm(Policy):
             return
         if self.norm_type == 2.0 and ctx.host is not None and not stats.modified:
             # The Guard already read the norm: decide on the host and leave an unclipped gradient
-            # untouched. The factor is computed in float32 exactly as torch computes it
+            # untouched. The factor is computed in the norm's dtype exactly as torch computes it
             # (``max_norm * reciprocal(norm + 1e-6)``), so the result stays bit-identical.
-            coef = float(
-                np.float32(1.0)
-                / (np.float32(ctx.host.norm) + np.float32(NORM_EPS))
-                * np.float32(self.max_norm)
-            )
+            f = np.float64 if stats.dtype == torch.float64 else np.float32
+            coef = float(f(1.0) / (f(ctx.host.norm) + f(NORM_EPS)) * f(self.max_norm))
             if coef < 1.0:
                 stats.scale_(coef)
             ctx.record(self.name, coef < 1.0)
@@ -72,10 +69,8 @@ class clip_norm(Policy):
         if self.norm_type == 2.0:
             total = stats.norm_after
         else:
-            per = []
-            for grp in stats.groups:
-                per.extend(n.to(stats.device) for n in foreach_norms(grp.grads, self.norm_type))
-            total = torch.linalg.vector_norm(torch.stack(per), self.norm_type)
+            per = stacked_norms(stats.grads, stats.device, stats.dtype, self.norm_type)
+            total = torch.linalg.vector_norm(per, self.norm_type)
         # clamp instead of `if total > max_norm`: a Python branch on a device value is a host sync.
         coef = torch.clamp(self.max_norm / (total + NORM_EPS), max=1.0)
         stats.scale_(coef)
@@ -96,6 +91,15 @@ class clip_value(Policy):
         super().__init__()
         _check_positive(self.name, "limit", limit)
         self.limit = float(limit)
+
+    def bind(self, layout, optimizer) -> None:
+        complex_ = [n for n, p in zip(layout.names, layout.params, strict=True) if p.is_complex()]
+        if complex_:
+            raise ConfigError(
+                f"clip_value cannot clip complex gradients ({', '.join(complex_[:3])}): an "
+                "elementwise clamp is undefined for complex numbers (torch's clip_grad_value_ "
+                "refuses them too); use clip_norm or agc"
+            )
 
     def apply(self, ctx: StepContext) -> None:
         stats = ctx.stats
