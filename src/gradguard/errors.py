@@ -14,3 +14,25 @@ class SpecError(GradGuardError, ValueError):
 
 class ConfigError(GradGuardError, ValueError):
     """A Guard was built or used with arguments that cannot work together."""
+
+
+class TrainingHalted(GradGuardError):
+    """The Guard stopped training on purpose: going on could only corrupt or stall the run.
+
+    ``reason`` is a short machine-readable tag (``nonfinite_weights``, ``nonfinite_hyperparameter``,
+    ``nonfinite_state``, ``stalled``, ``rollback_exhausted``) that training loops record as the
+    run's outcome; the message says what the Guard saw and what to change.
+    """
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class IntegrityError(TrainingHalted):
+    """A step would leave (or left) a non-finite weight or optimizer state, and the chain has no
+    ``rollback`` to restore the last good state."""
+
+
+class StallError(TrainingHalted):
+    """Too many optimizer steps in a row were skipped: the run is not training any more."""

@@ -17,6 +17,7 @@ import math
 import os
 import warnings
 import weakref
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -24,7 +25,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from .errors import ConfigError, GradGuardError
+from .errors import ConfigError, GradGuardError, IntegrityError, StallError
+from .integrity import (
+    check_groups,
+    check_hyperparameters,
+    explain_nonfinite,
+    finite_after_step,
+    group_signature,
+)
 from .layout import ParamLayout
 from .policies import HostView, Policy, StepContext, parse_spec, skip_nonfinite
 from .report import StepReport, Tally
@@ -117,6 +125,20 @@ class Guard:
             (adds ``skip_nonfinite`` to the chain if neither it nor ``rollback`` is there). It costs
             one host read per step; set False only for a sync-free clipping chain on an accelerator
             where you accept torch's own behaviour on NaN.
+        check_weights: after every step, check in one fused pass that every weight is finite
+            (default: as ``check_finite``). When one is not, a chain with ``rollback`` restores the
+            last good state; otherwise the Guard raises :class:`~gradguard.errors.IntegrityError`
+            naming the cause (a corrupted optimizer state, an update that overflowed the dtype).
+            Before the step the LR, weight decay, momentum, betas and eps of every param group are
+            checked to be finite (free: host values), and a changed set of param groups is refused.
+        check_state: include the optimizer state (Adam's moments, SGD's momentum) in that pass
+            (default True). A moment can go infinite while the weights stay finite (Adam's update
+            ``m / sqrt(v)`` is then 0: the parameter freezes in silence). False reads only the
+            weights (Adam's state is 2x their size); the state is then still checked on a step
+            whose gradients were large enough to overflow it.
+        max_consecutive_skips: raise :class:`~gradguard.errors.StallError` when this many steps
+            in a row were skipped (AMP overflows aside): skipping is then not recovering, it is a
+            stall (as optax's ``apply_if_finite(max_consecutive_errors)``). ``None``: never.
         layer_stats: compute per-layer gradient norms every step and expose them on the report
             (``report.layer_norms``); they come from the per-parameter norms, no extra pass.
         log_dir: record telemetry (per-layer norms, actions, events, where a NaN started) to this
@@ -134,6 +156,9 @@ class Guard:
         *,
         scaler: torch.amp.GradScaler | None = None,
         check_finite: bool = True,
+        check_weights: bool | None = None,
+        check_state: bool = True,
+        max_consecutive_skips: int | None = 20,
         layer_stats: bool = False,
         log_dir: str | os.PathLike | None = None,
         telemetry: Telemetry | None = None,
@@ -162,6 +187,20 @@ class Guard:
         _check_params(self.layout)
         self.policies: list[Policy] = chain
         self.check_finite = check_finite
+        if max_consecutive_skips is not None and (
+            not isinstance(max_consecutive_skips, int)
+            or isinstance(max_consecutive_skips, bool)
+            or max_consecutive_skips < 1
+        ):
+            raise ConfigError(
+                f"max_consecutive_skips must be an integer >= 1 or None, got {max_consecutive_skips!r}"
+            )
+        self.check_weights = check_finite if check_weights is None else bool(check_weights)
+        self.check_state = bool(check_state)
+        self.max_consecutive_skips = max_consecutive_skips
+        self._groups = group_signature(optimizer)
+        self._rollback = next((p for p in chain if p.name == "rollback"), None)
+        self._streak: Counter[str] = Counter()
         self.layer_stats = layer_stats
         for p in chain:
             p.bind(self.layout, optimizer)
@@ -207,11 +246,13 @@ class Guard:
         if pending.stepped:
             if self.telemetry is not None and self.telemetry.wants_update_ratio(ctx.step):
                 self.telemetry.before_update(pending.stats)
+            check_hyperparameters(self.optimizer, ctx.lr_scale)
             self._apply_step(ctx.lr_scale)
         elif not pending.stale:
             if self.scaler is not None:
                 self.scaler.update()  # backs the scale off on overflow; unscale_ recorded the check
             self.optimizer.zero_grad(set_to_none=True)
+        self._verify(pending)
         return self._conclude(pending)
 
     def before_step(
@@ -239,12 +280,14 @@ class Guard:
         if pending.stepped:
             if self.telemetry is not None and self.telemetry.wants_update_ratio(ctx.step):
                 self.telemetry.before_update(pending.stats)
+            check_hyperparameters(self.optimizer, ctx.lr_scale)
             if ctx.lr_scale != 1.0:
                 pending.saved_lrs = [g["lr"] for g in self.optimizer.param_groups]
                 for g in self.optimizer.param_groups:
                     g["lr"] = g["lr"] * ctx.lr_scale
         else:
             self.optimizer.zero_grad(set_to_none=True)
+            self._verify(pending)
         self._pending = pending
         return pending
 
@@ -259,11 +302,36 @@ class Guard:
         if pending.saved_lrs is not None:
             for g, lr in zip(self.optimizer.param_groups, pending.saved_lrs, strict=True):
                 g["lr"] = lr
+        if pending.stepped:
+            self._verify(pending)
         return self._conclude(pending)
+
+    def _verify(self, pending: PendingStep) -> None:
+        """After the step (taken or skipped): are the weights and the optimizer state (unless
+        ``check_state=False`` and the gradients were too small to overflow it) finite? If not,
+        roll back or raise. A skipped step is checked too: the state may have been corrupted
+        before it, outside the Guard."""
+        if not self.check_weights or pending.stale:
+            return
+        with_state = self.check_state or pending.stats.rescued
+        if finite_after_step(self.layout, self.optimizer, with_state):
+            return
+        reason, why = explain_nonfinite(self.layout, self.optimizer)
+        ctx = pending.ctx
+        if self._rollback is not None and self._rollback.recover(ctx, why):
+            ctx.skip_reason = "rollback"
+            return
+        raise IntegrityError(
+            f"step {ctx.step}: {why}. The chain has no rollback, so the Guard cannot restore the "
+            "last good state: add it (policy='default+rollback') to recover automatically",
+            reason,
+        )
 
     def _decide(
         self, loss: Tensor | float | None, replay: Callable[[], Tensor] | None, stacklevel: int
     ) -> PendingStep:
+        check_groups(self.optimizer, self._groups)
+        check_hyperparameters(self.optimizer, 1.0)
         self._unscale()
         stats = compute_grad_stats(self.layout)
         if self._is_stale(stats):
@@ -447,6 +515,10 @@ class Guard:
             self._last_grad = (weakref.ref(g), g._version) if g is not None else None
         else:
             self._last_grad = None
+        if stepped:
+            self._streak.clear()
+        elif ctx.skip_reason not in ("amp_overflow", "stale_grads"):
+            self._streak[ctx.skip_reason or "skipped"] += 1
         report = StepReport(
             step=ctx.step,
             norms=stats.summary(),
@@ -462,7 +534,26 @@ class Guard:
             layer_stats=self.layer_stats and bool(stats.grads),
         )
         self._step += 1
+        streak = sum(self._streak.values())
+        if self.max_consecutive_skips is not None and streak >= self.max_consecutive_skips:
+            self._raise_stall(ctx, streak)
         return report
+
+    def _raise_stall(self, ctx: StepContext, streak: int) -> None:
+        reasons = ", ".join(f"{r} x{n}" for r, n in self._streak.most_common())
+        host = ctx.host
+        seen = ""
+        if host is not None:
+            seen = f"; last gradient norm {host.norm:.3g}" + (
+                f", loss {host.loss:.3g}" if host.loss is not None else ""
+            )
+        raise StallError(
+            f"the last {streak} steps (to step {ctx.step}) were all skipped ({reasons}){seen}: "
+            "the run is not training any more. Lower the learning rate, check the data for a run "
+            "of bad batches, or add rollback to go back to the last good state; "
+            "max_consecutive_skips sets how many skips in a row are tolerated",
+            "stalled",
+        )
 
     # ----- counters and state -------------------------------------------------------------------------
     @property
@@ -483,6 +574,7 @@ class Guard:
             "version": _STATE_VERSION,
             "step": self._step,
             "counters": self.counters,
+            "skip_streak": dict(self._streak),
             "policies": [{"name": p.name, "state": p.state_dict()} for p in self.policies],
         }
 
@@ -501,6 +593,7 @@ class Guard:
             p.load_state_dict(s["state"])
         self._step = int(state["step"])
         self._tally.load(state.get("counters", {}))
+        self._streak = Counter({str(k): int(v) for k, v in state.get("skip_streak", {}).items()})
 
     # ----- telemetry ------------------------------------------------------------------------------
     def close(self) -> None:

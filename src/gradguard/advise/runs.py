@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingHalted
 
 TRAINER = "gradguard.advise.runs:train_entry"
 
@@ -98,7 +98,11 @@ def train_entry(
         lr = float(opt.param_groups[0]["lr"])
         if guard is not None:
             tg = time.perf_counter()
-            report = guard.step(loss=loss, replay=lambda b=batch: setup.loss(model, b))
+            try:
+                report = guard.step(loss=loss, replay=lambda b=batch: setup.loss(model, b))
+            except TrainingHalted as e:  # the Guard stopped a run that cannot recover
+                diverged_reason = e.reason
+                break
             guard_seconds += time.perf_counter() - tg
             row = step_row(step, loss_val, lr, report=report)
         else:

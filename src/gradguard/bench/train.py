@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..errors import TrainingHalted
 from ..guard import Guard
 from ..stats import foreach_norms
 from . import keras_train
@@ -191,7 +192,11 @@ def train_run(
         if guard is not None:
             tg = time.perf_counter()
             # The replay runs the unwrapped module: no DDP collective on a local re-run.
-            report = guard.step(loss=loss, replay=lambda x=x, y=y: task.loss(model(x), y))
+            try:
+                report = guard.step(loss=loss, replay=lambda x=x, y=y: task.loss(model(x), y))
+            except TrainingHalted as e:  # the Guard stopped a run that cannot recover
+                diverged_reason = e.reason
+                break
             guard_seconds += time.perf_counter() - tg
             row = step_row(step, loss_val, lr, report=report)
         else:

@@ -11,7 +11,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError, GradGuardError, SpecError
+from ..errors import ConfigError, GradGuardError, SpecError, TrainingHalted
 from ..stats import foreach_norms
 from .base import Policy, StepContext
 from .registry import register
@@ -191,25 +191,36 @@ class rollback(Policy):
         if self._snapshot is None:
             self.take_snapshot(ctx.step)
         bad = not host.finite or (host.loss is not None and not math.isfinite(host.loss))
-        if not bad:
-            return
+        if bad:
+            self.recover(ctx, "nonfinite")
+
+    def recover(self, ctx: StepContext, why: str) -> bool:
+        """Restore the last good snapshot and cancel this step; False if there is none.
+
+        Called by :meth:`apply` for a non-finite gradient or loss, and by the Guard when a step it
+        took left non-finite weights (``why`` names what it saw). Raises
+        :class:`~gradguard.errors.TrainingHalted` after ``max_consecutive`` recoveries with no
+        good step between them.
+        """
         if self._snapshot is None:
             # Nothing good to go back to (the parameters were already non-finite): just skip.
             ctx.request_skip("nonfinite_no_snapshot")
             ctx.record(self.name, False)
-            return
+            return False
         self.state["consecutive"] += 1
         if self.state["consecutive"] > self.max_consecutive:
-            raise GradGuardError(
-                f"training went non-finite {self.state['consecutive']} times in a row after rolling back to step "
-                f"{self.state['snapshot_step']}; it will not recover by itself: lower the learning rate, or add "
-                "clipping (e.g. policy='zclip+rollback+lr_backoff')"
+            raise TrainingHalted(
+                f"training went non-finite ({why}) {self.state['consecutive']} times in a row after "
+                f"rolling back to step {self.state['snapshot_step']}; it will not recover by itself: "
+                "lower the learning rate, or add clipping (e.g. policy='zclip+rollback+lr_backoff')",
+                "rollback_exhausted",
             )
         self.restore()
         self.state["rollbacks"] += 1
         ctx.rollback = True
         ctx.request_skip("rollback")
         ctx.record(self.name, True)
+        return True
 
     def after_step(self, ctx: StepContext, stepped: bool) -> None:
         if not stepped:
