@@ -15,13 +15,14 @@ import re
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..errors import ConfigError, SpecError
+from ..specgrammar import Where, coerce, format_value
 
 #: The per-step strike probability of a fault given neither ``p`` nor ``at``.
 DEFAULT_P = 0.01
@@ -44,11 +45,6 @@ class Strike:
     kind: str
     where: str
     detail: dict[str, Any] = field(default_factory=dict, compare=False)
-
-
-def _num(v: float) -> str:
-    """A number as a spec writes it: ``3`` for whole numbers, ``repr`` (which round-trips) else."""
-    return str(int(v)) if isinstance(v, int) else repr(float(v))
 
 
 def _show(v: Any) -> str:
@@ -80,42 +76,12 @@ class Option:
 
     # ----- text -> value (the spec parser) -------------------------------------------------------
     def parse(self, fault: str, raw: str) -> Any:
-        text = raw.strip()
-        if not self.many:
-            return self._scalar(fault, text)
-        items = text.split("|")
-        if any(not t.strip() for t in items):
-            raise FaultSpecError(
-                f"fault {fault!r}: {self.name}={text!r} has an empty item; "
-                f"join values with single '|' (e.g. {self.name}=3|7|20)"
-            )
-        return tuple(self._scalar(fault, t.strip()) for t in items)
-
-    def _scalar(self, fault: str, text: str) -> Any:
-        where = f"fault {fault!r}: {self.name}={text!r}"
-        if self.type is str:
-            if self.choices:
-                if text not in self.choices:
-                    raise FaultSpecError(f"{where} is not one of {', '.join(self.choices)}")
-                return text
-            return text  # checked by validate(), for text and Python values alike
-        if self.type is int:
-            try:
-                return int(text)  # exact, however large; "1e3" goes on to float()
-            except ValueError:
-                pass
-        try:
-            v = float(text)
-        except ValueError:
-            kind = "an integer" if self.type is int else "a number"
-            raise FaultSpecError(f"{where} is not {kind}; {self.doc}") from None
-        if not math.isfinite(v):
-            raise FaultSpecError(f"{where} must be finite; {self.doc}")
-        if self.type is int:
-            if not v.is_integer():
-                raise FaultSpecError(f"{where} is not a whole number; {self.doc}")
-            return int(v)
-        return v
+        """The option's value from its spec text (the shared grammar's typed reading); the range
+        and the finiteness are checked by :meth:`validate`, as for a Python value."""
+        scalar: Any = Literal[self.choices] if self.choices else self.type
+        hint = tuple[scalar, ...] if self.many else scalar
+        where = Where(f"fault {fault!r}", self.name, FaultSpecError, f"; {self.doc}", max_int=None)
+        return coerce(raw, hint, where)
 
     # ----- value -> checked value (the constructor, so Python and spec share the checks) --------
     def validate(self, fault: str, value: Any) -> Any:
@@ -173,12 +139,7 @@ class Option:
 
     def format(self, value: Any) -> str:
         """The value as spec text (``parse`` reads it back to the same value)."""
-        if self.many:
-            return "|".join(self._format1(v) for v in value)
-        return self._format1(value)
-
-    def _format1(self, v: Any) -> str:
-        return v if isinstance(v, str) else _num(v)
+        return format_value(value)
 
 
 def _float(v: Any, bad: Any) -> float:

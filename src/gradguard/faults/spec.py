@@ -1,12 +1,15 @@
 """The fault registry and the fault spec language, the policy spec language's twin.
 
-A spec names a plan: faults joined by ``+``; each is ``name``, ``name:value`` (sets its first
-option) or ``name:key=value,key=value``. Lists use ``|`` (``at=3|7|20``). ``none`` is the empty
-plan. Examples: ``nan:p=0.01``, ``spike:1e5,at=100``, ``poison:shuffle,p=0.02``,
-``lr_burst:factor=100,steps=10,at=200``, ``nan:p=0.01+spike:scale=1e4,p=0.02``.
+A spec names a plan: faults joined by ``+`` (not the ``+`` of an exponent: ``factor=1e+27``);
+each is ``name``, ``name:value`` (sets its first option) or ``name:key=value,key=value``. Lists use
+``|`` (``at=3|7|20``). ``none`` is the empty plan. Examples: ``nan:p=0.01``, ``spike:1e5,at=100``,
+``poison:shuffle,p=0.02``, ``lr_burst:factor=100,steps=10,at=200``,
+``nan:p=0.01+spike:scale=1e4,p=0.02``.
 
 Every malformed spec raises :class:`FaultSpecError` (a :class:`~gradguard.SpecError`) naming the
-problem and the fix: the valid faults, the fault's options, the option's range.
+problem and the fix: the valid faults, the fault's options, the option's range. The grammar
+(splitting, typed values, numbers written exactly) is :mod:`gradguard.specgrammar`, the policy
+specs' own.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from ..specgrammar import split_chain, split_term
 from .base import Fault, FaultPlan, FaultSpecError, Option, check_seed
 
 _REGISTRY: dict[str, type[Fault]] = {}
@@ -99,8 +103,8 @@ def parse_fault(text: str, seed: int = 0) -> Fault:
     text = text.strip()
     if not text:
         raise FaultSpecError("empty fault; write e.g. 'nan:p=0.01' (faults joined by '+')")
-    name, sep, rest = text.partition(":")
-    name = name.strip()
+    term = split_term(text)
+    name = term.name
     if not name:
         raise FaultSpecError(
             f"missing fault name in {text!r}; write name:key=value, e.g. nan:p=0.01 "
@@ -109,34 +113,32 @@ def parse_fault(text: str, seed: int = 0) -> Fault:
     if name == "none":
         raise FaultSpecError("'none' stands alone (the empty plan); drop it or drop the others")
     cls = fault_class(name)
-    if not sep:
+    if not term.colon:
         return cls(seed=seed)
-    if not rest.strip():
+    options = ", ".join(o.name for o in cls.options)
+    if not term.items:
         raise FaultSpecError(
-            f"fault {name!r}: nothing after ':'; write {name}:key=value "
-            f"(options: {', '.join(o.name for o in cls.options)})"
+            f"fault {name!r}: nothing after ':'; write {name}:key=value (options: {options})"
         )
     values: dict[str, Any] = {}
-    for i, item in enumerate(rest.split(",")):
-        key, eq, raw = item.partition("=")
-        key = key.strip()
-        if not eq:
+    for i, item in enumerate(term.items):
+        if item.key is None:
             if i > 0:
                 raise FaultSpecError(
-                    f"fault {name!r}: {item.strip()!r} is not key=value; only the first value may "
-                    f"omit its key (options: {', '.join(o.name for o in cls.options)})"
+                    f"fault {name!r}: {item.text.strip()!r} is not key=value; only the first value "
+                    f"may omit its key (options: {options})"
                 )
-            opt, raw = cls.options[0], item
-        elif not key:
+            opt = cls.options[0]
+        elif not item.key:
             raise FaultSpecError(
-                f"fault {name!r}: missing option name in {item.strip()!r}; write key=value "
-                f"(options: {', '.join(o.name for o in cls.options)})"
+                f"fault {name!r}: missing option name in {item.text.strip()!r}; write key=value "
+                f"(options: {options})"
             )
         else:
-            opt = _option(cls, key)
+            opt = _option(cls, item.key)
         if opt.name in values:
             raise FaultSpecError(f"fault {name!r}: option {opt.name!r} given twice")
-        values[opt.name] = opt.parse(name, raw)
+        values[opt.name] = opt.parse(name, item.value)
     return cls(seed=seed, **values)
 
 
@@ -151,7 +153,7 @@ def parse(spec: str, seed: int = 0) -> FaultPlan:
         raise FaultSpecError("empty fault spec; write 'none' or e.g. 'nan:p=0.01'")
     if text == "none":
         return FaultPlan()
-    parts = text.split("+")
+    parts = split_chain(text)
     if any(not p.strip() for p in parts):
         raise FaultSpecError(f"empty fault in {spec!r}; join faults with a single '+'")
     return FaultPlan(parse_fault(p, seed) for p in parts)

@@ -34,7 +34,7 @@ from ..policies import skip_nonfinite as _skip_nonfinite
 from ..policies import skip_spike as _skip_spike
 from ..policies import zclip as _zclip
 from ..policies.clip import NORM_EPS
-from ..policies.registry import _CHAIN_SEP
+from ..specgrammar import split_chain, split_term
 
 if TYPE_CHECKING:
     from .optimizer import GuardedOptimizer
@@ -738,8 +738,8 @@ def parse_keras_spec(spec: Any) -> list[KerasPolicy]:
     if isinstance(spec, Policy):
         return [to_keras(spec)]
     if isinstance(spec, str):
-        for part in _CHAIN_SEP.split(spec):
-            name = part.partition(":")[0].strip()
+        for part in split_chain(spec):
+            name = split_term(part).name
             if name and name not in ("default", "none") and name not in KERAS_POLICIES:
                 # Checked before the torch parser, so the message lists what Keras has.
                 raise _unsupported(name)

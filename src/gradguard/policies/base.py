@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..layout import ParamLayout
+from ..specgrammar import format_value as _fmt
 from ..stats import GradStats
 
 
@@ -145,9 +146,3 @@ class Policy:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
         return f"{type(self).__name__}({args})"
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, (list, tuple)):
-        return "|".join(str(x) for x in v)
-    return str(v)

@@ -3,30 +3,25 @@
 A spec names a chain: policies joined by ``+``; each is ``name``, ``name:value`` (sets its first
 parameter) or ``name:key=value,key=value``. Examples: ``clip_norm:1.0``, ``agc:0.01``,
 ``zclip:z_thresh=2.0,max_norm=5``, ``skip_nonfinite+zclip``. ``default`` expands to the recommended
-chain. List values use ``|`` (``agc:exclude=head|fc*``).
+chain. List values use ``|`` (``agc:exclude=head|fc*``). The grammar (splitting, typed values,
+numbers written exactly) is :mod:`gradguard.specgrammar`, shared with the fault specs.
 """
 
 from __future__ import annotations
 
 import inspect
-import re
-import sys
-import types
 import typing
 from collections.abc import Iterable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 from ..errors import SpecError
+from ..specgrammar import Where, coerce, split_chain, split_term
 from .base import Policy
 
 _REGISTRY: dict[str, type[Policy]] = {}
 
 #: The recommended chain (see the README for why).
 DEFAULT_SPEC = "skip_nonfinite+zclip+clip_norm:1.0"
-
-# A '+' joins policies, except inside a number's exponent: ``str(1e20)`` is ``1e+20``, and a
-# policy's ``spec()`` must parse back (``clip_norm:max_norm=1e+20``).
-_CHAIN_SEP = re.compile(r"\+(?![0-9])|(?<![0-9.][eE])\+")
 
 
 def register(cls: type[Policy]) -> type[Policy]:
@@ -58,58 +53,9 @@ def _parameters(cls: type[Policy]) -> list[inspect.Parameter]:
     return [p for n, p in inspect.signature(cls.__init__).parameters.items() if n != "self"]
 
 
-def _coerce(policy: str, pname: str, raw: str, hint: Any) -> Any:
-    """Turn the text of a spec value into the parameter's annotated type."""
-    text = raw.strip()
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        if type(None) in args and text.lower() in ("none", "null", ""):
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(policy, pname, text, a)
-            except SpecError as e:
-                errors.append(str(e))
-        raise SpecError(errors[-1] if errors else f"{policy}: bad value {raw!r} for {pname}")
-    if origin is Literal:
-        choices = typing.get_args(hint)
-        if text not in choices:
-            raise SpecError(
-                f"{policy}: {pname}={text!r} is not one of {', '.join(map(str, choices))}"
-            )
-        return text
-    if origin in (list, tuple, Sequence) or hint in (list, tuple):
-        return tuple(t for t in text.split("|") if t)
-    if hint is bool:
-        low = text.lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise SpecError(f"{policy}: {pname}={text!r} is not a boolean (use true or false)")
-    if hint is int:
-        try:
-            f = float(text)  # 1e3, 100.0
-        except ValueError:
-            raise SpecError(f"{policy}: {pname}={text!r} is not an integer") from None
-        if not f.is_integer():
-            raise SpecError(f"{policy}: {pname}={text!r} is not an integer")
-        n = int(text) if text.lstrip("+-").isdigit() else int(f)  # exact past 2**53
-        if abs(n) > sys.maxsize:  # beyond any count or window (and a C size: deque would raise)
-            raise SpecError(f"{policy}: {pname}={text!r} is too large (at most {sys.maxsize})")
-        return n
-    if hint is float:
-        try:
-            return float(text)
-        except ValueError:
-            raise SpecError(f"{policy}: {pname}={text!r} is not a number") from None
-    if hint is str:
-        return text
-    raise SpecError(f"{policy}: parameter {pname} cannot be set from a spec string")
+def _where(policy: str, pname: str) -> Where:
+    # A policy's list drops empty items ("exclude=" is no layer); its counts fit a C size.
+    return Where(policy, pname, drop_empty_items=True)
 
 
 def make_policy(
@@ -128,16 +74,15 @@ def make_policy(
     if args:
         if not params:
             raise SpecError(f"{name} takes no parameters")
-        values[params[0].name] = _coerce(
-            name, params[0].name, args[0], hints.get(params[0].name, str)
-        )
+        first = params[0].name
+        values[first] = coerce(args[0], hints.get(first, str), _where(name, first))
     for k, v in (kwargs or {}).items():
         if k not in names:
             valid = ", ".join(names) if names else "none"
             raise SpecError(f"{name}: unknown parameter {k!r}; valid parameters: {valid}")
         if k in values:
             raise SpecError(f"{name}: parameter {k!r} given twice")
-        values[k] = _coerce(name, k, v, hints.get(k, str))
+        values[k] = coerce(v, hints.get(k, str), _where(name, k))
     try:
         return cls(**values)
     except (TypeError, ValueError, OverflowError) as e:  # SpecError included: prefix the name
@@ -150,28 +95,27 @@ def parse_one(text: str) -> Policy:
         raise SpecError(
             "empty policy in spec; write policies joined by '+', e.g. 'skip_nonfinite+zclip'"
         )
-    name, sep, rest = text.partition(":")
-    name = name.strip()
-    if not sep:
+    term = split_term(text)
+    name = term.name
+    if not term.colon:
         return make_policy(name)
-    if not rest.strip():
+    if not term.items:
         raise SpecError(f"{name}: nothing after ':'; write {name}:VALUE or {name}:key=value")
     args: list[str] = []
     kwargs: dict[str, str] = {}
-    for item in rest.split(","):
-        if "=" in item:
-            k, _, v = item.partition("=")
-            if not k.strip():
-                raise SpecError(f"{name}: missing parameter name in {item!r}")
-            if k.strip() in kwargs:
-                raise SpecError(f"{name}: parameter {k.strip()!r} given twice")
-            kwargs[k.strip()] = v
+    for item in term.items:
+        if item.key is not None:
+            if not item.key:
+                raise SpecError(f"{name}: missing parameter name in {item.text!r}")
+            if item.key in kwargs:
+                raise SpecError(f"{name}: parameter {item.key!r} given twice")
+            kwargs[item.key] = item.value
         elif kwargs:
             raise SpecError(
-                f"{name}: positional value {item!r} after key=value; only the first value may omit its key"
+                f"{name}: positional value {item.text!r} after key=value; only the first value may omit its key"
             )
         else:
-            args.append(item)
+            args.append(item.value)
     return make_policy(name, args, kwargs)
 
 
@@ -187,7 +131,7 @@ def parse_spec(spec: str | Policy | Iterable[str | Policy] | None) -> list[Polic
         if spec.strip() == "none":
             return []
         out: list[Policy] = []
-        for part in _CHAIN_SEP.split(spec):
+        for part in split_chain(spec):
             out.extend(parse_spec(DEFAULT_SPEC) if part.strip() == "default" else [parse_one(part)])
         return out
     out = []
