@@ -1,4 +1,5 @@
-"""Reset the optimizer's moment buffers for the parameters whose gradient spiked (SPAM-style)."""
+"""Reset the optimizer's moment buffers for the parameters whose gradient spiked, and keep the
+spike out of the fresh moments (SPAM's momentum reset, Huang et al. 2025, made spike-triggered)."""
 
 from __future__ import annotations
 
@@ -42,14 +43,29 @@ def reset_param_state_(
 
 @register
 class reset_moments(Policy):
-    """On a gradient spike, reset the optimizer's moment buffers for the affected parameters.
+    """On a gradient spike, reset the optimizer's moment buffers for the affected parameters and
+    keep the spiking gradient out of them.
 
     Detection per parameter: the mean and variance of each parameter's gradient norm (plain over
-    the first ``warmup`` steps, then exponentially moving with decay ``beta``); after warmup a parameter whose norm is more than ``z``
-    standard deviations above its mean is "affected", and its moments (Adam's m and v, SGD's
-    momentum, ...) are zeroed before the optimizer step, so the spike does not linger in them for
-    the next ~1/(1-beta2) steps (SPAM, Huang et al. 2025). ``every=N`` also resets all moments every
-    N steps, as SPAM does (off by default). Works with any torch optimizer, without swapping it.
+    the first ``warmup`` steps, then exponentially moving with decay ``beta``); after warmup a
+    parameter whose norm is more than ``z`` standard deviations above its mean is "affected".
+    Its moments (Adam's m and v, SGD's momentum, ...) are zeroed, so the spikes already absorbed
+    do not linger in them for the next ~1/(1-beta2) steps, *and its gradient is dropped for this
+    step* (set to ``None``: every torch optimizer then leaves that parameter, its state and its
+    step count alone), so the spike does not enter the fresh moments either. Dropping, not
+    clipping: a spike concentrated in a few elements stays concentrated in them when the tensor is
+    scaled down to its running norm, and would still put ~``numel`` times the usual square into
+    those elements' second moment. The other parameters step as usual.
+
+    ``every=N`` also resets all moments periodically, on SPAM's schedule: SPAM increments its step
+    counter before checking it, so with 0-based steps it resets before steps N-1, 2N-1, ...
+    (off by default; SPAM's DeltaT is 500). A periodic reset keeps the gradients. SPAM itself is
+    periodic only; its spike handling is a per-element clip (``g^2 > theta*v``), which this policy
+    does not do.
+
+    With ``reset_step`` the step counter restarts too, so Adam's bias correction restarts and the
+    first update after a reset is an ordinary first Adam step; SPAM keeps the counter and ramps
+    the LR back over 150 steps instead. Works with any torch optimizer, without swapping it.
     Detection runs on the per-parameter norms the Guard reads once per step; only an actual reset
     touches optimizer state.
     """
@@ -97,13 +113,16 @@ class reset_moments(Policy):
         m, v, c = mean[idx], var[idx], count[idx]
         finite = np.isfinite(x)
         affected = finite & (c >= self.warmup) & (x - m > self.z * np.sqrt(v))
-        periodic = self.every is not None and ctx.step > 0 and ctx.step % self.every == 0
+        periodic = self.every is not None and (ctx.step + 1) % self.every == 0
         targets = idx if periodic else idx[affected]
         if len(targets) and host.finite:
             reset_layers: set[int] = set()
             for i in targets.tolist():
                 if reset_param_state_(ctx.optimizer, stats.layout.params[i], self.reset_step):
                     reset_layers.add(stats.layout.layer_of[i])
+            if affected.any():
+                self._drop_spiking_grads(ctx, np.flatnonzero(affected))
+                reset_layers.update(stats.layout.layer_of[i] for i in idx[affected].tolist())
             if reset_layers:
                 self.state["resets"] += 1
                 ctx.record(self.name, True, sorted(reset_layers))
@@ -123,6 +142,16 @@ class reset_moments(Policy):
         mean[idx] = np.where(upd, new_m, m)
         var[idx] = np.where(upd, new_v, v)
         count[idx] = c + upd
+
+    @staticmethod
+    def _drop_spiking_grads(ctx: StepContext, positions: np.ndarray) -> None:
+        """This step leaves the spiking parameters out: their gradients are dropped (``None``)."""
+        stats = ctx.stats
+        for k in positions.tolist():
+            stats.layout.params[stats.param_index[k]].grad = None
+        keep = torch.ones(len(stats.grads), dtype=stats.dtype, device=stats.device)
+        keep[torch.as_tensor(positions, device=stats.device)] = 0.0
+        stats.set_param_norms(stats.param_norms * keep)
 
     def state_dict(self) -> dict:
         st = self.state

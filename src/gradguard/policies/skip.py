@@ -40,11 +40,15 @@ class skip_nonfinite(Policy):
 class skip_spike(Policy):
     """Skip a step whose gradient norm (or loss) is a finite outlier.
 
-    The OLMo-core rule: over a rolling window of recent values (default 128), skip when a value is
-    more than ``z`` standard deviations (default 6) above the window mean, once the window holds
-    ``warmup`` values (default: half the window, as OLMo-core). Non-finite values are skipped too.
-    Unlike OLMo-core, a skipped value does not enter the window, so one spike cannot inflate the
-    deviation and blind the detector for the next ``window`` steps.
+    OLMo-core's ``SkipStepOptimizer`` rule: over a rolling window of the previous ``window``
+    values (default 128), skip when the current value is more than ``z`` sample standard
+    deviations (default 6) above their mean (one-sided), once the window holds ``warmup`` values
+    counting the current one (default ``max(2, window // 2)``, as OLMo-core). Where we differ, on
+    purpose: a skipped value does not enter the window (in OLMo-core every value does, so one
+    spike inflates the deviation and blinds the detector for the next ``window`` steps, and one
+    NaN makes every later comparison false, which skips every later step); a non-finite value is
+    skipped without being compared; at least two earlier values are needed (OLMo-core with
+    ``warmup=2`` compares against the NaN deviation of one value, which skips).
 
     ``on``: ``grad_norm``, ``loss`` or ``both`` (the loss part needs ``guard.step(loss=...)``).
     """
@@ -74,7 +78,7 @@ class skip_spike(Policy):
     def _outlier(self, key: str, x: float) -> bool:
         w = self._windows[key]
         need = self.warmup if self.warmup is not None else max(2, self.window // 2)
-        if len(w) < need:
+        if len(w) + 1 < need or len(w) < 2:  # ``need`` counts the current value, as OLMo-core
             return False
         n = len(w)
         mean = sum(w) / n
