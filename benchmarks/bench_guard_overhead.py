@@ -61,6 +61,7 @@ from torch import Tensor, nn
 
 import gradguard
 from gradguard import Guard, compute_grad_stats
+from gradguard.integrity import finite_after_step
 
 GRAD_NORM = 5.0  # global norm of the fixed gradients: clip_norm:1.0 clips every step
 TARGETS = {"clip_norm": 1.05, "default": 1.15}
@@ -239,6 +240,12 @@ class Setup:
             ),
             "get_total_norm": lambda: torch.nn.utils.get_total_norm(self.grads, foreach=True),
             "compute_grad_stats": lambda: compute_grad_stats(layout),
+            # The Guard's post-step integrity check (inside both Guard variants above): one fused
+            # norm pass over the weights; with check_state=True over the optimizer state too.
+            "weight check": lambda: finite_after_step(layout, self.guard_default.optimizer, False),
+            "weight+state check": lambda: finite_after_step(
+                layout, self.guard_default.optimizer, True
+            ),
         }
 
     def check(self) -> list[str]:

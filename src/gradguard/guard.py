@@ -132,10 +132,12 @@ class Guard:
             Before the step the LR, weight decay, momentum, betas and eps of every param group are
             checked to be finite (free: host values), and a changed set of param groups is refused.
         check_state: include the optimizer state (Adam's moments, SGD's momentum) in that pass
-            (default True). A moment can go infinite while the weights stay finite (Adam's update
-            ``m / sqrt(v)`` is then 0: the parameter freezes in silence). False reads only the
-            weights (Adam's state is 2x their size); the state is then still checked on a step
-            whose gradients were large enough to overflow it.
+            every step. By default the state is read only where it can go non-finite unseen: on a
+            step whose gradients were large enough to overflow a second moment, and to name the
+            cause when a weight went non-finite (a NaN or negative moment shows in the weights the
+            same step). True also catches an infinite moment planted from outside, which leaves the
+            weights finite (Adam's update ``m / sqrt(v)`` is then 0); it costs a pass over the
+            state (2x the weights for Adam).
         max_consecutive_skips: raise :class:`~gradguard.errors.StallError` when this many steps
             in a row were skipped (AMP overflows aside): skipping is then not recovering, it is a
             stall (as optax's ``apply_if_finite(max_consecutive_errors)``). ``None``: never.
@@ -157,7 +159,7 @@ class Guard:
         scaler: torch.amp.GradScaler | None = None,
         check_finite: bool = True,
         check_weights: bool | None = None,
-        check_state: bool = True,
+        check_state: bool = False,
         max_consecutive_skips: int | None = 20,
         layer_stats: bool = False,
         log_dir: str | os.PathLike | None = None,

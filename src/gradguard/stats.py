@@ -204,7 +204,14 @@ def all_finite(tensors: Sequence[Tensor]) -> bool:
     """
     if not tensors:
         return True
-    norms = stacked_norms(tensors, tensors[0].device, torch.float64)
+    per = foreach_norms(tensors)
+    dev = tensors[0].device
+    if all(n.device == dev and n.dtype == per[0].dtype for n in per):
+        norms = torch.stack(per)
+    else:
+        norms = torch.stack([n.to(dev, torch.float64) for n in per])
+    if bool(torch.isfinite(norms).all()):
+        return True
     bad = (~torch.isfinite(norms)).nonzero().flatten().tolist()
     for k in bad:
         t = tensors[k]
