@@ -40,8 +40,9 @@ def pinned_threads(n: int) -> Iterator[None]:
     What a CPU run computes depends on its thread count (a reduction split over more threads adds
     in another order, and a chaotic run amplifies the last bit), so every run trains with the
     count its config names, not one derived from the cores. Torch's inter-op pool does not take
-    part in eager ops, and numpy only does elementwise work and reductions here (single-threaded),
-    so neither changes a result.
+    part in eager ops, numpy only does elementwise work and reductions here (single-threaded), and
+    the DataLoader workers an entry point may use only load and collate (one thread each, seeded
+    from the loader's generator): none of them changes a result.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ConfigError(f"threads must be an integer >= 1, got {n!r}")
