@@ -69,3 +69,28 @@ def assert_same(a: dict, b: dict) -> None:
                 assert torch.equal(sa[k], sb[k]), k
             else:
                 assert sa[k] == sb[k], k
+
+
+#: ``python -c KILL_MID_RUN N K gradguard-args...``: the gradguard command line, in a process that
+#: kills itself with SIGKILL (``kill -9``) at step K of its (N+1)-th run, so a test kills a bench
+#: or advise mid-run after exactly N finished runs, whatever the machine's speed or load (runs
+#: train in that process: pass ``--workers 1``).
+KILL_MID_RUN = """
+import os, signal, sys
+from gradguard.bench import runner
+from gradguard.cli import main
+
+after, at_step = int(sys.argv[1]), int(sys.argv[2])
+real, calls = runner.train_run, []
+
+def die(step):
+    if step == at_step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+def killing(cfg, on_step=None, log_dir=None):
+    calls.append(cfg)
+    return real(cfg, on_step=die if len(calls) > after else on_step, log_dir=log_dir)
+
+runner.train_run = killing
+sys.exit(main(sys.argv[3:]))
+"""

@@ -82,7 +82,9 @@ def _bench_configs(args: argparse.Namespace):
             raise GradGuardError(f"--seeds must be in [1, {MAX_GRID_RUNS}], got {args.seeds}")
         overrides["seed"] = list(range(args.seeds))
     settings = {
-        k: getattr(args, k) for k in ("steps", "batch_size") if getattr(args, k) is not None
+        k: getattr(args, k)
+        for k in ("steps", "batch_size", "threads")
+        if getattr(args, k) is not None
     }
     if args.grid:
         if args.suite:
@@ -161,6 +163,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             "steps",
             "batch_size",
             "faults",
+            "threads",
         )
     }
     cfg = RunConfig.from_dict({k: v for k, v in fields.items() if v is not None})
@@ -250,7 +253,19 @@ def _key_values(items: list[str] | None, flag: str) -> dict:
     return out
 
 
-_ADVISE_BENCH_FLAGS = ("task", "model", "optimizer", "batch_size", "momentum", "weight_decay")
+_ADVISE_BENCH_FLAGS = (
+    "task",
+    "model",
+    "optimizer",
+    "batch_size",
+    "momentum",
+    "weight_decay",
+    "threads",
+)
+_THREADS_HELP = (
+    "CPU threads each run trains with (default 1), whatever the cores and workers: part of the "
+    "run's config, so its figures are the same on any machine"
+)
 
 
 def _cmd_advise(args: argparse.Namespace) -> int:
@@ -316,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seeds", type=int, help="use seeds 0..N-1")
     bench.add_argument("--steps", type=int)
     bench.add_argument("--batch-size", type=int)
+    bench.add_argument("--threads", type=int, help=_THREADS_HELP)
     bench.add_argument("--workers", type=int, help="worker processes (default: one per core)")
     bench.add_argument(
         "--out", help="results folder (default results/bench-SUITE); rerun to resume"
@@ -357,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--steps", type=int, default=300)
     train.add_argument("--batch-size", type=int, default=64)
+    train.add_argument("--threads", type=int, default=1, help=_THREADS_HELP)
     train.add_argument("--out", help="record telemetry to this folder (then: gradguard report OUT)")
     train.add_argument(
         "--nproc",
@@ -395,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     adv.add_argument("--optimizer", help="bench optimizer (default sgd)")
     adv.add_argument("--lr", type=float, help="your learning rate (--entry: default its own)")
     adv.add_argument("--batch-size", type=int)
+    adv.add_argument("--threads", type=int, help=_THREADS_HELP + " (bench setups)")
     adv.add_argument("--momentum", type=float)
     adv.add_argument("--weight-decay", type=float)
     adv.add_argument(

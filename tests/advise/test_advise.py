@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -23,6 +21,8 @@ from gradguard.bench.runner import DB_NAME
 from gradguard.bench.store import ResultStore
 from gradguard.cli import main
 from gradguard.policies import parse_spec
+
+from conftest import KILL_MID_RUN
 
 ROOT = Path(__file__).resolve().parents[2]
 #: A small bench setting that trains in a fraction of a second per run.
@@ -111,23 +111,18 @@ def test_a_killed_probe_resumes_without_recomputing(tmp_path, monkeypatch):
     out = tmp_path / "adv"
     argv = ["advise", *SMALL_ARGS, "--budget", "6000steps", "--steps", "150", "--workers", "1"]
     argv += ["--out", str(out), "--no-progress"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gradguard", *argv],
+    # kill -9 mid-probe: at step 50 of the 9th run, after exactly 8 finished, however slow the
+    # machine (no deadline, no polling).
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_MID_RUN, "8", "50", *argv],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        start_new_session=True,
+        timeout=900,  # a hang guard only
     )
-    done, deadline = 0, time.time() + 120
-    while time.time() < deadline and done < 8:
-        time.sleep(0.1)
-        try:
-            with sqlite3.connect(out / DB_NAME) as c:
-                done = c.execute("SELECT COUNT(*) FROM runs WHERE status='done'").fetchone()[0]
-        except sqlite3.OperationalError:
-            pass
-    os.killpg(proc.pid, signal.SIGKILL)  # kill -9, mid-probe
-    proc.wait()
-    assert done >= 8, "the probe did not finish 8 runs in time"
+    assert proc.returncode == -signal.SIGKILL
+    with ResultStore(out / DB_NAME) as store:
+        counts = store.counts()
+    assert counts["done"] == 8 and counts["running"] == 1 and counts["failed"] == 0, counts
     before = {r["key"]: r for r in db_runs(out) if r["status"] == "done"}
 
     calls = []

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ from gradguard.bench.store import ResultStore
 from gradguard.bench.summary import summarize
 from gradguard.bench.train import train_run
 from gradguard.cli import main
+
+from conftest import KILL_MID_RUN
 
 pytestmark = pytest.mark.slow
 
@@ -120,24 +121,18 @@ def test_killed_bench_resumes_without_recomputing_or_double_counting(tmp_path):
         str(out),
         "--no-progress",
     ]
-    proc = subprocess.Popen(
-        args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    # kill -9 mid-grid: at step 200 of the 3rd run, after exactly 2 finished, however slow the
+    # machine (no deadline, no polling).
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_MID_RUN, "2", "200", *args[3:]],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=900,  # a hang guard only
     )
+    assert proc.returncode == -signal.SIGKILL
     db = out / DB_NAME
-    deadline = time.time() + 120
-    done = 0
-    while time.time() < deadline and done < 2:
-        time.sleep(0.2)
-        if db.exists():
-            try:
-                with sqlite3.connect(db) as c:
-                    done = c.execute("SELECT COUNT(*) FROM runs WHERE status='done'").fetchone()[0]
-            except sqlite3.OperationalError:
-                pass
-    assert done >= 2, "the bench did not finish two runs in time"
-    os.killpg(proc.pid, signal.SIGKILL)  # kill -9, mid-grid
-    proc.wait()
     with ResultStore(db) as store:
+        assert store.counts() == {"pending": 3, "running": 1, "done": 2, "failed": 0}
         before = {r["key"]: r for r in store.runs("done")}
         assert store.integrity_ok()
     assert subprocess.run(args, capture_output=True).returncode == 0

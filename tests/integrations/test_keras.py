@@ -512,6 +512,63 @@ def test_keras_bench_variant_runs_end_to_end_into_the_results_database(tmp_path)
     assert [e["step"] for e in log.events if e["kind"] == "nonfinite_grad"] == [5]
 
 
+def test_keras_bench_runs_train_with_their_threads_even_where_tensorflow_already_runs(tmp_path):
+    """TensorFlow fixes its intra-op pool when its runtime starts. A process where it already runs
+    with 2 threads refuses to train a threads=1 run itself, and its bench trains the run in a
+    fresh worker instead; the figures are those of a fresh process that pinned TF to 1 thread."""
+    cfg = {
+        "task": "digits",
+        "model": "keras_mlp",
+        "optimizer": "momentum",
+        "lr": 0.05,
+        "steps": 20,
+        "batch_size": 128,  # big enough that TF splits its matmuls: 2 threads give other losses
+        "eval_every": 10,
+        "model_options": {"depth": 2, "width": 512},
+        "mitigation": "zclip",
+    }
+    timing = ("wall_seconds", "guard_seconds", "guard_share", "seconds_to_target")
+    figures = f"""
+        def figures(result, steps):
+            from gradguard.bench.store import canonical_json
+            drop = {timing!r}
+            return canonical_json([{{k: v for k, v in result.items() if k not in drop}}, steps])
+        """
+    started = _run_python(
+        figures
+        + f"""
+        import tensorflow as tf
+        from gradguard.bench.config import RunConfig
+        from gradguard.bench.runner import run_grid
+        from gradguard.bench.store import ResultStore
+        from gradguard.bench.train import train_run
+        from gradguard.errors import ConfigError
+        tf.config.threading.set_intra_op_parallelism_threads(2)
+        float(tf.reduce_sum(tf.ones(3)))  # the runtime starts, with 2 intra-op threads
+        cfg = RunConfig.from_dict({cfg!r})
+        try:
+            train_run(cfg)
+        except ConfigError as e:
+            assert "TensorFlow already runs in this process with 2" in str(e), e
+        else:
+            raise AssertionError("trained with TensorFlow's 2 threads")
+        (row,) = run_grid([cfg], {str(tmp_path)!r}, workers=1, progress=False)
+        with ResultStore({str(tmp_path / "results.db")!r}) as store:
+            print(figures(row["result"], store.steps(row["key"])))
+        """,
+        timeout=300,
+    )
+    fresh = _run_python(
+        figures
+        + f"""
+        from gradguard.bench.config import RunConfig
+        from gradguard.bench.train import train_run
+        print(figures(*train_run(RunConfig.from_dict({cfg!r}))))
+        """
+    )
+    assert started.strip().splitlines()[-1] == fresh.strip().splitlines()[-1]
+
+
 def test_the_keras_suite_is_the_seed_scenario_and_validates():
     from gradguard.bench.config import suite
 

@@ -77,10 +77,9 @@ def advise(
     out_dir = Path(out) if out is not None else Path("results") / f"advise-{setting.slug()}"
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"out {out_dir} is a file, not a folder")
+    # Every run trains with the setting's threads (RunConfig.threads; 1 for an entry point),
+    # wherever it runs and whatever the worker count, and the timing below is taken with as many.
     n_workers = workers or os.cpu_count() or 1
-    # Torch threads per run, wherever it runs (the timing below is taken with as many): the cores
-    # over the workers, also for a phase run in this process, whose runs are small ones.
-    threads = max(1, (os.cpu_count() or 1) // n_workers)
 
     request = {
         "version": _VERSION,
@@ -104,7 +103,7 @@ def advise(
     if plan_dict is None and bud.kind == "steps":
         plan_dict = B.fit(bud.amount, B.Cost(), what=f" {bud}", **fit_args).as_dict()
     if timing is None:  # seconds per step and per run: for a seconds budget, and where to run
-        t = _timed(setting, threads)
+        t = _timed(setting)
         timing = {"setup_s": t.setup_s, "step_s": t.step_s}
     if plan_dict is None:
         room = bud.amount * B.SAFETY - (time.perf_counter() - t_start) - REPORT_RESERVE_S
@@ -126,7 +125,6 @@ def advise(
         [c for *_, c in probe_runs],
         out_dir,
         workers=w1,
-        threads=threads,
         progress=progress,
         telemetry=True,
         desc="advise 1/2: LR probe",
@@ -171,7 +169,6 @@ def advise(
         cand_cfgs,
         out_dir,
         workers=w2,
-        threads=threads,
         progress=progress,
         desc="advise 2/2: policies",
     )
@@ -266,16 +263,12 @@ def _levels(stress: Sequence[float]) -> tuple[float, ...]:
     return tuple(sorted(set(out)))
 
 
-def _timed(setting, threads: int):
-    """The setting's timing with the threads each worker will have."""
-    import torch
+def _timed(setting):
+    """The setting's timing with the threads each of its runs trains with."""
+    from ..bench.train import pinned_threads
 
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with pinned_threads(setting.threads):
         return setting.timing()
-    finally:
-        torch.set_num_threads(old)
 
 
 def _refuse_all_failed(phase: str, rows) -> None:

@@ -30,6 +30,7 @@ class EntryRun:
     mitigation: str
     seed: int
     steps: int
+    threads: int = 1  # torch intra-op threads it trains with, as a bench run's RunConfig.threads
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -40,6 +41,7 @@ class EntryRun:
             "mitigation": self.mitigation,
             "seed": self.seed,
             "steps": self.steps,
+            "threads": self.threads,
         }
 
 
@@ -52,8 +54,18 @@ def train_entry(
     Divergence is called as the bench calls it: non-finite weights (or, unguarded, a non-finite
     loss), a final training loss (mean of the last 10% of steps) non-finite or above 10x the first.
     ``log_dir``: record telemetry there (an unguarded run gets a measuring-only Guard, which trains
-    exactly as the bare optimizer does).
+    exactly as the bare optimizer does). Trains with ``cfg["threads"]`` torch threads (1 for a row
+    stored without it), whatever the caller had, as a bench run does.
     """
+    from ..bench.train import pinned_threads
+
+    with pinned_threads(int(cfg.get("threads", 1))):
+        return _train_entry(cfg, log_dir)
+
+
+def _train_entry(
+    cfg: dict[str, Any], log_dir: str | os.PathLike | None
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     import torch
 
     from ..bench.train import params_finite, run_result, step_row

@@ -53,6 +53,7 @@ class BenchSetting:
             )
         resolve(config)  # every setting valid, before anything runs
         self.config = config
+        self.threads = config.threads  # every run's intra-op threads (part of its identity)
         self.lr = float(config.lr)
         self.max_steps = int(steps if steps is not None else config.steps)
         self._task = None
@@ -162,6 +163,7 @@ class EntrySetting:
             raise ConfigError(f"lr must be a finite number > 0, got {lr!r}")
         self.entry = entry
         self.digest = entry_digest(entry)
+        self.threads = 1  # every run's torch threads (EntryRun.threads)
         self.lr = float(lr) if lr is not None else info.lr
         self.own_lr = info.lr
         self.max_steps = int(steps if steps is not None else DEFAULT_STEPS)
@@ -189,7 +191,7 @@ class EntrySetting:
     def run(self, lr: float, mitigation: str, seed: int, steps: int):
         from .runs import EntryRun
 
-        return EntryRun(self.entry, self.digest, lr, mitigation, seed, steps)
+        return EntryRun(self.entry, self.digest, lr, mitigation, seed, steps, self.threads)
 
     def timing(self, steps: int = 20) -> Timing:
         from . import entry as E

@@ -45,6 +45,10 @@ class RunConfig:
     task_options: Mapping[str, Any] = field(default_factory=dict)
     model_options: Mapping[str, Any] = field(default_factory=dict)
     faults: str = "none"  # faults injected into the run (gradguard.faults spec)
+    #: Intra-op CPU threads the run trains with (torch's, and TensorFlow's for ``keras_*`` models),
+    #: whatever machine, worker count or executor runs it: a float reduction split over more
+    #: threads sums in another order, so the thread count is part of what the run is.
+    threads: int = 1
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -52,6 +56,8 @@ class RunConfig:
         d["model_options"] = dict(self.model_options)
         if d["faults"] == "none":
             del d["faults"]  # so a fault-free run keeps the key it had before faults existed
+        # ``threads`` is always kept, 1 included: a row stored before runs pinned their threads
+        # does not say how many it had, so it is not taken for a pinned run's result.
         return d
 
     @classmethod
@@ -219,7 +225,7 @@ def validate_basics(cfg: RunConfig) -> None:
         raise ConfigError(
             f"unknown schedule {cfg.schedule!r}; valid schedules: {', '.join(SCHEDULES)}"
         )
-    for name in ("steps", "batch_size", "eval_every"):
+    for name in ("steps", "batch_size", "eval_every", "threads"):
         v = getattr(cfg, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")

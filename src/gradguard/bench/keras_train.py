@@ -14,6 +14,7 @@ axis works the same (``dropout``, ``leaky_relu``, ``momentum``, ``nesterov``, ``
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import typing
@@ -127,6 +128,32 @@ def check_policy(cfg: Any, policy: str | None) -> None:
         parse_keras_spec(policy)
     except ConfigError as e:
         raise ConfigError(f"model {cfg.model}: {e}") from None
+
+
+def pin_tf_threads(n: int) -> bool:
+    """Give TensorFlow's intra-op pool ``n`` threads (what a run's ``threads`` names); False when
+    it cannot: TensorFlow fixes its pools when its runtime starts, and it started in this process
+    with another count. The inter-op pool (independent ops side by side, each computing what it
+    would alone) gets ``n`` too where it still can; it does not change a result."""
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(n)
+    except RuntimeError:
+        return False
+    with contextlib.suppress(RuntimeError):
+        tf.config.threading.set_inter_op_parallelism_threads(n)
+    return True
+
+
+def can_pin_threads(n: int) -> bool:
+    """Whether a Keras run with ``threads=n`` can train in this process: TensorFlow is not
+    imported, or its intra-op pool is (or can still be made) ``n`` threads."""
+    import sys
+
+    if "tensorflow" not in sys.modules:
+        return True
+    return pin_tf_threads(n)
 
 
 def train_run(

@@ -155,8 +155,10 @@ def _spawned(
         LOCAL_WORLD_SIZE=str(nproc),
     )
     if "OMP_NUM_THREADS" not in os.environ:
-        # Like torchrun: N processes with a thread per core each would oversubscribe the CPU.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // nproc))
+        # Like torchrun (OMP_NUM_THREADS=1 unless set): one thread per process, not a share of
+        # the cores, so what ``fn`` computes does not depend on the machine. A bench run pins its
+        # own count anyway (RunConfig.threads, see gradguard.bench.train.pinned_threads).
+        torch.set_num_threads(1)
     status = fn(*args)
     if status:
         sys.exit(status)

@@ -1,7 +1,8 @@
 """Run a grid: worker processes claim runs from the results database until none is left.
 
-- parallel: ``workers`` processes (default one per core), each with its torch threads set so the
-  cores are not oversubscribed (``cores // workers``, at least 1);
+- parallel: ``workers`` processes (default one per core); each run trains with the threads its
+  config names (``RunConfig.threads``, default 1), not a share of the cores, so a run's figures
+  are the same whatever the worker count, the machine or the executor;
 - or on a Ray cluster (``executor="ray"``): one Ray task per run; the driver (this process) owns
   the database, claims each run before submitting it and writes each result as its task ends, so
   the cluster's nodes need not share a filesystem;
@@ -25,8 +26,6 @@ from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from ..errors import ConfigError
 from .config import RunConfig
@@ -73,9 +72,9 @@ def telemetry_dir(out_dir: str | Path, key: str) -> Path:
     return Path(out_dir) / "runs" / key
 
 
-def _work(db_path: str, keys: Sequence[str], threads: int, telemetry: bool = False) -> int:
-    """Claim and train runs until none of ``keys`` is pending. Returns how many it ran."""
-    torch.set_num_threads(threads)
+def _work(db_path: str, keys: Sequence[str], telemetry: bool = False) -> int:
+    """Claim and train runs until none of ``keys`` is pending. Returns how many it ran. (Each run
+    sets its own thread count: :func:`gradguard.bench.train.pinned_threads`.)"""
     store = ResultStore(db_path)
     owner = this_owner()
     n = 0
@@ -109,17 +108,16 @@ def run_grid(
     cpus_per_run: float = 1,
     telemetry: bool = False,
     desc: str = "bench",
-    threads: int | None = None,
 ) -> list[dict]:
     """Run every config not already done; return the finished runs of this grid.
 
     ``executor``: ``"local"`` (worker processes on this machine) or ``"ray"`` (one Ray task per
     run, see :func:`_run_ray`): the same rows, resume and table either way. ``ray_address``: the
     cluster to connect to (else ``RAY_ADDRESS``, else a local Ray of ``workers`` CPUs started for
-    this call); ``cpus_per_run``: the CPUs each Ray task reserves (and its torch threads).
+    this call); ``cpus_per_run``: the CPUs each Ray task reserves (its runs train with their
+    config's ``threads`` whatever it reserves: give it as many).
     ``telemetry``: each run also records the Guard's telemetry in ``OUT/runs/<key>`` (for
-    ``gradguard report``); local executor only. ``desc``: the progress bar's label;
-    ``threads``: torch threads per run (default: the cores over the workers).
+    ``gradguard report``); local executor only. ``desc``: the progress bar's label.
     ``configs``: :class:`RunConfig` s, or any objects whose ``as_dict()`` gives a stored config
     (see :func:`train_stored`).
     """
@@ -141,7 +139,6 @@ def run_grid(
         todo = [r["key"] for r in store.runs("pending", keys)]
     cores = os.cpu_count() or 1
     workers = max(1, min(workers or cores, len(todo) or 1))
-    threads = threads or max(1, cores // workers)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -150,34 +147,49 @@ def run_grid(
     if todo:
         if ray is not None:
             _run_ray(ray, db, todo, bar, ray_address, workers, cpus_per_run)
-        elif workers == 1:
-            _run_inline(db, todo, threads, bar, telemetry)
+        elif workers == 1 and _inline_ok(db, todo):
+            _run_inline(db, todo, bar, telemetry)
         else:
-            _run_pool(db, todo, workers, threads, bar, len(keys), telemetry)
+            _run_pool(db, todo, workers, bar, len(keys), telemetry)
     if bar is not None:
         bar.close()
     with ResultStore(db) as store:
         return store.runs("done", keys)
 
 
-def _run_inline(db: Path, todo: list[str], threads: int, bar, telemetry: bool = False) -> None:
-    old = torch.get_num_threads()
-    try:
-        for key in todo:
-            _work(str(db), [key], threads, telemetry)
-            if bar is not None:
-                bar.update(1)
-    finally:
-        torch.set_num_threads(old)
+def _inline_ok(db: Path, todo: list[str]) -> bool:
+    """Whether this process can train ``todo`` with each run's own thread count: always for torch
+    runs; a Keras run needs TensorFlow's intra-op pool at its ``threads``, which TensorFlow fixes
+    when its runtime starts, so once it runs here with another count the runs go to a fresh
+    worker process instead."""
+    from . import keras_train
+
+    with ResultStore(db) as store:
+        configs = [r["config"] for r in store.runs(None, todo)]
+    wanted = {
+        int(c.get("threads", 1))
+        for c in configs
+        if "trainer" not in c and keras_train.is_keras_model(str(c.get("model", "")))
+    }
+    if not wanted:
+        return True
+    return len(wanted) == 1 and keras_train.can_pin_threads(wanted.pop())
+
+
+def _run_inline(db: Path, todo: list[str], bar, telemetry: bool = False) -> None:
+    for key in todo:
+        _work(str(db), [key], telemetry)
+        if bar is not None:
+            bar.update(1)
 
 
 def _run_pool(
-    db: Path, todo: list[str], workers: int, threads: int, bar, total: int, telemetry: bool = False
+    db: Path, todo: list[str], workers: int, bar, total: int, telemetry: bool = False
 ) -> None:
     # spawn: a fresh interpreter per worker (fork would copy torch's thread pools and locks).
     ctx = mp.get_context("spawn")
     procs = [
-        ctx.Process(target=_work, args=(str(db), todo, threads, telemetry), daemon=True)
+        ctx.Process(target=_work, args=(str(db), todo, telemetry), daemon=True)
         for _ in range(workers)
     ]
     for p in procs:
@@ -209,10 +221,9 @@ def _import_ray() -> Any:
     return ray
 
 
-def _train_task(cfg: dict, threads: int) -> tuple[bool, Any]:
+def _train_task(cfg: dict) -> tuple[bool, Any]:
     """One run on a Ray worker: ``(True, (result, steps))``, or ``(False, error text)`` when
     training raised (recorded as a failed run, as the local workers do)."""
-    torch.set_num_threads(threads)
     try:
         return True, train_stored(cfg)
     except Exception as e:
@@ -253,7 +264,6 @@ def _run_ray(
         started = True
     try:
         task = ray.remote(num_cpus=cpus_per_run)(_train_task)
-        threads = max(1, round(cpus_per_run))
         cpus = ray.cluster_resources().get("CPU", 1)
         bound = max(1, int(RAY_IN_FLIGHT_PER_CPU * cpus / cpus_per_run))
         owner = this_owner()
@@ -270,7 +280,7 @@ def _run_ray(
                                 bar.update(1)
                             continue
                         key, cfg = claimed
-                        in_flight[task.remote(cfg, threads)] = key
+                        in_flight[task.remote(cfg)] = key
                     if not in_flight:
                         break
                     (ref,), _ = ray.wait(list(in_flight), num_returns=1)

@@ -1,7 +1,9 @@
 """One bench run: build the task, model, optimizer and (if the mitigation is a policy) the Guard
 from a :class:`RunConfig`, train, and measure what the bench compares.
 
-Deterministic from the config's seed: model init, batch order and every policy decision.
+Deterministic from the config: the seed fixes model init, batch order and every policy decision,
+and the run trains with the config's ``threads`` intra-op threads (:func:`pinned_threads`), so
+its figures do not depend on the machine's cores, the worker count or the caller's thread setting.
 """
 
 from __future__ import annotations
@@ -10,14 +12,15 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..errors import TrainingHalted
+from ..errors import ConfigError, TrainingHalted
 from ..guard import Guard
 from ..stats import foreach_norms
 from . import keras_train
@@ -28,6 +31,27 @@ from .tasks import Task, make_task
 
 #: A run whose training loss exceeds this multiple of its first loss has diverged.
 LOSS_BLOWUP = 10.0
+
+
+@contextmanager
+def pinned_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` torch intra-op threads, then restore the caller's count.
+
+    What a CPU run computes depends on its thread count (a reduction split over more threads adds
+    in another order, and a chaotic run amplifies the last bit), so every run trains with the
+    count its config names, not one derived from the cores. Torch's inter-op pool does not take
+    part in eager ops, numpy only does elementwise work and reductions here (single-threaded), and
+    the DataLoader workers an entry point may use only load and collate (one thread each, seeded
+    from the loader's generator): none of them changes a result.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"threads must be an integer >= 1, got {n!r}")
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def make_optimizer(res: Resolved, params) -> torch.optim.Optimizer:
@@ -123,9 +147,21 @@ def train_run(
     Every rank returns rank 0's result and the per-step metrics, which are the same on every rank.
     Not equal to one process: ``batchnorm`` on the CPU (per-rank batch statistics; on GPUs it
     becomes SyncBatchNorm) and ``dropout`` (each rank draws its own masks).
+
+    Trains with ``cfg.threads`` torch threads (every rank, too), whatever the caller had; the
+    caller's count is restored on return.
     """
-    if keras_train.is_keras_model(cfg.model):
-        return keras_train.train_run(cfg, on_step=on_step, log_dir=log_dir)
+    with pinned_threads(cfg.threads):
+        if keras_train.is_keras_model(cfg.model):
+            return keras_train.train_run(cfg, on_step=on_step, log_dir=log_dir)
+        return _train_torch(cfg, on_step, log_dir)
+
+
+def _train_torch(
+    cfg: RunConfig,
+    on_step: Callable[[int], None] | None,
+    log_dir: str | os.PathLike | None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     res = resolve(cfg)
     ranks = current()
     if ranks is not None:

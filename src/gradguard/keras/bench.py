@@ -13,6 +13,13 @@ gradients, injects the scheduled gradient faults and calls
 
 ``guard_seconds`` and ``guard_share`` are NaN: the Guard runs inside the compiled step and its
 time cannot be told apart from the rest.
+
+The run's ``threads`` is TensorFlow's intra-op pool as well as torch's. TensorFlow sets its pools
+once, when its runtime starts: a process where it already ran with another count refuses the run
+(ConfigError) rather than train it with threads its config does not name; the bench runner trains
+such runs in a fresh worker process. Op determinism (``enable_op_determinism``) is not switched on:
+it is process-wide and matters for GPU kernels, and on the CPU a fixed intra-op count gives the
+same result run after run.
 """
 
 from __future__ import annotations
@@ -196,17 +203,20 @@ def _lr_burst(plan: Any, step: int) -> float:
     return factor
 
 
-def _set_threads() -> None:
-    """TensorFlow's pools as many threads as the bench gave torch (before TF starts its runtime;
-    afterwards TF refuses, and keeps its own)."""
-    import tensorflow as tf
+def _pin_threads(n: int) -> None:
+    """TensorFlow's intra-op pool at the run's ``threads`` (torch's are pinned by the caller,
+    :func:`gradguard.bench.train.train_run`), or a ConfigError: TensorFlow fixes its pools when
+    its runtime starts, so a process where it already ran with another count cannot train the
+    run as its config says (the bench runner then trains it in a fresh worker process)."""
+    if not keras_train.pin_tf_threads(n):
+        import tensorflow as tf
 
-    n = torch.get_num_threads()
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(n)
-        tf.config.threading.set_inter_op_parallelism_threads(min(n, 2))
-    except RuntimeError:
-        pass
+        have = tf.config.threading.get_intra_op_parallelism_threads()
+        raise ConfigError(
+            f"TensorFlow already runs in this process with {have or 'its default number of'} "
+            f"intra-op threads and cannot change them; this run trains with threads={n}: train "
+            "it in a fresh process (gradguard train, or gradguard bench, which does)"
+        )
 
 
 def train_run(
@@ -230,7 +240,7 @@ def train_run(
         raise ConfigError(f"model {cfg.model}: the Keras bench variant trains in one process")
     import tensorflow as tf
 
-    _set_threads()
+    _pin_threads(cfg.threads)
     res = resolve(cfg)
     opts = {**keras_train.model_options(cfg.model), **res.model_options}
     task = make_task(cfg.task, **dict(cfg.task_options))
