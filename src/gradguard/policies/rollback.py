@@ -598,17 +598,15 @@ class rollback(Policy):
             refuse_state(name, "run_id", run_id, "it must be the run id string rollback made")
         snap = state.get("snapshot")
         if snap is not None:
-            problem = self._content_problem(snap)
-            if problem is None and isinstance(snap, dict):
+            problem = None
+            if isinstance(snap, dict):
                 problem = self._meta_problem(snap.get("meta", {}), run_id)
+            problem = problem or self._content_problem(snap)
             if problem is not None:
-                refuse_state(
-                    name,
-                    "snapshot",
-                    "{...}",
-                    problem,
-                    "load the state this run saved, into a Guard on the same model, or drop the "
-                    "'snapshot' entry to start without one",
+                raise ConfigError(
+                    f"{name}: cannot load the saved state's snapshot (an in-memory snapshot): "
+                    f"{problem}; load the state this run saved, into a Guard on the same model, or "
+                    "drop its 'snapshot' entry to start without one"
                 )
 
     def load_state_dict(self, state: dict) -> None:
