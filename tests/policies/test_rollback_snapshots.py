@@ -341,3 +341,15 @@ def test_a_run_that_goes_on_after_close_still_cleans_up():
     assert (folder / "last_good.pt").exists()
     guard.close()
     assert not folder.exists()
+
+
+def test_a_resumed_run_accepts_its_own_memory_snapshot():
+    model, opt, guard = run("rollback:every=1")
+    state = guard.state_dict()
+    del state["policies"][0]["state"]["run_id"]  # the snapshot's own metadata still names the run
+    guard2 = gradguard.Guard(model, opt, "rollback:every=1")
+    guard2.load_state_dict(state)
+    good = weights(model)
+    nan_step(model, opt, guard2)
+    assert guard2.step().rolled_back
+    assert unchanged(model, good)

@@ -163,6 +163,8 @@ class autoclip(Policy):
             return
         ring = st["ring"]
         check_tensor(name, "ring", ring, nonneg=True, allow_inf=True)
+        if not ring.is_floating_point():
+            refuse_state(name, "ring", ring, "it must hold floating-point norms", fix)
         if ring.ndim != 1 or not size <= ring.numel() <= self.capacity:
             refuse_state(
                 name,
@@ -174,7 +176,12 @@ class autoclip(Policy):
         if self.history is not None and ring.numel() != self.history:
             refuse_state(name, "ring", ring, f"it must have history={self.history} slots", fix)
         check_tensor(
-            name, "sorted", st["sorted"], shape=(ring.numel() + 1,), nonneg=True, allow_inf=True
+            name,
+            "sorted",
+            st["sorted"],
+            like=ring.new_empty(ring.numel() + 1),
+            nonneg=True,
+            allow_inf=True,
         )
         check_tensor(name, "n_valid", st["n_valid"], shape=(), nonneg=True)
         r = ring.detach().cpu().float()

@@ -614,6 +614,8 @@ class rollback(Policy):
         snap = state.pop("snapshot", None)
         run_id = state.pop("run_id", None)
         self.state.update(state)
+        if run_id is None and isinstance(snap, dict) and isinstance(snap.get("meta"), dict):
+            run_id = snap["meta"].get("run_id")
         if run_id is not None:
             self.state["run_id"] = run_id  # the run resumes: its own snapshots are accepted
         if snap is not None:
