@@ -6,7 +6,7 @@ report = guard.step(loss=loss)     # replaces optimizer.step()
 """
 
 from . import advise  # a callable package: gradguard.advise(...); its work loads when called
-from .errors import ConfigError, GradGuardError, SpecError
+from .errors import ConfigError, GradGuardError, SnapshotError, SpecError
 from .guard import Guard
 from .layout import ParamLayout
 from .optim import GuardedOptimizer
@@ -42,6 +42,7 @@ __all__ = [
     "GuardedOptimizer",
     "ParamLayout",
     "Policy",
+    "SnapshotError",
     "SpecError",
     "StepContext",
     "StepReport",

@@ -16,6 +16,11 @@ class ConfigError(GradGuardError, ValueError):
     """A Guard was built or used with arguments that cannot work together."""
 
 
+class SnapshotError(GradGuardError, OSError):
+    """A rollback snapshot could not be written (the message names the folder and the fix). Also
+    an ``OSError``: the disk's own error (a full disk, a lost permission) is its cause."""
+
+
 class TrainingHalted(GradGuardError):
     """The Guard stopped training on purpose: going on could only corrupt or stall the run.
 

@@ -45,6 +45,10 @@ _STATE_VERSION = 1
 _PHASES = {"clip": 0, "reset": 0, "skip": 0, "react": 1}
 
 
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 def _check_optimizer(optimizer: Any) -> None:
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise ConfigError(
@@ -570,38 +574,142 @@ class Guard:
         return "+".join(p.spec() for p in self.policies)
 
     def state_dict(self) -> dict[str, Any]:
-        """Counters and every policy's state; with the model's and optimizer's state dicts it
-        resumes a run exactly. Loads with ``torch.load(..., weights_only=True)``."""
+        """Counters, every policy's state, and a fingerprint of the guarded parameters (names and
+        shapes); with the model's and optimizer's state dicts it resumes a run exactly. Loads with
+        ``torch.load(..., weights_only=True)``."""
         return {
             "version": _STATE_VERSION,
             "step": self._step,
             "counters": self.counters,
             "skip_streak": dict(self._streak),
+            "fingerprint": self._fingerprint(),
             "policies": [{"name": p.name, "state": p.state_dict()} for p in self.policies],
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not isinstance(state, dict) or "policies" not in state:
+    def _fingerprint(self) -> dict[str, list]:
+        return {
+            "names": list(self.layout.names),
+            "shapes": [list(p.shape) for p in self.layout.params],
+        }
+
+    def check_state_dict(self, state: Any) -> None:
+        """Raise :class:`~gradguard.errors.ConfigError` if :meth:`load_state_dict` would refuse
+        ``state``; change nothing.
+
+        Checked: that it is a Guard state dict, saved with the same chain, on the same parameters
+        (names and shapes, in order; a state saved before the fingerprint was recorded is
+        accepted), with a step count and counters that are integers >= 0, and that every policy
+        accepts its own state (:meth:`Policy.check_state`: finite statistics of the right form).
+        """
+        if not isinstance(state, dict) or not isinstance(state.get("policies"), (list, tuple)):
             raise ConfigError(
                 "not a Guard state dict: expected the dict returned by Guard.state_dict()"
             )
+        for i, entry in enumerate(state["policies"]):
+            if not (
+                isinstance(entry, dict) and isinstance(entry.get("name"), str) and "state" in entry
+            ):
+                raise ConfigError(
+                    f"not a Guard state dict: policies[{i}] is {type(entry).__name__}, not a "
+                    "{'name': ..., 'state': ...} entry; expected the dict returned by Guard.state_dict()"
+                )
         saved = [p["name"] for p in state["policies"]]
         mine = [p.name for p in self.policies]
         if saved != mine:
             raise ConfigError(
                 f"the saved Guard ran the chain {'+'.join(saved)} but this Guard runs {'+'.join(mine)}; build it with the same policy"
             )
+        self._check_fingerprint(state.get("fingerprint"))
+        step = state.get("step")
+        if not _is_count(step):
+            raise ConfigError(
+                f"Guard state: step={step!r} must be an integer >= 0 (the number of steps taken); "
+                "load the dict Guard.state_dict() returned"
+            )
+        for key in ("counters", "skip_streak"):
+            counts = state.get(key, {})
+            if not isinstance(counts, dict):
+                raise ConfigError(
+                    f"Guard state: {key} must be a dict of counts, got {type(counts).__name__}; "
+                    "load the dict Guard.state_dict() returned"
+                )
+            for name, n in counts.items():
+                if not isinstance(name, str) or not _is_count(n):
+                    raise ConfigError(
+                        f"Guard state: {key}[{name!r}]={n!r} must be an integer >= 0; load the "
+                        "dict Guard.state_dict() returned"
+                    )
         for p, s in zip(self.policies, state["policies"], strict=True):
-            p.load_state_dict(s["state"])
+            p.check_state(s["state"])
+
+    def _check_fingerprint(self, saved: Any) -> None:
+        if saved is None:
+            return  # saved before gradguard recorded one: accepted unchecked
+        fix = (
+            "load it into a Guard built on the same model and optimizer (the same parameters, in "
+            "the same order), or build this Guard afresh without loading the state"
+        )
+        names, shapes = (
+            (saved.get("names"), saved.get("shapes")) if isinstance(saved, dict) else (None, None)
+        )
+        if not (
+            isinstance(names, (list, tuple))
+            and isinstance(shapes, (list, tuple))
+            and len(names) == len(shapes)
+        ):
+            raise ConfigError(
+                f"Guard state: the parameter fingerprint {saved!r} is malformed; {fix}"
+            )
+        mine = self._fingerprint()
+        here = list(zip(mine["names"], map(tuple, mine["shapes"]), strict=True))
+        there = [
+            (n, tuple(s) if isinstance(s, (list, tuple)) else s)
+            for n, s in zip(names, shapes, strict=True)
+        ]
+        if here == there:
+            return
+        first = next(
+            (i for i, (a, b) in enumerate(zip(here, there, strict=False)) if a != b),
+            min(len(here), len(there)),
+        )
+
+        def show(pairs: list, i: int) -> str:
+            return f"{pairs[i][0]} {pairs[i][1]}" if i < len(pairs) else "nothing"
+
+        raise ConfigError(
+            f"the saved Guard guarded another model: {len(there)} parameters where this one guards "
+            f"{len(here)}, and parameter {first} was {show(there, first)} where it is "
+            f"{show(here, first)} here; {fix}"
+        )
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict`. The whole state is checked first
+        (:meth:`check_state_dict`): a state that does not fit this Guard raises
+        :class:`~gradguard.errors.ConfigError` and leaves the Guard exactly as it was."""
+        self.check_state_dict(state)
+        backup = [p.state_dict() for p in self.policies]
+        try:
+            for p, s in zip(self.policies, state["policies"], strict=True):
+                p.load_state_dict(s["state"])
+        except BaseException:
+            # check_state passed but a load failed all the same: put every policy back as it was.
+            for p, b in zip(self.policies, backup, strict=True):
+                p.load_state_dict(b)
+            raise
         self._step = int(state["step"])
         self._tally.load(state.get("counters", {}))
         self._streak = Counter({str(k): int(v) for k, v in state.get("skip_streak", {}).items()})
 
-    # ----- telemetry ------------------------------------------------------------------------------
+    # ----- telemetry and resources ------------------------------------------------------------------
     def close(self) -> None:
-        """Finish the telemetry (pending steps, the end record, TensorBoard files). Idempotent."""
-        if self.telemetry is not None and not self.telemetry.closed:
-            self.telemetry.close(self.counters)
+        """Finish the telemetry (pending steps, the end record, TensorBoard files) and release what
+        the policies hold (e.g. the temp folder of ``rollback:to=disk`` without a path). Idempotent."""
+        try:
+            if self.telemetry is not None and not self.telemetry.closed:
+                self.telemetry.close(self.counters)
+        finally:
+            for p in self.policies:
+                p.close()
 
     def __enter__(self) -> Guard:
         return self

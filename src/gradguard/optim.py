@@ -134,15 +134,20 @@ class GuardedOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict saved by :meth:`state_dict`, or a plain optimizer state dict (the
-        Guard then starts fresh: its statistics warm up again)."""
+        Guard then starts fresh: its statistics warm up again). The Guard's part is checked before
+        anything is loaded: one that does not fit leaves both the optimizer and the Guard as they
+        were."""
         sd = dict(state_dict)
         guard_state = sd.pop(_STATE_KEY, None)
+        if guard_state is not None:
+            self.guard.check_state_dict(guard_state)
         self.optimizer.load_state_dict(sd)
         if guard_state is not None:
             self.guard.load_state_dict(guard_state)
 
     def close(self) -> None:
-        """Finish the Guard's telemetry (see :meth:`Guard.close`)."""
+        """Finish the Guard's telemetry and release its policies' resources (see
+        :meth:`Guard.close`)."""
         self.guard.close()
 
     def __repr__(self) -> str:

@@ -243,5 +243,8 @@ class GuardCallback(pl.Callback):
                 f"the checkpoint holds {len(saved)} Guard state(s) but this run has "
                 f"{len(self._slots)} optimizer(s); resume with the same configure_optimizers"
             )
+        # Every Guard's state is checked before any is loaded: no partial resume.
+        for slot, s in zip(self._slots.values(), saved, strict=True):
+            slot.guard.check_state_dict(s)
         for slot, s in zip(self._slots.values(), saved, strict=True):
             slot.guard.load_state_dict(s)

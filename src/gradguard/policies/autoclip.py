@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..errors import SpecError
-from .base import Policy, StepContext
+from .base import Policy, StepContext, check_keys, check_number, check_tensor, refuse_state
 from .clip import NORM_EPS
 from .registry import register
 
@@ -83,6 +83,7 @@ class autoclip(Policy):
     """
 
     name = "autoclip"
+    nonnegative = frozenset({"sorted", "ring", "n_valid", "size", "count"})
 
     def __init__(
         self, percentile: float = 10.0, history: int | None = None, max_history: int = 100_000
@@ -133,6 +134,78 @@ class autoclip(Policy):
             st["ring"] = torch.cat([ring, ring.new_full((cap - ring.numel(),), math.inf)])
             buf = st["sorted"]
             st["sorted"] = torch.cat([buf, buf.new_full((cap + 1 - buf.numel(),), math.inf)])
+
+    def check_state(self, state) -> None:
+        """The history must be one this AutoClip could have kept: norms >= 0 (+inf marks a slot
+        without a finite norm, never NaN), ``ring`` no longer than the capacity, ``sorted`` exactly
+        the ring's norms ascending (plus one +inf pad), ``n_valid`` the number of finite ones,
+        ``size`` and ``count`` consistent with ``history``/``max_history``."""
+        name = self.name
+        st = check_keys(name, state, ("sorted", "ring", "n_valid", "size", "count"))
+        for key in ("size", "count"):
+            check_number(name, key, st[key], integer=True, nonneg=True)
+        size, count = st["size"], st["count"]
+        fix = f"load a state saved by autoclip with history={self.history}, max_history={self.max_history}"
+        if size != min(count, self.capacity):
+            refuse_state(
+                name,
+                "size",
+                size,
+                f"after count={count} norms a history of capacity {self.capacity} holds "
+                f"{min(count, self.capacity)}",
+                fix,
+            )
+        if st["sorted"] is None or st["ring"] is None or st["n_valid"] is None:
+            if any(st[k] is not None for k in ("sorted", "ring", "n_valid")) or count:
+                refuse_state(
+                    name, "sorted", st["sorted"], "sorted, ring and n_valid are made together", fix
+                )
+            return
+        ring = st["ring"]
+        check_tensor(name, "ring", ring, nonneg=True, allow_inf=True)
+        if not ring.is_floating_point():
+            refuse_state(name, "ring", ring, "it must hold floating-point norms", fix)
+        if ring.ndim != 1 or not size <= ring.numel() <= self.capacity:
+            refuse_state(
+                name,
+                "ring",
+                ring,
+                f"it must be 1-D with between size={size} and {self.capacity} slots",
+                fix,
+            )
+        if self.history is not None and ring.numel() != self.history:
+            refuse_state(name, "ring", ring, f"it must have history={self.history} slots", fix)
+        check_tensor(
+            name,
+            "sorted",
+            st["sorted"],
+            like=ring.new_empty(ring.numel() + 1),
+            nonneg=True,
+            allow_inf=True,
+        )
+        check_tensor(name, "n_valid", st["n_valid"], shape=(), nonneg=True)
+        r = ring.detach().cpu().float()
+        if torch.isfinite(r[size:]).any():
+            refuse_state(name, "ring", ring, f"slots from size={size} on must be empty (+inf)", fix)
+        want = torch.sort(torch.cat([r, r.new_full((1,), math.inf)])).values
+        if not torch.equal(st["sorted"].detach().cpu().float(), want):
+            refuse_state(
+                name,
+                "sorted",
+                st["sorted"],
+                "it must hold the ring's norms in ascending order",
+                fix,
+            )
+        n_valid = st["n_valid"]
+        if n_valid.is_floating_point() or int(n_valid) != int(torch.isfinite(r).sum()):
+            refuse_state(
+                name,
+                "n_valid",
+                n_valid,
+                f"it must be the integer count of finite norms in the ring, "
+                f"{int(torch.isfinite(r).sum())}",
+                fix,
+            )
 
     def threshold(self) -> Tensor:
         st = self.state

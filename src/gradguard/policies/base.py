@@ -7,19 +7,25 @@ whether it acted (a bool or a 0-dim bool tensor, so clipping stays sync-free), t
 a few named metrics, and requests to skip the step, roll back, or scale the LR.
 
 Policies compose in a chain, in order: each sees the gradients as the previous ones left them.
-State is plain data (floats, ints, tensors, lists) and round-trips through ``state_dict``.
+State is plain data (floats, ints, tensors, lists) and round-trips through ``state_dict``; a saved
+state is validated by ``check_state`` before anything is loaded.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
+import math
+import numbers
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import ConfigError
 from ..layout import ParamLayout
 from ..specgrammar import format_value as _fmt
 from ..stats import GradStats
@@ -100,6 +106,9 @@ class Policy:
     #: "clip": changes gradients; "reset": changes optimizer state before the step; "skip": may
     #: cancel the step; "react": responds to the incidents of the policies before it.
     kind: ClassVar[str] = "clip"
+    #: State keys whose values (every element of a list or tensor) are never negative: norms,
+    #: variances, EMAs, histories, counts. ``check_state`` refuses a negative one.
+    nonnegative: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self) -> None:
         self.state: dict[str, Any] = {}
@@ -113,6 +122,10 @@ class Policy:
     def after_step(self, ctx: StepContext, stepped: bool) -> None:
         """Called after the optimizer step (or the skip): e.g. to take a snapshot."""
 
+    def close(self) -> None:
+        """Called by :meth:`Guard.close`: release what the policy holds (files, folders).
+        Idempotent."""
+
     # ----- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -120,7 +133,22 @@ class Policy:
             for k, v in self.state.items()
         }
 
+    def check_state(self, state: Any) -> None:
+        """Raise :class:`~gradguard.errors.ConfigError` if ``state`` cannot be loaded into this
+        policy as it is now (after bind); change nothing.
+
+        The Guard calls it on every policy before it loads any, so a bad state leaves the whole
+        Guard as it was. The default compares ``state`` with this policy's own ``state_dict()``:
+        the same keys, the same kind of value under each (number, bool, string, tensor, list),
+        tensors of the same shape, every number finite, and none negative under a key listed in
+        :attr:`nonnegative`. A policy whose state has another form overrides it (the helpers
+        :func:`check_keys`, :func:`check_number`, :func:`check_numbers`, :func:`check_tensor`
+        name the policy, the key, the bad value and the fix in their message).
+        """
+        check_like(self.name, self.state_dict(), state, self.nonnegative)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load a state saved by :meth:`state_dict`; :meth:`check_state` it first."""
         missing = set(self.state) - set(state)
         if missing:
             raise KeyError(
@@ -146,3 +174,249 @@ class Policy:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
         return f"{type(self).__name__}({args})"
+
+
+# ----- state validation ------------------------------------------------------------------------------
+#: What a refused state's message tells the user to do, unless the check knows better.
+STATE_FIX = (
+    "load the state this policy saved (Guard.state_dict() of a run with the same chain, the same "
+    "policy parameters and the same model), or build the Guard afresh without loading it"
+)
+
+
+def _show(value: Any) -> str:
+    """A short description of a state value for an error message."""
+    if isinstance(value, Tensor):
+        return (
+            f"tensor(shape={tuple(value.shape)}, dtype={str(value.dtype).removeprefix('torch.')})"
+        )
+    if isinstance(value, np.ndarray):
+        return f"array(shape={value.shape}, dtype={value.dtype})"
+    if isinstance(value, (list, tuple)) and len(value) > 6:
+        inner = ", ".join(repr(v) for v in value[:3])
+        return f"[{inner}, ...] ({len(value)} items)"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def refuse_state(policy: str, key: str, value: Any, problem: str, fix: str = STATE_FIX) -> NoReturn:
+    """Raise the ConfigError of a state that cannot be loaded: names the policy, the key, the
+    value, what is wrong with it and the fix."""
+    raise ConfigError(
+        f"{policy}: cannot load the saved state {key}={_show(value)}: {problem}; {fix}"
+    )
+
+
+def check_keys(
+    policy: str, state: Any, keys: Iterable[str], optional: Iterable[str] = ()
+) -> Mapping[str, Any]:
+    """``state`` must be a dict holding exactly ``keys`` (plus any of ``optional``)."""
+    keys, optional = list(keys), set(optional)
+    if not isinstance(state, Mapping):
+        raise ConfigError(
+            f"{policy}: the saved state is {_show(state)}, not a dict of {', '.join(keys) or 'nothing'}; "
+            f"{STATE_FIX}"
+        )
+    missing = [k for k in keys if k not in state and k not in optional]
+    if missing:
+        raise ConfigError(
+            f"{policy}: the saved state has no {', '.join(missing)} (it holds "
+            f"{', '.join(map(str, state)) or 'nothing'}): was it saved by another policy or "
+            f"version? {STATE_FIX}"
+        )
+    extra = [k for k in state if k not in keys and k not in optional]
+    if extra:
+        raise ConfigError(
+            f"{policy}: the saved state holds {', '.join(map(str, extra))}, which this policy does "
+            f"not keep (it keeps {', '.join(keys) or 'nothing'}): was it saved by another policy or "
+            f"version? {STATE_FIX}"
+        )
+    return state
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+
+
+def check_number(
+    policy: str,
+    key: str,
+    value: Any,
+    *,
+    integer: bool = False,
+    nonneg: bool = False,
+    nullable: bool = False,
+) -> None:
+    """A finite number (an integer with ``integer``), >= 0 with ``nonneg``; None with ``nullable``."""
+    if value is None and nullable:
+        return
+    if not (_is_int(value) if integer else _is_real(value)):
+        what = "an integer" if integer else "a number"
+        refuse_state(policy, key, value, f"it must be {what}" + (" or None" if nullable else ""))
+    if not math.isfinite(value):
+        refuse_state(policy, key, value, "it must be a finite number")
+    if nonneg and value < 0:
+        refuse_state(policy, key, value, "it must be >= 0")
+
+
+def check_numbers(
+    policy: str,
+    key: str,
+    values: Any,
+    *,
+    integer: bool = False,
+    nonneg: bool = False,
+    length: int | None = None,
+    max_length: int | None = None,
+) -> None:
+    """A list (tuple, 1-D array) of finite numbers: ``length`` of them, or at most ``max_length``."""
+    if isinstance(values, np.ndarray):
+        if values.ndim != 1:
+            refuse_state(policy, key, values, "it must be a flat list of numbers")
+        values = values.tolist()
+    if not isinstance(values, (list, tuple)):
+        refuse_state(policy, key, values, "it must be a list of numbers")
+    if length is not None and len(values) != length:
+        refuse_state(
+            policy, key, values, f"it holds {len(values)} values where this Guard keeps {length}"
+        )
+    if max_length is not None and len(values) > max_length:
+        refuse_state(
+            policy, key, values, f"it holds {len(values)} values, more than the {max_length} kept"
+        )
+    for i, v in enumerate(values):
+        ok = _is_int(v) if integer else _is_real(v)
+        if not ok or not math.isfinite(v) or (nonneg and v < 0):
+            need = "an integer" if integer else "a finite number"
+            problem = f"item {i} is {v!r}; each must be {need}" + (" >= 0" if nonneg else "")
+            refuse_state(policy, key, values, problem)
+
+
+def check_tensor(
+    policy: str,
+    key: str,
+    value: Any,
+    *,
+    like: Tensor | None = None,
+    shape: tuple[int, ...] | None = None,
+    nonneg: bool = False,
+    allow_inf: bool = False,
+) -> None:
+    """A tensor shaped like ``like`` (or ``shape``), of the same kind of dtype (floating, integer,
+    bool), every element finite (``allow_inf``: +inf allowed, never NaN or -inf), >= 0 with
+    ``nonneg``."""
+    if not isinstance(value, Tensor):
+        refuse_state(policy, key, value, "it must be a tensor")
+    if like is not None:
+        shape = tuple(like.shape)
+        if _dtype_kind(like.dtype) != _dtype_kind(value.dtype):
+            refuse_state(
+                policy,
+                key,
+                value,
+                f"it must hold {_dtype_kind(like.dtype)} values like "
+                f"{str(like.dtype).removeprefix('torch.')}",
+            )
+    if shape is not None and tuple(value.shape) != tuple(shape):
+        refuse_state(
+            policy, key, value, f"its shape must be {tuple(shape)}, the shape this Guard keeps"
+        )
+    t = value.detach()
+    if t.is_floating_point() or t.is_complex():
+        bad = torch.isnan(t) if allow_inf else ~torch.isfinite(t)
+        if allow_inf and not t.is_complex():
+            bad = bad | (t == -math.inf)
+        if bool(bad.any()):
+            first = int(bad.reshape(-1).nonzero()[0])
+            refuse_state(
+                policy,
+                key,
+                value,
+                f"element {first} is {t.reshape(-1)[first].item()!r}; every element must be "
+                + ("a number or +inf" if allow_inf else "finite"),
+            )
+    if (
+        nonneg
+        and not t.is_complex()
+        and t.dtype != torch.bool
+        and t.numel()
+        and bool((t < 0).any())
+    ):
+        first = int((t < 0).reshape(-1).nonzero()[0])
+        refuse_state(
+            policy,
+            key,
+            value,
+            f"element {first} is {t.reshape(-1)[first].item()!r}; it must be >= 0",
+        )
+
+
+def _dtype_kind(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_floating_point:
+        return "floating-point"
+    if dtype.is_complex:
+        return "complex"
+    return "integer"
+
+
+def _value_kind(v: Any) -> str:
+    if isinstance(v, (bool, np.bool_)):
+        return "bool"
+    if _is_int(v):
+        return "int"
+    if _is_real(v):
+        return "float"
+    if isinstance(v, Tensor):
+        return "tensor"
+    if isinstance(v, (list, tuple, np.ndarray)):
+        return "list"
+    if isinstance(v, str):
+        return "str"
+    if v is None:
+        return "none"
+    if isinstance(v, Mapping):
+        return "dict"
+    return type(v).__name__
+
+
+def check_like(policy: str, ref: Mapping[str, Any], state: Any, nonneg: Iterable[str] = ()) -> None:
+    """``state`` has the form of ``ref`` (a policy's own ``state_dict()``): the same keys; under
+    each, a value of the same kind (an int where ref holds an int; a float or an int where a
+    float; a tensor of the same shape and dtype kind; a list of finite numbers; anything plain
+    where ref holds None, i.e. not yet made); every number finite; >= 0 under ``nonneg``."""
+    nonneg = set(nonneg)
+    check_keys(policy, state, ref)
+    for key, want in ref.items():
+        v = state[key]
+        pos = key in nonneg
+        kind, vkind = _value_kind(want), _value_kind(v)
+        if kind == "none":
+            if vkind in ("int", "float"):
+                check_number(policy, key, v, nonneg=pos)
+            elif vkind == "tensor":
+                check_tensor(policy, key, v, nonneg=pos)
+            elif vkind == "list":
+                check_numbers(policy, key, v, nonneg=pos)
+            elif vkind not in ("none", "bool", "str"):
+                refuse_state(policy, key, v, "it must be a number, a tensor, a list or None")
+        elif kind in ("int", "float"):
+            check_number(policy, key, v, integer=kind == "int", nonneg=pos)
+        elif kind == "tensor":
+            check_tensor(policy, key, v, like=want, nonneg=pos)
+        elif kind == "list":
+            integer = len(want) > 0 and all(
+                _is_int(x) for x in np.asarray(want).reshape(-1).tolist()
+            )
+            check_numbers(policy, key, v, integer=integer, nonneg=pos)
+        elif kind == "dict":
+            if not isinstance(v, Mapping):
+                refuse_state(policy, key, v, "it must be a dict")
+            check_like(policy, want, v, nonneg=set(want) if pos else ())
+        elif kind != vkind:
+            refuse_state(policy, key, v, f"it must be a {kind}, like the {_show(want)} kept now")

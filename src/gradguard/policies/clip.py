@@ -125,6 +125,7 @@ class clip_layerwise(Policy):
     """
 
     name = "clip_layerwise"
+    nonnegative = frozenset({"ema", "count"})
 
     def __init__(
         self,

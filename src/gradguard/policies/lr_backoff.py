@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import SpecError
-from .base import Policy, StepContext
+from .base import Policy, StepContext, check_keys, check_number, check_numbers, refuse_state
 from .registry import register
 
 
@@ -44,6 +44,19 @@ class lr_backoff(Policy):
         self.recover = recover
         self.min_scale = float(min_scale)
         self.state = {"scale": 1.0, "recent": [], "last_event": None, "cuts": 0}
+
+    def check_state(self, state) -> None:
+        """``scale`` in (0, 1], ``recent`` and ``last_event`` step numbers (``last_event`` None
+        before the first incident), ``cuts`` an integer >= 0."""
+        check_keys(self.name, state, ("scale", "recent", "last_event", "cuts"))
+        check_number(self.name, "scale", state["scale"])
+        if not 0.0 < state["scale"] <= 1.0:
+            refuse_state(self.name, "scale", state["scale"], "the LR scale must be in (0, 1]")
+        check_numbers(self.name, "recent", state["recent"], integer=True, nonneg=True)
+        check_number(
+            self.name, "last_event", state["last_event"], integer=True, nonneg=True, nullable=True
+        )
+        check_number(self.name, "cuts", state["cuts"], integer=True, nonneg=True)
 
     def apply(self, ctx: StepContext) -> None:
         st = self.state

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from ..errors import SpecError
-from .base import Policy, StepContext
+from .base import Policy, StepContext, check_keys, check_number, check_numbers
 from .clip import _check_positive
 from .registry import register
 
@@ -161,6 +161,16 @@ class reset_moments(Policy):
             "count": np.asarray(st["count"]).tolist(),
             "resets": st["resets"],
         }
+
+    def check_state(self, state) -> None:
+        """``mean``, ``var`` (>= 0, finite) and ``count`` (integers >= 0), one value per guarded
+        parameter; ``resets`` an integer >= 0."""
+        check_keys(self.name, state, ("mean", "var", "count", "resets"))
+        n = None if self.state["mean"] is None else len(self.state["mean"])
+        for key in ("mean", "var", "count"):
+            check_numbers(self.name, key, state[key], integer=key == "count", nonneg=True, length=n)
+            n = len(state[key])  # the three agree with each other too
+        check_number(self.name, "resets", state["resets"], integer=True, nonneg=True)
 
     def load_state_dict(self, state: dict) -> None:
         self.state = {

@@ -8,7 +8,7 @@ from collections import deque
 import torch
 
 from ..errors import SpecError
-from .base import Policy, StepContext
+from .base import Policy, StepContext, check_keys, check_numbers
 from .clip import _check_positive
 from .registry import register
 
@@ -104,6 +104,13 @@ class skip_spike(Policy):
 
     def state_dict(self) -> dict:
         return {k: list(w) for k, w in self._windows.items()}
+
+    def check_state(self, state) -> None:
+        """Both windows (``grad_norm``, ``loss``): at most ``window`` finite values, the norms >= 0
+        (a NaN in a window would make every later mean NaN: no spike detected again)."""
+        check_keys(self.name, state, self._windows)
+        for k in self._windows:
+            check_numbers(self.name, k, state[k], nonneg=k == "grad_norm", max_length=self.window)
 
     def load_state_dict(self, state: dict) -> None:
         for k in self._windows:

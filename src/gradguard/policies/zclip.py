@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..errors import SpecError
-from .base import Policy, StepContext
+from .base import Policy, StepContext, check_keys, check_number, check_numbers, refuse_state
 from .clip import NORM_EPS, _check_positive
 from .registry import register
 
@@ -39,6 +39,7 @@ class zclip(Policy):
     """
 
     name = "zclip"
+    nonnegative = frozenset({"buffer", "mean", "var"})
 
     def __init__(
         self,
@@ -183,6 +184,25 @@ class zclip(Policy):
     def state_dict(self) -> dict:
         # Saved in the host form: portable across devices and between the two paths.
         return dict(self._as_host_state(), buffer=list(self._as_host_state()["buffer"]))
+
+    def check_state(self, state) -> None:
+        """The host form: ``mean`` and ``var`` finite and >= 0 (a NaN mean would let every spike
+        through unclipped), ``initialized`` a bool, ``buffer`` fewer than ``warmup`` finite norms
+        (none once initialized)."""
+        check_keys(self.name, state, ("buffer", "mean", "var", "initialized"))
+        for key in ("mean", "var"):
+            check_number(self.name, key, state[key], nonneg=True)
+        init = state["initialized"]
+        if not isinstance(init, bool):
+            refuse_state(self.name, "initialized", init, "it must be True or False")
+        check_numbers(self.name, "buffer", state["buffer"], nonneg=True, max_length=self.warmup - 1)
+        if init and len(state["buffer"]):
+            refuse_state(
+                self.name,
+                "buffer",
+                state["buffer"],
+                "the warmup buffer must be empty once initialized=True",
+            )
 
     def load_state_dict(self, state: dict) -> None:
         missing = {"buffer", "mean", "var", "initialized"} - set(state)

@@ -1,0 +1,355 @@
+"""Rollback snapshots are validated whole before a single tensor is restored (issue 13, item 7):
+checksum (disk), run identity, parameter fingerprint, finite tensors; the folder is checked
+writable up front; a failed write names the folder; a temp folder goes at close()."""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import pytest
+import torch
+
+import gradguard
+from gradguard import ConfigError, GradGuardError, SnapshotError
+
+from conftest import TinyNet, train_step
+
+#: The module (``gradguard.policies.rollback`` is the policy class).
+rb = sys.modules["gradguard.policies.rollback"]
+
+
+def data(seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(16, 6, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+
+
+def run(spec: str, steps: int = 3, model: TinyNet | None = None, seed: int = 0):
+    torch.manual_seed(seed)
+    model = model or TinyNet()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    guard = gradguard.Guard(model, opt, spec)
+    for step in range(steps):
+        guard.step(loss=train_step(model, opt, *data(step)))
+    return model, opt, guard
+
+
+def weights(model) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def nan_step(model, opt, guard):
+    """A step whose gradient is NaN: the rollback restores. Returns the weights before it."""
+    train_step(model, opt, *data(100))
+    model.fc1.weight.grad[0, 0] = float("nan")
+    return weights(model)
+
+
+def unchanged(model, before) -> bool:
+    return all(torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))
+
+
+# ----- disk: checksum ----------------------------------------------------------------------------
+def test_a_disk_snapshot_still_loads_with_torch_load(tmp_path):
+    model, _, guard = run(f"rollback:every=1,to=disk,path={tmp_path}")
+    snap = torch.load(tmp_path / "last_good.pt", weights_only=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(snap["model"][k], v)
+    meta = rb.read_snapshot_meta(tmp_path / "last_good.pt")
+    assert meta["run_id"] == guard.policies[0].state["run_id"]
+    assert [f[0] for f in meta["fingerprint"]] == guard.layout.names
+
+
+def test_scribbled_tensor_bytes_are_refused_not_restored_as_nan_weights(tmp_path):
+    """torch.load has no checksum: NaN bytes written over a weight in the file loaded fine and the
+    old code restored NaN weights."""
+    model, opt, guard = run(f"rollback:every=1,to=disk,path={tmp_path}")
+    file = tmp_path / "last_good.pt"
+    saved = torch.load(file, weights_only=True)["model"]["fc1.weight"]
+    raw = bytearray(file.read_bytes())
+    at = raw.find(saved.numpy().tobytes())
+    assert at > 0
+    raw[at : at + 8] = np.array([np.nan, np.nan], dtype=np.float32).tobytes()
+    file.write_bytes(bytes(raw))
+    before = nan_step(model, opt, guard)
+    with pytest.raises(GradGuardError, match=r"last_good\.pt: its checksum does not match") as e:
+        guard.step()
+    assert "nothing was restored" in str(e.value)
+    assert unchanged(model, before)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("mode", ["truncate", "garbage"])
+def test_the_corrupt_checkpoint_injector_is_caught_by_the_checksum(tmp_path, mode):
+    from gradguard.faults import corrupt_checkpoint
+
+    model, opt, guard = run(f"rollback:to=disk,path={tmp_path}")
+    corrupt_checkpoint(tmp_path / "last_good.pt", mode=mode, seed=3)
+    before = nan_step(model, opt, guard)
+    with pytest.raises(GradGuardError, match=r"could not read the rollback snapshot .*last_good"):
+        guard.step()
+    assert unchanged(model, before)
+
+
+def test_a_snapshot_with_a_valid_checksum_but_a_nan_tensor_is_refused(tmp_path):
+    model, opt, guard = run(f"rollback:every=1,to=disk,path={tmp_path}")
+    pol = guard.policies[0]
+    snap = torch.load(tmp_path / "last_good.pt", weights_only=True)
+    snap["optim"][0]["exp_avg"][0, 0] = float("inf")
+    rb.write_snapshot(snap, pol._meta(0), tmp_path / "last_good.pt")
+    before = nan_step(model, opt, guard)
+    with pytest.raises(GradGuardError, match=r"optimizer state\[0\]\[exp_avg\] .*not finite"):
+        guard.step()
+    assert unchanged(model, before)
+
+
+# ----- disk: another run's snapshot ---------------------------------------------------------------
+def test_a_snapshot_of_another_run_with_the_same_model_is_refused(tmp_path):
+    """Two runs sharing a folder: the old code restored the other run's weights silently."""
+    spec = f"rollback:every=1,to=disk,path={tmp_path}"
+    model, opt, guard = run(spec, seed=0)
+    run(spec, seed=1)  # the other run writes last_good.pt last
+    before = nan_step(model, opt, guard)
+    with pytest.raises(GradGuardError, match=r"last_good\.pt: it was taken by another run"):
+        guard.step()
+    assert unchanged(model, before)
+
+
+def test_a_snapshot_of_another_model_is_refused_before_a_tensor_is_copied(tmp_path):
+    """The old code copied the layers that fit, then failed at the first that did not."""
+    spec = f"rollback:every=1,to=disk,path={tmp_path}"
+    model, opt, guard = run(spec)
+    _other, _, other_guard = run(spec, model=TinyNet(width=10))
+    # Even with the same run id (a copied state), the fingerprint tells the models apart.
+    other_guard.policies[0].state["run_id"] = guard.policies[0].state["run_id"]
+    other_guard.policies[0].take_snapshot(0)
+    before = nan_step(model, opt, guard)
+    with pytest.raises(GradGuardError, match=r"another model .*fc1\.weight \[10, 6\]"):
+        guard.step()
+    assert unchanged(model, before)
+
+
+def test_a_resumed_run_accepts_its_own_disk_snapshot(tmp_path):
+    spec = f"rollback:every=1,to=disk,path={tmp_path}"
+    model, opt, guard = run(spec)
+    ck = {"model": model.state_dict(), "opt": opt.state_dict(), "guard": guard.state_dict()}
+    model2 = TinyNet()
+    model2.load_state_dict(ck["model"])
+    opt2 = torch.optim.Adam(model2.parameters(), lr=1e-2)
+    opt2.load_state_dict(ck["opt"])
+    guard2 = gradguard.Guard(model2, opt2, spec)  # a new run id at bind...
+    guard2.load_state_dict(ck["guard"])  # ...replaced by the saved one
+    good = weights(model2)
+    nan_step(model2, opt2, guard2)
+    assert guard2.step().rolled_back
+    assert unchanged(model2, good)
+
+
+def test_an_old_state_without_a_run_id_takes_a_fresh_snapshot(tmp_path):
+    spec = f"rollback:every=1,to=disk,path={tmp_path}"
+    model, opt, guard = run(spec)
+    state = guard.state_dict()
+    del state["policies"][0]["state"]["run_id"]
+    guard2 = gradguard.Guard(model, opt, spec)
+    guard2.load_state_dict(state)
+    assert guard2.policies[0]._snapshot is None  # the file's owner cannot be told: not trusted
+    before = nan_step(model, opt, guard2)
+    assert guard2.step().rolled_back  # onto the snapshot taken before this step
+    assert unchanged(model, before)
+    meta = rb.read_snapshot_meta(tmp_path / "last_good.pt")
+    assert meta["run_id"] == guard2.policies[0].state["run_id"]
+
+
+def test_resuming_next_to_another_runs_file_warns_and_replaces_it(tmp_path):
+    spec = f"rollback:every=1,to=disk,path={tmp_path}"
+    model, opt, guard = run(spec, seed=0)
+    state = guard.state_dict()
+    run(spec, seed=1)  # another run overwrote the file
+    guard2 = gradguard.Guard(model, opt, spec)
+    with pytest.warns(UserWarning, match="another run"):
+        guard2.load_state_dict(state)
+    assert guard2.policies[0]._snapshot is None
+
+
+# ----- memory ------------------------------------------------------------------------------------
+def test_a_memory_snapshot_of_another_model_in_a_state_dict_is_refused():
+    _, _, saved = run("rollback:every=1", model=TinyNet(width=10))
+    state = saved.state_dict()
+    del state["fingerprint"]  # an old-style Guard state: only the snapshot tells the models apart
+    _model, _, guard = run("rollback:every=1")
+    before = guard.state_dict()
+    with pytest.raises(ConfigError, match=r"rollback: .*snapshot.*another model"):
+        guard.load_state_dict(state)
+    assert str(before) == str(guard.state_dict())
+
+
+def test_a_memory_snapshot_with_a_nan_tensor_in_a_state_dict_is_refused():
+    _, _, saved = run("rollback:every=1")
+    state = saved.state_dict()
+    state["policies"][0]["state"]["snapshot"]["model"]["fc2.bias"][3] = float("nan")
+    _, _, guard = run("rollback:every=1")
+    with pytest.raises(
+        ConfigError, match=r"rollback: .*model\[fc2\.bias\] element 3 is not finite"
+    ):
+        guard.load_state_dict(state)
+
+
+def test_a_memory_snapshot_of_another_run_in_a_state_dict_is_refused():
+    _, _, saved = run("rollback:every=1")
+    state = saved.state_dict()
+    state["policies"][0]["state"]["run_id"] = "0" * 32
+    _, _, guard = run("rollback:every=1")
+    with pytest.raises(ConfigError, match="another run"):
+        guard.load_state_dict(state)
+
+
+def test_a_memory_snapshot_is_fingerprinted_at_restore():
+    model, opt, guard = run("rollback:every=1")
+    guard.policies[0]._snapshot["meta"]["fingerprint"][0][1] = [9, 9]
+    before = nan_step(model, opt, guard)
+    with pytest.raises(GradGuardError, match=r"in-memory rollback snapshot: .*another model"):
+        guard.step()
+    assert unchanged(model, before)
+    assert guard.policies[0].state["rollbacks"] == 0 and guard.policies[0].state["consecutive"] == 0
+
+
+def test_a_non_finite_optimizer_state_is_never_snapshotted():
+    model, opt, guard = run("rollback:every=1", steps=2)
+    pol = guard.policies[0]
+    step = pol.state["snapshot_step"]
+    opt.state[model.fc1.weight]["exp_avg_sq"][0, 0] = float("inf")
+    assert pol.take_snapshot(99) is False
+    assert pol.state["snapshot_step"] == step
+
+
+# ----- the folder --------------------------------------------------------------------------------
+def test_a_folder_that_cannot_be_made_is_refused_at_construction(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ConfigError, match=r"rollback cannot write its snapshots to .*a_file"):
+        gradguard.Guard(model, opt, f"rollback:to=disk,path={blocker / 'sub'}")
+
+
+def test_a_folder_without_write_permission_is_refused_at_construction(tmp_path, monkeypatch):
+    def denied(*a, **kw):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(rb.tempfile, "mkstemp", denied)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ConfigError, match=r"to .*ro: Permission denied\. Give it a folder"):
+        gradguard.Guard(model, opt, f"rollback:to=disk,path={tmp_path / 'ro'}")
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes anywhere")
+def test_a_read_only_folder_is_refused_at_construction(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        model = TinyNet()
+        with pytest.raises(ConfigError, match="rollback cannot write"):
+            gradguard.Guard(
+                model, torch.optim.SGD(model.parameters(), lr=0.1), f"rollback:to=disk,path={ro}"
+            )
+    finally:
+        ro.chmod(0o700)
+
+
+def test_the_probe_leaves_nothing_behind(tmp_path):
+    model = TinyNet()
+    gradguard.Guard(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), f"rollback:to=disk,path={tmp_path}"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_snapshot_write_names_the_folder_and_changes_nothing(tmp_path, monkeypatch):
+    _model, _opt, guard = run(f"rollback:every=1,to=disk,path={tmp_path}", steps=2)
+    pol = guard.policies[0]
+    state = dict(pol.state)
+    good = (tmp_path / "last_good.pt").read_bytes()
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(rb.os, "fsync", full)
+    with pytest.raises(SnapshotError, match=rf"to {tmp_path}: .*No space left") as e:
+        pol.take_snapshot(7)
+    assert isinstance(e.value, GradGuardError) and isinstance(e.value, OSError)
+    assert pol.state == state
+    assert (tmp_path / "last_good.pt").read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["last_good.pt"]
+
+
+def test_an_error_inside_torch_save_is_reported_as_the_disk_error(tmp_path, monkeypatch):
+    """torch.save turns the file's OSError into an opaque RuntimeError ('unexpected pos')."""
+    _model, _opt, guard = run(f"rollback:every=1,to=disk,path={tmp_path}", steps=1)
+    real = rb._HashingWriter.write
+
+    def dies(self, b):
+        if len(b) > 100:
+            self.error = OSError(5, "Input/output error")
+            raise self.error
+        return real(self, b)
+
+    monkeypatch.setattr(rb._HashingWriter, "write", dies)
+    with pytest.raises(SnapshotError, match="Input/output error"):
+        guard.policies[0].take_snapshot(3)
+
+
+# ----- the temp folder ---------------------------------------------------------------------------
+def test_the_temp_folder_is_removed_at_close():
+    _model, _, guard = run("rollback:every=1,to=disk")
+    folder = guard.policies[0]._file.parent
+    assert (folder / "last_good.pt").exists()
+    guard.close()
+    assert not folder.exists()
+    guard.close()  # idempotent
+
+
+def test_the_temp_folder_is_removed_with_the_guard():
+    _, _, guard = run("rollback:every=1,to=disk")
+    folder = guard.policies[0]._file.parent
+    assert folder.exists()
+    del guard
+    gc.collect()
+    assert not folder.exists()
+
+
+def test_a_given_folder_is_kept_at_close(tmp_path):
+    _, _, guard = run(f"rollback:every=1,to=disk,path={tmp_path}")
+    guard.close()
+    assert (tmp_path / "last_good.pt").exists()
+
+
+def test_a_run_that_goes_on_after_close_still_cleans_up():
+    model, opt, guard = run("rollback:every=1,to=disk")
+    folder = guard.policies[0]._file.parent
+    guard.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        guard.step(loss=train_step(model, opt, *data(50)))  # snapshots again: the folder returns
+    assert (folder / "last_good.pt").exists()
+    guard.close()
+    assert not folder.exists()
+
+
+def test_a_resumed_run_accepts_its_own_memory_snapshot():
+    model, opt, guard = run("rollback:every=1")
+    state = guard.state_dict()
+    del state["policies"][0]["state"]["run_id"]  # the snapshot's own metadata still names the run
+    guard2 = gradguard.Guard(model, opt, "rollback:every=1")
+    guard2.load_state_dict(state)
+    good = weights(model)
+    nan_step(model, opt, guard2)
+    assert guard2.step().rolled_back
+    assert unchanged(model, good)
