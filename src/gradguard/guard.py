@@ -380,8 +380,14 @@ class Guard:
         ctx, stats, stepped = pending.ctx, pending.stats, pending.stepped
         if pending.stale:
             return self._finish(ctx, stats, False)
-        for policy in self.policies:
-            policy.after_step(ctx, stepped)
+        try:
+            for policy in self.policies:
+                policy.after_step(ctx, stepped)
+        except BaseException:
+            # The optimizer has stepped (e.g. a snapshot could not be written): count the step
+            # before the error reaches the caller, so counters and the stale check stay true.
+            self._finish(ctx, stats, stepped)
+            raise
         report = self._finish(ctx, stats, stepped)
         report.localization = pending.localization
         if self.telemetry is not None:

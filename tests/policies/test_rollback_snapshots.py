@@ -290,6 +290,16 @@ def test_a_failed_snapshot_write_names_the_folder_and_changes_nothing(tmp_path, 
     assert [p.name for p in tmp_path.iterdir()] == ["last_good.pt"]
 
 
+def test_a_snapshot_that_fails_inside_a_step_still_counts_the_step(tmp_path, monkeypatch):
+    model, _opt, guard = run(f"rollback:every=1,to=disk,path={tmp_path}", steps=2)
+    monkeypatch.setattr(rb.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "full")))
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    with pytest.raises(SnapshotError):
+        guard.step()
+    assert guard.counters["steps"] == 3  # the optimizer stepped: the step is counted
+
+
 def test_an_error_inside_torch_save_is_reported_as_the_disk_error(tmp_path, monkeypatch):
     """torch.save turns the file's OSError into an opaque RuntimeError ('unexpected pos')."""
     _model, _opt, guard = run(f"rollback:every=1,to=disk,path={tmp_path}", steps=1)
