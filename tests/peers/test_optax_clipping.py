@@ -83,7 +83,7 @@ class Leaves:
 
 
 def global_norm(ts) -> float:
-    return math.sqrt(sum(float(t.double().square().sum()) for t in ts))
+    return math.sqrt(sum(float(t.abs().double().square().sum()) for t in ts))
 
 
 def rms(t) -> float:
@@ -101,9 +101,13 @@ def global_norm32(ts) -> float:
 
 
 # ----- optax's rules, written out ---------------------------------------------------------------------
+def wide(t):
+    return t.to(torch.complex128 if t.is_complex() else torch.float64)
+
+
 def optax_clip_by_global_norm(ts, max_norm):
     n = global_norm(ts)
-    return [t.double() if n < max_norm else t.double() / n * max_norm for t in ts]
+    return [wide(t) if n < max_norm else wide(t) / n * max_norm for t in ts]
 
 
 def optax_unitwise_norm(x: torch.Tensor) -> torch.Tensor:
@@ -167,6 +171,19 @@ def test_clip_by_global_norm(path):
             torch.testing.assert_close(a.double(), b.double(), rtol=1.5 * eps_shrink + 1e-6, atol=0)
             torch.testing.assert_close(b.double(), o, rtol=1e-6, atol=0)  # once: optax's rule
         assert report.clipped
+
+
+def test_clip_by_global_norm_complex():
+    """optax supports complex updates (abs_sq in its global norm); so does clip_norm."""
+    updates = [
+        torch.tensor([500 + 5j, 5 - 2j], dtype=torch.complex64),
+        torch.tensor([300j, 3 + 0j], dtype=torch.complex64),
+    ]
+    params = [torch.zeros(2, dtype=torch.complex64)] * 2
+    for max_norm in (1.0, 0.02, 1e3):
+        seen, _ = Leaves(params, f"clip_norm:{max_norm!r}").update(updates)
+        for got, want in zip(seen, optax_clip_by_global_norm(updates, max_norm), strict=True):
+            torch.testing.assert_close(got.to(torch.complex128), want, rtol=1e-6, atol=0)
 
 
 @pytest.mark.xfail(
@@ -309,7 +326,7 @@ def per_example(spec_or_guards, examples):
 
 
 def test_per_example_global_norm_clip():
-    g0 = torch.tensor([[0.0, -0.5], [3, 4], [5, 6], [0, 0]])  # 3 users... 4 examples, 2 components
+    g0 = torch.tensor([[0.0, -0.5], [3, 4], [5, 6], [0, 0]])  # 4 examples, 2 components
     g1 = torch.tensor([[0.0], [5], [-3], [0]])
     answer = [
         torch.tensor([0.0, -0.5])

@@ -3,8 +3,9 @@
 readable twin of v1.0.0's ``zclip/zclip.py`` (``ZClipV1`` below, zscore mode).
 
 Mapping: ZClip's ``max_grad_norm`` / ``warmup_steps`` are the Guard's ``max_norm`` / ``warmup``.
-v1.0.0's code defaults ``max_grad_norm=1.0`` (its README says None; the Guard follows the README),
-so every comparison with the twin passes ``max_norm`` explicitly. Where the upstream tests mock
+v1.0.0 defaults ``max_grad_norm=1.0`` (code and README alike) and the Guard ``max_norm=None``, so
+every comparison with the twin passes ``max_norm`` explicitly (the default itself: see
+``test_default_max_norm_is_v1s``). Where the upstream tests mock
 ``_compute_grad_norm`` to return 3.0, the ports give the gradients a global norm of exactly 3.0;
 where they assign ``zclip.mean/var/initialized``, the ports load that state. The Guard has no
 ``mode="percentile"`` (its ``zclip`` is ZClip's zscore mode only), so ``test_percentile_clipping``
@@ -186,6 +187,22 @@ def test_init_custom_values():
     assert again.params() == z.params()
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "default/doc divergence: src/gradguard/policies/zclip.py says 'max_norm defaults to None "
+        "as the reference's README says (its code's default is 1.0)' and the README's policy "
+        "table lists max_norm=None for ZClip v1.0.0, but at tag v1.0.0 both ZClip's code "
+        "(ZClip.__init__(max_grad_norm=1.0)) and its README parameter table default "
+        "max_grad_norm to 1.0; only a pre-release README (commit 35ed6e1) said None. So plain "
+        "'zclip' never clips during warmup where v1.0.0 clips to 1.0: either the default or its "
+        "stated justification is wrong"
+    ),
+)
+def test_default_max_norm_is_v1s():
+    assert gradguard.zclip().max_norm == ZClipV1().max_grad_norm == 1.0
+
+
 def test_percentile_mode_is_not_offered():
     """ZClip's mode="percentile" (clip to mean + z_thresh * std) has no Guard counterpart: the
     Guard's zclip is the zscore mode; asking for a mode is a SpecError naming the parameters."""
@@ -337,8 +354,9 @@ def test_warmup_clip_is_clip_grad_norm(path):
     for q, r in zip(twin_params, raw, strict=True):
         q.grad = r.clone()
     ZClipV1(max_grad_norm=1.0).step(twin_params)
-    for got, q in zip(opt.seen[-1], twin_params, strict=True):
-        assert torch.equal(got, q.grad)
+    for got, q, r in zip(opt.seen[-1], twin_params, raw, strict=True):
+        assert not torch.equal(got, r)  # ZClip shrank it by 1/(1 + 1e-6)
+        torch.testing.assert_close(got, q.grad, rtol=1e-12, atol=0)
 
 
 # ----- test_zclip_integration.py ----------------------------------------------------------------------
