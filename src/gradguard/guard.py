@@ -13,6 +13,7 @@ policies' after-step hooks.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import warnings
@@ -54,6 +55,13 @@ def _check_optimizer(optimizer: Any) -> None:
         raise ConfigError(
             f"Guard needs a torch.optim.Optimizer as its second argument, got {type(optimizer).__name__}; "
             "build the optimizer first: Guard(model, torch.optim.AdamW(model.parameters()), policy=...)"
+        )
+    closure = inspect.signature(type(optimizer).step).parameters.get("closure")
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        raise ConfigError(
+            f"{type(optimizer).__name__}.step() needs a closure: it re-evaluates the loss and the "
+            "gradients inside its step (as LBFGS does), so a Guard could neither see nor clip the "
+            "gradients it uses. Guard a first-order optimizer (SGD, Adam, AdamW, ...)"
         )
 
 

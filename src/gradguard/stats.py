@@ -18,6 +18,7 @@ that after a policy acts the running per-parameter norms stay exact without anot
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
 import torch
@@ -152,6 +153,12 @@ def _norm_of_sparse(t: Tensor, ord: float) -> Tensor:
 def _group_norms(tensors: list[Tensor], ord: float) -> list[Tensor]:
     """Norms of tensors that share one device, dtype and layout."""
     t0 = tensors[0]
+    if ord == math.inf and any(t.numel() == 0 for t in tensors):
+        # torch refuses the max of nothing; the max-abs of an empty gradient is 0.
+        full = [t for t in tensors if t.numel()]
+        norms = iter(_group_norms(full, ord) if full else [])
+        zero = torch.zeros((), device=t0.device, dtype=norm_dtype(t0.dtype))
+        return [next(norms) if t.numel() else zero for t in tensors]
     if t0.layout != torch.strided:
         return [_norm_of_sparse(t, ord) for t in tensors]
     dt = torch.float32 if t0.dtype in _LOW_PRECISION else None
@@ -221,7 +228,7 @@ def all_finite(tensors: Sequence[Tensor]) -> bool:
     return True
 
 
-def exact_norms(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
+def exact_norms(tensors: Sequence[Tensor], device: torch.device, ord: float = 2.0) -> Tensor:
     """Overflow-free L2 norms in float64: ``m * ||t / m||`` with ``m`` the max-abs of ``t``.
 
     A slow path (it copies each tensor to float64) for the rare step whose plain norm overflowed;
@@ -238,7 +245,7 @@ def exact_norms(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
         if not bool(torch.isfinite(m)) or float(m) == 0.0:
             out.append(m.reshape(()))
             continue
-        out.append(torch.linalg.vector_norm(v / m) * m)
+        out.append(torch.linalg.vector_norm(v / m, ord) * m)
     if not out:
         return torch.zeros(0, device=device, dtype=torch.float64)
     return torch.stack([n.to(device) for n in out])
@@ -295,14 +302,14 @@ def _layer_norms(param_norms: Tensor, layer_ids: Tensor, num_layers: int) -> Ten
     return torch.where(torch.isfinite(top) & (top > 0), sq.sqrt() * top, top)
 
 
-def scaled_l2(norms: Tensor) -> Tensor:
-    """The L2 norm of a 1-D tensor of norms, scaled by its largest entry (no overflow)."""
+def scaled_l2(norms: Tensor, ord: float = 2.0) -> Tensor:
+    """The ``ord``-norm of a 1-D tensor of norms, scaled by its largest entry (no overflow)."""
     if norms.numel() == 0:
         return torch.zeros((), device=norms.device, dtype=norms.dtype)
     top = norms.abs().amax()
     if not bool(torch.isfinite(top)) or float(top) == 0.0:
         return top
-    return torch.linalg.vector_norm(norms / top) * top
+    return torch.linalg.vector_norm(norms / top, ord) * top
 
 
 class GradStats:

@@ -243,17 +243,6 @@ def test_clip_grad_norm_zero_size_gradient(norm_type):
     assert not report.skipped
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG (torch's clip_grad_norm_ raises the same): clip_norm:norm_type=inf with a "
-        "zero-element gradient crashes the step: clip_norm.apply -> stats.stacked_norms -> "
-        "torch._foreach_norm(ord=inf) raises 'RuntimeError: _foreach_norm cannot compute the "
-        "infinity norm on an empty tensor because the operation does not have an identity'; an "
-        "empty gradient's max-abs is 0 for a norm of non-negative values, so the step should "
-        "clip the other gradients (every other norm type and policy handles the empty tensor)"
-    ),
-)
 def test_clip_grad_norm_inf_with_a_zero_size_gradient():
     empty = nn.Parameter(torch.zeros(3, 0))
     empty.grad = torch.zeros(3, 0)
@@ -391,30 +380,12 @@ def nonfinite_case_params():
         for prefix in (False, True):
             for scalar in SCALARS:
                 for p in POS_NORMS:
-                    marks = []
-                    if abs(scalar) == 2e200 and p == 3.5:
-                        marks = [
-                            pytest.mark.xfail(
-                                strict=True,
-                                reason=(
-                                    "BUG: clip_norm with norm_type != 2 measures the p-norm with "
-                                    "stats.stacked_norms in the gradient's dtype and is never "
-                                    "overflow-rescued (GradStats.rescue_ only re-measures the L2 "
-                                    "norms): |2e200|**3.5 overflows float64, the total is inf, "
-                                    "coef = max_norm/(inf+1e-6) = 0 and the finite gradient is "
-                                    "silently zeroed (the step is reported taken and clipped), "
-                                    "while the same gradient under norm_type=2 is rescued and "
-                                    "clipped right"
-                                ),
-                            )
-                        ]
                     out.append(
                         pytest.param(
                             one_elem,
                             prefix,
                             scalar,
                             p,
-                            marks=marks,
                             id=f"{int(one_elem)}{int(prefix)}-{scalar:g}-p{p:g}",
                         )
                     )
@@ -480,16 +451,6 @@ def test_clip_grad_norm_error_if_nonfinite_cases(one_elem, prefix, scalar, norm_
             assert torch.equal(g, q.grad)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG (same root cause as the 2e200/norm_type=3.5 cases): float32 gradients of 1e10 "
-        "(an ordinary exploding step: L2 norm 1e11, finite, not skipped) under "
-        "clip_norm:norm_type=4 are measured with _foreach_norm(ord=4) in float32, |1e10|**4 = "
-        "1e40 overflows, total = inf, coef = 0: the optimizer receives an all-zero gradient "
-        "instead of one clipped to max_norm; the p-norm path has no overflow rescue"
-    ),
-)
 def test_float32_exploding_gradient_with_norm_type_4_is_clipped_not_zeroed():
     g = [torch.full((10, 10), 1e10), torch.full((10,), 1e10)]
     lin = linear_with_grads(torch.float32, *g)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, SpecError
-from ..stats import stacked_norms
+from ..stats import exact_norms, scaled_l2, stacked_norms
 from .base import Policy, StepContext
 from .registry import register
 
@@ -71,6 +71,12 @@ class clip_norm(Policy):
         else:
             per = stacked_norms(stats.grads, stats.device, stats.dtype, self.norm_type)
             total = torch.linalg.vector_norm(per, self.norm_type)
+            if ctx.host is not None and ctx.host.finite and not math.isfinite(float(total)):
+                # |g|^p overflowed while every element is finite (the Guard's read says so):
+                # re-measure exactly (scaled, float64) rather than clip to zero. A rare step; the
+                # read is one more sync, on a chain that already syncs.
+                exact = exact_norms(stats.grads, stats.device, self.norm_type)
+                total = scaled_l2(exact, self.norm_type)
         # clamp instead of `if total > max_norm`: a Python branch on a device value is a host sync.
         coef = torch.clamp(self.max_norm / (total + NORM_EPS), max=1.0)
         stats.scale_(coef)

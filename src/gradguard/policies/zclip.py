@@ -29,8 +29,12 @@ class zclip(Policy):
     (``skip_update_on_spike`` leaves the EMA alone on a spike). Scaling uses torch's
     ``max / (norm + 1e-6)``.
 
-    Defaults are the paper's (``alpha=0.97, z_thresh=2.5, warmup=25, eps=1e-6``). ``max_norm``
-    defaults to None as the reference's README says (its code's default is 1.0).
+    Defaults are the paper's (``alpha=0.97, z_thresh=2.5, warmup=25, eps=1e-6``). ZClip v1.0.0
+    defaults ``max_grad_norm=1.0`` (code and README) and clips every warmup step to it; here
+    ``max_norm`` defaults to None, on purpose: an absolute threshold is what an untuned chain must
+    not have (a model whose healthy norm is 4 would be clipped on every warmup step). Pass
+    ``max_norm=1.0`` for the reference's warmup. In warmup the reference also scales a norm equal
+    to ``max_norm`` by ``1/(1+1e-6)`` (``clip_grad_norm_``); here only a norm above it is scaled.
 
     Better than the reference: non-finite norms never enter the statistics; the norm is accumulated
     in float32 whatever the gradient dtype; no ``.item()`` sync (when the Guard already read the
