@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .errors import ConfigError, IntegrityError
 from .layout import ParamLayout
-from .stats import all_finite
+from .stats import Sharding, all_finite
 
 #: Param-group hyperparameters that must be finite for any torch optimizer to step sanely.
 CHECKED_HYPERPARAMETERS = ("lr", "weight_decay", "momentum", "dampening", "eps", "alpha", "betas")
@@ -92,7 +92,15 @@ def finite_after_step(
     tensors = [p.detach() for p in layout.params]
     if with_state:
         tensors += state_tensors(optimizer, layout.params)
-    return all_finite(tensors)
+    # Sharded (FSDP2/DTensor) weights: each rank reads its shards, and the ranks agree on the
+    # answer, so that all of them restore or raise together (one that raised alone would leave
+    # the others waiting in the next collective).
+    local, sharding = Sharding.split(tensors)
+    finite = all_finite(local)
+    if sharding is None:
+        return finite
+    flag = torch.tensor([0.0 if finite else 1.0], device=local[0].device if local else "cpu")
+    return not bool(sharding.all_reduce_max(flag).item())
 
 
 def explain_nonfinite(layout: ParamLayout, optimizer: torch.optim.Optimizer) -> tuple[str, str]:
@@ -124,7 +132,8 @@ def explain_nonfinite(layout: ParamLayout, optimizer: torch.optim.Optimizer) -> 
 
 
 def _ok(t: Tensor) -> bool:
-    return all_finite([t.detach()])
+    local, _ = Sharding.split([t.detach()])
+    return all_finite(local)
 
 
 def _few(names: list[str]) -> str:
