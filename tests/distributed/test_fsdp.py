@@ -86,6 +86,7 @@ def _worker(rank: int, port: int, scenario: str, out_dir: str) -> None:
             "clip": "clip_norm:0.05",
             "nan": "default",
             "loss": "skip_spike:warmup=5,window=20",
+            "weight": "default",
         }[scenario]
         guard = gradguard.Guard(model, opt, spec, layer_stats=True)
         per = GLOBAL_BATCH // WORLD
@@ -103,6 +104,15 @@ def _worker(rank: int, port: int, scenario: str, out_dir: str) -> None:
             else:
                 loss_seen = loss.detach()
             loss.backward()
+            if scenario == "weight" and step == 4 and rank == 1:
+                with torch.no_grad():  # one rank's shard of the weights is corrupted
+                    model.fc2.weight.to_local().view(-1)[0] = float("nan")
+            if scenario == "weight" and step == 4:
+                try:
+                    guard.step(loss=loss_seen)
+                except gradguard.GradGuardError as e:
+                    records.append({"raised": type(e).__name__, "step": step})
+                break
             r = guard.step(loss=loss_seen)
             records.append(
                 {
@@ -160,6 +170,14 @@ def test_loss_aware_decisions_agree_when_the_ranks_losses_differ(tmp_path):
     skipped = [[i for i, r in enumerate(rank["records"]) if r["skipped"]] for rank in ranks]
     assert skipped[0] == skipped[1] == [9]
     assert ranks[0]["state"] == ranks[1]["state"]
+
+
+@pytest.mark.slow
+def test_a_nan_weight_in_one_ranks_shard_stops_every_rank_together(tmp_path):
+    """The post-step weight check reads each rank's shards and the ranks agree: both raise the
+    same error at the same step (one raising alone would leave the other in a collective)."""
+    ranks = run("weight", tmp_path)
+    assert [r["records"][-1] for r in ranks] == [{"raised": "IntegrityError", "step": 4}] * 2
 
 
 def test_fsdp1_is_refused_clearly():
