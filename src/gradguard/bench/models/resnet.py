@@ -3,6 +3,7 @@ design that residuals and BatchNorm keep stable."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -101,39 +102,53 @@ class ResNet(nn.Module):
             self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         self.bn1 = nn.BatchNorm2d(64)
         self.act = act()
-        c_in = 64
-        stages = []
-        for i, (planes, n) in enumerate(zip((64, 128, 256, 512), layers, strict=True)):
-            stride = 1 if i == 0 else 2
-            c_out = planes * block.expansion
-            downsample = None
-            if stride != 1 or c_in != c_out:
-                downsample = nn.Sequential(_conv1x1(c_in, c_out, stride), nn.BatchNorm2d(c_out))
-            blocks = [block(c_in, planes, stride, downsample, act)]
-            blocks += [block(c_out, planes, 1, None, act) for _ in range(n - 1)]
-            stages.append(nn.Sequential(*blocks))
-            c_in = c_out
+        stages, c_in = _stages(block, layers, act)
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(c_in, num_outputs)
-
-        nonlinearity = "leaky_relu" if activation == "leaky_relu" else "relu"
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, a=leak, mode="fan_out", nonlinearity=nonlinearity)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        if zero_init_residual:  # each block starts as the identity (Goyal et al. 2017)
-            for m in self.modules():
-                if isinstance(m, (BasicBlock, Bottleneck)):
-                    nn.init.zeros_(m.last_bn().weight)
+        _init_resnet(self, activation, leak, zero_init_residual)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.reshape(x.shape[0], *self.input_shape)  # accepts flat features too
         x = self.maxpool(self.act(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def _stages(
+    block: type[BasicBlock | Bottleneck], layers: list[int], act: Callable[[], nn.Module]
+) -> tuple[list[nn.Sequential], int]:
+    """The four stages (64, 128, 256, 512 planes; stride 2 from the second on) and the channels
+    they end with."""
+    c_in = 64
+    stages = []
+    for i, (planes, n) in enumerate(zip((64, 128, 256, 512), layers, strict=True)):
+        stride = 1 if i == 0 else 2
+        c_out = planes * block.expansion
+        downsample = None
+        if stride != 1 or c_in != c_out:
+            downsample = nn.Sequential(_conv1x1(c_in, c_out, stride), nn.BatchNorm2d(c_out))
+        blocks = [block(c_in, planes, stride, downsample, act)]
+        blocks += [block(c_out, planes, 1, None, act) for _ in range(n - 1)]
+        stages.append(nn.Sequential(*blocks))
+        c_in = c_out
+    return stages, c_in
+
+
+def _init_resnet(model: nn.Module, activation: str, leak: float, zero_init_residual: bool) -> None:
+    """torchvision's init: He (fan-out) convs, BN scale 1 and shift 0; optionally each block's
+    last BN scale 0."""
+    nonlinearity = "leaky_relu" if activation == "leaky_relu" else "relu"
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, a=leak, mode="fan_out", nonlinearity=nonlinearity)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    if zero_init_residual:  # each block starts as the identity (Goyal et al. 2017)
+        for m in model.modules():
+            if isinstance(m, (BasicBlock, Bottleneck)):
+                nn.init.zeros_(m.last_bn().weight)
 
 
 def _resnet(
