@@ -2,9 +2,9 @@
 
 Each rule is a small function ``rule(run: RunLog) -> Finding | None`` registered in :data:`RULES`
 (in the order they are listed in reports with equal severity); ``diagnose`` runs them all. A rule
-reads only the telemetry (``diagnose/records.py``), tolerates any optional field being absent or null, and
-stays quiet on a healthy run. Thresholds are constants of each rule's module, each with where it
-comes from. ``list_rules()`` names the rules, ``rule_info(name)`` gives one's record.
+reads only the telemetry (``diagnose/records.py``), tolerates any optional field being absent or
+null, and stays quiet on a healthy run. Thresholds are constants of each rule's module, each with
+where it comes from. ``list_rules()`` names the rules, ``rule_info(name)`` gives one's record.
 
 Rules (the ``cause`` id is the function's name), one a module:
 
