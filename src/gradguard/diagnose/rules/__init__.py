@@ -1,0 +1,101 @@
+"""Diagnosis rules: from a run's telemetry to plain-language findings (cause, evidence, advice).
+
+Each rule is a small function ``rule(run: RunLog) -> Finding | None`` registered in :data:`RULES`
+(in the order they are listed in reports with equal severity); ``diagnose`` runs them all. A rule
+reads only the telemetry (``diagnose/records.py``), tolerates any optional field being absent or
+null, and stays quiet on a healthy run. Thresholds are constants of each rule's module, each with
+where it comes from. ``list_rules()`` names the rules, ``rule_info(name)`` gives one's record.
+
+Rules (the ``cause`` id is the function's name), one a module:
+
+=========================  ===================  ===============================================
+rule                       module               fires when
+=========================  ===================  ===============================================
+``lr_too_high``            ``learning_rate``    updates are a large fraction of the weights.
+``init_depth``             ``depth``            gradient norms grow or shrink geometrically with
+                                                depth from the start.
+``missing_normalization``  ``normalization``    a deep plain network without normalization
+                                                layers had spikes/NaN.
+``outlier_batch``          ``outliers``         a spike or NaN came with a batch whose
+                                                statistics are far off the rest.
+``fp16_overflow``          ``amp``              fp16 loss scaling keeps overflowing or its scale
+                                                collapses.
+``recurrent_explosion``    ``recurrent``        a recurrent weight's spectral radius is above 1
+                                                around the events.
+=========================  ===================  ===============================================
+
+``base`` holds :class:`Finding` and the helpers that read a run, ``registry`` the registry and
+``diagnose``.
+"""
+
+from __future__ import annotations
+
+from .base import SEVERITIES, TROUBLE_KINDS, Finding, Rule
+from .registry import RULES, RuleInfo, diagnose, list_rules, register, rule_info, rule_infos
+
+# The rules register themselves on import, in this order (the report order of equal severity).
+from .learning_rate import (  # isort: skip
+    UPDATE_RATIO_HIGH,
+    UPDATE_RATIO_LAYER_HIGH,
+    UPDATE_RATIO_SEVERE,
+    UPDATE_RATIO_TARGET,
+    lr_too_high,
+)
+from .depth import INIT_MIN_LAYERS, INIT_MIN_R2, INIT_RATIO, INIT_STEPS, init_depth  # isort: skip
+from .normalization import NORM_MIN_LAYERS, missing_normalization  # isort: skip
+from .outliers import (  # isort: skip
+    OUTLIER_LOG_FLOOR,
+    OUTLIER_MEAN_FLOOR,
+    OUTLIER_MIN_HISTORY,
+    OUTLIER_WINDOW,
+    OUTLIER_Z,
+    outlier_batch,
+)
+from .amp import (  # isort: skip
+    AMP_FALL_LOG2,
+    AMP_MIN_OVERFLOWS,
+    AMP_OVERFLOW_RATE,
+    AMP_SCALE_FLOOR,
+    fp16_overflow,
+)
+from .recurrent import RADIUS_LIMIT, RADIUS_WINDOW, recurrent_explosion  # isort: skip
+
+__all__ = [
+    "AMP_FALL_LOG2",
+    "AMP_MIN_OVERFLOWS",
+    "AMP_OVERFLOW_RATE",
+    "AMP_SCALE_FLOOR",
+    "INIT_MIN_LAYERS",
+    "INIT_MIN_R2",
+    "INIT_RATIO",
+    "INIT_STEPS",
+    "NORM_MIN_LAYERS",
+    "OUTLIER_LOG_FLOOR",
+    "OUTLIER_MEAN_FLOOR",
+    "OUTLIER_MIN_HISTORY",
+    "OUTLIER_WINDOW",
+    "OUTLIER_Z",
+    "RADIUS_LIMIT",
+    "RADIUS_WINDOW",
+    "RULES",
+    "SEVERITIES",
+    "TROUBLE_KINDS",
+    "UPDATE_RATIO_HIGH",
+    "UPDATE_RATIO_LAYER_HIGH",
+    "UPDATE_RATIO_SEVERE",
+    "UPDATE_RATIO_TARGET",
+    "Finding",
+    "Rule",
+    "RuleInfo",
+    "diagnose",
+    "fp16_overflow",
+    "init_depth",
+    "list_rules",
+    "lr_too_high",
+    "missing_normalization",
+    "outlier_batch",
+    "recurrent_explosion",
+    "register",
+    "rule_info",
+    "rule_infos",
+]

@@ -1,0 +1,125 @@
+"""What every diagnosis rule shares: the :class:`Finding` it returns, the severities, and the
+helpers that read a run's telemetry while tolerating any optional field being absent or null."""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..records import RunLog
+
+
+@dataclass
+class Finding:
+    """One likely cause. ``cause`` is a stable id (``lr_too_high``, ``init_depth``,
+    ``missing_normalization``, ``outlier_batch``, ``fp16_overflow``, ``recurrent_explosion``);
+    ``summary`` is one plain sentence; ``evidence`` the numbers behind it; ``advice`` what to try."""
+
+    cause: str
+    title: str
+    summary: str
+    evidence: list[str] = field(default_factory=list)
+    advice: list[str] = field(default_factory=list)
+    severity: str = "medium"  # "high" | "medium" | "info"
+    step: int | None = None
+    layers: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+SEVERITIES = ("high", "medium", "info")
+
+#: Events that mean the run got into trouble (``vanishing`` and ``amp_overflow`` are not: the
+#: first is the opposite problem, the second is fp16 loss scaling's routine back-off).
+TROUBLE_KINDS = ("nonfinite_grad", "nonfinite_loss", "grad_spike", "layer_spike", "loss_spike")
+
+
+#: A rule: the run's telemetry in, a finding (or None: the rule stays quiet) out.
+Rule = Callable[[RunLog], "Finding | None"]
+
+# ----- helpers ----------------------------------------------------------------------------------------
+
+
+def _num(x: Any) -> float | None:
+    """A finite float, or None (missing, null, NaN, Inf, or not a number)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    return float(x) if math.isfinite(x) else None
+
+
+def _step(rec: Mapping[str, Any]) -> int | None:
+    s = rec.get("step")
+    return s if isinstance(s, int) and not isinstance(s, bool) else None
+
+
+def _list(x: Any) -> list:
+    return x if isinstance(x, list) else []
+
+
+def _names(run: RunLog) -> list[str]:
+    return [str(n) for n in _list(run.meta.get("layers"))]
+
+
+def _forward_order(run: RunLog) -> list[int]:
+    """Layer indices input side first (the meta's forward order, then the rest by index)."""
+    n = len(_names(run))
+    order = [i for i in _list(run.meta.get("forward_order")) if isinstance(i, int) and 0 <= i < n]
+    order = list(dict.fromkeys(order))
+    return order + [i for i in range(n) if i not in set(order)]
+
+
+def _layer(run: RunLog, i: int) -> str:
+    names = _names(run)
+    return names[i] if 0 <= i < len(names) else f"layer[{i}]"
+
+
+def _g(x: float) -> str:
+    return f"{x:.3g}"
+
+
+def _trouble(run: RunLog) -> list[dict[str, Any]]:
+    """Spike and non-finite events, by step."""
+    out = [e for e in run.events if e.get("kind") in TROUBLE_KINDS and _step(e) is not None]
+    return sorted(out, key=lambda e: e["step"])
+
+
+def _first_trouble(run: RunLog) -> int | None:
+    """The first step with a spike or non-finite event (or, without AMP, a non-finite step)."""
+    steps = [e["step"] for e in _trouble(run)]
+    if not run.meta.get("amp"):  # with fp16 scaling a non-finite gradient is routine
+        for s in run.steps:
+            loss = s.get("loss")
+            bad_loss = isinstance(loss, float) and not math.isfinite(loss)
+            if _step(s) is not None and (_list(s.get("nonfinite_layers")) or bad_loss):
+                steps.append(s["step"])
+                break
+    return min(steps) if steps else None
+
+
+_WEIGHT_TYPES = re.compile(r"Linear|Conv|Bilinear")
+
+
+def _weight_layers(run: RunLog) -> list[int]:
+    """Layers with a weight matrix (Linear/Conv), input side first. Without layer types: all."""
+    types = _list(run.meta.get("layer_types"))
+    n = len(_names(run))
+    order = _forward_order(run)
+    if len(types) != n:
+        return order
+    return [
+        i
+        for i in order
+        if isinstance(types[i], str) and _WEIGHT_TYPES.search(types[i]) and "Norm" not in types[i]
+    ]
+
+
+def _robust(values: list[float], floor: float) -> tuple[float, float]:
+    """Median and MAD-based standard deviation (at least ``floor``)."""
+    med = statistics.median(values)
+    mad = statistics.median(abs(v - med) for v in values) * 1.4826
+    return med, max(mad, floor)

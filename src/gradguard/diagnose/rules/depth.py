@@ -1,0 +1,148 @@
+"""``init_depth``: gradient norms grow or shrink geometrically with depth from the start."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any
+
+from ..records import RunLog
+from .base import Finding, _first_trouble, _layer, _list, _num, _step, _weight_layers
+from .registry import register
+
+#: Steps at the start (before any event) whose per-layer gradient norms show the init/depth trend.
+INIT_STEPS = 5
+#: Weight layers needed to call a trend with depth a trend.
+INIT_MIN_LAYERS = 6
+#: Input-side vs output-side gradient norm (from the fit) beyond which the trend is reported: two
+#: orders of magnitude, i.e. one learning rate is 100x off for one end of the network. (A deep tanh
+#: MLP at 4x the Xavier gain gives ~1e3 over 12 layers, at 1x ~1.3; ReLU nets are positively
+#: homogeneous, so scaling their init moves all layers' weight gradients alike, not with depth.)
+INIT_RATIO = 1e2
+#: Goodness of the log-linear fit (R^2) needed to say "geometric".
+INIT_MIN_R2 = 0.8
+
+
+def _fit(ys: list[float]) -> tuple[float, float]:
+    """Least-squares slope of ys against 0..n-1, and R^2 (0 when ys are constant)."""
+    n = len(ys)
+    mx = (n - 1) / 2
+    my = sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in range(n))
+    sxy = sum((x - mx) * (y - my) for x, y in enumerate(ys))
+    slope = sxy / sxx
+    ss_tot = sum((y - my) ** 2 for y in ys)
+    ss_res = sum((y - (my + slope * (x - mx))) ** 2 for x, y in enumerate(ys))
+    return slope, (1 - ss_res / ss_tot) if ss_tot > 0 else 0.0
+
+
+@register
+def init_depth(run: RunLog) -> Finding | None:
+    """Per-layer gradient norms at the start grow or shrink geometrically toward the input."""
+    early = _early_steps(run)
+    if not early:
+        return None
+    layers, logs = _depth_profile(run, early)
+    if len(layers) < INIT_MIN_LAYERS:
+        return None
+    slope, r2 = _fit(logs)
+    # Input side vs output side, from the fit: log10(first / last).
+    decades = -slope * (len(layers) - 1)
+    if r2 < INIT_MIN_R2 or abs(decades) < math.log10(INIT_RATIO):
+        return None
+    per_layer = 10 ** (-slope)
+    explode = decades > 0
+    first, last = _layer(run, layers[0]), _layer(run, layers[-1])
+    steps = f"steps {early[0]['step']}-{early[-1]['step']}"
+    evidence = [
+        f"{len(layers)} weight layers in forward order, {steps}: gradient norm "
+        f"{10 ** logs[0]:.3g} at {first} (input side) vs {10 ** logs[-1]:.3g} at {last} (output side)",
+        f"log10(norm) vs depth: slope {slope:+.3f} per layer, R^2 = {r2:.2f}; ratio input/output "
+        f"from the fit 10^{decades:+.1f}",
+    ]
+    trouble = _first_trouble(run)
+    if trouble is not None:
+        evidence.append(f"the first spike or non-finite gradient came at step {trouble}")
+    if explode:
+        summary, advice = _exploding(first, last, per_layer, decades, len(layers))
+    else:
+        summary, advice = _vanishing(first, last, per_layer, decades)
+    return Finding(
+        cause="init_depth",
+        title="Initialization / depth: " + ("exploding" if explode else "vanishing") + " gradients",
+        summary=summary,
+        evidence=evidence,
+        advice=advice,
+        severity="high" if explode and trouble is not None else "medium",
+        step=early[0]["step"],
+        layers=[first, last],
+    )
+
+
+def _early_steps(run: RunLog) -> list[dict[str, Any]]:
+    """The first ``INIT_STEPS`` steps with finite per-layer norms, before any event (fp16
+    overflows aside: they are routine)."""
+    quiet = {"amp_overflow"}
+    event_steps = [
+        e["step"] for e in run.events if _step(e) is not None and e.get("kind") not in quiet
+    ]
+    before = min(event_steps) if event_steps else None
+    return [
+        s
+        for s in run.steps
+        if _step(s) is not None
+        and (before is None or s["step"] < before)
+        and _list(s.get("layer_norms"))
+        and not _list(s.get("nonfinite_layers"))
+    ][:INIT_STEPS]
+
+
+def _depth_profile(run: RunLog, early: list[dict[str, Any]]) -> tuple[list[int], list[float]]:
+    """The weight layers in forward order that have norms, and each one's median log10 norm."""
+    layers, logs = [], []
+    for i in _weight_layers(run):
+        vals = []
+        for s in early:
+            norms = s["layer_norms"]
+            v = _num(norms[i]) if i < len(norms) else None
+            if v is not None and v > 0:
+                vals.append(math.log10(v))
+        if vals:
+            layers.append(i)
+            logs.append(statistics.median(vals))
+    return layers, logs
+
+
+def _exploding(
+    first: str, last: str, per_layer: float, decades: float, n_layers: int
+) -> tuple[str, list[str]]:
+    summary = (
+        f"Initialization/depth: going from the output toward the input the gradient is "
+        f"multiplied by about {per_layer:.2f} per layer, so {first} gets "
+        f"{10**decades:.3g}x the gradient of {last} (exploding gradients from the start)."
+    )
+    advice = [
+        "Initialize at scale 1: He (nn.init.kaiming_normal_, ReLU/GELU) or Xavier "
+        "(nn.init.xavier_uniform_ with gain=nn.init.calculate_gain('tanh') for tanh); a "
+        f"factor of {per_layer:.2f} per layer compounds over {n_layers} layers.",
+        "Add residual connections and normalization (LayerNorm/BatchNorm) so that the "
+        "gradient's size no longer multiplies layer by layer.",
+        "Or use fewer layers; meanwhile clip: policy 'default' or 'clip_norm:1.0'.",
+    ]
+    return summary, advice
+
+
+def _vanishing(first: str, last: str, per_layer: float, decades: float) -> tuple[str, list[str]]:
+    summary = (
+        f"Initialization/depth: going from the output toward the input the gradient shrinks "
+        f"by about {1 / per_layer:.2f}x per layer, so {first} gets only "
+        f"{10**decades:.2g} of the gradient of {last} (vanishing gradients)."
+    )
+    advice = [
+        "Initialize at scale 1: He (nn.init.kaiming_normal_) for ReLU/GELU, Xavier with the "
+        "activation's gain for tanh; PyTorch's default Linear init is smaller than both.",
+        "Use ReLU/GELU rather than sigmoid/tanh in deep stacks; add residual connections "
+        "and normalization (LayerNorm/BatchNorm).",
+        "Or use fewer layers.",
+    ]
+    return summary, advice

@@ -1,0 +1,147 @@
+"""``lr_too_high``: updates are a large fraction of the weights (update/weight ratio)."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from ..records import RunLog
+from .base import Finding, _first_trouble, _g, _layer, _num, _step
+from .registry import register
+
+#: The update:data ratio rule of thumb: each step should change a weight matrix by about 1e-3 of
+#: its norm (Karpathy, CS231n "Neural Networks Part 3", and "A Recipe for Training Neural Networks").
+UPDATE_RATIO_TARGET = 1e-3
+#: Ten times the rule of thumb for the median layer, before the trouble started: too high.
+UPDATE_RATIO_HIGH = 1e-2
+#: One layer changing by 10% of its norm per step (100x the rule of thumb) before the trouble.
+UPDATE_RATIO_LAYER_HIGH = 0.1
+#: Without any spike or NaN, only a median layer moving 10% per step is reported: far enough from
+#: the rule of thumb that it is not a matter of taste (Adam at lr 3e-4 on weights of std 0.02 gives
+#: about 1.5e-2, which trains well).
+UPDATE_RATIO_SEVERE = 0.1
+
+
+@register
+def lr_too_high(run: RunLog) -> Finding | None:
+    """Update/weight ratio far above ~1e-3 on the sampled steps before the first spike or NaN."""
+    first = _first_trouble(run)
+    sampled = _sampled_before(run, first)
+    by_layer = _median_ratios(sampled)
+    if not by_layer:
+        return None
+    typical = statistics.median(by_layer.values())
+    worst = max(by_layer, key=lambda i: by_layer[i])
+    if first is not None:
+        fires = typical > UPDATE_RATIO_HIGH or by_layer[worst] > UPDATE_RATIO_LAYER_HIGH
+    else:
+        fires = typical > UPDATE_RATIO_SEVERE
+    if not fires:
+        return None
+    lrs = [v for v in (_num(s.get("lr")) for s in sampled) if v is not None]
+    lr = statistics.median(lrs) if lrs else None
+    hot = sorted(
+        (i for i, r in by_layer.items() if r > UPDATE_RATIO_HIGH), key=lambda i: -by_layer[i]
+    )
+    return Finding(
+        cause="lr_too_high",
+        title="Learning rate too high",
+        summary=(
+            "The learning rate is too high: each step changes the weights by "
+            f"{_g(typical if typical > UPDATE_RATIO_HIGH else by_layer[worst])} of their size, "
+            "far above the ~1e-3 that trains stably."
+        ),
+        evidence=_evidence(run, sampled, by_layer, typical, worst, lr, first),
+        advice=_advice(run, by_layer, typical, worst, lr),
+        severity="high" if first is not None else "medium",
+        step=first if first is not None else sampled[0]["step"],
+        layers=[_layer(run, i) for i in (hot or [worst])[:5]],
+    )
+
+
+def _sampled_before(run: RunLog, first: int | None) -> list[dict[str, Any]]:
+    """The steps with a sampled update ratio that took their update, before step ``first``."""
+    return [
+        s
+        for s in run.steps
+        if isinstance(s.get("update_ratio"), list)
+        and _step(s) is not None
+        and not s.get("skipped")
+        and not s.get("rolled_back")
+        and (first is None or s["step"] < first)
+    ]
+
+
+def _median_ratios(sampled: list[dict[str, Any]]) -> dict[int, float]:
+    """Each layer's median update ratio over the sampled steps (frozen layers left out)."""
+    per_layer: dict[int, list[float]] = {}
+    for s in sampled:
+        for i, r in enumerate(s["update_ratio"]):
+            v = _num(r)
+            if v is not None and v > 0:  # 0: a frozen layer, which does not learn at all
+                per_layer.setdefault(i, []).append(v)
+    return {i: statistics.median(v) for i, v in per_layer.items()}
+
+
+def _evidence(
+    run: RunLog,
+    sampled: list[dict[str, Any]],
+    by_layer: dict[int, float],
+    typical: float,
+    worst: int,
+    lr: float | None,
+    first: int | None,
+) -> list[str]:
+    span = f"steps {sampled[0]['step']}-{sampled[-1]['step']}"
+    when = f"before the first spike/non-finite step ({first})" if first is not None else span
+    evidence = [
+        f"median update/weight ratio {_g(typical)} over {len(by_layer)} layers and "
+        f"{len(sampled)} sampled steps {when} ({span}); the rule of thumb is ~1e-3",
+        f"largest: {_layer(run, worst)} at {_g(by_layer[worst])} per step",
+    ]
+    if lr is not None:
+        evidence.append(f"learning rate {_g(lr)}")
+    if typical > 1:
+        evidence.append(
+            "the updates are larger than the weights themselves: the run diverges from its first "
+            "steps, which also points at the initialization or unscaled inputs"
+        )
+    if first is not None:
+        evidence.append(f"the first spike or non-finite gradient came at step {first}")
+    return evidence
+
+
+def _advice(
+    run: RunLog, by_layer: dict[int, float], typical: float, worst: int, lr: float | None
+) -> list[str]:
+    advice = []
+    if typical > 1:
+        # Updates larger than the weights: the run is already running away, and the ratio grows
+        # with the weights it inflates; it no longer scales linearly with the LR.
+        target = f" (from {_g(lr)} to {lr / 10:.2g} or less)" if lr is not None else ""
+        advice.append(
+            f"Divide the learning rate by 10 or more{target} and measure again: at updates "
+            f"{_g(typical)}x the weights the run is already diverging, so this ratio overstates "
+            "the factor (updates scale about linearly with the LR only near the ~1e-3 working point)."
+        )
+    elif typical > UPDATE_RATIO_HIGH:
+        factor = typical / UPDATE_RATIO_TARGET
+        target = f" (from {_g(lr)} to about {lr / factor:.2g})" if lr is not None else ""
+        advice.append(
+            f"Divide the learning rate by about {factor:.0f}{target}: the update grows about "
+            "linearly with the LR for SGD and Adam, and ~1e-3 of the weights per step is the "
+            "usual working point."
+        )
+    else:
+        factor = by_layer[worst] / UPDATE_RATIO_TARGET
+        advice.append(
+            f"Give {_layer(run, worst)} its own parameter group with a learning rate about "
+            f"{factor:.0f}x smaller, or bound updates relative to the weights with policy 'agc'."
+        )
+    advice += [
+        "Warm the learning rate up linearly over the first few hundred to few thousand steps "
+        "(e.g. torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.01, total_iters=1000)).",
+        "Keep a safety net while tuning: policy 'default' (skip non-finite steps, clip spikes) "
+        "or 'skip_nonfinite+lr_backoff' to cut the LR when spikes repeat.",
+    ]
+    return advice

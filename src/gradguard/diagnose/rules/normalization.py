@@ -1,0 +1,51 @@
+"""``missing_normalization``: a deep plain network without normalization layers had spikes/NaN."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from ..records import RunLog
+from .base import Finding, _layer, _trouble, _weight_layers
+from .registry import register
+
+#: Weight layers from which a plain (unnormalized) network counts as deep: beyond about 8-10
+#: layers plain nets needed careful init or BatchNorm to train at all (VGG, Simonyan & Zisserman
+#: 2014; He et al. 2015); a heuristic, applied only when the run had spikes or NaN.
+NORM_MIN_LAYERS = 8
+
+
+@register
+def missing_normalization(run: RunLog) -> Finding | None:
+    """A deep plain network (no normalization layer) that had spikes or non-finite gradients."""
+    if run.meta.get("normalization") is not False:  # absent: unknown, say nothing
+        return None
+    weights = _weight_layers(run)
+    events = _trouble(run)
+    if len(weights) < NORM_MIN_LAYERS or not events:
+        return None
+    kinds = Counter(e["kind"] for e in events)
+    return Finding(
+        cause="missing_normalization",
+        title="No normalization layers",
+        summary=(
+            f"The model stacks {len(weights)} weight layers without any normalization layer, so "
+            "the size of activations and gradients compounds with depth; it had "
+            f"{len(events)} spike or non-finite events."
+        ),
+        evidence=[
+            f"{len(weights)} weight layers ({_layer(run, weights[0])} ... "
+            f"{_layer(run, weights[-1])}); no BatchNorm/LayerNorm/GroupNorm/RMSNorm layer",
+            "events: "
+            + ", ".join(f"{k} x{n}" for k, n in kinds.most_common())
+            + f"; the first at step {events[0]['step']}",
+        ],
+        advice=[
+            "Add normalization: BatchNorm after each conv (before the activation) in a CNN, "
+            "LayerNorm in an MLP, transformer (pre-norm) or on an RNN's input and hidden state "
+            "(Ioffe & Szegedy 2015; Ba et al. 2016).",
+            "Standardize the inputs with the training set's mean and std.",
+            "Residual connections help too; until then keep policy 'default' to skip and clip.",
+        ],
+        severity="medium",
+        step=events[0]["step"],
+    )

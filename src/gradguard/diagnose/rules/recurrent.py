@@ -1,0 +1,110 @@
+"""``recurrent_explosion``: a recurrent weight's spectral radius is above 1 around the events."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ..records import RunLog
+from .base import Finding, _g, _list, _names, _num, _step, _trouble
+from .registry import register
+
+#: A recurrent weight's spectral radius above 1 is necessary for exploding gradients in a tanh RNN
+#: (Pascanu, Mikolov & Bengio 2013, "On the difficulty of training RNNs", section 2.1).
+RADIUS_LIMIT = 1.0
+#: Steps before/after a spike or NaN event within which a radius sample counts as "around" it.
+RADIUS_WINDOW = 100
+
+
+@register
+def recurrent_explosion(run: RunLog) -> Finding | None:
+    """A recurrent weight's spectral radius above 1 around spike or non-finite events."""
+    recurrent = [str(n) for n in _list(run.meta.get("recurrent"))]
+    events = _trouble(run)
+    if not recurrent or not events:
+        return None
+    samples = _radius_samples(run, recurrent)
+    worst = _worst_around(events, samples)
+    over = {n: w for n, w in worst.items() if w[0] > RADIUS_LIMIT}
+    if not over:
+        return None
+    layer = max(over, key=lambda n: over[n][0])
+    r, _, ev = over[layer]
+    first_sample = next(((s, v) for s, n, v in samples if n == layer), None)
+    evidence = [
+        f"{n}: spectral radius {_g(w[0])} at step {w[1]}, near the event at step {w[2]}"
+        for n, w in sorted(over.items(), key=lambda t: -t[1][0])
+    ]
+    grew = first_sample is not None and first_sample[1] < r
+    if grew:
+        evidence.append(
+            f"{layer}'s radius was {_g(first_sample[1])} at step {first_sample[0]}: training "
+            "pushed it up"
+        )
+    evidence.append(
+        f"{len(events)} spike/non-finite events, the first at step {events[0]['step']}; a radius "
+        "above 1 is what lets the gradient grow over time steps (Pascanu et al. 2013)"
+    )
+    return Finding(
+        cause="recurrent_explosion",
+        title="Exploding recurrent weights",
+        summary=(
+            f"Exploding recurrent weights: the spectral radius of {layer}'s recurrent weights was "
+            f"{_g(r)} (> 1) around step {ev}, so the gradient grows with every time step."
+        ),
+        evidence=evidence,
+        advice=_advice(run, over, grew),
+        severity="high",
+        step=ev,
+        layers=sorted(over, key=lambda n: -over[n][0]),
+    )
+
+
+def _radius_samples(run: RunLog, recurrent: list[str]) -> list[tuple[int, str, float]]:
+    """Every (step, layer, radius) the telemetry sampled for the recurrent layers."""
+    samples: list[tuple[int, str, float]] = []
+    for s in run.steps:
+        radius = s.get("radius")
+        if _step(s) is None or not isinstance(radius, Mapping):
+            continue
+        for name, v in radius.items():
+            r = _num(v)
+            if r is not None and str(name) in recurrent:
+                samples.append((s["step"], str(name), r))
+    return samples
+
+
+def _worst_around(
+    events: list[dict[str, Any]], samples: list[tuple[int, str, float]]
+) -> dict[str, tuple[float, int, int]]:
+    """Each layer's largest radius within ``RADIUS_WINDOW`` steps of an event: layer -> (radius,
+    its step, the event's step)."""
+    worst: dict[str, tuple[float, int, int]] = {}
+    for e in events:
+        for step, name, r in samples:
+            if abs(step - e["step"]) <= RADIUS_WINDOW and r > worst.get(name, (-1.0,))[0]:
+                worst[name] = (r, step, e["step"])
+    return worst
+
+
+def _advice(run: RunLog, over: dict[str, tuple[float, int, int]], grew: bool) -> list[str]:
+    types = dict(zip(_names(run), _list(run.meta.get("layer_types")), strict=False))
+    vanilla = [n for n in over if types.get(n) == "RNN"]
+    advice = [
+        "Clip the gradient norm, Pascanu et al.'s remedy: policy 'skip_nonfinite+clip_norm:1.0' "
+        "(or 'default', which clips spikes adaptively).",
+        "Initialize the recurrent weights orthogonal with a gain below 1, e.g. "
+        "nn.init.orthogonal_(w, gain=0.9) for each weight_hh_l* block, so the radius starts < 1.",
+    ]
+    if vanilla:
+        advice.append(
+            f"Replace the vanilla RNN ({', '.join(vanilla)}) with an LSTM or GRU: the gates "
+            "keep the gradient through time bounded."
+        )
+    else:
+        advice.append(
+            "Use an LSTM or GRU if this is a vanilla RNN; keep the gates' biases default."
+        )
+    if grew:
+        advice.append("Lower the learning rate: the radius grew during training.")
+    return advice

@@ -1,0 +1,297 @@
+"""The :class:`Telemetry` recorder: binds to a Guard, collects each step (``collect``), reads it
+back on the host (``host``), detects events, keeps the sampled steps and each event's context
+(``sampling``), and writes them to ``telemetry.jsonl`` and TensorBoard (``tensorboard``)."""
+
+from __future__ import annotations
+
+import weakref
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor, nn
+
+from ..events import EventDetector
+from ..records import RecordWriter, event_counts
+from .collect import StepVector, _Pending, input_stats, meta_record, spectral_radius
+from .host import PendingStep, step_record
+from .sampling import ContextWindow
+from .tensorboard import open_tensorboard, tb_event, tb_step
+
+if TYPE_CHECKING:
+    from ...guard import Guard
+    from ...policies.base import StepContext
+    from ...report import StepReport
+    from ...stats import GradStats
+
+
+class Telemetry:
+    """Records a Guard's steps to ``log_dir`` (``telemetry.jsonl`` + TensorBoard in ``tb/``).
+
+    Made by ``Guard(..., log_dir=DIR)``; pass ``Guard(..., telemetry=Telemetry(DIR, ...))`` to
+    change its settings.
+
+    Args:
+        log_dir: the run folder (created if missing; appended to if it exists).
+        every: ``"auto"`` (see the module doc) or keep every n-th step.
+        context: steps kept exactly before and after each event.
+        update_every: sample the update/weight ratio every n steps (it needs a copy of the weights
+            before the step: one clone of the parameters, freed after the step).
+        radius_every: sample recurrent spectral radii every n steps (and on events' steps).
+        tensorboard: write TensorBoard event files (``None``: if tensorboard is installed).
+        watch_inputs: record mean/std/absmax of the model's first input (a forward pre-hook).
+        detector: the :class:`EventDetector` (default settings if None).
+    """
+
+    def __init__(
+        self,
+        log_dir,
+        *,
+        every: int | str = "auto",
+        context: int = 32,
+        update_every: int = 10,
+        radius_every: int = 100,
+        tensorboard: bool | None = None,
+        watch_inputs: bool = True,
+        detector: EventDetector | None = None,
+    ):
+        _check_settings(every, context, update_every, radius_every)
+        self.writer = RecordWriter(log_dir)
+        self.dir = self.writer.dir
+        self.every = every
+        self.context = context
+        self.update_every = update_every
+        self.radius_every = radius_every
+        self.watch_inputs = watch_inputs
+        self._want_tb = tensorboard
+        self._tb = None
+        self.detector = detector
+        self._guard: weakref.ref | None = None
+        self._pending: deque[_Pending] = deque()
+        self._window = ContextWindow(every, context)
+        self._input: Tensor | None = None
+        self._hook = None
+        self._before: list[Tensor] | None = None
+        self._recurrent: list[tuple[int, nn.RNNBase]] = []
+        self.events: list[dict[str, Any]] = []
+        self._event_counts: dict[str, int] = {}
+        self.localizations: list[dict[str, Any]] = []
+        self._steps_seen = 0
+        self._clipped_recent: deque[bool] = deque(maxlen=100)
+        self._closed = False
+        self._started = False
+
+    # ----- binding --------------------------------------------------------------------------------
+    def bind(self, guard: Guard) -> None:
+        """Attach to a Guard (the Guard calls this). The meta record is written at the first step,
+        once the first forward pass has shown the order of the layers."""
+        self._guard = weakref.ref(guard)
+        layout = guard.layout
+        model = guard.model
+        layout.watch_forward_order()
+        if model is not None:
+            by_name = dict(model.named_modules())
+            self._recurrent = [
+                (i, m)
+                for i, name in enumerate(layout.layer_names)
+                if isinstance(m := by_name.get("" if name == "(root)" else name), nn.RNNBase)
+            ]
+            if self.watch_inputs:
+                self._hook = model.register_forward_pre_hook(self._on_input)
+
+    def _start(self, guard: Guard) -> None:
+        layout = guard.layout
+        if self.detector is None:
+            self.detector = EventDetector(layout.layer_names, self._forward_order(guard))
+        sampling = {
+            "every": self.every,
+            "context": self.context,
+            "update_every": self.update_every,
+        }
+        recurrent = [layout.layer_names[i] for i, _ in self._recurrent]
+        meta = meta_record(guard, self._forward_order(guard), recurrent, sampling)
+        self.writer.write(meta, flush=True)
+        if self._want_tb is not False:
+            self._tb = open_tensorboard(self.dir / "tb", required=bool(self._want_tb), stacklevel=3)
+
+    @staticmethod
+    def _forward_order(guard: Guard) -> list[int]:
+        return list(dict.fromkeys(guard.layout.forward_order))
+
+    def _on_input(self, _module: nn.Module, args: tuple) -> None:
+        stats = input_stats(args)
+        if stats is not None:
+            self._input = stats
+
+    # ----- per step (called by the Guard) -----------------------------------------------------------
+    def wants_update_ratio(self, step: int) -> bool:
+        return step % self.update_every == 0
+
+    def before_update(self, stats: GradStats) -> None:
+        """Keep the weights as they are before the optimizer step (sampled steps only)."""
+        self._before = [p.detach().clone() for p in stats.layout.params]
+
+    def after_step(
+        self,
+        guard: Guard,
+        ctx: StepContext,
+        stats: GradStats,
+        report: StepReport,
+        stepped: bool,
+        localization: dict[str, Any] | None = None,
+    ) -> None:
+        if self._closed:
+            return
+        if not self._started:
+            self._start(guard)
+            self._started = True
+        vec = StepVector(ctx, stats, stepped)
+        vec.add_loss(ctx)
+        vec.add_lr(guard, ctx)
+        vec.add_actions(guard, ctx)
+        vec.add_layer_norms(stats, stepped)
+        if self._before is not None:
+            if stepped:
+                vec.add_update(stats, self._before)
+            self._before = None
+        if self._input is not None:
+            vec.add_input(self._input)
+            self._input = None
+        if guard.scaler is not None:
+            vec.fields["amp_scale"] = guard.scaler.get_scale() if ctx.host is not None else None
+        if self._recurrent and (ctx.step % self.radius_every == 0 or not stepped):
+            vec.fields["radius"] = {
+                guard.layout.layer_names[i]: spectral_radius(m) for i, m in self._recurrent
+            }
+        vec.add_metrics(ctx)
+        if localization is not None:
+            vec.fields["localization"] = localization
+        self._pending.append(vec.send())
+        # Process what has landed; keep at most one step in flight.
+        while self._pending and (len(self._pending) > 1 or self._pending[0].ready()):
+            self._process(self._pending.popleft())
+
+    # ----- host side ------------------------------------------------------------------------------
+    def _process(self, pending: PendingStep) -> None:
+        rec = step_record(pending)
+        self._steps_seen += 1
+        self._clipped_recent.append(rec["clipped"])
+        assert self.detector is not None
+        events = self.detector.observe(rec)
+        localization = pending.fields.get("localization")
+        if localization is None and rec["nonfinite_layers"]:
+            localization = self._localize(rec)
+        self._window.push(rec)
+        incident = bool(events) or localization is not None
+        if incident:
+            self._write_incident(rec, events, localization)
+        elif self._window.keeps(rec["step"]):
+            self._write_step(rec)
+        self._window.tick(incident)
+
+    def _localize(self, rec: dict[str, Any]) -> dict[str, Any]:
+        """Where a non-finite gradient starts, from the step alone (no replay)."""
+        assert self.detector is not None
+        guard = self._guard() if self._guard is not None else None
+        meta = {
+            "layers": self.detector.layers,
+            "forward_order": self._forward_order(guard) if guard is not None else [],
+        }
+        from ..localize import localize_static
+
+        return localize_static(rec, meta)
+
+    def _write_incident(
+        self, rec: dict[str, Any], events: list[dict[str, Any]], localization: dict | None
+    ) -> None:
+        """An event or a localization: the context before, the step, its events, flushed."""
+        for r in self._window.before_current():
+            self._write_step(r)
+        self._write_step(rec)
+        for e in events:
+            if localization is not None and e["kind"] in ("nonfinite_grad", "nonfinite_loss"):
+                e["detail"]["origin"] = localization.get("origin")
+            self._record_event(e)
+        if localization is not None:
+            self.localizations.append(localization)
+            self.writer.write(localization)
+        self.writer.flush()
+        self._window.event()
+
+    def _write_step(self, rec: dict[str, Any]) -> None:
+        if not self._window.claim(rec["step"]):
+            return
+        self.writer.write(rec)
+        if self._tb is not None:
+            layers = self.detector.layers if self.detector is not None else []
+            clip_rate = sum(self._clipped_recent) / max(len(self._clipped_recent), 1)
+            tb_step(self._tb, rec, layers, clip_rate, dense=self._window.after_event > 0)
+
+    def _record_event(self, e: dict[str, Any]) -> None:
+        self._event_counts[e["kind"]] = self._event_counts.get(e["kind"], 0) + 1
+        if len(self.events) < 10_000:  # in memory; every event is in the file
+            self.events.append(e)
+        self.writer.write(e)
+        if self._tb is not None:
+            tb_event(self._tb, e)
+
+    # ----- reading and closing --------------------------------------------------------------------
+    def drain(self) -> None:
+        """Process every step still on its way to the host (waits for their copies)."""
+        while self._pending:
+            self._process(self._pending.popleft())
+
+    def flush(self) -> None:
+        self.drain()
+        self.writer.flush()
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self, counters: dict[str, int] | None = None) -> None:
+        if self._closed:
+            return
+        if not self._started:  # no step was taken: nothing to record
+            self.writer.close()
+            if self._hook is not None:
+                self._hook.remove()
+            self._closed = True
+            return
+        self.drain()
+        # The last steps are always kept: the report shows how the run ended.
+        for r in self._window.last():
+            self._write_step(r)
+        self.writer.write(
+            {
+                "type": "end",
+                "step": self._steps_seen,
+                "counters": counters or {},
+                "events": dict(self._event_counts),
+            }
+        )
+        self.writer.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._hook is not None:
+            self._hook.remove()
+        self._closed = True
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def event_counts(self) -> dict[str, int]:
+        self.drain()
+        return dict(self._event_counts) if self._event_counts else event_counts(self.events)
+
+
+def _check_settings(every: Any, context: Any, update_every: Any, radius_every: Any) -> None:
+    if every != "auto" and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
+        raise ValueError(f"every must be 'auto' or a positive int, got {every!r}")
+    for name, v in (
+        ("context", context),
+        ("update_every", update_every),
+        ("radius_every", radius_every),
+    ):
+        if not isinstance(v, int) or v < (0 if name == "context" else 1):
+            raise ValueError(
+                f"{name} must be a {'non-negative' if name == 'context' else 'positive'} int, got {v!r}"
+            )
