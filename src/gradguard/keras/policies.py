@@ -17,24 +17,27 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import keras
 from keras import ops
 
 from ..errors import ConfigError, SpecError
-from ..policies import Policy, parse_spec
+from ..policies import Policy, parse_spec, policy_class
 from ..policies import agc as _agc
 from ..policies import autoclip as _autoclip
+from ..policies import available_policies as _torch_policies
 from ..policies import clip_layerwise as _clip_layerwise
 from ..policies import clip_norm as _clip_norm
 from ..policies import clip_value as _clip_value
 from ..policies import lr_backoff as _lr_backoff
 from ..policies import skip_nonfinite as _skip_nonfinite
 from ..policies import skip_spike as _skip_spike
-from ..policies import zclip as _zclip
 from ..policies.clip import NORM_EPS
+from ..policies.rule import RulePolicy
 from ..specgrammar import split_chain, split_term
+from .xp import KERAS
 
 if TYPE_CHECKING:
     from .optimizer import GuardedOptimizer
@@ -248,6 +251,8 @@ class KerasPolicy:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if "reference" not in vars(cls):  # an abstract base (RuleAdapter)
+            return
         cls.name = cls.reference.name
         cls.kind = cls.reference.kind
         # The constructor's signature is the twin's, for help() and introspection.
@@ -291,6 +296,89 @@ def _var(
 ) -> Any:
     init = "zeros" if value == 0 else keras.initializers.Constant(value)
     return opt.add_variable(shape=shape, initializer=init, dtype=dtype, name=name)
+
+
+# ----- policies written once: the generic adapter ---------------------------------------------------
+_VAR_DTYPES = {"float": "float32", "int": "int32", "bool": "int32"}
+
+
+class KerasInputs:
+    """A :class:`KerasStep` seen as a rule's inputs (:class:`~gradguard.policies.rule.RuleInputs`)."""
+
+    def __init__(self, ctx: KerasStep):
+        self.ctx = ctx
+
+    @cached_property
+    def norm(self) -> Any:
+        return self.ctx.norm_after
+
+    @cached_property
+    def layer_norms(self) -> Any:
+        return self.ctx.layer_norms()
+
+    @cached_property
+    def layer_present(self) -> Any:
+        ids = set(self.ctx.layer_ids)
+        return ops.convert_to_tensor([li in ids for li in range(len(self.ctx.layout.layer_names))])
+
+
+class RuleAdapter(KerasPolicy):
+    """Any :class:`~gradguard.policies.rule.RulePolicy` in Keras, with no code of its own: one
+    variable per state field (``<policy>_<field>``, also this object's attribute ``<field>``), and
+    each step the torch twin's ``decide`` on ``keras.ops``, whose decision is applied here. Made
+    for every registered rule policy that has no hand-written Keras class (``KERAS_POLICIES``)."""
+
+    reference: ClassVar[type[RulePolicy]]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "reference" in vars(cls):
+            cls.metrics = tuple(cls.reference.metrics)
+
+    def build(self, optimizer: GuardedOptimizer, layout: VarLayout) -> None:
+        self._fields = self.twin.fields(len(layout.layer_names))
+        self.state_vars = {
+            k: _var(optimizer, f"{self.name}_{k}", f.shape, _VAR_DTYPES[f.kind], f.init)
+            for k, f in self._fields.items()
+        }
+        for k, v in self.state_vars.items():
+            if k not in vars(self):  # a parameter keeps its name
+                setattr(self, k, v)
+
+    def apply(self, ctx: KerasStep) -> None:
+        if not ctx.grads:
+            return
+        state = {}
+        for k, f in self._fields.items():
+            v = ops.convert_to_tensor(self.state_vars[k])
+            state[k] = v > 0 if f.kind == "bool" else v
+        new, decision = self.twin.decide(KERAS, state, KerasInputs(ctx))
+        for k, v in self.state_vars.items():
+            ctx.assign(v, new[k])
+        if decision.scale is not None:
+            ctx.scale(decision.scale)
+        if decision.layer_scale is not None:
+            coef = decision.layer_scale
+            ctx.scale_each(ops.stack([coef[li] for li in ctx.layer_ids]))
+        ctx.record(self.name, decision.acted)
+        for m in self.metrics:
+            ctx.metric(m, decision.metrics[m])
+
+
+def _adapters(written: Iterable[str]) -> list[type[KerasPolicy]]:
+    """A :class:`RuleAdapter` for each registered rule policy without a class in ``written``."""
+    out: list[type[KerasPolicy]] = []
+    for name in _torch_policies():
+        cls = policy_class(name)
+        if issubclass(cls, RulePolicy) and name not in written and name not in REFUSED:
+            doc = (cls.__doc__ or "").strip().split("\n\n")[0]
+            ns = {
+                "reference": cls,
+                "__doc__": f"{doc} (see the torch twin)",
+                "__module__": __name__,
+            }
+            out.append(type(name, (RuleAdapter,), ns))
+    return out
 
 
 class clip_norm(KerasPolicy):
@@ -524,66 +612,6 @@ class autoclip(KerasPolicy):
         ctx.metric("autoclip.threshold", thr)
 
 
-class zclip(KerasPolicy):
-    """ZClip (Kumar et al. 2025): clip a global-norm spike found by its z-score against an EMA of
-    recent norms, after a warmup of ``warmup`` finite norms (see the torch twin for the rule)."""
-
-    reference = _zclip
-    metrics = ("zclip.threshold",)
-
-    def build(self, optimizer: GuardedOptimizer, layout: VarLayout) -> None:
-        self.buffer = _var(optimizer, "zclip_buffer", (self.warmup,))
-        self.n = _var(optimizer, "zclip_n", dtype="int32")
-        self.mean = _var(optimizer, "zclip_mean")
-        self.var = _var(optimizer, "zclip_var")
-        self.initialized = _var(optimizer, "zclip_initialized", dtype="int32")
-
-    def apply(self, ctx: KerasStep) -> None:
-        if not ctx.grads:
-            return
-        x = ctx.norm_after
-        finite = ops.isfinite(x)
-        init = ops.convert_to_tensor(self.initialized) > 0
-        n = ops.convert_to_tensor(self.n)
-        # Warmup: record finite norms in the buffer.
-        warm = ops.logical_and(finite, ops.logical_not(init))
-        slot = ops.minimum(n, self.warmup - 1)
-        at_slot = ops.arange(self.warmup, dtype="int32") == slot
-        buffer = ops.where(ops.logical_and(warm, at_slot), x, ops.convert_to_tensor(self.buffer))
-        n_new = n + ops.cast(warm, "int32")
-        just_ready = ops.logical_and(warm, n_new >= self.warmup)
-        buf_mean = ops.mean(buffer)
-        buf_var = ops.mean(ops.square(buffer - buf_mean))
-        # After warmup: z-score, threshold, EMA.
-        mean, var = ops.convert_to_tensor(self.mean), ops.convert_to_tensor(self.var)
-        std = ops.sqrt(var)
-        z = (x - mean) / (std + self.eps)
-        spike = ops.logical_and(ops.logical_and(init, finite), z > self.z_thresh)
-        if self.clip_option == "mean":
-            adaptive = mean
-        else:
-            adaptive = (mean + (self.z_thresh * std) / (z / self.z_thresh)) * self.clip_factor
-        clip_val = ops.where(spike, adaptive, x)
-        update = ops.logical_and(init, finite)
-        if self.skip_update_on_spike:
-            update = ops.logical_and(update, ops.logical_not(spike))
-        new_mean = self.alpha * mean + (1 - self.alpha) * clip_val
-        new_var = self.alpha * var + (1 - self.alpha) * ops.square(clip_val - new_mean)
-        ctx.assign(self.buffer, buffer)
-        ctx.assign(self.n, n_new)
-        ctx.assign(self.mean, ops.where(update, new_mean, ops.where(just_ready, buf_mean, mean)))
-        ctx.assign(self.var, ops.where(update, new_var, ops.where(just_ready, buf_var, var)))
-        ctx.assign(self.initialized, ops.cast(ops.logical_or(init, just_ready), "int32"))
-        thr = ops.where(spike, adaptive, math.inf)
-        if self.max_norm is not None:
-            thr = ops.minimum(thr, self.max_norm)
-        clip = x > thr
-        coef = ops.where(clip, thr / (x + NORM_EPS), 1.0)
-        ctx.scale(coef)
-        ctx.record(self.name, clip)
-        ctx.metric("zclip.threshold", thr)
-
-
 class skip_nonfinite(KerasPolicy):
     """Skip the step when any gradient holds a NaN or Inf (the global norm is then non-finite).
     The weights, the inner optimizer's slots and its iteration count stay untouched."""
@@ -683,20 +711,21 @@ class lr_backoff(KerasPolicy):
         ctx.metric("lr_scale", new_scale)
 
 
-#: Every Keras policy by spec name.
+_WRITTEN: tuple[type[KerasPolicy], ...] = (
+    agc,
+    autoclip,
+    clip_layerwise,
+    clip_norm,
+    clip_value,
+    lr_backoff,
+    skip_nonfinite,
+    skip_spike,
+)
+
+#: Every Keras policy by spec name: the classes written here, and an adapter for every other rule
+#: policy (:class:`RuleAdapter`).
 KERAS_POLICIES: dict[str, type[KerasPolicy]] = {
-    cls.name: cls
-    for cls in (
-        agc,
-        autoclip,
-        clip_layerwise,
-        clip_norm,
-        clip_value,
-        lr_backoff,
-        skip_nonfinite,
-        skip_spike,
-        zclip,
-    )
+    cls.name: cls for cls in _WRITTEN + tuple(_adapters(c.reference.name for c in _WRITTEN))
 }
 
 

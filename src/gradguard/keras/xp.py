@@ -1,0 +1,81 @@
+"""The policies' array namespace (:class:`gradguard.policies.xp.ArrayNamespace`) in ``keras.ops``:
+every backend, eager or compiled. Defined here so that importing gradguard never imports Keras."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from keras import ops
+
+from ..policies.xp import ArrayNamespace
+
+
+class _Keras:
+    """``keras.ops``; integers are int32 (every backend has them), floats float32."""
+
+    @staticmethod
+    def where(cond: Any, a: Any, b: Any) -> Any:
+        return ops.where(cond, a, b)
+
+    @staticmethod
+    def sqrt(x: Any) -> Any:
+        return ops.sqrt(x)
+
+    @staticmethod
+    def power(base: float, exponent: Any) -> Any:
+        return ops.power(base, exponent)
+
+    @staticmethod
+    def minimum(a: Any, b: Any) -> Any:
+        return ops.minimum(a, b)
+
+    @staticmethod
+    def maximum(a: Any, b: Any) -> Any:
+        return ops.maximum(a, b)
+
+    @staticmethod
+    def isfinite(x: Any) -> Any:
+        return ops.isfinite(x)
+
+    @staticmethod
+    def logical_and(a: Any, b: Any) -> Any:
+        return ops.logical_and(a, b)
+
+    @staticmethod
+    def logical_or(a: Any, b: Any) -> Any:
+        return ops.logical_or(a, b)
+
+    @staticmethod
+    def logical_not(a: Any) -> Any:
+        return ops.logical_not(a)
+
+    @staticmethod
+    def any(a: Any) -> Any:
+        return ops.any(a)
+
+    @staticmethod
+    def as_float(x: Any) -> Any:
+        return ops.cast(x, "float32")
+
+    @staticmethod
+    def as_int(x: Any) -> Any:
+        return ops.cast(x, "int32")
+
+    @staticmethod
+    def full_like(x: Any, value: float) -> Any:
+        return ops.full_like(x, value)
+
+    @staticmethod
+    def moments(buf: Any) -> tuple[Any, Any]:
+        mean = ops.mean(buf)
+        return mean, ops.mean(ops.square(buf - mean))
+
+    @staticmethod
+    def put(buf: Any, index: Any, value: Any, when: Any) -> Any:
+        # A mask, not a scatter: portable to every backend and to XLA.
+        at = ops.arange(buf.shape[0], dtype="int32") == index
+        return ops.where(ops.logical_and(when, at), value, buf)
+
+
+#: ``keras.ops`` as the policies' array namespace.
+KERAS: ArrayNamespace = _Keras()
