@@ -28,7 +28,6 @@ from ..policies import Policy, parse_spec, policy_class
 from ..policies import agc as _agc
 from ..policies import autoclip as _autoclip
 from ..policies import available_policies as _torch_policies
-from ..policies import clip_layerwise as _clip_layerwise
 from ..policies import clip_norm as _clip_norm
 from ..policies import clip_value as _clip_value
 from ..policies import lr_backoff as _lr_backoff
@@ -419,43 +418,6 @@ class clip_value(KerasPolicy):
         ctx.record(self.name, ops.any(after < before))
 
 
-class clip_layerwise(KerasPolicy):
-    """Clip each layer's gradient against a fixed ``max_norm``, ``factor`` x its running norm
-    (a bias-corrected EMA of its post-clip norm, after ``warmup`` steps), or the smaller of both."""
-
-    reference = _clip_layerwise
-
-    def build(self, optimizer: GuardedOptimizer, layout: VarLayout) -> None:
-        n = len(layout.layer_names)
-        self.ema = _var(optimizer, "clip_layerwise_ema", (n,))
-        self.count = _var(optimizer, "clip_layerwise_count", (n,))
-
-    def apply(self, ctx: KerasStep) -> None:
-        if not ctx.grads:
-            return
-        norms = ctx.layer_norms()
-        ema, count = ops.convert_to_tensor(self.ema), ops.convert_to_tensor(self.count)
-        thr = ops.full_like(norms, math.inf)
-        if self.factor is not None:
-            corrected = ema / (1.0 - ops.power(self.beta, ops.maximum(count, 1.0)))
-            thr = ops.where(count >= self.warmup, self.factor * corrected, thr)
-        if self.max_norm is not None:
-            thr = ops.minimum(thr, self.max_norm)
-        coef = ops.minimum(thr / (norms + NORM_EPS), 1.0)
-        ids = ctx.layer_ids
-        ctx.scale_each(ops.stack([coef[li] for li in ids]))
-        ctx.record(self.name, ops.any(coef < 1.0))
-        if self.factor is not None:
-            # Track the norm each layer had after clipping; skip layers without a finite gradient.
-            after = norms * coef
-            present = ops.convert_to_tensor(
-                [li in set(ids) for li in range(len(ctx.layout.layer_names))]
-            )
-            upd = ops.logical_and(present, ops.isfinite(after))
-            ctx.assign(self.ema, ops.where(upd, self.beta * ema + (1 - self.beta) * after, ema))
-            ctx.assign(self.count, count + ops.cast(upd, "float32"))
-
-
 def unit_norms(t: Any) -> Any:
     """Norm per output unit: Keras keeps the output axis LAST (a Dense kernel is ``(in, out)``, a
     Conv2D kernel ``(h, w, in, out)``), so reduce over every axis but the last; tensors of
@@ -714,7 +676,6 @@ class lr_backoff(KerasPolicy):
 _WRITTEN: tuple[type[KerasPolicy], ...] = (
     agc,
     autoclip,
-    clip_layerwise,
     clip_norm,
     clip_value,
     lr_backoff,

@@ -131,6 +131,16 @@ def initial_host_state(fields: Mapping[str, Field]) -> dict[str, Any]:
     return out
 
 
+def initial_torch_state(fields: Mapping[str, Field], device: torch.device) -> dict[str, Tensor]:
+    """The fields' initial values as tensors on ``device``."""
+    return {
+        k: torch.full(
+            f.shape, f.init, dtype=_TORCH_DTYPES[f.kind] or torch.get_default_dtype(), device=device
+        )
+        for k, f in fields.items()
+    }
+
+
 def to_torch(
     fields: Mapping[str, Field], state: Mapping[str, Any], device: torch.device
 ) -> dict[str, Tensor]:
