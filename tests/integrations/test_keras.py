@@ -225,6 +225,26 @@ def test_the_sequence_exercises_every_policy():
         assert opt.counters["skipped"] >= 1, spec
 
 
+@pytest.mark.parametrize("spec", ["skip_spike:window=6,z=3", "skip_spike:window=6,z=3,warmup=4"])
+def test_skip_spike_warms_up_as_the_torch_guard(spec):
+    """A spike as soon as the window is ready: ``warmup`` counts the current value in both (the
+    Keras copy once compared the window alone, one step later, and let this spike through)."""
+    norms = [1.0, 1.1, 50.0, 1.05, 0.95, 1.0, 80.0, 1.0]
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 1, bias=False)
+    guard = Guard(lin, torch.optim.SGD(lin.parameters(), lr=0.0), spec, check_finite=False)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, use_bias=False)])
+    opt = GuardedOptimizer(keras.optimizers.SGD(0.0), spec, check_finite=False)
+    torch_skips, keras_skips = [], []
+    for x in norms:
+        lin.weight.grad = torch.tensor([[x, 0.0, 0.0]])
+        torch_skips.append(guard.step().skipped)
+        opt.apply([tf.constant([[x], [0.0], [0.0]])], model.trainable_variables)
+        keras_skips.append(opt.last_step()["skipped"])
+    assert keras_skips == torch_skips
+    assert torch_skips[6] and torch_skips[2] == (spec == "skip_spike:window=6,z=3")
+
+
 def test_autoclip_past_max_history_keeps_a_consistent_bounded_sample():
     """Beyond ``max_history`` the history is a reservoir sample (a different hash than torch's,
     so not compared above): it stays bounded, sorted, made of norms actually seen, and the

@@ -35,6 +35,7 @@ from ..policies import skip_nonfinite as _skip_nonfinite
 from ..policies import skip_spike as _skip_spike
 from ..policies.clip import NORM_EPS
 from ..policies.rule import RulePolicy
+from ..policies.skip import is_spike
 from ..specgrammar import split_chain, split_term
 from .xp import KERAS
 
@@ -610,15 +611,8 @@ class skip_spike(KerasPolicy):
         x = ctx.norm
         count = ops.convert_to_tensor(self.count)
         w = ops.convert_to_tensor(self.values)
-        filled = ops.minimum(count, self.window)
-        valid = ops.arange(self.window, dtype="int32") < filled
-        n = _f32(filled)
-        mean = ops.sum(ops.where(valid, w, 0.0)) / ops.maximum(n, 1.0)
-        ss = ops.sum(ops.where(valid, ops.square(w - mean), 0.0))
-        std = ops.sqrt(ss / ops.maximum(n - 1.0, 1.0))
-        need = self.warmup if self.warmup is not None else max(2, self.window // 2)
-        outlier = ops.logical_and(filled >= need, x - mean > self.z * std)
-        spiked = ops.logical_or(ops.logical_not(ops.isfinite(x)), outlier)
+        # The ring's first `filled` slots hold the window (in another order than torch's deque).
+        spiked = is_spike(KERAS, self.twin, w, x, filled=ops.minimum(count, self.window))
         ctx.request_skip(spiked, "spike_grad_norm")
         ctx.record(self.name, spiked)
         keep = ops.logical_not(spiked)

@@ -71,6 +71,14 @@ class _Keras:
         return mean, ops.mean(ops.square(buf - mean))
 
     @staticmethod
+    def window_moments(buf: Any, n: Any) -> tuple[Any, Any]:
+        valid = ops.arange(buf.shape[0], dtype="int32") < n
+        nf = ops.cast(n, "float32")
+        mean = ops.sum(ops.where(valid, buf, 0.0)) / ops.maximum(nf, 1.0)
+        ss = ops.sum(ops.where(valid, ops.square(buf - mean), 0.0))
+        return mean, ss / ops.maximum(nf - 1.0, 1.0)
+
+    @staticmethod
     def put(buf: Any, index: Any, value: Any, when: Any) -> Any:
         # A mask, not a scatter: portable to every backend and to XLA.
         at = ops.arange(buf.shape[0], dtype="int32") == index

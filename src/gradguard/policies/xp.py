@@ -22,6 +22,7 @@ As Keras's own ``LossScaleOptimizer`` is written once in ``keras.ops`` for every
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import torch
@@ -74,6 +75,11 @@ class ArrayNamespace(Protocol):
 
     def moments(self, buf: Any) -> tuple[Any, Any]:
         """Mean and population variance (``ddof=0``) of a small 1-D buffer."""
+        ...
+
+    def window_moments(self, buf: Any, n: Any) -> tuple[Any, Any]:
+        """Mean and sample variance (``ddof=1``) of the first ``n`` entries of ``buf`` (0 where
+        there are too few: the mean of none, the variance of one)."""
         ...
 
     def put(self, buf: Any, index: Any, value: Any, when: Any) -> Any:
@@ -146,6 +152,12 @@ class _Host:
         return mean, sum((b - mean) * (b - mean) for b in buf) / n
 
     @staticmethod
+    def window_moments(buf: Sequence[float], n: int) -> tuple[float, float]:
+        w = buf if n == len(buf) else list(buf)[:n]
+        mean = sum(w) / max(n, 1)
+        return mean, sum((v - mean) * (v - mean) for v in w) / max(n - 1, 1)
+
+    @staticmethod
     def put(buf: list[float], index: int, value: float, when: bool) -> list[float]:
         if not when:
             return buf
@@ -213,6 +225,14 @@ class _Torch:
     def moments(buf: Tensor) -> tuple[Tensor, Tensor]:
         mean = buf.mean()
         return mean, (buf - mean).square().mean()
+
+    @staticmethod
+    def window_moments(buf: Tensor, n: Tensor) -> tuple[Tensor, Tensor]:
+        valid = torch.arange(buf.numel(), device=buf.device) < n
+        nf = n.float()
+        mean = torch.where(valid, buf, 0.0).sum() / nf.clamp(min=1.0)
+        ss = torch.where(valid, (buf - mean).square(), 0.0).sum()
+        return mean, ss / (nf - 1.0).clamp(min=1.0)
 
     @staticmethod
     def put(buf: Tensor, index: Tensor, value: Tensor, when: Tensor) -> Tensor:
