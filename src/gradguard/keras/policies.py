@@ -33,6 +33,7 @@ from ..policies import clip_value as _clip_value
 from ..policies import lr_backoff as _lr_backoff
 from ..policies import skip_nonfinite as _skip_nonfinite
 from ..policies import skip_spike as _skip_spike
+from ..policies.autoclip import autoclip_factor, percentile_sorted, sorted_insert, sorted_remove
 from ..policies.clip import NORM_EPS
 from ..policies.rule import RulePolicy
 from ..policies.skip import is_spike
@@ -465,41 +466,6 @@ class agc(KerasPolicy):
         ctx.record(self.name, ops.any(ops.stack(acted)))
 
 
-def _count_le(buf: Any, x: Any, strict: bool) -> Any:
-    """Where ``x`` goes in ascending ``buf``: searchsorted as a count (``right=True``: of elements
-    <= x; ``strict``: < x). O(n) elementwise, portable to every backend and to XLA."""
-    hit = buf < x if strict else buf <= x
-    return ops.sum(ops.cast(hit, "int32"))
-
-
-def sorted_insert(buf: Any, x: Any) -> Any:
-    """Insert ``x`` into ascending ``buf`` (+inf padded at the end), dropping the last slot."""
-    idx = _count_le(buf, x, strict=False)
-    ar = ops.arange(buf.shape[0], dtype="int32")
-    shifted = ops.concatenate([buf[:1], buf[:-1]])
-    return ops.where(ar < idx, buf, ops.where(ar == idx, x, shifted))
-
-
-def sorted_remove(buf: Any, x: Any) -> Any:
-    """Remove one occurrence of ``x`` (present) from ascending ``buf``; pad with +inf."""
-    idx = _count_le(buf, x, strict=True)
-    ar = ops.arange(buf.shape[0], dtype="int32")
-    shifted = ops.concatenate([buf[1:], ops.full((1,), math.inf, dtype=buf.dtype)])
-    return ops.where(ar < idx, buf, shifted)
-
-
-def percentile_sorted(buf: Any, n: Any, q: float) -> Any:
-    """``numpy.percentile(buf[:n], q)`` (linear interpolation) for ascending ``buf``; +inf if n == 0."""
-    last = ops.maximum(_f32(n) - 1.0, 0.0)
-    pos = (q / 100.0) * last
-    lo = ops.floor(pos)
-    hi = ops.minimum(lo + 1.0, last)
-    a = ops.take(buf, ops.cast(lo, "int32"))
-    b = ops.take(buf, ops.cast(hi, "int32"))
-    val = a + (b - a) * (pos - lo)
-    return ops.where(n > 0, val, math.inf)
-
-
 def reservoir_slot(count: Any, capacity: int) -> tuple[Any, Any]:
     """(slot, drawn) for the ``count``-th norm (0-based) of a reservoir sample (Algorithm R).
 
@@ -559,17 +525,17 @@ class autoclip(KerasPolicy):
             ops.where(at_slot, ring, 0.0)
         )  # ring[slot], gathered without indexing by a tensor
         old = ops.where(ops.isfinite(old), old, math.inf)
-        removed = ops.where(evict, sorted_remove(buf, old), buf)
+        removed = ops.where(evict, sorted_remove(KERAS, buf, old), buf)
         n_left = n_valid - ops.cast(ops.logical_and(evict, ops.isfinite(old)), "int32")
-        new_buf = ops.where(drawn, sorted_insert(removed, xin), buf)
+        new_buf = ops.where(drawn, sorted_insert(KERAS, removed, xin), buf)
         new_ring = ops.where(ops.logical_and(drawn, at_slot), xin, ring)
         new_n = ops.where(drawn, n_left + ops.cast(finite, "int32"), n_valid)
         ctx.assign(self.sorted, new_buf)
         ctx.assign(self.ring, new_ring)
         ctx.assign(self.n_valid, new_n)
         ctx.assign(self.count, count + 1)
-        thr = percentile_sorted(new_buf, new_n, self.percentile)
-        coef = ops.minimum(thr / (x + NORM_EPS), 1.0)
+        thr = percentile_sorted(KERAS, new_buf, new_n, self.percentile)
+        coef = autoclip_factor(KERAS, x, thr)
         ctx.scale(coef)
         ctx.record(self.name, coef < 1.0)
         ctx.metric("autoclip.threshold", thr)

@@ -3,6 +3,7 @@ every backend, eager or compiled. Defined here so that importing gradguard never
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from keras import ops
@@ -83,6 +84,27 @@ class _Keras:
         # A mask, not a scatter: portable to every backend and to XLA.
         at = ops.arange(buf.shape[0], dtype="int32") == index
         return ops.where(ops.logical_and(when, at), value, buf)
+
+    @staticmethod
+    def take(buf: Any, index: Any) -> Any:
+        return ops.take(buf, ops.cast(index, "int32"))
+
+    @staticmethod
+    def floor(x: Any) -> Any:
+        return ops.floor(x)
+
+    @staticmethod
+    def arange_like(buf: Any) -> Any:
+        return ops.arange(buf.shape[0], dtype="int32")
+
+    @staticmethod
+    def concat(parts: Sequence[Any]) -> Any:
+        return ops.concatenate(list(parts))
+
+    @staticmethod
+    def searchsorted(buf: Any, x: Any, right: bool) -> Any:
+        # A count, O(n) elementwise: portable to every backend and to XLA.
+        return ops.sum(ops.cast(buf <= x if right else buf < x, "int32"))
 
 
 #: ``keras.ops`` as the policies' array namespace.

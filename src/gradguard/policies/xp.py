@@ -21,6 +21,7 @@ As Keras's own ``LossScaleOptimizer`` is written once in ``keras.ops`` for every
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -85,6 +86,25 @@ class ArrayNamespace(Protocol):
     def put(self, buf: Any, index: Any, value: Any, when: Any) -> Any:
         """``buf`` with ``buf[index] = value`` where ``when`` holds (a new array; ``index`` a
         scalar, never read to the host)."""
+        ...
+
+    def take(self, buf: Any, index: Any) -> Any:
+        """``buf[index]`` for a scalar ``index`` (an integer-valued float is accepted)."""
+        ...
+
+    def floor(self, x: Any) -> Any: ...
+
+    def arange_like(self, buf: Any) -> Any:
+        """The positions of ``buf``'s elements, ``0 .. len(buf) - 1`` (integers)."""
+        ...
+
+    def concat(self, parts: Sequence[Any]) -> Any:
+        """1-D arrays end to end."""
+        ...
+
+    def searchsorted(self, buf: Any, x: Any, right: bool) -> Any:
+        """Where ``x`` goes in ascending ``buf``: the number of elements ``<= x`` (``right``) or
+        ``< x``."""
         ...
 
 
@@ -165,6 +185,26 @@ class _Host:
         out[index] = value
         return out
 
+    @staticmethod
+    def take(buf: Sequence[float], index: float) -> float:
+        return buf[int(index)]
+
+    @staticmethod
+    def floor(x: float) -> float:
+        return float(math.floor(x))
+
+    @staticmethod
+    def arange_like(buf: Sequence[float]) -> list[int]:
+        return list(range(len(buf)))
+
+    @staticmethod
+    def concat(parts: Sequence[Sequence[float]]) -> list[float]:
+        return [v for part in parts for v in part]
+
+    @staticmethod
+    def searchsorted(buf: Sequence[float], x: float, right: bool) -> int:
+        return (bisect.bisect_right if right else bisect.bisect_left)(buf, x)
+
 
 class _Torch:
     """Tensors, with no host sync."""
@@ -240,6 +280,27 @@ class _Torch:
         slot = index.reshape(1)
         current = buf.index_select(0, slot)
         return buf.scatter(0, slot, torch.where(when, value, current).reshape(1))
+
+    @staticmethod
+    def take(buf: Tensor, index: Tensor) -> Tensor:
+        # index_select with a device index: indexing by a 0-dim tensor would sync.
+        return buf.index_select(0, index.long().reshape(1)).reshape(())
+
+    @staticmethod
+    def floor(x: Tensor) -> Tensor:
+        return x.floor()
+
+    @staticmethod
+    def arange_like(buf: Tensor) -> Tensor:
+        return torch.arange(buf.numel(), device=buf.device)
+
+    @staticmethod
+    def concat(parts: Sequence[Tensor]) -> Tensor:
+        return torch.cat(list(parts))
+
+    @staticmethod
+    def searchsorted(buf: Tensor, x: Tensor, right: bool) -> Tensor:
+        return torch.searchsorted(buf, x.reshape(1), right=right)
 
 
 #: Python numbers (the host path).
