@@ -35,6 +35,7 @@ from ..policies import skip_nonfinite as _skip_nonfinite
 from ..policies import skip_spike as _skip_spike
 from ..policies.autoclip import autoclip_factor, percentile_sorted, sorted_insert, sorted_remove
 from ..policies.clip import NORM_EPS
+from ..policies.lr_backoff import backoff_scale
 from ..policies.rule import RulePolicy
 from ..policies.skip import is_spike
 from ..specgrammar import split_chain, split_term
@@ -616,13 +617,7 @@ class lr_backoff(KerasPolicy):
             ops.arange(self.events, dtype="int32") == ops.cast(free, "int32"), step, recent
         )
         n_events = ops.sum(ops.cast(live, "int32")) + 1
-        cut = ops.logical_and(event, n_events >= self.events)
-        cut_scale = ops.maximum(self.min_scale, scale * self.factor)
-        calm = ops.logical_and(scale < 1.0, ops.logical_or(last < 0, step - last >= self.window))
-        grown = ops.minimum(1.0, scale * (1.0 / self.factor) ** (1.0 / self.recover))
-        new_scale = ops.where(
-            event, ops.where(cut, cut_scale, scale), ops.where(calm, grown, scale)
-        )
+        new_scale, cut = backoff_scale(KERAS, self.twin, scale, event, n_events, last, step)
         new_recent = ops.where(event, ops.where(cut, ops.full_like(recent, -1), added), recent)
         ctx.assign(self.scale, new_scale)
         ctx.assign(self.recent, new_recent)
