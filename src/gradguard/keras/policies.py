@@ -33,6 +33,7 @@ from ..policies import clip_value as _clip_value
 from ..policies import lr_backoff as _lr_backoff
 from ..policies import skip_nonfinite as _skip_nonfinite
 from ..policies import skip_spike as _skip_spike
+from ..policies.agc import unit_factors
 from ..policies.autoclip import autoclip_factor, percentile_sorted, sorted_insert, sorted_remove
 from ..policies.clip import NORM_EPS
 from ..policies.lr_backoff import backoff_scale
@@ -454,10 +455,8 @@ class agc(KerasPolicy):
             if i in self.excluded:
                 sq.append(ops.square(ctx.norms[k]))
                 continue
-            max_norm = ops.maximum(unit_norms(w), self.eps) * self.clipping
             g_norm = unit_norms(g)
-            clip = g_norm > max_norm
-            factor = ops.where(clip, max_norm / ops.maximum(g_norm, 1e-6), 1.0)
+            factor, clip = unit_factors(KERAS, self.twin, unit_norms(w), g_norm)
             grads[k] = g * ops.cast(factor if len(g.shape) > 1 else factor[0], g.dtype)
             sq.append(ops.sum(ops.square(g_norm * factor)))
             acted.append(ops.any(clip))
