@@ -67,7 +67,7 @@ class _Keras:
         return ops.full_like(x, value)
 
     @staticmethod
-    def moments(buf: Any) -> tuple[Any, Any]:
+    def moments(buf: Any, used: Any = True) -> tuple[Any, Any]:
         mean = ops.mean(buf)
         return mean, ops.mean(ops.square(buf - mean))
 

@@ -5,7 +5,10 @@ A rule (ZClip's update, clip_layerwise's thresholds, ...) is written once, again
 
 - :data:`HOST`: Python floats, ints and bools, and lists for the small fixed-size buffers. Used when
   the Guard has already read the step's norm to the host: a few float operations instead of tiny
-  device kernels. ``where(c, a, b)`` is ``a if c else b``.
+  device kernels. ``where(c, a, b)`` is ``a if c else b``. It is scalar: a list enters only the
+  buffer operations (``put``, ``take``, ``moments``, ``window_moments``, ``searchsorted``), so a
+  rule with elementwise vector arithmetic (clip_layerwise, AutoClip's history) runs on the other
+  two only.
 - :data:`TORCH`: tensors, sync-free: every branch on a value is a ``torch.where``, never a Python
   ``if`` (that would read the value to the host).
 - ``gradguard.keras.xp.KERAS``: ``keras.ops``, for every Keras backend and inside a compiled step
@@ -74,8 +77,9 @@ class ArrayNamespace(Protocol):
 
     def full_like(self, x: Any, value: float) -> Any: ...
 
-    def moments(self, buf: Any) -> tuple[Any, Any]:
-        """Mean and population variance (``ddof=0``) of a small 1-D buffer."""
+    def moments(self, buf: Any, used: Any = True) -> tuple[Any, Any]:
+        """Mean and population variance (``ddof=0``) of a small 1-D buffer, for a rule that uses
+        them only where ``used`` holds (elsewhere the host returns zeros without summing)."""
         ...
 
     def window_moments(self, buf: Any, n: Any) -> tuple[Any, Any]:
@@ -164,7 +168,9 @@ class _Host:
         return [value] * len(x) if isinstance(x, list) else value
 
     @staticmethod
-    def moments(buf: list[float]) -> tuple[float, float]:
+    def moments(buf: list[float], used: bool = True) -> tuple[float, float]:
+        if not used:
+            return 0.0, 0.0
         n = len(buf)
         mean = sum(buf) / n
         # A product, not ``** 2``: the same correctly rounded square, and inf instead of an
@@ -262,7 +268,7 @@ class _Torch:
         return torch.full_like(x, value)
 
     @staticmethod
-    def moments(buf: Tensor) -> tuple[Tensor, Tensor]:
+    def moments(buf: Tensor, used: Any = True) -> tuple[Tensor, Tensor]:
         mean = buf.mean()
         return mean, (buf - mean).square().mean()
 

@@ -202,7 +202,7 @@ def zclip_update(
     buffer = xp.put(state["buffer"], xp.minimum(n, p.warmup - 1), x, warm)
     n = n + xp.as_int(warm)
     just_ready = xp.logical_and(warm, n >= p.warmup)
-    buf_mean, buf_var = xp.moments(buffer)
+    buf_mean, buf_var = xp.moments(buffer, used=just_ready)
     # After warmup: z-score, threshold, EMA.
     mean, var = state["mean"], state["var"]
     std = xp.sqrt(var)
