@@ -8,6 +8,15 @@ decision is a tensor (``ops.where``), never a Python ``if`` on a value, so a pol
 ``tf.function``, under XLA and under ``jax.jit``; and state lives in ``keras.Variable``s the
 :class:`~gradguard.keras.GuardedOptimizer` owns, so it is saved with the optimizer.
 
+The arithmetic is not written here: each policy's rule is written once in its torch module against
+an array namespace (:mod:`gradguard.policies.xp`) and called here with ``keras.ops``
+(:data:`gradguard.keras.xp.KERAS`). A :class:`~gradguard.policies.rule.RulePolicy` (zclip,
+clip_layerwise) needs nothing in this module: :class:`RuleAdapter` builds its variables from its
+fields and applies its decision. The classes still written here keep only the state layout Keras
+needs where the torch one differs (AutoClip's growing history and host-side reservoir draw,
+skip_spike's deque, lr_backoff's list of steps) and the gradient plumbing (AGC's unit axes,
+clip_value, clip_norm's p-norms).
+
 Two policies are not portable and are refused with a :class:`~gradguard.errors.ConfigError` that
 says why (see ``REFUSED``): ``rollback`` and ``reset_moments``.
 """

@@ -44,7 +44,11 @@ class zclip(RulePolicy):
     Better than the reference: non-finite norms never enter the statistics; the norm is accumulated
     in float32 whatever the gradient dtype; no ``.item()`` sync (when the Guard already read the
     norm to the host for another policy, the arithmetic runs on Python floats instead of tiny
-    device kernels, with the same result).
+    device kernels, with the same result). The update is :func:`zclip_update`, written once for
+    that host path, the device path and Keras.
+
+    Metrics, on every path: ``zclip.threshold`` (the threshold in force, +inf when none) and
+    ``zclip.spike`` (1.0 on a step whose z-score fired, else 0.0).
     """
 
     name = "zclip"
