@@ -31,7 +31,9 @@ from gradguard.keras import (  # noqa: E402
     GuardedOptimizer,
     GuardTelemetry,
 )
+from gradguard.keras.policies import RuleAdapter  # noqa: E402
 from gradguard.policies import available_policies, policy_class  # noqa: E402
+from gradguard.policies.rule import Decision, Field, RulePolicy, initial_host_state  # noqa: E402
 
 SRC = os.path.join(os.path.dirname(__file__), "..", "..", "src")
 
@@ -223,6 +225,73 @@ def test_the_sequence_exercises_every_policy():
             opt.apply([tf.constant(_as_keras(g)) for g in grads], model.trainable_variables)
         assert opt.counters[key] >= 1, spec
         assert opt.counters["skipped"] >= 1, spec
+
+
+@pytest.mark.parametrize("spec", ["skip_spike:window=6,z=3", "skip_spike:window=6,z=3,warmup=4"])
+def test_skip_spike_warms_up_as_the_torch_guard(spec):
+    """A spike as soon as the window is ready: ``warmup`` counts the current value in both (the
+    Keras copy once compared the window alone, one step later, and let this spike through)."""
+    norms = [1.0, 1.1, 50.0, 1.05, 0.95, 1.0, 80.0, 1.0]
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 1, bias=False)
+    guard = Guard(lin, torch.optim.SGD(lin.parameters(), lr=0.0), spec, check_finite=False)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, use_bias=False)])
+    opt = GuardedOptimizer(keras.optimizers.SGD(0.0), spec, check_finite=False)
+    torch_skips, keras_skips = [], []
+    for x in norms:
+        lin.weight.grad = torch.tensor([[x, 0.0, 0.0]])
+        torch_skips.append(guard.step().skipped)
+        opt.apply([tf.constant([[x], [0.0], [0.0]])], model.trainable_variables)
+        keras_skips.append(opt.last_step()["skipped"])
+    assert keras_skips == torch_skips
+    assert torch_skips[6] and torch_skips[2] == (spec == "skip_spike:window=6,z=3")
+
+
+class _capped(RulePolicy):
+    """A toy policy written once, as a new policy would be: clip the global norm to ``limit``,
+    count the clips, report the count."""
+
+    name = "capped"
+    metrics = ("capped.clips",)
+
+    def __init__(self, limit: float = 1.0):
+        super().__init__()
+        self.limit = float(limit)
+        self.state = initial_host_state(self.fields(0))
+
+    def fields(self, n_layers):
+        return {"clips": Field(kind="int")}
+
+    def decide(self, xp, state, inputs):
+        coef = xp.minimum(self.limit / (inputs.norm + 1e-6), 1.0)
+        clips = state["clips"] + xp.as_int(coef < 1.0)
+        return {"clips": clips}, Decision(
+            scale=coef, acted=coef < 1.0, metrics={"capped.clips": xp.as_float(clips)}
+        )
+
+
+def test_a_rule_policy_runs_in_keras_with_nothing_written_for_keras():
+    """The generic adapter: a RulePolicy's own decide on keras.ops, its state in variables."""
+    keras_capped = type("capped", (RuleAdapter,), {"reference": _capped})
+    net = TorchNet()
+    policy = _capped(limit=2.0)
+    guard = Guard(net, torch.optim.SGD(net.parameters(), lr=1.0), [policy], check_finite=False)
+    recorder = GradRecorder()
+    opt = GuardedOptimizer(recorder, [keras_capped(limit=2.0)], check_finite=False)
+    model = keras_twin(net)
+    variables = model.trainable_variables
+    for grads in grad_sequence(net)[:NAN_STEP]:
+        for p, g in zip(net.parameters(), grads, strict=True):
+            p.grad = torch.from_numpy(g.copy())
+        pending = guard.before_step()
+        expected = [p.grad.numpy().copy() for p in net.parameters()]
+        report = guard.after_step(pending)
+        opt.apply([tf.constant(_as_keras(g)) for g in grads], variables)
+        for seen, want in zip(recorder.seen, expected, strict=True):
+            got = seen.numpy()
+            np.testing.assert_allclose(got.T if got.ndim == 2 else got, want, rtol=1e-6)
+        assert opt.last_step()["metrics"]["capped.clips"] == report.metrics["capped.clips"]
+    assert int(opt.policies[0].clips.numpy()) == int(policy.state["clips"]) >= 1
 
 
 def test_autoclip_past_max_history_keeps_a_consistent_bounded_sample():

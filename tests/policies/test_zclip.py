@@ -77,6 +77,8 @@ def drive(norms, check_finite=True, chain=None, **kw):
             if coef == 1.0 and not (thr < math.inf and norm > thr * (1 - 1e-4)):
                 # Not clipped by the reference (and not a near-tie): bit-identical.
                 assert torch.equal(g_out.to(torch.float64), g_in), f"step {i} param {k} touched"
+        # The same metrics on both paths (the device path once left out zclip.spike).
+        assert report.metrics["zclip.spike"] == float(spike), f"step {i}"
         reported = report.metrics["zclip.threshold"]
         if math.isinf(thr):
             assert math.isinf(reported), f"step {i}: threshold {reported}, reference inf"

@@ -8,6 +8,15 @@ decision is a tensor (``ops.where``), never a Python ``if`` on a value, so a pol
 ``tf.function``, under XLA and under ``jax.jit``; and state lives in ``keras.Variable``s the
 :class:`~gradguard.keras.GuardedOptimizer` owns, so it is saved with the optimizer.
 
+The arithmetic is not written here: each policy's rule is written once in its torch module against
+an array namespace (:mod:`gradguard.policies.xp`) and called here with ``keras.ops``
+(:data:`gradguard.keras.xp.KERAS`). A :class:`~gradguard.policies.rule.RulePolicy` (zclip,
+clip_layerwise) needs nothing in this module: :class:`RuleAdapter` builds its variables from its
+fields and applies its decision. The classes still written here keep only the state layout Keras
+needs where the torch one differs (AutoClip's growing history and host-side reservoir draw,
+skip_spike's deque, lr_backoff's list of steps) and the gradient plumbing (AGC's unit axes,
+clip_value, clip_norm's p-norms).
+
 Two policies are not portable and are refused with a :class:`~gradguard.errors.ConfigError` that
 says why (see ``REFUSED``): ``rollback`` and ``reset_moments``.
 """
@@ -17,24 +26,30 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import keras
 from keras import ops
 
 from ..errors import ConfigError, SpecError
-from ..policies import Policy, parse_spec
+from ..policies import Policy, parse_spec, policy_class
 from ..policies import agc as _agc
 from ..policies import autoclip as _autoclip
-from ..policies import clip_layerwise as _clip_layerwise
+from ..policies import available_policies as _torch_policies
 from ..policies import clip_norm as _clip_norm
 from ..policies import clip_value as _clip_value
 from ..policies import lr_backoff as _lr_backoff
 from ..policies import skip_nonfinite as _skip_nonfinite
 from ..policies import skip_spike as _skip_spike
-from ..policies import zclip as _zclip
+from ..policies.agc import unit_factors
+from ..policies.autoclip import autoclip_factor, percentile_sorted, sorted_insert, sorted_remove
 from ..policies.clip import NORM_EPS
+from ..policies.lr_backoff import backoff_scale
+from ..policies.rule import RulePolicy
+from ..policies.skip import is_spike
 from ..specgrammar import split_chain, split_term
+from .xp import KERAS
 
 if TYPE_CHECKING:
     from .optimizer import GuardedOptimizer
@@ -248,6 +263,8 @@ class KerasPolicy:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if "reference" not in vars(cls):  # an abstract base (RuleAdapter)
+            return
         cls.name = cls.reference.name
         cls.kind = cls.reference.kind
         # The constructor's signature is the twin's, for help() and introspection.
@@ -293,6 +310,89 @@ def _var(
     return opt.add_variable(shape=shape, initializer=init, dtype=dtype, name=name)
 
 
+# ----- policies written once: the generic adapter ---------------------------------------------------
+_VAR_DTYPES = {"float": "float32", "int": "int32", "bool": "int32"}
+
+
+class KerasInputs:
+    """A :class:`KerasStep` seen as a rule's inputs (:class:`~gradguard.policies.rule.RuleInputs`)."""
+
+    def __init__(self, ctx: KerasStep):
+        self.ctx = ctx
+
+    @cached_property
+    def norm(self) -> Any:
+        return self.ctx.norm_after
+
+    @cached_property
+    def layer_norms(self) -> Any:
+        return self.ctx.layer_norms()
+
+    @cached_property
+    def layer_present(self) -> Any:
+        ids = set(self.ctx.layer_ids)
+        return ops.convert_to_tensor([li in ids for li in range(len(self.ctx.layout.layer_names))])
+
+
+class RuleAdapter(KerasPolicy):
+    """Any :class:`~gradguard.policies.rule.RulePolicy` in Keras, with no code of its own: one
+    variable per state field (``<policy>_<field>``, also this object's attribute ``<field>``), and
+    each step the torch twin's ``decide`` on ``keras.ops``, whose decision is applied here. Made
+    for every registered rule policy that has no hand-written Keras class (``KERAS_POLICIES``)."""
+
+    reference: ClassVar[type[RulePolicy]]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "reference" in vars(cls):
+            cls.metrics = tuple(cls.reference.metrics)
+
+    def build(self, optimizer: GuardedOptimizer, layout: VarLayout) -> None:
+        self._fields = self.twin.fields(len(layout.layer_names))
+        self.state_vars = {
+            k: _var(optimizer, f"{self.name}_{k}", f.shape, _VAR_DTYPES[f.kind], f.init)
+            for k, f in self._fields.items()
+        }
+        for k, v in self.state_vars.items():
+            if k not in vars(self):  # a parameter keeps its name
+                setattr(self, k, v)
+
+    def apply(self, ctx: KerasStep) -> None:
+        if not ctx.grads:
+            return
+        state = {}
+        for k, f in self._fields.items():
+            v = ops.convert_to_tensor(self.state_vars[k])
+            state[k] = v > 0 if f.kind == "bool" else v
+        new, decision = self.twin.decide(KERAS, state, KerasInputs(ctx))
+        for k, v in self.state_vars.items():
+            ctx.assign(v, new[k])
+        if decision.scale is not None:
+            ctx.scale(decision.scale)
+        if decision.layer_scale is not None:
+            coef = decision.layer_scale
+            ctx.scale_each(ops.stack([coef[li] for li in ctx.layer_ids]))
+        ctx.record(self.name, decision.acted)
+        for m in self.metrics:
+            ctx.metric(m, decision.metrics[m])
+
+
+def _adapters(written: Iterable[str]) -> list[type[KerasPolicy]]:
+    """A :class:`RuleAdapter` for each registered rule policy without a class in ``written``."""
+    out: list[type[KerasPolicy]] = []
+    for name in _torch_policies():
+        cls = policy_class(name)
+        if issubclass(cls, RulePolicy) and name not in written and name not in REFUSED:
+            doc = (cls.__doc__ or "").strip().split("\n\n")[0]
+            ns = {
+                "reference": cls,
+                "__doc__": f"{doc} (see the torch twin)",
+                "__module__": __name__,
+            }
+            out.append(type(name, (RuleAdapter,), ns))
+    return out
+
+
 class clip_norm(KerasPolicy):
     """Clip by global norm: ``g <- g * min(1, max_norm / (||g|| + 1e-6))`` (see the torch twin)."""
 
@@ -331,43 +431,6 @@ class clip_value(KerasPolicy):
         ctx.record(self.name, ops.any(after < before))
 
 
-class clip_layerwise(KerasPolicy):
-    """Clip each layer's gradient against a fixed ``max_norm``, ``factor`` x its running norm
-    (a bias-corrected EMA of its post-clip norm, after ``warmup`` steps), or the smaller of both."""
-
-    reference = _clip_layerwise
-
-    def build(self, optimizer: GuardedOptimizer, layout: VarLayout) -> None:
-        n = len(layout.layer_names)
-        self.ema = _var(optimizer, "clip_layerwise_ema", (n,))
-        self.count = _var(optimizer, "clip_layerwise_count", (n,))
-
-    def apply(self, ctx: KerasStep) -> None:
-        if not ctx.grads:
-            return
-        norms = ctx.layer_norms()
-        ema, count = ops.convert_to_tensor(self.ema), ops.convert_to_tensor(self.count)
-        thr = ops.full_like(norms, math.inf)
-        if self.factor is not None:
-            corrected = ema / (1.0 - ops.power(self.beta, ops.maximum(count, 1.0)))
-            thr = ops.where(count >= self.warmup, self.factor * corrected, thr)
-        if self.max_norm is not None:
-            thr = ops.minimum(thr, self.max_norm)
-        coef = ops.minimum(thr / (norms + NORM_EPS), 1.0)
-        ids = ctx.layer_ids
-        ctx.scale_each(ops.stack([coef[li] for li in ids]))
-        ctx.record(self.name, ops.any(coef < 1.0))
-        if self.factor is not None:
-            # Track the norm each layer had after clipping; skip layers without a finite gradient.
-            after = norms * coef
-            present = ops.convert_to_tensor(
-                [li in set(ids) for li in range(len(ctx.layout.layer_names))]
-            )
-            upd = ops.logical_and(present, ops.isfinite(after))
-            ctx.assign(self.ema, ops.where(upd, self.beta * ema + (1 - self.beta) * after, ema))
-            ctx.assign(self.count, count + ops.cast(upd, "float32"))
-
-
 def unit_norms(t: Any) -> Any:
     """Norm per output unit: Keras keeps the output axis LAST (a Dense kernel is ``(in, out)``, a
     Conv2D kernel ``(h, w, in, out)``), so reduce over every axis but the last; tensors of
@@ -401,10 +464,8 @@ class agc(KerasPolicy):
             if i in self.excluded:
                 sq.append(ops.square(ctx.norms[k]))
                 continue
-            max_norm = ops.maximum(unit_norms(w), self.eps) * self.clipping
             g_norm = unit_norms(g)
-            clip = g_norm > max_norm
-            factor = ops.where(clip, max_norm / ops.maximum(g_norm, 1e-6), 1.0)
+            factor, clip = unit_factors(KERAS, self.twin, unit_norms(w), g_norm)
             grads[k] = g * ops.cast(factor if len(g.shape) > 1 else factor[0], g.dtype)
             sq.append(ops.sum(ops.square(g_norm * factor)))
             acted.append(ops.any(clip))
@@ -412,41 +473,6 @@ class agc(KerasPolicy):
             return
         ctx.replace(grads, ops.sqrt(ops.stack(sq)))
         ctx.record(self.name, ops.any(ops.stack(acted)))
-
-
-def _count_le(buf: Any, x: Any, strict: bool) -> Any:
-    """Where ``x`` goes in ascending ``buf``: searchsorted as a count (``right=True``: of elements
-    <= x; ``strict``: < x). O(n) elementwise, portable to every backend and to XLA."""
-    hit = buf < x if strict else buf <= x
-    return ops.sum(ops.cast(hit, "int32"))
-
-
-def sorted_insert(buf: Any, x: Any) -> Any:
-    """Insert ``x`` into ascending ``buf`` (+inf padded at the end), dropping the last slot."""
-    idx = _count_le(buf, x, strict=False)
-    ar = ops.arange(buf.shape[0], dtype="int32")
-    shifted = ops.concatenate([buf[:1], buf[:-1]])
-    return ops.where(ar < idx, buf, ops.where(ar == idx, x, shifted))
-
-
-def sorted_remove(buf: Any, x: Any) -> Any:
-    """Remove one occurrence of ``x`` (present) from ascending ``buf``; pad with +inf."""
-    idx = _count_le(buf, x, strict=True)
-    ar = ops.arange(buf.shape[0], dtype="int32")
-    shifted = ops.concatenate([buf[1:], ops.full((1,), math.inf, dtype=buf.dtype)])
-    return ops.where(ar < idx, buf, shifted)
-
-
-def percentile_sorted(buf: Any, n: Any, q: float) -> Any:
-    """``numpy.percentile(buf[:n], q)`` (linear interpolation) for ascending ``buf``; +inf if n == 0."""
-    last = ops.maximum(_f32(n) - 1.0, 0.0)
-    pos = (q / 100.0) * last
-    lo = ops.floor(pos)
-    hi = ops.minimum(lo + 1.0, last)
-    a = ops.take(buf, ops.cast(lo, "int32"))
-    b = ops.take(buf, ops.cast(hi, "int32"))
-    val = a + (b - a) * (pos - lo)
-    return ops.where(n > 0, val, math.inf)
 
 
 def reservoir_slot(count: Any, capacity: int) -> tuple[Any, Any]:
@@ -508,80 +534,20 @@ class autoclip(KerasPolicy):
             ops.where(at_slot, ring, 0.0)
         )  # ring[slot], gathered without indexing by a tensor
         old = ops.where(ops.isfinite(old), old, math.inf)
-        removed = ops.where(evict, sorted_remove(buf, old), buf)
+        removed = ops.where(evict, sorted_remove(KERAS, buf, old), buf)
         n_left = n_valid - ops.cast(ops.logical_and(evict, ops.isfinite(old)), "int32")
-        new_buf = ops.where(drawn, sorted_insert(removed, xin), buf)
+        new_buf = ops.where(drawn, sorted_insert(KERAS, removed, xin), buf)
         new_ring = ops.where(ops.logical_and(drawn, at_slot), xin, ring)
         new_n = ops.where(drawn, n_left + ops.cast(finite, "int32"), n_valid)
         ctx.assign(self.sorted, new_buf)
         ctx.assign(self.ring, new_ring)
         ctx.assign(self.n_valid, new_n)
         ctx.assign(self.count, count + 1)
-        thr = percentile_sorted(new_buf, new_n, self.percentile)
-        coef = ops.minimum(thr / (x + NORM_EPS), 1.0)
+        thr = percentile_sorted(KERAS, new_buf, new_n, self.percentile)
+        coef = autoclip_factor(KERAS, x, thr)
         ctx.scale(coef)
         ctx.record(self.name, coef < 1.0)
         ctx.metric("autoclip.threshold", thr)
-
-
-class zclip(KerasPolicy):
-    """ZClip (Kumar et al. 2025): clip a global-norm spike found by its z-score against an EMA of
-    recent norms, after a warmup of ``warmup`` finite norms (see the torch twin for the rule)."""
-
-    reference = _zclip
-    metrics = ("zclip.threshold",)
-
-    def build(self, optimizer: GuardedOptimizer, layout: VarLayout) -> None:
-        self.buffer = _var(optimizer, "zclip_buffer", (self.warmup,))
-        self.n = _var(optimizer, "zclip_n", dtype="int32")
-        self.mean = _var(optimizer, "zclip_mean")
-        self.var = _var(optimizer, "zclip_var")
-        self.initialized = _var(optimizer, "zclip_initialized", dtype="int32")
-
-    def apply(self, ctx: KerasStep) -> None:
-        if not ctx.grads:
-            return
-        x = ctx.norm_after
-        finite = ops.isfinite(x)
-        init = ops.convert_to_tensor(self.initialized) > 0
-        n = ops.convert_to_tensor(self.n)
-        # Warmup: record finite norms in the buffer.
-        warm = ops.logical_and(finite, ops.logical_not(init))
-        slot = ops.minimum(n, self.warmup - 1)
-        at_slot = ops.arange(self.warmup, dtype="int32") == slot
-        buffer = ops.where(ops.logical_and(warm, at_slot), x, ops.convert_to_tensor(self.buffer))
-        n_new = n + ops.cast(warm, "int32")
-        just_ready = ops.logical_and(warm, n_new >= self.warmup)
-        buf_mean = ops.mean(buffer)
-        buf_var = ops.mean(ops.square(buffer - buf_mean))
-        # After warmup: z-score, threshold, EMA.
-        mean, var = ops.convert_to_tensor(self.mean), ops.convert_to_tensor(self.var)
-        std = ops.sqrt(var)
-        z = (x - mean) / (std + self.eps)
-        spike = ops.logical_and(ops.logical_and(init, finite), z > self.z_thresh)
-        if self.clip_option == "mean":
-            adaptive = mean
-        else:
-            adaptive = (mean + (self.z_thresh * std) / (z / self.z_thresh)) * self.clip_factor
-        clip_val = ops.where(spike, adaptive, x)
-        update = ops.logical_and(init, finite)
-        if self.skip_update_on_spike:
-            update = ops.logical_and(update, ops.logical_not(spike))
-        new_mean = self.alpha * mean + (1 - self.alpha) * clip_val
-        new_var = self.alpha * var + (1 - self.alpha) * ops.square(clip_val - new_mean)
-        ctx.assign(self.buffer, buffer)
-        ctx.assign(self.n, n_new)
-        ctx.assign(self.mean, ops.where(update, new_mean, ops.where(just_ready, buf_mean, mean)))
-        ctx.assign(self.var, ops.where(update, new_var, ops.where(just_ready, buf_var, var)))
-        ctx.assign(self.initialized, ops.cast(ops.logical_or(init, just_ready), "int32"))
-        thr = ops.where(spike, adaptive, math.inf)
-        if self.max_norm is not None:
-            thr = ops.minimum(thr, self.max_norm)
-        clip = x > thr
-        coef = ops.where(clip, thr / (x + NORM_EPS), 1.0)
-        ctx.scale(coef)
-        ctx.record(self.name, clip)
-        ctx.metric("zclip.threshold", thr)
 
 
 class skip_nonfinite(KerasPolicy):
@@ -620,15 +586,8 @@ class skip_spike(KerasPolicy):
         x = ctx.norm
         count = ops.convert_to_tensor(self.count)
         w = ops.convert_to_tensor(self.values)
-        filled = ops.minimum(count, self.window)
-        valid = ops.arange(self.window, dtype="int32") < filled
-        n = _f32(filled)
-        mean = ops.sum(ops.where(valid, w, 0.0)) / ops.maximum(n, 1.0)
-        ss = ops.sum(ops.where(valid, ops.square(w - mean), 0.0))
-        std = ops.sqrt(ss / ops.maximum(n - 1.0, 1.0))
-        need = self.warmup if self.warmup is not None else max(2, self.window // 2)
-        outlier = ops.logical_and(filled >= need, x - mean > self.z * std)
-        spiked = ops.logical_or(ops.logical_not(ops.isfinite(x)), outlier)
+        # The ring's first `filled` slots hold the window (in another order than torch's deque).
+        spiked = is_spike(KERAS, self.twin, w, x, filled=ops.minimum(count, self.window))
         ctx.request_skip(spiked, "spike_grad_norm")
         ctx.record(self.name, spiked)
         keep = ops.logical_not(spiked)
@@ -666,13 +625,7 @@ class lr_backoff(KerasPolicy):
             ops.arange(self.events, dtype="int32") == ops.cast(free, "int32"), step, recent
         )
         n_events = ops.sum(ops.cast(live, "int32")) + 1
-        cut = ops.logical_and(event, n_events >= self.events)
-        cut_scale = ops.maximum(self.min_scale, scale * self.factor)
-        calm = ops.logical_and(scale < 1.0, ops.logical_or(last < 0, step - last >= self.window))
-        grown = ops.minimum(1.0, scale * (1.0 / self.factor) ** (1.0 / self.recover))
-        new_scale = ops.where(
-            event, ops.where(cut, cut_scale, scale), ops.where(calm, grown, scale)
-        )
+        new_scale, cut = backoff_scale(KERAS, self.twin, scale, event, n_events, last, step)
         new_recent = ops.where(event, ops.where(cut, ops.full_like(recent, -1), added), recent)
         ctx.assign(self.scale, new_scale)
         ctx.assign(self.recent, new_recent)
@@ -683,20 +636,20 @@ class lr_backoff(KerasPolicy):
         ctx.metric("lr_scale", new_scale)
 
 
-#: Every Keras policy by spec name.
+_WRITTEN: tuple[type[KerasPolicy], ...] = (
+    agc,
+    autoclip,
+    clip_norm,
+    clip_value,
+    lr_backoff,
+    skip_nonfinite,
+    skip_spike,
+)
+
+#: Every Keras policy by spec name: the classes written here, and an adapter for every other rule
+#: policy (:class:`RuleAdapter`).
 KERAS_POLICIES: dict[str, type[KerasPolicy]] = {
-    cls.name: cls
-    for cls in (
-        agc,
-        autoclip,
-        clip_layerwise,
-        clip_norm,
-        clip_value,
-        lr_backoff,
-        skip_nonfinite,
-        skip_spike,
-        zclip,
-    )
+    cls.name: cls for cls in _WRITTEN + tuple(_adapters(c.reference.name for c in _WRITTEN))
 }
 
 

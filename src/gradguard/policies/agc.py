@@ -3,6 +3,8 @@ Without Normalization", NFNets)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ..errors import ConfigError
@@ -10,6 +12,7 @@ from ..stats import norm_dtype
 from .base import Policy, StepContext
 from .clip import _check_positive
 from .registry import register
+from .xp import TORCH, ArrayNamespace
 
 
 def unit_norms(t: torch.Tensor) -> torch.Tensor:
@@ -43,6 +46,15 @@ def _scale_units_(g: torch.Tensor, factor: torch.Tensor) -> None:
         g.mul_(factor.to(fdt).reshape((-1,) + (1,) * (g.ndim - 1)))
     else:
         g.mul_(factor[0].to(fdt))
+
+
+def unit_factors(xp: ArrayNamespace, p: agc, w_norm: Any, g_norm: Any) -> tuple[Any, Any]:
+    """AGC's rule per unit, written once (torch and ``keras.ops``): ``(factor, clipped)`` for
+    weight norms ``w_norm`` and gradient norms ``g_norm``: where ``g_norm > clipping *
+    max(w_norm, eps)`` the factor brings the unit down to it, elsewhere it is 1."""
+    max_norm = xp.maximum(w_norm, p.eps) * p.clipping
+    clip = g_norm > max_norm
+    return xp.where(clip, max_norm / xp.maximum(g_norm, 1e-6), 1.0), clip
 
 
 @register
@@ -112,10 +124,8 @@ class agc(Policy):
             if i in excluded:
                 continue
             w = stats.layout.params[i].detach()
-            max_norm = unit_norms(w).clamp_(min=self.eps).mul_(self.clipping)
             g_norm = unit_norms(g)
-            clip = g_norm > max_norm
-            factor = torch.where(clip, max_norm / g_norm.clamp(min=1e-6), torch.ones_like(g_norm))
+            factor, clip = unit_factors(TORCH, self, unit_norms(w), g_norm)
             _scale_units_(g, factor)
             new_sq.append((g_norm * factor).square().sum())
             acted.append(clip.any())

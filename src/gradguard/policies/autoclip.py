@@ -4,6 +4,7 @@ Networks"; reference code pseeth/autoclip)."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -12,42 +13,48 @@ from ..errors import SpecError
 from .base import Policy, StepContext, check_keys, check_number, check_tensor, refuse_state
 from .clip import NORM_EPS
 from .registry import register
+from .xp import TORCH, ArrayNamespace
 
 #: History slots at most (two float32 buffers of this length: 80 MB).
 _MAX_SLOTS = 10_000_000
 _INITIAL_CAPACITY = 1024
 
 
-def sorted_insert(buf: Tensor, x: Tensor) -> Tensor:
+# The history's arithmetic, written once for torch and Keras (``xp``: the array namespace).
+def sorted_insert(xp: ArrayNamespace, buf: Any, x: Any) -> Any:
     """Insert ``x`` into ascending ``buf`` (padded with +inf at the end), dropping the last slot.
 
     O(len(buf)) device ops with no host sync: the insertion index stays a tensor.
     """
-    idx = torch.searchsorted(buf, x.reshape(1), right=True)
-    ar = torch.arange(buf.numel(), device=buf.device)
-    shifted = torch.cat([buf[:1], buf[:-1]])
-    return torch.where(ar < idx, buf, torch.where(ar == idx, x, shifted))
+    idx = xp.searchsorted(buf, x, right=True)
+    ar = xp.arange_like(buf)
+    shifted = xp.concat([buf[:1], buf[:-1]])
+    return xp.where(ar < idx, buf, xp.where(ar == idx, x, shifted))
 
 
-def sorted_remove(buf: Tensor, x: Tensor) -> Tensor:
+def sorted_remove(xp: ArrayNamespace, buf: Any, x: Any) -> Any:
     """Remove one occurrence of ``x`` (which must be present) from ascending ``buf``; pad with +inf."""
-    idx = torch.searchsorted(buf, x.reshape(1), right=False)
-    ar = torch.arange(buf.numel(), device=buf.device)
-    shifted = torch.cat([buf[1:], buf.new_full((1,), math.inf)])
-    return torch.where(ar < idx, buf, shifted)
+    idx = xp.searchsorted(buf, x, right=False)
+    shifted = xp.concat([buf[1:], xp.full_like(buf[:1], math.inf)])
+    return xp.where(xp.arange_like(buf) < idx, buf, shifted)
 
 
-def percentile_sorted(buf: Tensor, n: Tensor, q: float) -> Tensor:
+def percentile_sorted(xp: ArrayNamespace, buf: Any, n: Any, q: float) -> Any:
     """``numpy.percentile(buf[:n], q)`` (linear interpolation) for ascending ``buf``; +inf if n == 0."""
-    n_f = n.to(torch.float32)
-    pos = (q / 100.0) * (n_f - 1).clamp(min=0)
-    lo = pos.floor()
-    hi = torch.minimum(lo + 1, (n_f - 1).clamp(min=0))
-    a = buf.index_select(0, lo.long().reshape(1)).reshape(())
-    b = buf.index_select(0, hi.long().reshape(1)).reshape(())
+    last = xp.maximum(xp.as_float(n) - 1.0, 0.0)
+    pos = (q / 100.0) * last
+    lo = xp.floor(pos)
+    hi = xp.minimum(lo + 1.0, last)
+    a = xp.take(buf, lo)
+    b = xp.take(buf, hi)
     val = a + (b - a) * (pos - lo)
     # b - a is inf - inf = nan only when n == 0.
-    return torch.where(n > 0, val, torch.full_like(val, math.inf))
+    return xp.where(n > 0, val, math.inf)
+
+
+def autoclip_factor(xp: ArrayNamespace, norm: Any, threshold: Any) -> Any:
+    """The clipping factor ``min(1, threshold / (norm + 1e-6))``, as ``clip_grad_norm_``."""
+    return xp.minimum(threshold / (norm + NORM_EPS), 1.0)
 
 
 def reservoir_slot(count: int, capacity: int, seed: int = 0x9E3779B97F4A7C15) -> int | None:
@@ -209,7 +216,7 @@ class autoclip(Policy):
 
     def threshold(self) -> Tensor:
         st = self.state
-        return percentile_sorted(st["sorted"], st["n_valid"], self.percentile)
+        return percentile_sorted(TORCH, st["sorted"], st["n_valid"], self.percentile)
 
     def observe(self, x: Tensor) -> None:
         """Add one global norm to the history (a non-finite one is kept out of the statistics)."""
@@ -231,12 +238,12 @@ class autoclip(Policy):
         buf = st["sorted"]
         if evict:
             old = st["ring"][slot]
-            buf = sorted_remove(buf, old)
+            buf = sorted_remove(TORCH, buf, old)
             st["n_valid"] = st["n_valid"] - torch.isfinite(old).long()
         else:
             st["size"] += 1
         st["ring"][slot] = xin
-        st["sorted"] = sorted_insert(buf, xin)
+        st["sorted"] = sorted_insert(TORCH, buf, xin)
         st["n_valid"] = st["n_valid"] + finite.long()
 
     def apply(self, ctx: StepContext) -> None:
@@ -246,7 +253,7 @@ class autoclip(Policy):
         x = stats.norm_after
         self.observe(x)
         thr = self.threshold()
-        coef = torch.clamp(thr / (x + NORM_EPS), max=1.0)
+        coef = autoclip_factor(TORCH, x, thr)
         stats.scale_(coef)
         ctx.record(self.name, coef < 1.0)
         ctx.metrics["autoclip.threshold"] = thr

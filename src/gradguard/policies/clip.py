@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -11,6 +13,8 @@ from ..errors import ConfigError, SpecError
 from ..stats import exact_norms, scaled_l2, stacked_norms
 from .base import Policy, StepContext
 from .registry import register
+from .rule import Decision, Field, RuleInputs, RulePolicy, initial_torch_state
+from .xp import ArrayNamespace
 
 #: torch's clip_grad_norm_ adds this to the norm before dividing; kept identical for equivalence.
 NORM_EPS = 1e-6
@@ -119,7 +123,7 @@ class clip_value(Policy):
 
 
 @register
-class clip_layerwise(Policy):
+class clip_layerwise(RulePolicy):
     """Clip each layer's gradient (the params one module owns) against its own threshold.
 
     The "layered" mitigation for large models: a layer whose gradient explodes is scaled down
@@ -131,6 +135,7 @@ class clip_layerwise(Policy):
     """
 
     name = "clip_layerwise"
+    metrics = ()
     nonnegative = frozenset({"ema", "count"})
 
     def __init__(
@@ -158,36 +163,34 @@ class clip_layerwise(Policy):
 
     def bind(self, layout, optimizer) -> None:
         if "ema" not in self.state:
-            n = len(layout.layer_names)
             dev = layout.params[0].device if layout.params else torch.device("cpu")
-            self.state.update(ema=torch.zeros(n, device=dev), count=torch.zeros(n, device=dev))
+            self.state.update(initial_torch_state(self.fields(len(layout.layer_names)), dev))
 
-    def apply(self, ctx: StepContext) -> None:
-        stats = ctx.stats
-        if not stats.grads:
-            return
-        norms = stats.layer_norms()
-        ema, count = self.state["ema"].to(stats.device), self.state["count"].to(stats.device)
-        thr = torch.full_like(norms, math.inf)
+    # The rule, written once for torch (the default device ``apply``) and Keras.
+    def fields(self, n_layers: int) -> dict[str, Field]:
+        return {"ema": Field((n_layers,)), "count": Field((n_layers,))}
+
+    def decide(
+        self, xp: ArrayNamespace, state: Mapping[str, Any], inputs: RuleInputs
+    ) -> tuple[dict[str, Any], Decision]:
+        norms = inputs.layer_norms
+        ema, count = state["ema"], state["count"]
+        thr = xp.full_like(norms, math.inf)
         if self.factor is not None:
-            corrected = ema / (1.0 - self.beta ** count.clamp(min=1.0))
-            ready = count >= self.warmup
-            thr = torch.where(ready, self.factor * corrected, thr)
+            corrected = ema / (1.0 - xp.power(self.beta, xp.maximum(count, 1.0)))
+            thr = xp.where(count >= self.warmup, self.factor * corrected, thr)
         if self.max_norm is not None:
-            thr = thr.clamp(max=self.max_norm)
-        coef = torch.clamp(thr / (norms + NORM_EPS), max=1.0)
-        stats.scale_params_(coef.index_select(0, stats.layer_ids))
+            thr = xp.minimum(thr, self.max_norm)
+        coef = xp.minimum(thr / (norms + NORM_EPS), 1.0)
         clipped = coef < 1.0
-        ctx.record(self.name, clipped.any(), clipped)
+        new = {"ema": ema, "count": count}
         if self.factor is not None:
-            # Track the norm the layer actually had after clipping; skip layers without a finite gradient.
+            # Track the norm the layer actually had after clipping; skip layers without a finite
+            # gradient.
             after = norms * coef
-            present = (
-                torch.zeros_like(norms).index_add_(
-                    0, stats.layer_ids, torch.ones_like(stats.param_norms)
-                )
-                > 0
-            )
-            upd = present & torch.isfinite(after)
-            self.state["ema"] = torch.where(upd, self.beta * ema + (1 - self.beta) * after, ema)
-            self.state["count"] = count + upd.float()
+            upd = xp.logical_and(inputs.layer_present, xp.isfinite(after))
+            new = {
+                "ema": xp.where(upd, self.beta * ema + (1 - self.beta) * after, ema),
+                "count": count + xp.as_float(upd),
+            }
+        return new, Decision(layer_scale=coef, acted=xp.any(clipped), acted_layers=clipped)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..errors import SpecError
 from .base import Policy, StepContext, check_keys, check_number, check_numbers, refuse_state
 from .registry import register
+from .xp import HOST, ArrayNamespace
 
 
 @register
@@ -62,18 +65,34 @@ class lr_backoff(Policy):
         st = self.state
         step = ctx.step
         recent = [s for s in st["recent"] if step - s < self.window]
+        last = -1 if st["last_event"] is None else st["last_event"]
+        st["scale"], cut = backoff_scale(
+            HOST, self, st["scale"], ctx.event, len(recent) + 1, last, step
+        )
         if ctx.event:
             recent.append(step)
             st["last_event"] = step
-            if len(recent) >= self.events:
-                st["scale"] = max(self.min_scale, st["scale"] * self.factor)
+            if cut:
                 st["cuts"] += 1
                 recent = []
                 ctx.record(self.name, True)
-        elif st["scale"] < 1.0 and (
-            st["last_event"] is None or step - st["last_event"] >= self.window
-        ):
-            st["scale"] = min(1.0, st["scale"] * (1.0 / self.factor) ** (1.0 / self.recover))
         st["recent"] = recent
         ctx.lr_scale *= st["scale"]
         ctx.metrics["lr_scale"] = st["scale"]
+
+
+def backoff_scale(
+    xp: ArrayNamespace, p: lr_backoff, scale: Any, event: Any, n_events: Any, last: Any, step: Any
+) -> tuple[Any, Any]:
+    """lr_backoff's decision, written once (the torch Guard on host floats, Keras on
+    ``keras.ops``): ``(new scale, cut)`` for a step with ``event`` an incident, ``n_events`` the
+    incidents within the window counting this one, ``last`` the step of the last incident
+    (-1: none yet). An incident that makes ``events`` cuts the scale by ``factor`` (not below
+    ``min_scale``); ``window`` calm steps after the last incident grow it back by
+    ``(1 / factor) ** (1 / recover)`` a step, up to 1."""
+    cut = xp.logical_and(event, n_events >= p.events)
+    cut_scale = xp.maximum(scale * p.factor, p.min_scale)
+    calm = xp.logical_and(scale < 1.0, xp.logical_or(last < 0, step - last >= p.window))
+    grown = xp.minimum(scale * (1.0 / p.factor) ** (1.0 / p.recover), 1.0)
+    new = xp.where(event, xp.where(cut, cut_scale, scale), xp.where(calm, grown, scale))
+    return new, cut

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from typing import Any
 
 import torch
 
@@ -11,6 +12,7 @@ from ..errors import SpecError
 from .base import Policy, StepContext, check_keys, check_numbers
 from .clip import _check_positive
 from .registry import register
+from .xp import HOST, ArrayNamespace
 
 
 @register
@@ -75,16 +77,6 @@ class skip_spike(Policy):
         self.state = {"grad_norm": [], "loss": []}
         self._windows = {k: deque(maxlen=window) for k in ("grad_norm", "loss")}
 
-    def _outlier(self, key: str, x: float) -> bool:
-        w = self._windows[key]
-        need = self.warmup if self.warmup is not None else max(2, self.window // 2)
-        if len(w) + 1 < need or len(w) < 2:  # ``need`` counts the current value, as OLMo-core
-            return False
-        n = len(w)
-        mean = sum(w) / n
-        std = math.sqrt(sum((v - mean) ** 2 for v in w) / (n - 1))
-        return x - mean > self.z * std
-
     def apply(self, ctx: StepContext) -> None:
         host = ctx.host
         assert host is not None
@@ -93,7 +85,7 @@ class skip_spike(Policy):
             values["grad_norm"] = host.norm
         if self.on in ("loss", "both") and host.loss is not None:
             values["loss"] = host.loss
-        spiked = [k for k, v in values.items() if not math.isfinite(v) or self._outlier(k, v)]
+        spiked = [k for k, v in values.items() if is_spike(HOST, self, self._windows[k], v)]
         if spiked:
             ctx.request_skip("spike_" + "_".join(spiked))
             ctx.record(self.name, True)
@@ -115,3 +107,17 @@ class skip_spike(Policy):
     def load_state_dict(self, state: dict) -> None:
         for k in self._windows:
             self._windows[k] = deque((float(v) for v in state.get(k, [])), maxlen=self.window)
+
+
+def is_spike(xp: ArrayNamespace, p: skip_spike, window: Any, x: Any, filled: Any = None) -> Any:
+    """skip_spike's test, written once (the torch Guard on host floats, Keras on ``keras.ops``):
+    whether ``x`` is non-finite or more than ``p.z`` sample standard deviations above the mean of
+    the first ``filled`` values of ``window`` (all of them by default), once those and ``x``
+    number ``warmup`` (``need`` counts the current value, as OLMo-core) and at least two came
+    before it."""
+    n = len(window) if filled is None else filled
+    need = p.warmup if p.warmup is not None else max(2, p.window // 2)
+    mean, var = xp.window_moments(window, n)
+    ready = xp.logical_and(n + 1 >= need, n >= 2)
+    outlier = xp.logical_and(ready, x - mean > p.z * xp.sqrt(var))
+    return xp.logical_or(xp.logical_not(xp.isfinite(x)), outlier)

@@ -4,19 +4,28 @@ bluorion-com/ZClip ``zclip/zclip.py`` v1.0.0)."""
 from __future__ import annotations
 
 import math
-from typing import Literal
-
-import torch
-from torch import Tensor
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from ..errors import SpecError
-from .base import Policy, StepContext, check_keys, check_number, check_numbers, refuse_state
+from .base import StepContext, check_keys, check_number, check_numbers, refuse_state
 from .clip import NORM_EPS, _check_positive
 from .registry import register
+from .rule import (
+    Decision,
+    Field,
+    HostInputs,
+    RuleInputs,
+    RulePolicy,
+    initial_host_state,
+    is_torch_state,
+    to_host,
+)
+from .xp import HOST, ArrayNamespace
 
 
 @register
-class zclip(Policy):
+class zclip(RulePolicy):
     """Clip a global-norm spike detected by its z-score against an EMA of recent norms.
 
     Warmup: the first ``warmup`` finite norms are collected (clipped only by ``max_norm`` if given);
@@ -39,10 +48,15 @@ class zclip(Policy):
     Better than the reference: non-finite norms never enter the statistics; the norm is accumulated
     in float32 whatever the gradient dtype; no ``.item()`` sync (when the Guard already read the
     norm to the host for another policy, the arithmetic runs on Python floats instead of tiny
-    device kernels, with the same result).
+    device kernels, with the same result). The update is :func:`zclip_update`, written once for
+    that host path, the device path and Keras.
+
+    Metrics, on every path: ``zclip.threshold`` (the threshold in force, +inf when none) and
+    ``zclip.spike`` (1.0 on a step whose z-score fired, else 0.0).
     """
 
     name = "zclip"
+    metrics = ("zclip.threshold", "zclip.spike")
     nonnegative = frozenset({"buffer", "mean", "var"})
 
     def __init__(
@@ -77,117 +91,50 @@ class zclip(Policy):
         self.clip_option = clip_option
         self.clip_factor = float(clip_factor)
         self.skip_update_on_spike = bool(skip_update_on_spike)
-        # Plain floats: the state is 4 numbers plus the warmup buffer. Kept as Python floats on the
-        # host path and as 0-dim tensors on the device path (converted on first use).
-        self.state = {"buffer": [], "mean": 0.0, "var": 0.0, "initialized": False}
+        # The state is 4 numbers plus the warmup buffer (see ``fields``): Python numbers on the host
+        # path, tensors on the device path (converted when a path first meets the other's state).
+        self.state = initial_host_state(self.fields())
 
-    # ----- host path: Python floats --------------------------------------------------------------
-    def _host(self, x: float) -> tuple[float, bool]:
-        """Return (threshold, z-spike) for norm ``x``; update the state."""
-        st = self._as_host_state()
-        if not math.isfinite(x):
-            return math.inf, False
-        if not st["initialized"]:
-            st["buffer"].append(x)
-            if len(st["buffer"]) >= self.warmup:
-                buf = st["buffer"]
-                mean = sum(buf) / len(buf)
-                st["mean"] = mean
-                st["var"] = sum((b - mean) ** 2 for b in buf) / len(buf)
-                st["initialized"] = True
-                st["buffer"] = []
-            return (self.max_norm if self.max_norm is not None else math.inf), False
-        std = st["var"] ** 0.5
-        z = (x - st["mean"]) / (std + self.eps)
-        spike = z > self.z_thresh
-        clip_val = self._threshold_float(st["mean"], std, z) if spike else x
-        thr = clip_val if spike else math.inf
-        if self.max_norm is not None:
-            thr = min(thr, self.max_norm)
-        if not (spike and self.skip_update_on_spike):
-            mean = self.alpha * st["mean"] + (1 - self.alpha) * clip_val
-            st["var"] = self.alpha * st["var"] + (1 - self.alpha) * (clip_val - mean) ** 2
-            st["mean"] = mean
-        return thr, spike
+    # ----- the rule, written once (host floats, torch tensors, keras.ops) ---------------------------
+    def fields(self, n_layers: int = 0) -> dict[str, Field]:
+        # ``buffer`` holds the warmup norms in its first ``n`` slots; ``n`` stops at ``warmup``.
+        return {
+            "buffer": Field((self.warmup,)),
+            "n": Field(kind="int"),
+            "mean": Field(),
+            "var": Field(),
+            "initialized": Field(kind="bool"),
+        }
 
-    def _threshold_float(self, mean: float, std: float, z: float) -> float:
-        if self.clip_option == "mean":
-            return mean
-        return (mean + (self.z_thresh * std) / (z / self.z_thresh)) * self.clip_factor
-
-    # ----- device path: 0-dim tensors, no sync -----------------------------------------------------
-    def _device(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        st = self._as_device_state(x.device)
-        finite = torch.isfinite(x)
-        init = st["initialized"]
-        # Warmup: record finite norms in the buffer.
-        warm = finite & ~init
-        # index_select/scatter with a device index: indexing by a 0-dim tensor would sync.
-        slot = st["n"].clamp(max=self.warmup - 1).reshape(1)
-        current = st["buffer"].index_select(0, slot)
-        st["buffer"] = st["buffer"].scatter(0, slot, torch.where(warm, x, current).reshape(1))
-        n = st["n"] + warm.long()
-        just_ready = warm & (n >= self.warmup)
-        buf_mean = st["buffer"].mean()
-        buf_var = (st["buffer"] - buf_mean).square().mean()
-        # After warmup: z-score, threshold, EMA.
-        mean, var = st["mean"], st["var"]
-        std = var.sqrt()
-        z = (x - mean) / (std + self.eps)
-        spike = init & finite & (z > self.z_thresh)
-        if self.clip_option == "mean":
-            adaptive = mean
-        else:
-            adaptive = (mean + (self.z_thresh * std) / (z / self.z_thresh)) * self.clip_factor
-        clip_val = torch.where(spike, adaptive, x)
-        update = init & finite
-        if self.skip_update_on_spike:
-            update = update & ~spike
-        new_mean = self.alpha * mean + (1 - self.alpha) * clip_val
-        new_var = self.alpha * var + (1 - self.alpha) * (clip_val - new_mean).square()
-        st["mean"] = torch.where(update, new_mean, torch.where(just_ready, buf_mean, mean))
-        st["var"] = torch.where(update, new_var, torch.where(just_ready, buf_var, var))
-        st["initialized"] = init | just_ready
-        st["n"] = n
-        thr = torch.where(spike, adaptive, torch.full_like(x, math.inf))
-        if self.max_norm is not None:
-            thr = thr.clamp(max=self.max_norm)
-        return thr, spike
+    def decide(
+        self, xp: ArrayNamespace, state: Mapping[str, Any], inputs: RuleInputs
+    ) -> tuple[dict[str, Any], Decision]:
+        x = inputs.norm
+        new, thr, spike = zclip_update(xp, self, state, x)
+        coef = xp.where(x > thr, thr / (x + NORM_EPS), 1.0)
+        metrics = {"zclip.threshold": thr, "zclip.spike": xp.as_float(spike)}
+        return new, Decision(scale=coef, acted=coef < 1.0, metrics=metrics)
 
     # ----- state representation -----------------------------------------------------------------
-    def _as_host_state(self) -> dict:
-        st = self.state
-        if isinstance(st["mean"], Tensor):
-            init = bool(st["initialized"])
-            n = int(st["n"])
-            self.state = st = {
-                "buffer": [] if init else st["buffer"][:n].tolist(),
-                "mean": float(st["mean"]),
-                "var": float(st["var"]),
-                "initialized": init,
-            }
-        return st
+    def _as_host_state(self) -> dict[str, Any]:
+        if is_torch_state(self.state):
+            self.state = to_host(self.fields(), self.state)
+        return self.state
 
-    def _as_device_state(self, device: torch.device) -> dict:
-        st = self.state
-        if not isinstance(st["mean"], Tensor) or st["mean"].device != device:
-            st = self._as_host_state()
-            buf = torch.zeros(self.warmup, device=device)
-            if st["buffer"]:
-                buf[: len(st["buffer"])] = torch.tensor(st["buffer"], device=device)
-            n = len(st["buffer"]) if not st["initialized"] else self.warmup
-            self.state = st = {
-                "buffer": buf,
-                "mean": torch.tensor(st["mean"], device=device),
-                "var": torch.tensor(st["var"], device=device),
-                "initialized": torch.tensor(st["initialized"], device=device),
-                "n": torch.tensor(n, device=device),
-            }
-        return st
+    def _saved(self) -> dict[str, Any]:
+        """The saved form: the warmup norms so far (none once initialized), mean, var, flag."""
+        st = self._as_host_state()
+        init = st["initialized"]
+        return {
+            "buffer": [] if init else list(st["buffer"][: st["n"]]),
+            "mean": st["mean"],
+            "var": st["var"],
+            "initialized": init,
+        }
 
     def state_dict(self) -> dict:
         # Saved in the host form: portable across devices and between the two paths.
-        return dict(self._as_host_state(), buffer=list(self._as_host_state()["buffer"]))
+        return self._saved()
 
     def check_state(self, state) -> None:
         """The host form: ``mean`` and ``var`` finite and >= 0 (a NaN mean would let every spike
@@ -212,11 +159,18 @@ class zclip(Policy):
         missing = {"buffer", "mean", "var", "initialized"} - set(state)
         if missing:
             raise KeyError(f"zclip: state is missing {sorted(missing)}")
-        self.state = {
-            "buffer": [float(b) for b in state["buffer"]],
+        self.state = self._unsaved(state)
+
+    def _unsaved(self, state: Mapping[str, Any]) -> dict[str, Any]:
+        """The saved form as the in-memory host state (the buffer padded to ``warmup`` slots)."""
+        buf = [float(b) for b in state["buffer"]]
+        init = bool(state["initialized"])
+        return {
+            "buffer": buf + [0.0] * (self.warmup - len(buf)),
+            "n": self.warmup if init else len(buf),
             "mean": float(state["mean"]),
             "var": float(state["var"]),
-            "initialized": bool(state["initialized"]),
+            "initialized": init,
         }
 
     # ----- the step ---------------------------------------------------------------------------------
@@ -225,20 +179,65 @@ class zclip(Policy):
         if not stats.grads:
             return
         if ctx.host is not None and not stats.modified:
-            # The Guard already read the raw norm to the host: do the scalar math in Python, and
+            # The Guard already read the raw norm to the host: run the rule on Python floats, and
             # touch the gradients only when there is something to clip.
             norm = ctx.host.norm
-            thr, spike = self._host(norm)
-            if math.isfinite(norm) and norm > thr:
-                stats.scale_(thr / (norm + NORM_EPS))
+            self.state, decision = self.decide(HOST, self._as_host_state(), HostInputs(norm))
+            if math.isfinite(norm) and decision.acted:
+                stats.scale_(decision.scale)
                 ctx.record(self.name, True)
-            ctx.metrics["zclip.threshold"] = thr
-            if spike:
-                ctx.metrics["zclip.spike"] = 1.0
+            ctx.metrics.update(decision.metrics)
             return
-        x = stats.norm_after
-        thr, spike = self._device(x)
-        coef = torch.where(x > thr, thr / (x + NORM_EPS), torch.ones_like(x))
-        stats.scale_(coef)
-        ctx.record(self.name, coef < 1.0)
-        ctx.metrics["zclip.threshold"] = thr
+        super().apply(ctx)  # the same rule on device tensors, sync-free
+
+
+def zclip_update(
+    xp: ArrayNamespace, p: zclip, state: Mapping[str, Any], x: Any
+) -> tuple[dict[str, Any], Any, Any]:
+    """ZClip's update for global norm ``x``: ``(new state, threshold, z-spike)``. Pure, and written
+    once for every path: ``xp`` is :data:`~gradguard.policies.xp.HOST` (Python floats),
+    :data:`~gradguard.policies.xp.TORCH` or Keras's namespace; ``p`` holds the parameters.
+
+    Every branch is a ``where``: a non-finite ``x`` changes nothing; during warmup a finite ``x``
+    fills the next buffer slot, and the ``warmup``-th sets ``mean`` and ``var`` to the buffer's
+    moments; after it, the z-score decides the spike, the threshold and the EMA update.
+    """
+    finite = xp.isfinite(x)
+    init = state["initialized"]
+    # Warmup: record finite norms in the buffer.
+    warm = xp.logical_and(finite, xp.logical_not(init))
+    n = state["n"]
+    buffer = xp.put(state["buffer"], xp.minimum(n, p.warmup - 1), x, warm)
+    n = n + xp.as_int(warm)
+    just_ready = xp.logical_and(warm, n >= p.warmup)
+    buf_mean, buf_var = xp.moments(buffer, used=just_ready)
+    # After warmup: z-score, threshold, EMA.
+    mean, var = state["mean"], state["var"]
+    std = xp.sqrt(var)
+    z = (x - mean) / (std + p.eps)
+    spike = xp.logical_and(xp.logical_and(init, finite), z > p.z_thresh)
+    if p.clip_option == "mean":
+        adaptive = mean
+    else:
+        # z > z_thresh > 0 wherever the adaptive value is used; elsewhere 1 keeps the unused
+        # branch finite (on the host a zero z would raise).
+        z_used = xp.where(spike, z, 1.0)
+        adaptive = (mean + (p.z_thresh * std) / (z_used / p.z_thresh)) * p.clip_factor
+    clip_val = xp.where(spike, adaptive, x)
+    update = xp.logical_and(init, finite)
+    if p.skip_update_on_spike:
+        update = xp.logical_and(update, xp.logical_not(spike))
+    new_mean = p.alpha * mean + (1 - p.alpha) * clip_val
+    dev = clip_val - new_mean
+    new_var = p.alpha * var + (1 - p.alpha) * (dev * dev)
+    new_state = {
+        "buffer": buffer,
+        "n": n,
+        "mean": xp.where(update, new_mean, xp.where(just_ready, buf_mean, mean)),
+        "var": xp.where(update, new_var, xp.where(just_ready, buf_var, var)),
+        "initialized": xp.logical_or(init, just_ready),
+    }
+    thr = xp.where(spike, adaptive, math.inf)
+    if p.max_norm is not None:
+        thr = xp.minimum(thr, p.max_norm)
+    return new_state, thr, spike

@@ -1,0 +1,217 @@
+"""A policy written once: a pure decision from (statistics, state) to (new state, decision).
+
+A :class:`RulePolicy` declares its state as a few fixed-shape :class:`Field`s and implements
+:meth:`RulePolicy.decide` against an array namespace (:mod:`gradguard.policies.xp`). The same
+function then serves the torch Guard's device path (tensors, sync-free: the default
+:meth:`RulePolicy.apply`), a host path where a policy has one (Python floats, when the Guard has
+already read the norm), and Keras, whose generic adapter builds one ``keras.Variable`` per field and
+calls ``decide`` with ``keras.ops`` (``gradguard.keras.policies.RuleAdapter``). Adding such a policy
+is one file, its reference twin and its contract test: nothing in the Keras package.
+
+Like optax's ``update(updates, state) -> (updates, state)``: the rule only decides; the framework
+applies the :class:`Decision` (scales the gradients, records the action, reports the metrics).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, ClassVar, Literal, Protocol
+
+import torch
+from torch import Tensor
+
+from ..stats import GradStats
+from .base import Policy, StepContext
+from .xp import TORCH, ArrayNamespace
+
+
+@dataclass(frozen=True)
+class Field:
+    """One piece of a rule's state: its shape, kind and initial value. On the host a scalar is a
+    Python number and a vector a list; on torch a tensor (``float`` in the default dtype, ``int``
+    int64, ``bool``); in Keras a variable (``float`` float32; ``int`` and ``bool`` int32)."""
+
+    shape: tuple[int, ...] = ()
+    kind: Literal["float", "int", "bool"] = "float"
+    init: float = 0
+
+
+@dataclass
+class Decision:
+    """What a rule decided for one step; the framework applies it.
+
+    ``scale``: one factor for every gradient; ``layer_scale``: one factor per layer (the layout's
+    layers); ``acted``: whether the policy acted (a bool or a 0-dim bool array); ``acted_layers``:
+    a bool mask over the layers (or None); ``metrics``: named numbers for telemetry, the same keys
+    on every path (the policy's ``metrics``).
+    """
+
+    scale: Any = None
+    layer_scale: Any = None
+    acted: Any = False
+    acted_layers: Any = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class RuleInputs(Protocol):
+    """The step's statistics a rule reads, as arrays of its namespace."""
+
+    @property
+    def norm(self) -> Any:
+        """The global L2 gradient norm after the policies before this one."""
+        ...
+
+    @property
+    def layer_norms(self) -> Any:
+        """The L2 norm of each layer's gradient (0 for a layer without one)."""
+        ...
+
+    @property
+    def layer_present(self) -> Any:
+        """Whether each layer has a gradient this step (a bool vector)."""
+        ...
+
+
+@dataclass(frozen=True)
+class HostInputs:
+    """The host path's one statistic: the global norm the Guard read."""
+
+    norm: float
+
+    @property
+    def layer_norms(self) -> Any:  # pragma: no cover - no host rule reads it
+        raise NotImplementedError("the host path has only the global norm")
+
+    @property
+    def layer_present(self) -> Any:  # pragma: no cover
+        raise NotImplementedError("the host path has only the global norm")
+
+
+class TorchInputs:
+    """A :class:`~gradguard.stats.GradStats` seen as rule inputs (each computed when first read)."""
+
+    def __init__(self, stats: GradStats):
+        self.stats = stats
+
+    @cached_property
+    def norm(self) -> Tensor:
+        return self.stats.norm_after
+
+    @cached_property
+    def layer_norms(self) -> Tensor:
+        return self.stats.layer_norms()
+
+    @cached_property
+    def layer_present(self) -> Tensor:
+        stats = self.stats
+        counts = torch.zeros(stats.num_layers, device=stats.device).index_add_(
+            0, stats.layer_ids, torch.ones_like(stats.param_norms, dtype=torch.float32)
+        )
+        return counts > 0
+
+
+# ----- the state on the host and on torch ---------------------------------------------------------
+_TORCH_DTYPES: dict[str, torch.dtype | None] = {
+    "float": None,
+    "int": torch.long,
+    "bool": torch.bool,
+}
+_HOST_TYPES: dict[str, type] = {"float": float, "int": int, "bool": bool}
+
+
+def initial_host_state(fields: Mapping[str, Field]) -> dict[str, Any]:
+    """The fields' initial values as Python numbers (lists for vectors)."""
+    out: dict[str, Any] = {}
+    for k, f in fields.items():
+        v = _HOST_TYPES[f.kind](f.init)
+        out[k] = [v] * math.prod(f.shape) if f.shape else v
+    return out
+
+
+def initial_torch_state(fields: Mapping[str, Field], device: torch.device) -> dict[str, Tensor]:
+    """The fields' initial values as tensors on ``device``."""
+    return {
+        k: torch.full(
+            f.shape, f.init, dtype=_TORCH_DTYPES[f.kind] or torch.get_default_dtype(), device=device
+        )
+        for k, f in fields.items()
+    }
+
+
+def to_torch(
+    fields: Mapping[str, Field], state: Mapping[str, Any], device: torch.device
+) -> dict[str, Tensor]:
+    """The state as tensors on ``device`` (tensors already there are kept as they are; the
+    host-to-device copy happens once, when a host state first meets the device path)."""
+    out = {}
+    for k, f in fields.items():
+        v = state[k]
+        if isinstance(v, Tensor):
+            out[k] = v if v.device == device else v.to(device)
+        else:
+            out[k] = torch.tensor(v, dtype=_TORCH_DTYPES[f.kind], device=device)
+    return out
+
+
+def to_host(fields: Mapping[str, Field], state: Mapping[str, Any]) -> dict[str, Any]:
+    """The state as Python numbers and lists (one read per tensor: only when a device state
+    meets the host path or is saved)."""
+    out = {}
+    for k, f in fields.items():
+        v = state[k]
+        if isinstance(v, Tensor):
+            v = v.tolist()
+        cast = _HOST_TYPES[f.kind]
+        out[k] = [cast(x) for x in v] if f.shape else cast(v)
+    return out
+
+
+def is_torch_state(state: Mapping[str, Any]) -> bool:
+    return any(isinstance(v, Tensor) for v in state.values())
+
+
+# ----- the policy ------------------------------------------------------------------------------------
+class RulePolicy(Policy):
+    """A policy whose step is :meth:`decide`, written once against an array namespace.
+
+    Subclasses set ``metrics`` (the names :meth:`decide` reports, the same on every path) and
+    implement :meth:`fields` and :meth:`decide`. The default :meth:`apply` is the torch device
+    path: the state moves to the gradients' device as tensors, ``decide`` runs on them with
+    :data:`~gradguard.policies.xp.TORCH`, and the decision is applied with no host sync.
+    """
+
+    #: The metric keys :meth:`decide` reports.
+    metrics: ClassVar[tuple[str, ...]] = ()
+
+    def fields(self, n_layers: int) -> dict[str, Field]:
+        """The state's fields for a model with ``n_layers`` layers."""
+        raise NotImplementedError
+
+    def decide(
+        self, xp: ArrayNamespace, state: Mapping[str, Any], inputs: RuleInputs
+    ) -> tuple[dict[str, Any], Decision]:
+        """The new state (every field) and the decision; pure: ``state`` is not changed."""
+        raise NotImplementedError
+
+    def apply(self, ctx: StepContext) -> None:
+        stats = ctx.stats
+        if not stats.grads:
+            return
+        fields = self.fields(stats.num_layers)
+        state = to_torch(fields, self.state, stats.device)
+        self.state, decision = self.decide(TORCH, state, TorchInputs(stats))
+        apply_decision(ctx, self.name, decision)
+
+
+def apply_decision(ctx: StepContext, name: str, decision: Decision) -> None:
+    """Apply a decision on torch tensors: scale the gradients, record the action, the metrics."""
+    stats = ctx.stats
+    if decision.scale is not None:
+        stats.scale_(decision.scale)
+    if decision.layer_scale is not None:
+        stats.scale_params_(decision.layer_scale.index_select(0, stats.layer_ids))
+    ctx.record(name, decision.acted, decision.acted_layers)
+    ctx.metrics.update(decision.metrics)

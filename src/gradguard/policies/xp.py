@@ -1,0 +1,315 @@
+"""The few array operations the policies' decision rules are written against.
+
+A rule (ZClip's update, clip_layerwise's thresholds, ...) is written once, against an
+:class:`ArrayNamespace` ``xp``, and runs on three kinds of numbers:
+
+- :data:`HOST`: Python floats, ints and bools, and lists for the small fixed-size buffers. Used when
+  the Guard has already read the step's norm to the host: a few float operations instead of tiny
+  device kernels. ``where(c, a, b)`` is ``a if c else b``. It is scalar: a list enters only the
+  buffer operations (``put``, ``take``, ``moments``, ``window_moments``, ``searchsorted``), so a
+  rule with elementwise vector arithmetic (clip_layerwise, AutoClip's history) runs on the other
+  two only.
+- :data:`TORCH`: tensors, sync-free: every branch on a value is a ``torch.where``, never a Python
+  ``if`` (that would read the value to the host).
+- ``gradguard.keras.xp.KERAS``: ``keras.ops``, for every Keras backend and inside a compiled step
+  (defined in the Keras package, so importing gradguard never imports Keras).
+
+Arithmetic (``+ - * /``, comparisons with ``>``, ``>=``) is written with the operators, which all
+three support; the namespace holds what the operators do not express. Both branches of ``where``
+are evaluated on every path, so a rule keeps them finite-safe (no division by a value that can be
+zero on the branch not taken: Python would raise where a tensor gives inf).
+
+As Keras's own ``LossScaleOptimizer`` is written once in ``keras.ops`` for every backend.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+
+class ArrayNamespace(Protocol):
+    """What a decision rule may call on ``xp``. Scalars are 0-dim arrays (or Python numbers on the
+    host); ``buf`` arguments are 1-D (lists on the host)."""
+
+    def where(self, cond: Any, a: Any, b: Any) -> Any:
+        """``a`` where ``cond`` holds, else ``b`` (elementwise)."""
+        ...
+
+    def sqrt(self, x: Any) -> Any: ...
+
+    def power(self, base: float, exponent: Any) -> Any:
+        """``base ** exponent`` for a Python float ``base``."""
+        ...
+
+    def minimum(self, a: Any, b: Any) -> Any:
+        """Elementwise minimum; ``b`` may be a Python number."""
+        ...
+
+    def maximum(self, a: Any, b: Any) -> Any:
+        """Elementwise maximum; ``b`` may be a Python number."""
+        ...
+
+    def isfinite(self, x: Any) -> Any: ...
+
+    def logical_and(self, a: Any, b: Any) -> Any: ...
+
+    def logical_or(self, a: Any, b: Any) -> Any: ...
+
+    def logical_not(self, a: Any) -> Any: ...
+
+    def any(self, a: Any) -> Any:
+        """Whether any element of ``a`` holds (a scalar)."""
+        ...
+
+    def as_float(self, x: Any) -> Any:
+        """``x`` (a bool or int) as float32 (a Python float on the host)."""
+        ...
+
+    def as_int(self, x: Any) -> Any:
+        """``x`` (a bool) as the namespace's integer (a Python int on the host)."""
+        ...
+
+    def full_like(self, x: Any, value: float) -> Any: ...
+
+    def moments(self, buf: Any, used: Any = True) -> tuple[Any, Any]:
+        """Mean and population variance (``ddof=0``) of a small 1-D buffer, for a rule that uses
+        them only where ``used`` holds (elsewhere the host returns zeros without summing)."""
+        ...
+
+    def window_moments(self, buf: Any, n: Any) -> tuple[Any, Any]:
+        """Mean and sample variance (``ddof=1``) of the first ``n`` entries of ``buf`` (0 where
+        there are too few: the mean of none, the variance of one)."""
+        ...
+
+    def put(self, buf: Any, index: Any, value: Any, when: Any) -> Any:
+        """``buf`` with ``buf[index] = value`` where ``when`` holds (a new array; ``index`` a
+        scalar, never read to the host)."""
+        ...
+
+    def take(self, buf: Any, index: Any) -> Any:
+        """``buf[index]`` for a scalar ``index`` (an integer-valued float is accepted)."""
+        ...
+
+    def floor(self, x: Any) -> Any: ...
+
+    def arange_like(self, buf: Any) -> Any:
+        """The positions of ``buf``'s elements, ``0 .. len(buf) - 1`` (integers)."""
+        ...
+
+    def concat(self, parts: Sequence[Any]) -> Any:
+        """1-D arrays end to end."""
+        ...
+
+    def searchsorted(self, buf: Any, x: Any, right: bool) -> Any:
+        """Where ``x`` goes in ascending ``buf``: the number of elements ``<= x`` (``right``) or
+        ``< x``."""
+        ...
+
+
+class _Host:
+    """Python numbers; lists for buffers."""
+
+    @staticmethod
+    def where(cond: Any, a: Any, b: Any) -> Any:
+        return a if cond else b
+
+    @staticmethod
+    def sqrt(x: float) -> float:
+        return math.sqrt(x)
+
+    @staticmethod
+    def power(base: float, exponent: float) -> float:
+        return base**exponent
+
+    @staticmethod
+    def minimum(a: float, b: float) -> float:
+        return min(a, b)
+
+    @staticmethod
+    def maximum(a: float, b: float) -> float:
+        return max(a, b)
+
+    @staticmethod
+    def isfinite(x: float) -> bool:
+        return math.isfinite(x)
+
+    @staticmethod
+    def logical_and(a: bool, b: bool) -> bool:
+        return bool(a and b)
+
+    @staticmethod
+    def logical_or(a: bool, b: bool) -> bool:
+        return bool(a or b)
+
+    @staticmethod
+    def logical_not(a: bool) -> bool:
+        return not a
+
+    @staticmethod
+    def any(a: Any) -> bool:
+        return any(a) if isinstance(a, list) else bool(a)
+
+    @staticmethod
+    def as_float(x: Any) -> float:
+        return float(x)
+
+    @staticmethod
+    def as_int(x: Any) -> int:
+        return int(x)
+
+    @staticmethod
+    def full_like(x: Any, value: float) -> Any:
+        return [value] * len(x) if isinstance(x, list) else value
+
+    @staticmethod
+    def moments(buf: list[float], used: bool = True) -> tuple[float, float]:
+        if not used:
+            return 0.0, 0.0
+        n = len(buf)
+        mean = sum(buf) / n
+        # A product, not ``** 2``: the same correctly rounded square, and inf instead of an
+        # OverflowError for a huge norm.
+        return mean, sum((b - mean) * (b - mean) for b in buf) / n
+
+    @staticmethod
+    def window_moments(buf: Sequence[float], n: int) -> tuple[float, float]:
+        w = buf if n == len(buf) else list(buf)[:n]
+        mean = sum(w) / max(n, 1)
+        return mean, sum((v - mean) * (v - mean) for v in w) / max(n - 1, 1)
+
+    @staticmethod
+    def put(buf: list[float], index: int, value: float, when: bool) -> list[float]:
+        if not when:
+            return buf
+        out = list(buf)
+        out[index] = value
+        return out
+
+    @staticmethod
+    def take(buf: Sequence[float], index: float) -> float:
+        return buf[int(index)]
+
+    @staticmethod
+    def floor(x: float) -> float:
+        return float(math.floor(x))
+
+    @staticmethod
+    def arange_like(buf: Sequence[float]) -> list[int]:
+        return list(range(len(buf)))
+
+    @staticmethod
+    def concat(parts: Sequence[Sequence[float]]) -> list[float]:
+        return [v for part in parts for v in part]
+
+    @staticmethod
+    def searchsorted(buf: Sequence[float], x: float, right: bool) -> int:
+        return (bisect.bisect_right if right else bisect.bisect_left)(buf, x)
+
+
+class _Torch:
+    """Tensors, with no host sync."""
+
+    @staticmethod
+    def where(cond: Tensor, a: Any, b: Any) -> Tensor:
+        return torch.where(cond, a, b)
+
+    @staticmethod
+    def sqrt(x: Tensor) -> Tensor:
+        return x.sqrt()
+
+    @staticmethod
+    def power(base: float, exponent: Tensor) -> Tensor:
+        return base**exponent
+
+    @staticmethod
+    def minimum(a: Tensor, b: Any) -> Tensor:
+        return a.clamp(max=b) if isinstance(b, (int, float)) else torch.minimum(a, b)
+
+    @staticmethod
+    def maximum(a: Tensor, b: Any) -> Tensor:
+        return a.clamp(min=b) if isinstance(b, (int, float)) else torch.maximum(a, b)
+
+    @staticmethod
+    def isfinite(x: Tensor) -> Tensor:
+        return torch.isfinite(x)
+
+    @staticmethod
+    def logical_and(a: Tensor, b: Tensor) -> Tensor:
+        return a & b
+
+    @staticmethod
+    def logical_or(a: Tensor, b: Tensor) -> Tensor:
+        return a | b
+
+    @staticmethod
+    def logical_not(a: Tensor) -> Tensor:
+        return ~a
+
+    @staticmethod
+    def any(a: Tensor) -> Tensor:
+        return a.any()
+
+    @staticmethod
+    def as_float(x: Tensor) -> Tensor:
+        return x.float()
+
+    @staticmethod
+    def as_int(x: Tensor) -> Tensor:
+        return x.long()
+
+    @staticmethod
+    def full_like(x: Tensor, value: float) -> Tensor:
+        return torch.full_like(x, value)
+
+    @staticmethod
+    def moments(buf: Tensor, used: Any = True) -> tuple[Tensor, Tensor]:
+        mean = buf.mean()
+        return mean, (buf - mean).square().mean()
+
+    @staticmethod
+    def window_moments(buf: Tensor, n: Tensor) -> tuple[Tensor, Tensor]:
+        valid = torch.arange(buf.numel(), device=buf.device) < n
+        nf = n.float()
+        mean = torch.where(valid, buf, 0.0).sum() / nf.clamp(min=1.0)
+        ss = torch.where(valid, (buf - mean).square(), 0.0).sum()
+        return mean, ss / (nf - 1.0).clamp(min=1.0)
+
+    @staticmethod
+    def put(buf: Tensor, index: Tensor, value: Tensor, when: Tensor) -> Tensor:
+        # index_select/scatter with a device index: indexing by a 0-dim tensor would sync.
+        slot = index.reshape(1)
+        current = buf.index_select(0, slot)
+        return buf.scatter(0, slot, torch.where(when, value, current).reshape(1))
+
+    @staticmethod
+    def take(buf: Tensor, index: Tensor) -> Tensor:
+        # index_select with a device index: indexing by a 0-dim tensor would sync.
+        return buf.index_select(0, index.long().reshape(1)).reshape(())
+
+    @staticmethod
+    def floor(x: Tensor) -> Tensor:
+        return x.floor()
+
+    @staticmethod
+    def arange_like(buf: Tensor) -> Tensor:
+        return torch.arange(buf.numel(), device=buf.device)
+
+    @staticmethod
+    def concat(parts: Sequence[Tensor]) -> Tensor:
+        return torch.cat(list(parts))
+
+    @staticmethod
+    def searchsorted(buf: Tensor, x: Tensor, right: bool) -> Tensor:
+        return torch.searchsorted(buf, x.reshape(1), right=right)
+
+
+#: Python numbers (the host path).
+HOST: ArrayNamespace = _Host()
+#: torch tensors (the device path).
+TORCH: ArrayNamespace = _Torch()
