@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from gradguard import ParamLayout, compute_grad_stats
+from gradguard.layout import ParamLayout
+from gradguard.stats import compute_grad_stats
 
 from conftest import TinyNet, set_grads
 

@@ -5,15 +5,24 @@ loss.backward()
 report = guard.step(loss=loss)     # replaces optimizer.step()
 """
 
+import importlib
+from typing import Any
+
 from . import advise  # a callable package: gradguard.advise(...); its work loads when called
-from .errors import ConfigError, GradGuardError, SnapshotError, SpecError
+from .errors import (
+    ConfigError,
+    GradGuardError,
+    IntegrityError,
+    SnapshotError,
+    SpecError,
+    StallError,
+    TrainingHalted,
+)
 from .guard import Guard
-from .layout import ParamLayout
 from .optim import GuardedOptimizer
 from .policies import (
     DEFAULT_SPEC,
     Policy,
-    StepContext,
     agc,
     autoclip,
     available_policies,
@@ -29,7 +38,6 @@ from .policies import (
     zclip,
 )
 from .report import StepReport
-from .stats import GradStats, compute_grad_stats
 
 __version__ = "0.1.0"
 
@@ -37,15 +45,15 @@ __all__ = [
     "DEFAULT_SPEC",
     "ConfigError",
     "GradGuardError",
-    "GradStats",
     "Guard",
     "GuardedOptimizer",
-    "ParamLayout",
+    "IntegrityError",
     "Policy",
     "SnapshotError",
     "SpecError",
-    "StepContext",
+    "StallError",
     "StepReport",
+    "TrainingHalted",
     "__version__",
     "advise",
     "agc",
@@ -54,7 +62,6 @@ __all__ = [
     "clip_layerwise",
     "clip_norm",
     "clip_value",
-    "compute_grad_stats",
     "lr_backoff",
     "parse_spec",
     "reset_moments",
@@ -63,3 +70,14 @@ __all__ = [
     "skip_spike",
     "zclip",
 ]
+
+
+#: Subpackages reachable as ``gradguard.<name>`` after ``import gradguard``, loaded on first use
+#: (so ``import gradguard`` stays light): ``gradguard.faults.parse(...)`` works as written.
+_LAZY = ("bench", "diagnose", "faults", "integrations", "keras")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'gradguard' has no attribute {name!r}")
