@@ -124,7 +124,7 @@ def test_calling_step_twice_on_the_same_gradients_is_refused():
     assert r.skipped and r.skip_reason == "stale_grads"
     assert_same(after_first, snapshot(model, opt))
     # ZClip saw exactly one norm (ZClip#16: a second call corrupts the reference's statistics).
-    assert len(guard.policies[1].state["buffer"]) == 1
+    assert len(guard.policies[1].state_dict()["buffer"]) == 1
     # A real new backward (even into the same grad tensors) is a new step.
     model(data(1)[0]).sum().backward()
     assert not guard.step().skipped

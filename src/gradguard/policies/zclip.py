@@ -23,6 +23,9 @@ from .rule import (
 )
 from .xp import HOST, ArrayNamespace
 
+#: The longest warmup: its norms are held in a fixed buffer (1M slots = 8 MB on the host).
+MAX_WARMUP = 1_000_000
+
 
 @register
 class zclip(RulePolicy):
@@ -77,8 +80,11 @@ class zclip(RulePolicy):
         _check_positive(self.name, "max_norm", max_norm, allow_none=True)
         _check_positive(self.name, "eps", eps)
         _check_positive(self.name, "clip_factor", clip_factor)
-        if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 1:
-            raise SpecError(f"warmup must be an integer >= 1, got {warmup!r}")
+        if not isinstance(warmup, int) or isinstance(warmup, bool) or not 1 <= warmup <= MAX_WARMUP:
+            raise SpecError(
+                f"warmup must be an integer in [1, {MAX_WARMUP}], got {warmup!r} (the warmup norms "
+                "are held in a buffer of that many slots; the paper uses 25)"
+            )
         if clip_option not in ("adaptive_scaling", "mean"):
             raise SpecError(
                 f"clip_option must be 'adaptive_scaling' or 'mean', got {clip_option!r}"
