@@ -13,13 +13,14 @@ and :data:`TABLES` says what goes there: which stored result, rendered how. Ever
 a line naming its source and the command that made it.
 
     python scripts/docs_tables.py            # rewrite every table from docs/results/
-    python scripts/docs_tables.py --check    # exit 1 if a table is stale or edited by hand (CI)
+    python scripts/docs_tables.py --check    # exit 1 if a table is stale or edited by hand, or a link is broken (CI)
     python scripts/docs_tables.py store quick /tmp/bench-quick/summary.csv \\
         --command "gradguard bench --out /tmp/bench-quick" --wall-s 180
 
 ``store`` copies a result into ``docs/results/`` and writes its ``.json``; run the generator after
-it. ``--check`` also refuses hand-kept test counts ("999 tests") anywhere in the docs: a count of
-tests is what ``python -m pytest`` prints, not something to keep in prose.
+it. ``--check`` also refuses hand-kept test counts ("999 tests") anywhere in the docs (a count of
+tests is what ``python -m pytest`` prints, not something to keep in prose) and relative links, or
+their ``#anchors``, that lead nowhere.
 
 Standard library only: it runs before anything is installed.
 """
@@ -45,12 +46,13 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path("docs/results")
 #: The Markdown files that may hold tables (relative to the root).
 DOC_GLOBS = ("README.md", "CHANGELOG.md", "docs/*.md")
+#: A marker is a line of its own (one quoted in prose, inside backticks, is not a marker).
 MARKER = re.compile(
-    r"<!-- table:(?P<name>[\w.-]+) -->\n(?P<body>.*?)<!-- /table:(?P=name) -->", re.S
+    r"^<!-- table:(?P<name>[\w.-]+) -->\n(?P<body>.*?)^<!-- /table:(?P=name) -->$", re.S | re.M
 )
-OPEN_MARKER = re.compile(r"<!-- (/?)table:([\w.-]+) -->")
+OPEN_MARKER = re.compile(r"^<!-- (/?)table:([\w.-]+) -->$", re.M)
 #: Test counts kept by hand go stale on the next commit; CI prints the real one.
-TEST_COUNT = re.compile(r"\b\d[\d,]*\s+(?:tests|passed|failed|skipped)\b", re.I)
+TEST_COUNT = re.compile(r"\b\d[\d,]*\s+(?:tests|passed)\b", re.I)
 
 
 # ----- stored results ------------------------------------------------------------------------------
@@ -87,10 +89,14 @@ def read_summary(path: Path) -> list[dict]:
     return rows
 
 
+class MissingResult(Exception):
+    """A table's stored result is not in docs/results/."""
+
+
 def read_meta(root: Path, name: str) -> dict:
     path = root / RESULTS / f"{name}.json"
     if not path.exists():
-        raise SystemExit(f"docs_tables: {path.relative_to(root)} is missing (run `store` first)")
+        raise MissingResult(f"{path.relative_to(root)} is missing (run `store` first)")
     return json.loads(path.read_text())
 
 
@@ -301,6 +307,35 @@ def doc_files(root: Path) -> list[Path]:
     return out
 
 
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*$", re.M)
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)  # no headings in code
+    return {slug(h) for h in HEADING.findall(text)}
+
+
+def broken_links(root: Path, doc: Path, text: str) -> list[str]:
+    """Relative links (and their #anchors) in ``doc`` that lead nowhere."""
+    out = []
+    for target in LINK.findall(re.sub(r"```.*?```", "", text, flags=re.S)):
+        if re.match(r"[a-z]+:", target):
+            continue  # http:, https:, mailto:
+        path, _, anchor = target.partition("#")
+        dest = (root / doc).parent / path if path else root / doc
+        if not dest.exists():
+            out.append(f"{doc}: link to {target}: {path} does not exist")
+        elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
+            out.append(f"{doc}: link to {target}: no heading #{anchor} in {path or doc}")
+    return out
+
+
 def process(root: Path, check: bool) -> list[str]:
     """Rewrite (or, with ``check``, compare) every table; return the problems found."""
     problems: list[str] = []
@@ -325,12 +360,18 @@ def process_doc(root: Path, doc: Path, text: str, check: bool, problems: list[st
             "say what the tests check, not how many there are"
         )
 
+    problems += broken_links(root, doc, text)
+
     def replace(m: re.Match) -> str:
         name = m.group("name")
         if name not in TABLES:
             problems.append(f"{doc}: unknown table:{name} (known: {', '.join(TABLES)})")
             return m.group(0)
-        new = render(root, doc, name)
+        try:
+            new = render(root, doc, name)
+        except MissingResult as e:
+            problems.append(f"{doc}: table:{name}: {e}")
+            return m.group(0)
         if m.group("body") != new:
             if check:
                 problems.append(
