@@ -245,3 +245,18 @@ def test_any_corruption_ends_finite_or_in_the_guards_own_error(how, value, polic
         except GradGuardError:
             return
         assert all_finite(model, opt), (how, value, policy, at)
+
+
+def test_huge_but_finite_weights_are_finite_for_the_bench_and_rollback():
+    """A float32 norm of 1e30-sized weights overflows; neither the bench's divergence check nor
+    rollback's snapshot rule may take that for a NaN."""
+    from gradguard.bench.train import params_finite
+
+    model, _opt, guard = setup(policy="rollback:every=1")
+    with torch.no_grad():
+        model.fc1.weight.fill_(1e30)
+    assert params_finite(model)
+    assert guard.policies[0]._params_finite()
+    with torch.no_grad():
+        model.fc1.weight[0, 0] = math.nan
+    assert not params_finite(model) and not guard.policies[0]._params_finite()
