@@ -21,7 +21,8 @@ from gradguard import SpecError, parse_spec
         ("zclip", ["zclip"], {"z_thresh": 2.5, "alpha": 0.97, "warmup": 25, "max_norm": None}),
         ("zclip:z_thresh=2.0,max_norm=5", ["zclip"], {"z_thresh": 2.0, "max_norm": 5.0}),
         ("skip_nonfinite+zclip", ["skip_nonfinite", "zclip"], {}),
-        ("default", ["skip_nonfinite", "zclip", "clip_norm"], {}),
+        ("default", ["skip_nonfinite", "adaptive_clip", "update_clip", "lr_backoff"], {}),
+        ("default_v1", ["skip_nonfinite", "zclip", "clip_norm"], {}),
         ("agc:clipping=0.02,exclude=fc1*|head", ["agc"], {"exclude": ("fc1*", "head")}),
         ("rollback:every=10,to=disk", ["rollback"], {"every": 10, "to": "disk"}),
         (" skip_nonfinite + clip_norm : 2 ", ["skip_nonfinite", "clip_norm"], {}),
@@ -45,7 +46,7 @@ def test_objects_and_lists():
 @pytest.mark.parametrize(
     ("spec", "fragment"),
     [
-        ("clipnorm:1.0", "unknown policy 'clipnorm'; valid policies: agc, autoclip"),
+        ("clipnorm:1.0", "unknown policy 'clipnorm'; valid policies: adaptive_clip, agc, autoclip"),
         ("clip_norm:max=1", "unknown parameter 'max'; valid parameters: max_norm, norm_type"),
         ("clip_norm:abc", "max_norm='abc' is not a number"),
         ("clip_norm:-1", "max_norm must be a finite number > 0"),

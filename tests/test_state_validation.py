@@ -195,6 +195,24 @@ BAD_STATES = [
     ("rollback", "rollback", _set("r", "rollbacks", "2"), ["rollback", "rollbacks"]),
     ("rollback", "rollback", _set("r", "run_id", 7), ["rollback", "run_id"]),
     ("rollback", "rollback", _drop("since_snapshot"), ["rollback", "no since_snapshot"]),
+    # adaptive_clip's ring of log-norms.
+    ("adaptive_clip", "adaptive_clip", _item("buffer", 0, NAN), ["adaptive_clip", "buffer", "nan"]),
+    ("adaptive_clip", "adaptive_clip", _set("a", "buffer", lambda t: t[:3]), ["buffer", "64"]),
+    ("adaptive_clip", "adaptive_clip", _set("a", "pos", 64), ["adaptive_clip", "pos"]),
+    ("adaptive_clip", "adaptive_clip", _set("a", "n", -1), ["adaptive_clip", "n=-1"]),
+    ("adaptive_clip", "adaptive_clip", _drop("pos"), ["adaptive_clip", "no pos"]),
+    # update_clip's per-layer history of update ratios.
+    ("update_clip", "update_clip", _set("u", "history", lambda t: t[:1]), ["one row per layer"]),
+    (
+        "update_clip",
+        "update_clip",
+        _set("u", "history", lambda t: [[INF] * len(t[0]), *t[1:]]),
+        ["update_clip", "history", "finite"],
+    ),
+    ("update_clip", "update_clip", _set("u", "pos", 99), ["update_clip", "pos"]),
+    ("update_clip", "update_clip", _set("u", "hold", -1), ["update_clip", "hold=-1"]),
+    ("update_clip", "update_clip", _set("u", "lrs", [NAN]), ["update_clip", "lrs", "nan"]),
+    ("update_clip", "update_clip", _drop("lrs"), ["update_clip", "no lrs"]),
     # Policies without state take none.
     ("clip_norm", "clip_norm", _set("c", "extra", 1.0), ["clip_norm", "extra"]),
 ]

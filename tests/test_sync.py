@@ -64,14 +64,23 @@ def test_clipping_only_chain_never_reads_the_device(host_reads):
     assert reads == [] and built == 0
 
 
-def test_a_chain_that_can_skip_reads_once_per_step(host_reads):
-    reads, built = steady_state_reads("default", host_reads, check_weights=False)
+@pytest.mark.parametrize("spec", ["skip_nonfinite+adaptive_clip", "default_v1"])
+def test_a_chain_that_can_skip_reads_once_per_step(host_reads, spec):
+    reads, built = steady_state_reads(spec, host_reads, check_weights=False)
     assert len(reads) == 20 and set(reads) <= {"item", "tolist"} and built == 0
 
 
 def test_the_weight_integrity_check_is_one_more_read_per_step(host_reads):
-    reads, built = steady_state_reads("default", host_reads)
+    reads, built = steady_state_reads("default_v1", host_reads)
     assert len(reads) == 40 and set(reads) <= {"item", "tolist", "__bool__"} and built == 0
+
+
+@pytest.mark.parametrize("check_weights", [False, True])
+def test_the_default_reads_twice_per_step_weight_check_included(host_reads, check_weights):
+    # One read before the step (the norm: skip or clip), one after it: update_clip's
+    # measurement brings the update norms and every weight's norm (the integrity check) together.
+    reads, built = steady_state_reads("default", host_reads, check_weights=check_weights)
+    assert sorted(reads) == ["numpy"] * 20 + ["tolist"] * 20 and built == 0
 
 
 def test_loss_and_norm_come_back_in_the_same_read(host_reads):

@@ -38,6 +38,7 @@ from .layout import ParamLayout
 from .policies import HostView, Policy, StepContext, parse_spec, skip_nonfinite
 from .report import StepReport, Tally
 from .stats import GradStats, compute_grad_stats
+from .updates import UpdateProbe, UpdateStats
 
 if TYPE_CHECKING:
     from .diagnose.telemetry import Telemetry
@@ -109,6 +110,8 @@ class PendingStep:
     stale: bool = False
     localization: dict[str, Any] | None = None
     saved_lrs: list[float] | None = None
+    #: The optimizer's update, measured after the step when a policy reads it.
+    update: UpdateStats | None = None
 
     @property
     def stepped(self) -> bool:
@@ -214,6 +217,14 @@ class Guard:
         self.max_consecutive_skips = max_consecutive_skips
         self._groups = group_signature(optimizer)
         self._rollback = next((p for p in chain if p.name == "rollback"), None)
+        self._update_policies = [p for p in chain if p.kind == "update"]
+        self._probe = (
+            UpdateProbe(
+                self.layout, samples=min(getattr(p, "samples", 1024) for p in self._update_policies)
+            )
+            if self._update_policies
+            else None
+        )
         self._streak: Counter[str] = Counter()
         self.layer_stats = layer_stats
         for p in chain:
@@ -261,7 +272,9 @@ class Guard:
             if self.telemetry is not None and self.telemetry.wants_update_ratio(ctx.step):
                 self.telemetry.before_update(pending.stats)
             check_hyperparameters(self.optimizer, ctx.lr_scale)
+            self._before_update(ctx)
             self._apply_step(ctx.lr_scale)
+            self._after_update(pending)
         elif not pending.stale:
             if self.scaler is not None:
                 self.scaler.update()  # backs the scale off on overflow; unscale_ recorded the check
@@ -295,6 +308,7 @@ class Guard:
             if self.telemetry is not None and self.telemetry.wants_update_ratio(ctx.step):
                 self.telemetry.before_update(pending.stats)
             check_hyperparameters(self.optimizer, ctx.lr_scale)
+            self._before_update(ctx)
             if ctx.lr_scale != 1.0:
                 pending.saved_lrs = [g["lr"] for g in self.optimizer.param_groups]
                 for g in self.optimizer.param_groups:
@@ -317,6 +331,7 @@ class Guard:
             for g, lr in zip(self.optimizer.param_groups, pending.saved_lrs, strict=True):
                 g["lr"] = lr
         if pending.stepped:
+            self._after_update(pending)
             self._verify(pending)
         return self._conclude(pending)
 
@@ -328,7 +343,11 @@ class Guard:
         if not self.check_weights or pending.stale:
             return
         with_state = self.check_state or pending.stats.rescued
-        if finite_after_step(self.layout, self.optimizer, with_state):
+        if pending.update is not None and not with_state:
+            finite = pending.update.finite  # the update's measurement read every weight's norm
+        else:
+            finite = finite_after_step(self.layout, self.optimizer, with_state)
+        if finite:
             return
         reason, why = explain_nonfinite(self.layout, self.optimizer)
         ctx = pending.ctx
@@ -340,6 +359,33 @@ class Guard:
             "last good state: add it (policy='default+rollback') to recover automatically",
             reason,
         )
+
+    def _before_update(self, ctx: StepContext) -> None:
+        """Before a step the optimizer takes: let the update policies choose how it is measured."""
+        if self._probe is None:
+            return
+        modes = {p.update_mode(ctx) for p in self._update_policies}
+        mode = "exact" if "exact" in modes else "sample" if "sample" in modes else None
+        self._update_measured = mode is not None
+        if mode is not None:
+            self._probe.before(mode)
+
+    def _after_update(self, pending: PendingStep) -> None:
+        """After the step: measure the update and apply the update policies' decisions."""
+        if self._probe is None or not getattr(self, "_update_measured", False):
+            return
+        self._update_measured = False
+        ctx = pending.ctx
+        update = pending.update = self._probe.after()
+        for policy in self._update_policies:
+            decision = policy.decide_update(ctx, update)
+            if decision is None:
+                continue
+            ctx.record(policy.name, decision.acted)
+            ctx.metrics.update(decision.metrics)
+            scale = decision.layer_scale
+            if scale is not None and update.exact and any(s < 1.0 for s in scale):
+                self._probe.scale_layers_(scale)
 
     def _decide(
         self, loss: Tensor | float | None, replay: Callable[[], Tensor] | None, stacklevel: int

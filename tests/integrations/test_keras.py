@@ -22,6 +22,7 @@ tf = pytest.importorskip("tensorflow")
 if keras.backend.backend() != "tensorflow":
     pytest.skip("these tests run Keras on the TensorFlow backend", allow_module_level=True)
 
+import gradguard  # noqa: E402
 from gradguard import Guard  # noqa: E402
 from gradguard.diagnose import load_run  # noqa: E402
 from gradguard.errors import ConfigError, SpecError  # noqa: E402
@@ -31,7 +32,7 @@ from gradguard.keras import (  # noqa: E402
     GuardedOptimizer,
     GuardTelemetry,
 )
-from gradguard.keras.policies import RuleAdapter  # noqa: E402
+from gradguard.keras.policies import KERAS_DEFAULT_SPEC, RuleAdapter, parse_keras_spec  # noqa: E402
 from gradguard.policies import available_policies, policy_class  # noqa: E402
 from gradguard.policies.rule import Decision, Field, RulePolicy, initial_host_state  # noqa: E402
 
@@ -142,6 +143,15 @@ EQUIVALENT_SPECS = [
 ]
 
 
+def test_keras_default_is_the_torch_default_without_update_clip():
+    torch_default = [p.name for p in gradguard.policies.parse_spec("default")]
+    keras_default = [p.name for p in parse_keras_spec("default")]
+    assert keras_default == [n for n in torch_default if n != "update_clip"]
+    assert "update_clip" in torch_default
+    with pytest.raises(ConfigError, match=r"update_clip.*not available in Keras"):
+        parse_keras_spec("update_clip")
+
+
 @pytest.mark.parametrize(
     ("spec", "graph"),
     [(s, False) for s in EQUIVALENT_SPECS]
@@ -156,7 +166,11 @@ def test_keras_policies_give_the_torch_guards_gradients(spec, graph):
     gradients (to 1e-6 relative), the same LR scale, eager and inside a tf.function."""
     net = TorchNet()
     check_finite = spec != "none"
-    guard = Guard(net, torch.optim.SGD(net.parameters(), lr=1.0), spec, check_finite=check_finite)
+    # Keras's default is the torch default without update_clip (no Keras twin): its torch twin.
+    torch_spec = KERAS_DEFAULT_SPEC if spec == "default" else spec
+    guard = Guard(
+        net, torch.optim.SGD(net.parameters(), lr=1.0), torch_spec, check_finite=check_finite
+    )
     with torch.no_grad():  # one forward: the torch Guard learns the forward order (AGC's head)
         net(torch.zeros(1, 6))
     model = keras_twin(net)

@@ -46,6 +46,7 @@ from ..policies.agc import unit_factors
 from ..policies.autoclip import autoclip_factor, percentile_sorted, sorted_insert, sorted_remove
 from ..policies.clip import NORM_EPS
 from ..policies.lr_backoff import backoff_scale
+from ..policies.registry import NAMED_CHAINS
 from ..policies.rule import RulePolicy
 from ..policies.skip import is_spike
 from ..specgrammar import split_chain, split_term
@@ -59,6 +60,11 @@ SKIP_REASONS = (None, "nonfinite_grad", "spike_grad_norm")
 
 #: Policies with no Keras version, and why.
 REFUSED = {
+    "update_clip": (
+        "it measures the update from the weights before and after the step and scales it back "
+        "per layer, which needs the weights outside the compiled train step; the Keras default "
+        "is skip_nonfinite+adaptive_clip+lr_backoff"
+    ),
     "rollback": (
         "it restores a snapshot of the model and the optimizer, which a Keras optimizer cannot "
         "reach from inside a compiled train step; use keras.callbacks.BackupAndRestore or "
@@ -682,6 +688,10 @@ def to_keras(policy: Policy | KerasPolicy) -> KerasPolicy:
     return cls(**policy.params())
 
 
+#: The default chain in Keras: the torch default without ``update_clip`` (see ``REFUSED``).
+KERAS_DEFAULT_SPEC = "skip_nonfinite+adaptive_clip+lr_backoff"
+
+
 def parse_keras_spec(spec: Any) -> list[KerasPolicy]:
     """A spec string (the torch grammar: ``"skip_nonfinite+zclip+clip_norm:1.0"``, ``"default"``,
     ``"none"``), a policy (Keras or torch), or a list of them, as fresh Keras policies.
@@ -691,9 +701,12 @@ def parse_keras_spec(spec: Any) -> list[KerasPolicy]:
     if isinstance(spec, Policy):
         return [to_keras(spec)]
     if isinstance(spec, str):
+        # The torch default's update_clip has no Keras twin (see REFUSED): Keras's own default.
+        parts = [KERAS_DEFAULT_SPEC if p.strip() == "default" else p for p in split_chain(spec)]
+        spec = "+".join(parts) if parts else spec
         for part in split_chain(spec):
             name = split_term(part).name
-            if name and name not in ("default", "none") and name not in KERAS_POLICIES:
+            if name and name not in NAMED_CHAINS and name != "none" and name not in KERAS_POLICIES:
                 # Checked before the torch parser, so the message lists what Keras has.
                 raise _unsupported(name)
         try:

@@ -23,6 +23,14 @@ class _Keras:
         return ops.sqrt(x)
 
     @staticmethod
+    def log(x: Any) -> Any:
+        return ops.log(x)
+
+    @staticmethod
+    def exp(x: Any) -> Any:
+        return ops.exp(x)
+
+    @staticmethod
     def power(base: float, exponent: Any) -> Any:
         return ops.power(base, exponent)
 
@@ -78,6 +86,22 @@ class _Keras:
         mean = ops.sum(ops.where(valid, buf, 0.0)) / ops.maximum(nf, 1.0)
         ss = ops.sum(ops.where(valid, ops.square(buf - mean), 0.0))
         return mean, ss / ops.maximum(nf - 1.0, 1.0)
+
+    @staticmethod
+    def window_median_mad(buf: Any, n: Any) -> tuple[Any, Any]:
+        size = buf.shape[0]
+        valid = ops.arange(size, dtype="int32") < n
+        lo = ops.maximum(ops.floor_divide(n - 1, 2), 0)
+        hi = ops.minimum(ops.floor_divide(n, 2), size - 1)
+
+        def middle(v: Any) -> Any:
+            w = ops.sort(ops.where(valid, v, float("inf")))
+            return (ops.take(w, lo) + ops.take(w, hi)) / 2.0
+
+        med = middle(buf)
+        mad = middle(ops.where(valid, ops.abs(buf - med), 0.0))
+        none = n <= 0
+        return ops.where(none, float("inf"), med), ops.where(none, float("inf"), mad)
 
     @staticmethod
     def put(buf: Any, index: Any, value: Any, when: Any) -> Any:

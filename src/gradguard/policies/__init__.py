@@ -3,6 +3,7 @@
 Importing this package registers every built-in policy.
 """
 
+from .adaptive import adaptive_clip
 from .agc import agc
 from .autoclip import autoclip
 from .base import HostView, Policy, StepContext
@@ -19,6 +20,7 @@ from .registry import (
 )
 from .rollback import rollback
 from .skip import skip_nonfinite, skip_spike
+from .update import update_clip
 from .zclip import zclip
 
 __all__ = [
@@ -26,6 +28,7 @@ __all__ = [
     "HostView",
     "Policy",
     "StepContext",
+    "adaptive_clip",
     "agc",
     "autoclip",
     "available_policies",
@@ -42,5 +45,6 @@ __all__ = [
     "rollback",
     "skip_nonfinite",
     "skip_spike",
+    "update_clip",
     "zclip",
 ]

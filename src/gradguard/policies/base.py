@@ -29,6 +29,7 @@ from ..errors import ConfigError
 from ..layout import ParamLayout
 from ..specgrammar import format_value as _fmt
 from ..stats import GradStats
+from ..updates import UpdateStats
 
 
 @dataclass
@@ -55,6 +56,9 @@ class StepContext:
     #: fp16 overflow seen by the GradScaler: its skip, not an incident of the Guard's.
     amp_overflow: bool = False
     rollback: bool = False
+    #: A policy saw a finite anomaly it mitigated (a clip far above the run's own level): an
+    #: incident for the reacting policies (``lr_backoff``), though the step is taken.
+    anomaly: bool = False
     lr_scale: float = 1.0
     acted: dict[str, Tensor | bool] = field(default_factory=dict)
     layers: dict[str, Tensor | list[int]] = field(default_factory=dict)
@@ -83,9 +87,23 @@ class StepContext:
 
     @property
     def event(self) -> bool:
-        """Whether this step already counts as an incident (a skip or rollback; an AMP overflow is
-        the scaler's normal operation, not one)."""
-        return self.rollback or (self.skip and self.skip_reason != "amp_overflow")
+        """Whether this step already counts as an incident (a skip, a rollback or an anomaly; an
+        AMP overflow is the scaler's normal operation, not one)."""
+        return self.rollback or self.anomaly or (self.skip and self.skip_reason != "amp_overflow")
+
+
+@dataclass
+class UpdateDecision:
+    """What an update policy decided about the step just taken; the Guard applies it.
+
+    ``layer_scale``: one factor per layer (1.0: untouched) to scale the update by, exactly
+    (``w <- w_old + s * (w_new - w_old)``; only after an exact measurement); ``acted``: whether
+    it acted; ``metrics``: named numbers for telemetry.
+    """
+
+    layer_scale: list[float] | None = None
+    acted: bool = False
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 class Policy:
@@ -104,7 +122,8 @@ class Policy:
     #: Reads the loss: ``guard.step(loss=...)`` must be given.
     needs_loss: ClassVar[bool] = False
     #: "clip": changes gradients; "reset": changes optimizer state before the step; "skip": may
-    #: cancel the step; "react": responds to the incidents of the policies before it.
+    #: cancel the step; "react": responds to the incidents of the policies before it; "update":
+    #: reads the optimizer's update after the step (:meth:`update_mode`, :meth:`decide_update`).
     kind: ClassVar[str] = "clip"
     #: State keys whose values (every element of a list or tensor) are never negative: norms,
     #: variances, EMAs, histories, counts. ``check_state`` refuses a negative one.
@@ -121,6 +140,15 @@ class Policy:
 
     def after_step(self, ctx: StepContext, stepped: bool) -> None:
         """Called after the optimizer step (or the skip): e.g. to take a snapshot."""
+
+    def update_mode(self, ctx: StepContext) -> str | None:
+        """Before a step the optimizer takes: how this policy wants its update measured
+        (``"exact"``, ``"sample"``; None: not at all). See :mod:`gradguard.updates`."""
+        return None
+
+    def decide_update(self, ctx: StepContext, update: UpdateStats) -> UpdateDecision | None:
+        """After the step: the decision on the measured update (None: nothing to do)."""
+        return None
 
     def close(self) -> None:
         """Called by :meth:`Guard.close`: release what the policy holds (files, folders).

@@ -20,8 +20,16 @@ from .base import Policy
 
 _REGISTRY: dict[str, type[Policy]] = {}
 
-#: The recommended chain (see the README for why).
-DEFAULT_SPEC = "skip_nonfinite+zclip+clip_norm:1.0"
+#: The recommended chain (docs/policies.md says why): no threshold to tune. ``adaptive_clip``
+#: clips the gradient norm relative to the run's own recent norms; ``update_clip`` bounds each
+#: layer's update relative to its weights (the step, which clipping does not bound).
+DEFAULT_SPEC = "skip_nonfinite+adaptive_clip+update_clip+lr_backoff"
+#: Named chains a spec may use as a term, like ``default``. ``default_v1``: the default of
+#: gradguard 0.x, whose fixed ``clip_norm:1.0`` backstop ignores the model's gradient scale.
+NAMED_CHAINS = {
+    "default": DEFAULT_SPEC,
+    "default_v1": "skip_nonfinite+zclip+clip_norm:1.0",
+}
 
 
 def register(cls: type[Policy]) -> type[Policy]:
@@ -45,7 +53,7 @@ def policy_class(name: str) -> type[Policy]:
         return _REGISTRY[name]
     except KeyError:
         raise SpecError(
-            f"unknown policy {name!r}; valid policies: {', '.join(available_policies())} (or 'default')"
+            f"unknown policy {name!r}; valid policies: {', '.join(available_policies())} (or a named chain: {', '.join(NAMED_CHAINS)})"
         ) from None
 
 
@@ -121,8 +129,10 @@ def parse_one(text: str) -> Policy:
 
 def parse_spec(spec: str | Policy | Iterable[str | Policy] | None) -> list[Policy]:
     """Turn a spec string, a policy, or a list of either into a list of fresh policies."""
-    if spec is None or spec == "default":
+    if spec is None:
         spec = DEFAULT_SPEC
+    if isinstance(spec, str) and spec.strip() in NAMED_CHAINS:
+        spec = NAMED_CHAINS[spec.strip()]
     if isinstance(spec, Policy):
         return [spec]
     if isinstance(spec, str):
@@ -132,7 +142,10 @@ def parse_spec(spec: str | Policy | Iterable[str | Policy] | None) -> list[Polic
             return []
         out: list[Policy] = []
         for part in split_chain(spec):
-            out.extend(parse_spec(DEFAULT_SPEC) if part.strip() == "default" else [parse_one(part)])
+            name = part.strip()
+            out.extend(
+                parse_spec(NAMED_CHAINS[name]) if name in NAMED_CHAINS else [parse_one(part)]
+            )
         return out
     out = []
     try:

@@ -43,6 +43,12 @@ class ArrayNamespace(Protocol):
 
     def sqrt(self, x: Any) -> Any: ...
 
+    def log(self, x: Any) -> Any:
+        """Natural log (of a positive value: a rule keeps zero out of both ``where`` branches)."""
+        ...
+
+    def exp(self, x: Any) -> Any: ...
+
     def power(self, base: float, exponent: Any) -> Any:
         """``base ** exponent`` for a Python float ``base``."""
         ...
@@ -87,6 +93,11 @@ class ArrayNamespace(Protocol):
         there are too few: the mean of none, the variance of one)."""
         ...
 
+    def window_median_mad(self, buf: Any, n: Any) -> tuple[Any, Any]:
+        """Median and median absolute deviation (unscaled) of the first ``n`` entries of ``buf``
+        (the mean of the two middle values for an even ``n``); +inf for both when ``n`` is 0."""
+        ...
+
     def put(self, buf: Any, index: Any, value: Any, when: Any) -> Any:
         """``buf`` with ``buf[index] = value`` where ``when`` holds (a new array; ``index`` a
         scalar, never read to the host)."""
@@ -122,6 +133,14 @@ class _Host:
     @staticmethod
     def sqrt(x: float) -> float:
         return math.sqrt(x)
+
+    @staticmethod
+    def log(x: float) -> float:
+        return math.log(x) if x > 0 or math.isnan(x) else -math.inf
+
+    @staticmethod
+    def exp(x: float) -> float:
+        return math.exp(x) if x < 709.0 else math.inf
 
     @staticmethod
     def power(base: float, exponent: float) -> float:
@@ -184,6 +203,14 @@ class _Host:
         return mean, sum((v - mean) * (v - mean) for v in w) / max(n - 1, 1)
 
     @staticmethod
+    def window_median_mad(buf: Sequence[float], n: int) -> tuple[float, float]:
+        if n <= 0:
+            return math.inf, math.inf
+        w = sorted(list(buf)[:n])
+        med = _middle(w)
+        return med, _middle(sorted(abs(v - med) for v in w))
+
+    @staticmethod
     def put(buf: list[float], index: int, value: float, when: bool) -> list[float]:
         if not when:
             return buf
@@ -212,6 +239,12 @@ class _Host:
         return (bisect.bisect_right if right else bisect.bisect_left)(buf, x)
 
 
+def _middle(w: Sequence[float]) -> float:
+    """The median of an ascending, non-empty list."""
+    n = len(w)
+    return (w[(n - 1) // 2] + w[n // 2]) / 2
+
+
 class _Torch:
     """Tensors, with no host sync."""
 
@@ -222,6 +255,14 @@ class _Torch:
     @staticmethod
     def sqrt(x: Tensor) -> Tensor:
         return x.sqrt()
+
+    @staticmethod
+    def log(x: Tensor) -> Tensor:
+        return torch.log(x)
+
+    @staticmethod
+    def exp(x: Tensor) -> Tensor:
+        return torch.exp(x)
 
     @staticmethod
     def power(base: float, exponent: Tensor) -> Tensor:
@@ -279,6 +320,21 @@ class _Torch:
         mean = torch.where(valid, buf, 0.0).sum() / nf.clamp(min=1.0)
         ss = torch.where(valid, (buf - mean).square(), 0.0).sum()
         return mean, ss / (nf - 1.0).clamp(min=1.0)
+
+    @staticmethod
+    def window_median_mad(buf: Tensor, n: Tensor) -> tuple[Tensor, Tensor]:
+        valid = torch.arange(buf.numel(), device=buf.device) < n
+        lo = torch.div(n - 1, 2, rounding_mode="floor").clamp(min=0).reshape(1)
+        hi = torch.div(n, 2, rounding_mode="floor").clamp(max=buf.numel() - 1).reshape(1)
+
+        def middle(v: Tensor) -> Tensor:
+            w = torch.where(valid, v, math.inf).sort().values
+            return ((w.index_select(0, lo) + w.index_select(0, hi)) / 2).reshape(())
+
+        med = middle(buf)
+        mad = middle(torch.where(valid, (buf - med).abs(), 0.0))
+        none = n <= 0
+        return torch.where(none, math.inf, med), torch.where(none, math.inf, mad)
 
     @staticmethod
     def put(buf: Tensor, index: Tensor, value: Tensor, when: Tensor) -> Tensor:

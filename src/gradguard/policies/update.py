@@ -1,0 +1,215 @@
+"""Bound the step, not only the gradient: each layer's update relative to its weights."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import numpy as np
+from torch import Tensor
+
+from ..errors import SpecError
+from ..updates import DEFAULT_SAMPLES, UpdateStats
+from .base import (
+    Policy,
+    StepContext,
+    UpdateDecision,
+    check_keys,
+    check_number,
+    check_numbers,
+    refuse_state,
+)
+from .clip import _check_positive
+from .registry import register
+
+#: The longest window of update ratios per layer.
+MAX_WINDOW = 10_000
+
+
+def _lr_value(v: Any) -> float | None:
+    """A param group's LR as a float, or None where reading it would sync a device."""
+    if isinstance(v, Tensor):
+        return float(v) if v.device.type == "cpu" and v.numel() == 1 else None
+    return float(v) if isinstance(v, (int, float)) else None
+
+
+@register
+class update_clip(Policy):
+    """Bound each layer's update relative to its weights, ``||w_new - w_old|| / ||w_old||``,
+    measured from the weights after the step, so for any torch optimizer (SGD, momentum, Adam,
+    AdamW, ...): an LR burst or an Adam update blow-up is caught while the gradients look normal.
+
+    The bound of layer ``l`` is ``min(factor * level_l, max_ratio)``: ``level_l`` is the median
+    of the layer's last ``window`` update ratios (as bounded: a capped step enters as its cap, so
+    a burst does not raise the level; a sustained change lifts it by up to ``factor`` every
+    ``window / 2`` steps), and ``max_ratio`` caps every step, the first included, before any
+    history exists (no layer moves by more than its own size in one step). A layer over its bound
+    has its update scaled back to it, exactly: ``w <- w_old + s * (w_new - w_old)``. Layers whose
+    weights are ~zero (RMS < 1e-6, e.g. a zero-initialized output) are not bounded: a ratio to
+    nothing is undefined; they enter once they have grown.
+
+    Measuring exactly costs a copy and a subtraction of the weights (about one optimizer step)
+    and a buffer the size of the parameters. ``mode="exact"`` pays it every step; ``"auto"`` (the
+    default) measures exactly only where a step is at risk (the first ``warmup`` steps, a step
+    whose LR jumped by ``lr_jump`` or more over the previous one, and the ``hold`` steps after any
+    layer went over its bound) and otherwise estimates the ratios from a strided sample of at most
+    ``samples`` elements per tensor (costs ~1% of a step). A sampled step over its bound cannot be
+    scaled back (its old weights were not kept): it is reported (``update_clip.missed``) and the
+    following ``hold`` steps are measured, and bounded, exactly. ``"sample"`` never copies
+    (monitoring only).
+
+    Metrics: ``update_clip.max_ratio`` (the largest layer ratio), ``update_clip.capped`` (layers
+    scaled back), ``update_clip.exact`` (1.0 when measured exactly), ``update_clip.missed`` (1.0
+    on a sampled step over its bound).
+    """
+
+    name = "update_clip"
+    kind = "update"
+
+    def __init__(
+        self,
+        factor: float = 4.0,
+        max_ratio: float = 1.0,
+        window: int = 32,
+        mode: Literal["auto", "exact", "sample"] = "auto",
+        warmup: int = 10,
+        hold: int = 50,
+        lr_jump: float = 4.0,
+        samples: int = DEFAULT_SAMPLES,
+    ):
+        super().__init__()
+        for key, v in (("factor", factor), ("lr_jump", lr_jump)):
+            if not (isinstance(v, (int, float)) and math.isfinite(v)) or not v > 1.0:
+                raise SpecError(f"{key} must be a finite number > 1, got {v!r}")
+        _check_positive(self.name, "max_ratio", max_ratio)
+        for key, v, lo, hi in (
+            ("window", window, 1, MAX_WINDOW),
+            ("warmup", warmup, 0, 10**9),
+            ("hold", hold, 0, 10**9),
+            ("samples", samples, 1, 10**9),
+        ):
+            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+                raise SpecError(f"{key} must be an integer in [{lo}, {hi}], got {v!r}")
+        if mode not in ("auto", "exact", "sample"):
+            raise SpecError(f"mode must be 'auto', 'exact' or 'sample', got {mode!r}")
+        self.factor = float(factor)
+        self.max_ratio = float(max_ratio)
+        self.window = window
+        self.mode = mode
+        self.warmup = warmup
+        self.hold = hold
+        self.lr_jump = float(lr_jump)
+        self.samples = samples
+        self.state = {"history": [], "pos": 0, "steps": 0, "hold": 0, "lrs": []}
+        self._history: np.ndarray | None = None  # (layers, window) log-ratios, NaN where none
+
+    def bind(self, layout, optimizer) -> None:
+        n = len(layout.layer_names)
+        if self._history is None or self._history.shape[0] != n:
+            self._history = np.full((n, self.window), np.nan)
+
+    def apply(self, ctx: StepContext) -> None:
+        """Nothing before the step: this policy reads the update (:meth:`decide_update`)."""
+
+    # ----- before the step: how to measure ------------------------------------------------------------
+    def update_mode(self, ctx: StepContext) -> str | None:
+        st = self.state
+        lrs = [_lr_value(g["lr"]) for g in ctx.optimizer.param_groups]
+        lrs = [None if v is None else v * ctx.lr_scale for v in lrs]
+        jumped = any(
+            now is not None and before is not None and now > self.lr_jump * before
+            for now, before in zip(lrs, st["lrs"], strict=False)
+        )
+        st["lrs"] = lrs
+        if self.mode != "auto":
+            return self.mode
+        risky = st["steps"] < self.warmup or st["hold"] > 0 or jumped
+        return "exact" if risky else "sample"
+
+    # ----- after the step: the bound -----------------------------------------------------------------
+    def decide_update(self, ctx: StepContext, update: UpdateStats) -> UpdateDecision:
+        st = self.state
+        hist = self._history
+        assert hist is not None, "update_clip used before bind()"
+        ratio = np.asarray(update.ratio, dtype=np.float64)
+        filled = ~np.isnan(hist).all(axis=1)
+        level = np.full(len(ratio), np.nan)
+        if filled.any():
+            level[filled] = np.exp(np.nanmedian(hist[filled], axis=1))
+        cap = np.where(
+            np.isnan(level), self.max_ratio, np.minimum(self.factor * level, self.max_ratio)
+        )
+        with np.errstate(invalid="ignore", divide="ignore"):
+            over = ratio > cap  # NaN (an undefined ratio) is never over
+            entry = np.where(ratio > 0, np.log(np.minimum(ratio, cap)), np.nan)
+        hist[:, st["pos"]] = entry
+        st["pos"] = (st["pos"] + 1) % self.window
+        st["steps"] += 1
+        n_over = int(over.sum())
+        finite = ratio[~np.isnan(ratio)]
+        metrics = {
+            "update_clip.max_ratio": float(finite.max()) if finite.size else 0.0,
+            "update_clip.capped": 0.0,
+            "update_clip.exact": 1.0 if update.exact else 0.0,
+            "update_clip.missed": 0.0,
+        }
+        if not n_over:
+            st["hold"] = max(0, st["hold"] - 1)
+            return UpdateDecision(metrics=metrics)
+        st["hold"] = self.hold
+        if not update.exact:
+            metrics["update_clip.missed"] = 1.0
+            return UpdateDecision(metrics=metrics)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            scale = np.where(over, cap / ratio, 1.0)
+        metrics["update_clip.capped"] = float(n_over)
+        ctx.layers[self.name] = np.flatnonzero(over).tolist()
+        return UpdateDecision(layer_scale=scale.tolist(), acted=True, metrics=metrics)
+
+    # ----- state ----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        sd = dict(self.state)
+        sd["lrs"] = list(sd["lrs"])
+        sd["history"] = [] if self._history is None else self._history.tolist()
+        return sd
+
+    def check_state(self, state) -> None:
+        """``history``: one row of ``window`` log-ratios per layer (NaN where none); ``pos`` in
+        ``[0, window)``; ``steps``, ``hold`` integers >= 0; ``lrs`` the last LR of each group."""
+        check_keys(self.name, state, ("history", "pos", "steps", "hold", "lrs"))
+        hist = state["history"]
+        n = None if self._history is None else self._history.shape[0]
+        if not isinstance(hist, (list, tuple)) or (n is not None and len(hist) != n):
+            refuse_state(self.name, "history", hist, f"it must hold one row per layer ({n})")
+        for row in hist:
+            if not isinstance(row, (list, tuple)) or len(row) != self.window:
+                refuse_state(
+                    self.name, "history", row, f"each row holds window={self.window} values"
+                )
+            for v in row:
+                if not isinstance(v, (int, float)) or isinstance(v, bool) or math.isinf(v):
+                    refuse_state(self.name, "history", v, "log-ratios are finite numbers or NaN")
+        check_number(self.name, "pos", state["pos"], integer=True, nonneg=True)
+        if state["pos"] >= self.window:
+            refuse_state(self.name, "pos", state["pos"], f"it must be < window={self.window}")
+        for key in ("steps", "hold"):
+            check_number(self.name, key, state[key], integer=True, nonneg=True)
+        lrs = state["lrs"]
+        if not isinstance(lrs, (list, tuple)):
+            refuse_state(self.name, "lrs", lrs, "it must be a list of LRs (None where unread)")
+        check_numbers(self.name, "lrs", [v for v in lrs if v is not None], nonneg=True)
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = {"history", "pos", "steps", "hold", "lrs"} - set(state)
+        if missing:
+            raise KeyError(f"update_clip: state is missing {sorted(missing)}")
+        hist = state["history"]
+        if hist:
+            self._history = np.asarray(hist, dtype=np.float64)
+        self.state = {
+            "history": [],
+            "pos": int(state["pos"]),
+            "steps": int(state["steps"]),
+            "hold": int(state["hold"]),
+            "lrs": list(state["lrs"]),
+        }
