@@ -20,23 +20,41 @@ def data(seed: int):
     return torch.randn(16, 6, generator=gen), torch.randint(0, 3, (16,), generator=gen)
 
 
-def skip_spike_reference(values: list[float], z: float, window: int, warmup: int) -> list[bool]:
+def skip_spike_reference(
+    values: list[float], z: float, window: int, warmup: int, admit: int = 8
+) -> list[bool]:
     """OLMo-core's rule (sample std over a rolling window; checks once ``warmup`` values counting
-    the current one are in), except skipped values stay out and two earlier values are needed."""
+    the current one are in), except skipped values stay out, two earlier values are needed, and
+    ``admit`` finite outliers in a row replace the window (a shift of level)."""
     hist: list[float] = []
+    run: list[float] = []  # the finite outliers in a row so far
     out = []
     for v in values:
-        skip = False
+        skip = outlier = False
         if not math.isfinite(v):
             skip = True
         elif len(hist) + 1 >= warmup and len(hist) >= 2:
             mean = sum(hist) / len(hist)
             std = math.sqrt(sum((h - mean) ** 2 for h in hist) / (len(hist) - 1))
-            skip = v - mean > z * std
+            skip = outlier = v - mean > z * std
         out.append(skip)
-        if not skip:
+        run = [*run, v] if outlier else []
+        if len(run) == admit:
+            hist, run = run[-window:], []
+        elif not skip:
             hist = [*hist, v][-window:]
     return out
+
+
+def _reference_run(norms: list[float], spec: str) -> list[bool]:
+    model = nn.Linear(1, 1, bias=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    guard = gradguard.Guard(model, opt, spec, max_consecutive_skips=None)
+    got = []
+    for n in norms:
+        model.weight.grad = torch.full((1, 1), n)
+        got.append(guard.step().skipped)
+    return got
 
 
 def test_skip_spike_matches_reference_on_a_long_sequence():
@@ -44,16 +62,32 @@ def test_skip_spike_matches_reference_on_a_long_sequence():
     norms = (torch.rand(400, generator=gen) * 0.5 + 1.0).tolist()
     for i, f in [(50, 20.0), (51, 30.0), (120, 5.0), (300, 1e4), (301, float("inf"))]:
         norms[i] *= f
-    model = nn.Linear(1, 1, bias=False)
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    guard = gradguard.Guard(model, opt, "skip_spike:z=4,window=32,warmup=8,on=grad_norm")
-    got = []
-    for n in norms:
-        model.weight.grad = torch.full((1, 1), n)
-        got.append(guard.step().skipped)
+    got = _reference_run(norms, "skip_spike:z=4,window=32,warmup=8,on=grad_norm")
     want = skip_spike_reference(norms, 4.0, 32, 8)
     assert got == want
     assert want[50] and want[51] and want[300] and want[301] and sum(want) < 10
+
+
+@pytest.mark.parametrize(("admit", "window"), [(2, 32), (3, 32), (8, 32), (8, 5)])
+def test_skip_spike_matches_reference_through_shifts_of_level(admit, window):
+    """Levels that move up 10x and back, bursts of every length around ``admit``, NaN and Inf
+    inside runs of outliers, a run longer than the window: the same skips as the reference, step
+    by step."""
+    gen = torch.Generator().manual_seed(4)
+    norms = (torch.rand(900, generator=gen) * 0.5 + 1.0).tolist()
+    for lo, hi, f in [(100, 400, 10.0), (600, 900, 0.3)]:
+        norms[lo:hi] = [v * f for v in norms[lo:hi]]
+    for start, length in [(40, 1), (60, 2), (70, 3), (80, 7), (450, 8), (500, 9)]:
+        for i in range(start, start + length):
+            norms[i] *= 50.0
+    norms[102], norms[455], norms[456] = float("nan"), float("inf"), float("nan")
+    warmup = min(8, window)
+    spec = f"skip_spike:z=4,window={window},warmup={warmup},on=grad_norm,admit={admit}"
+    got = _reference_run(norms, spec)
+    want = skip_spike_reference(norms, 4.0, window, warmup, admit)
+    assert got == want
+    if window == 32:  # every new level was admitted (a 5-value window is noisier than that)
+        assert not any(want[420:440]) and not any(want[880:])
 
 
 def test_skip_spike_on_loss():

@@ -132,6 +132,12 @@ def _item(key, i, value):
 
 NAN, INF = math.nan, math.inf
 
+
+def _spike_run(key, run, words, admit=8):
+    """A skip_spike state whose pending run of ``key`` outliers is ``run``."""
+    return (f"skip_spike:admit={admit}", "skip_spike", _set("s", f"{key}_outliers", run), words)
+
+
 #: (spec, policy, mutation, words the message must hold)
 BAD_STATES = [
     # ZClip: a NaN mean makes every z-score NaN: no spike is ever clipped again.
@@ -163,6 +169,13 @@ BAD_STATES = [
     ("skip_spike", "skip_spike", _set("s", "loss", "1.0"), ["skip_spike", "loss", "list"]),
     ("skip_spike:window=4", "skip_spike", _set("s", "loss", [1.0] * 5), ["skip_spike", "loss"]),
     ("skip_spike", "skip_spike", _drop("loss"), ["skip_spike", "no loss"]),
+    # skip_spike's runs of outliers: fewer than admit finite values (admit restart the window).
+    _spike_run("grad_norm", [2.0, NAN], ["skip_spike", "grad_norm_outliers", "nan"]),
+    _spike_run("grad_norm", [-3.0], ["skip_spike", "grad_norm_outliers", ">= 0"]),
+    _spike_run("loss", [5.0, INF], ["skip_spike", "loss_outliers", "inf"]),
+    _spike_run("loss", "5.0", ["skip_spike", "loss_outliers", "list"]),
+    _spike_run("loss", [5.0] * 3, ["skip_spike", "loss_outliers", "more than the 2 kept"], 3),
+    _spike_run("grad_norm", [5.0] * 8, ["skip_spike", "grad_norm_outliers", "7 kept"]),
     # reset_moments' per-parameter statistics.
     ("reset_moments", "reset_moments", _item("mean", 1, NAN), ["reset_moments", "mean", "nan"]),
     ("reset_moments", "reset_moments", _item("var", 0, -1.0), ["reset_moments", "var", ">= 0"]),

@@ -212,6 +212,22 @@ class Guard:
             raise ConfigError(
                 f"max_consecutive_skips must be an integer >= 1 or None, got {max_consecutive_skips!r}"
             )
+        spike = next((p for p in chain if p.name == "skip_spike"), None)
+        admit = getattr(spike, "admit", None)
+        if (
+            max_consecutive_skips is not None
+            and admit is not None
+            and admit >= max_consecutive_skips
+        ):
+            # skip_spike skips `admit` outliers in a row before it takes them for a new level: the
+            # Guard would stop the run first.
+            raise ConfigError(
+                f"skip_spike:admit={admit} must be below max_consecutive_skips="
+                f"{max_consecutive_skips}: a sustained shift in the gradient norm or loss is "
+                f"skipped {admit} times before skip_spike admits it, and the Guard stops the run "
+                f"after {max_consecutive_skips} skips in a row; lower admit or raise "
+                "max_consecutive_skips"
+            )
         self.check_weights = check_finite if check_weights is None else bool(check_weights)
         self.check_state = bool(check_state)
         self.max_consecutive_skips = max_consecutive_skips

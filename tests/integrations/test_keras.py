@@ -261,6 +261,93 @@ def test_skip_spike_warms_up_as_the_torch_guard(spec):
     assert torch_skips[6] and torch_skips[2] == (spec == "skip_spike:window=6,z=3")
 
 
+def _spike_stream() -> list[float]:
+    """Calm norms, a burst of 3 (below admit=4), calm, 2 outliers, a NaN, then a 10x level."""
+    rng = np.random.default_rng(5)
+    calm = (1.0 + 0.2 * rng.random(60)).tolist()
+    high = (10.0 + 2.0 * rng.random(40)).tolist()
+    return calm[:30] + [40.0] * 3 + calm[30:35] + high[:2] + [math.nan] + high[2:]
+
+
+def _torch_and_keras_skips(spec: str, norms: list[float], graph: bool):
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 1, bias=False)
+    guard = Guard(lin, torch.optim.SGD(lin.parameters(), lr=0.0), spec, check_finite=False)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, use_bias=False)])
+    opt = GuardedOptimizer(keras.optimizers.SGD(0.0), spec, check_finite=False)
+    variables = model.trainable_variables
+    opt.build(variables)
+    apply = tf.function(lambda gs: opt.apply(gs, variables)) if graph else opt.apply
+    torch_skips, keras_skips = [], []
+    for x in norms:
+        lin.weight.grad = torch.tensor([[x, 0.0, 0.0]])
+        torch_skips.append(guard.step().skipped)
+        grads = [tf.constant([[x], [0.0], [0.0]])]
+        apply(grads) if graph else apply(grads, variables)
+        keras_skips.append(opt.last_step()["skipped"])
+    return torch_skips, keras_skips, guard, opt
+
+
+@pytest.mark.parametrize("graph", [False, True])
+@pytest.mark.parametrize("window", [16, 3])
+def test_skip_spike_admits_a_shift_as_the_torch_guard(window, graph):
+    """A burst shorter than ``admit`` skipped and kept out, a NaN ending a run of outliers, then a
+    shift admitted after ``admit`` outliers (window=3: a run longer than the window): the same
+    skips step by step, eager and compiled, and the same window and run afterwards."""
+    norms = _spike_stream()
+    spec = f"skip_spike:window={window},warmup=3,z=3,admit=4"
+    torch_skips, keras_skips, guard, opt = _torch_and_keras_skips(spec, norms, graph)
+    assert keras_skips == torch_skips
+    skipped = [i for i, s in enumerate(torch_skips) if s]
+    expected = [30, 31, 32, 38, 39, 40, 41, 42, 43, 44]
+    if window == 3:  # three values are a noisy window: a few more false alarms
+        assert set(expected) <= set(skipped) and not any(torch_skips[45:48])
+    else:
+        assert skipped == expected
+    torch_state = guard.policies[0].state_dict()
+    policy = opt.policies[0]
+    count = int(policy.count.numpy())
+    ring = policy.values.numpy()[: min(count, window)]
+    order = [(count - len(ring) + i) % window for i in range(len(ring))]  # oldest first
+    np.testing.assert_allclose(ring[order], torch_state["grad_norm"], rtol=1e-6)
+    assert int(policy.run.numpy()) == len(torch_state["grad_norm_outliers"]) == 0
+
+
+def test_skip_spike_keeps_a_pending_run_through_save_and_load(tmp_path):
+    """Saved with 2 outliers pending (admit=4), loaded: the run is there, and the shift is admitted
+    when the uninterrupted optimizer admits it."""
+    norms = [1.0 + 0.02 * (i % 7) for i in range(30)] + [10.0 + 0.1 * i for i in range(20)]
+    spec = "skip_spike:window=16,z=3,admit=4"
+
+    def build():
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, use_bias=False)])
+        opt = GuardedOptimizer(keras.optimizers.SGD(0.0), spec, check_finite=False)
+        model.compile(optimizer=opt, loss="mse")
+        opt.build(model.trainable_variables)
+        return model, opt
+
+    def feed(model, opt, values):
+        out = []
+        for x in values:
+            opt.apply([tf.constant([[x], [0.0], [0.0]])], model.trainable_variables)
+            out.append(opt.last_step()["skipped"])
+        return out
+
+    model, opt = build()
+    whole = feed(model, opt, norms)
+    assert [i for i, s in enumerate(whole) if s] == [30, 31, 32, 33]
+    model, opt = build()
+    head = feed(model, opt, norms[:32])
+    assert int(opt.policies[0].run.numpy()) == 2
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    restored = loaded.optimizer.policies[0]
+    assert int(restored.run.numpy()) == 2
+    np.testing.assert_allclose(restored.outliers.numpy()[:2], norms[30:32], rtol=1e-6)
+    assert head + feed(loaded, loaded.optimizer, norms[32:]) == whole
+
+
 class _capped(RulePolicy):
     """A toy policy written once, as a new policy would be: clip the global norm to ``limit``,
     count the clips, report the count."""

@@ -48,7 +48,7 @@ from ..policies.clip import NORM_EPS
 from ..policies.lr_backoff import backoff_scale
 from ..policies.registry import NAMED_CHAINS
 from ..policies.rule import RulePolicy
-from ..policies.skip import is_spike
+from ..policies.skip import is_outlier, outlier_run
 from ..specgrammar import split_chain, split_term
 from .xp import KERAS
 
@@ -571,8 +571,14 @@ class skip_nonfinite(KerasPolicy):
 class skip_spike(KerasPolicy):
     """Skip a step whose global gradient norm is more than ``z`` standard deviations above the
     mean of a rolling window of recent norms (OLMo-core's rule); skipped norms stay out of the
-    window. Keras optimizers do not see the loss, so only ``on=grad_norm`` (and ``both``, which
-    then means the gradient norm) is available."""
+    window, until ``admit`` finite outliers in a row restart it from them (a shift of level). The
+    tests (:func:`~gradguard.policies.skip.is_outlier`, :func:`~gradguard.policies.skip.outlier_run`)
+    are the torch policy's own. Keras optimizers do not see the loss, so only ``on=grad_norm``
+    (and ``both``, which then means the gradient norm) is available.
+
+    State: the window as a ring (``skip_spike_window``, its first ``min(count, window)`` slots in
+    use) and the count of values it took (``skip_spike_count``); the current run of outliers
+    (``skip_spike_outliers``, its first ``skip_spike_run`` slots, the rest 0)."""
 
     reference = _skip_spike
 
@@ -587,19 +593,34 @@ class skip_spike(KerasPolicy):
     def build(self, optimizer: GuardedOptimizer, layout: VarLayout) -> None:
         self.values = _var(optimizer, "skip_spike_window", (self.window,))
         self.count = _var(optimizer, "skip_spike_count", dtype="int32")
+        self.outliers = _var(optimizer, "skip_spike_outliers", (self.admit,))
+        self.run = _var(optimizer, "skip_spike_run", dtype="int32")
 
     def apply(self, ctx: KerasStep) -> None:
         x = ctx.norm
         count = ops.convert_to_tensor(self.count)
         w = ops.convert_to_tensor(self.values)
         # The ring's first `filled` slots hold the window (in another order than torch's deque).
-        spiked = is_spike(KERAS, self.twin, w, x, filled=ops.minimum(count, self.window))
+        outlier = is_outlier(KERAS, self.twin, w, x, filled=ops.minimum(count, self.window))
+        spiked = ops.logical_or(ops.logical_not(ops.isfinite(x)), outlier)
         ctx.request_skip(spiked, "spike_grad_norm")
         ctx.record(self.name, spiked)
         keep = ops.logical_not(spiked)
         at = ops.arange(self.window, dtype="int32") == ops.mod(count, self.window)
-        ctx.assign(self.values, ops.where(ops.logical_and(keep, at), x, w))
-        ctx.assign(self.count, count + ops.cast(keep, "int32"))
+        new_w = ops.where(ops.logical_and(keep, at), x, w)
+        new_count = count + ops.cast(keep, "int32")
+        # The run of outliers: this one goes to slot `run`; the `admit`-th fills the last slot and
+        # the window restarts from the run's last `window` values, oldest first (ring slots 0..).
+        run = ops.convert_to_tensor(self.run)
+        shifted, new_run = outlier_run(KERAS, self.twin, outlier, run)
+        pending = KERAS.put(ops.convert_to_tensor(self.outliers), run, x, outlier)
+        kept = min(self.admit, self.window)
+        seed = ops.concatenate([pending[self.admit - kept :], ops.zeros((self.window - kept,))])
+        ctx.assign(self.values, ops.where(shifted, seed, new_w))
+        ctx.assign(self.count, ops.where(shifted, kept, new_count))
+        in_run = ops.arange(self.admit, dtype="int32") < new_run
+        ctx.assign(self.outliers, ops.where(in_run, pending, 0.0))
+        ctx.assign(self.run, new_run)
 
 
 class lr_backoff(KerasPolicy):
