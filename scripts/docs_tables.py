@@ -63,7 +63,14 @@ def _num(s: str) -> float | None:
 
 def read_summary(path: Path) -> list[dict]:
     """The rows of a bench ``summary.csv`` with numbers as numbers."""
-    ints = ("runs", "diverged", "reached_target", "nonfinite_weights", "unrecovered")
+    ints = (
+        "runs",
+        "diverged",
+        "did_not_learn",
+        "reached_target",
+        "nonfinite_weights",
+        "unrecovered",
+    )
     floats = (
         "lr",
         "divergence_rate",
@@ -131,14 +138,24 @@ def metric_pm(r: dict) -> str:
     return f"{_f3(r['metric_mean'])} ± {_g(r['metric_std'], 2)}"
 
 
+def count(r: dict, key: str) -> str:
+    """``k/n`` runs; '-' where the stored summary predates the column (``did_not_learn``)."""
+    return "-" if r.get(key) is None else f"{r[key]}/{r['runs']}"
+
+
 def with_divergence(r: dict, cell: str) -> str:
-    """A cell, with the seeds that diverged appended when any did."""
-    return cell if not r["diverged"] else f"{cell} (div {r['diverged']}/{r['runs']})"
+    """A cell, with the seeds that diverged (div) and those that did not learn (no-learn: ended
+    at chance with calm norms) appended when any did."""
+    notes = [f"div {r['diverged']}/{r['runs']}"] if r["diverged"] else []
+    if r.get("did_not_learn"):
+        notes.append(f"no-learn {r['did_not_learn']}/{r['runs']}")
+    return f"{cell} ({', '.join(notes)})" if notes else cell
 
 
 def fault_cell(r: dict) -> str:
     """A faults-suite cell: the mean metric; in brackets the runs whose weights went non-finite
-    (NaN), those that diverged otherwise (div), and the median steps to recover when above 0."""
+    (NaN), those that diverged otherwise (div), those that did not learn (no-learn: at chance
+    with calm norms), and the median steps to recover when above 0."""
     notes = []
     nan = r.get("nonfinite_weights", 0)
     other = r["diverged"] - nan
@@ -146,6 +163,8 @@ def fault_cell(r: dict) -> str:
         notes.append(f"NaN {nan}/{r['runs']}")
     if other:
         notes.append(f"div {other}/{r['runs']}")
+    if r.get("did_not_learn"):
+        notes.append(f"no-learn {r['did_not_learn']}/{r['runs']}")
     rec = r.get("steps_to_recover")
     if rec is not None and not math.isnan(rec) and rec > 0:
         notes.append(f"rec {rec:g}")
@@ -185,7 +204,8 @@ def pivot(
 
 def bench_long(rows: list[dict], guard: bool = True) -> str:
     """Every row of a bench summary: the setting, the mitigation and what it did."""
-    head = ["setting", "mitigation", "diverged", "test metric", "reached target", "steps to target"]
+    head = ["setting", "mitigation", "diverged", "did not learn", "test metric", "reached target"]
+    head += ["steps to target"]
     head += ["guard share"] if guard else []
     head += ["clipped/run", "skipped/run"]
     body = []
@@ -196,7 +216,8 @@ def bench_long(rows: list[dict], guard: bool = True) -> str:
         line = [
             setting,
             _code(r["mitigation"]),
-            f"{r['diverged']}/{r['runs']}",
+            count(r, "diverged"),
+            count(r, "did_not_learn"),
             metric_pm(r),
             f"{r['reached_target']}/{r['runs']}",
             _g(r["steps_to_target"]),
@@ -252,9 +273,14 @@ TABLES: dict[str, Table] = {
     "advise-sweep": Table(
         "advise-sweep",
         lambda rows: _md(
-            ["policy", "diverged", "test accuracy"],
+            ["policy", "diverged", "did not learn", "test accuracy"],
             [
-                [_code(r["mitigation"]), f"{r['diverged']}/{r['runs']}", metric_pm(r)]
+                [
+                    _code(r["mitigation"]),
+                    count(r, "diverged"),
+                    count(r, "did_not_learn"),
+                    metric_pm(r),
+                ]
                 for r in sorted(rows, key=lambda r: -(r["metric_mean"] or 0))
             ],
         ),

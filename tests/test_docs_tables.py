@@ -82,3 +82,54 @@ def test_a_broken_link_fails(tmp_path):
     assert r.returncode == 1
     assert "docs/gone.md does not exist" in r.stderr
     assert "no heading #gone in docs/bench.md" in r.stderr
+
+
+def load_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("docs_tables", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["docs_tables"] = mod  # its dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+SUMMARY_HEAD = "task,model,optimizer,lr,options,mitigation,runs,diverged,{extra}metric_mean,metric_std,reached_target,steps_to_target,guard_share,clipped_per_run,skipped_per_run"
+
+
+def summary_csv(tmp_path: Path, with_did_not_learn: bool) -> Path:
+    extra = "did_not_learn," if with_did_not_learn else ""
+    dnl = "2," if with_did_not_learn else ""
+    path = tmp_path / "summary.csv"
+    path.write_text(
+        SUMMARY_HEAD.format(extra=extra)
+        + f"\ndigits,mlp,sgd,0.3,,none,3,1,{dnl}0.1,0.0,0,,0.0,0.0,0.0\n"
+    )
+    return path
+
+
+def test_the_tables_count_diverged_and_did_not_learn_apart(tmp_path):
+    dt = load_script()
+    [r] = dt.read_summary(summary_csv(tmp_path, with_did_not_learn=True))
+    assert (r["diverged"], r["did_not_learn"]) == (1, 2)
+    long = dt.bench_long([r])
+    assert "| diverged | did not learn |" in long and "| 1/3 | 2/3 |" in long
+    assert dt.with_divergence(r, "0.100") == "0.100 (div 1/3, no-learn 2/3)"
+    assert dt.fault_cell({**r, "nonfinite_weights": 1}) == "0.100 (NaN 1/3, no-learn 2/3)"
+
+
+def test_a_summary_stored_before_the_split_shows_no_did_not_learn_count(tmp_path):
+    """An older summary.csv has no did_not_learn column: "-" (not recorded), never a made-up 0."""
+    dt = load_script()
+    [r] = dt.read_summary(summary_csv(tmp_path, with_did_not_learn=False))
+    assert "did_not_learn" not in r
+    assert "| 1/3 | - |" in dt.bench_long([r])
+    assert dt.with_divergence(r, "0.100") == "0.100 (div 1/3)"
+
+
+def test_every_stored_bench_summary_has_the_split():
+    """The stored results were summarized with outcomes: diverged and did not learn apart."""
+    dt = load_script()
+    for name in ("quick", "faults", "keras", "advise-sweep"):
+        rows = dt.read_summary(ROOT / "docs" / "results" / f"{name}.csv")
+        assert all("did_not_learn" in r for r in rows), name

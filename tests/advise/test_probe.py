@@ -76,6 +76,23 @@ def test_nothing_trains_then_the_lowest_lr_run_gives_a_rough_threshold():
     assert probe.threshold == pytest.approx(steps["k0.1"][0]["grad_norm"] * 0.1)
 
 
+def test_a_run_that_did_not_learn_is_not_the_healthy_one():
+    """A run at chance with calm norms is no longer "diverged", but it did not train: the probe
+    counts it where training stops, and takes its healthy norms from below it."""
+    entries, runs, steps = fake_probe({})
+    runs["k1"]["result"].update(
+        outcome="did_not_learn",
+        diverged=False,
+        did_not_learn=True,
+        diverged_reason="at_chance",
+        test_metric=0.1,
+    )
+    probe = analyze(entries, runs, lambda k: steps[k], lr=0.1)
+    assert probe.row(1.0).diverged and probe.row(1.0).reason == "at_chance"
+    assert probe.diverges_at == 1.0 and probe.trains_up_to == 0.3
+    assert probe.healthy.factor == 0.3
+
+
 def test_failed_and_missing_runs_count_as_diverged():
     entries, runs, steps = fake_probe({})
     runs["k3"] = {"status": "failed", "error": "RuntimeError: out of memory\ntraceback ..."}

@@ -161,21 +161,51 @@ def test_a_run_that_raised_counts_as_diverged_with_its_error():
     ]
 
 
-def at_chance(n=2):
+def at_chance(n=2, stored_before_outcomes=True):
+    """Runs that ended at chance with calm norms: as stored before outcomes (``diverged``) or
+    now (``did_not_learn``, not ``diverged``)."""
     rows = [row("", 0, s, metric=0.1) for s in range(n)]
     for r in rows:
-        r["result"].update(diverged=True, diverged_reason="at_chance")
+        if stored_before_outcomes:
+            r["result"].update(diverged=True, diverged_reason="at_chance")
+        else:
+            r["result"].update(
+                outcome="did_not_learn",
+                diverged=False,
+                did_not_learn=True,
+                diverged_reason="at_chance",
+            )
     return rows
 
 
-def test_when_the_runs_only_fail_to_learn_the_answer_says_they_are_too_short():
+def test_a_run_that_did_not_learn_fails_as_one_that_diverged():
+    """Not a divergence any more, but no more a run that trained: it never reaches the target."""
+    rows, chosen, trains = evidence(
+        {"a": {1.0: at_chance(stored_before_outcomes=False)}, "b": {1.0: bad(first_ok=True)}}
+    )
+    assert rows["a"].runs["x1"] == [2, 2] and rows["a"].margin is None
+    assert rows["a"].reasons == ["x1 seed 0: at_chance", "x1 seed 1: at_chance"]
+    assert chosen.spec == "b" and not trains
+    # Beside a policy that trains, it is never chosen.
+    _, chosen, trains = evidence(
+        {"a": {1.0: at_chance(stored_before_outcomes=False)}, "c": {1.0: ok()}}
+    )
+    assert chosen.spec == "c" and trains
+
+
+@pytest.mark.parametrize("stored_before_outcomes", [True, False])
+def test_when_the_runs_only_fail_to_learn_the_answer_says_they_are_too_short(
+    stored_before_outcomes,
+):
     """A policy that kept every seed finite where others blew up, but ended at chance (a task
     that needs more steps than the probe ran): the advice is longer runs, not a lower LR."""
     from types import SimpleNamespace
 
     from gradguard.advise.advisor import _reason
 
-    rows, chosen, trains = evidence({"none": {1.0: bad()}, "clip_norm:1": {1.0: at_chance()}})
+    rows, chosen, trains = evidence(
+        {"none": {1.0: bad()}, "clip_norm:1": {1.0: at_chance(2, stored_before_outcomes)}}
+    )
     assert chosen.spec == "clip_norm:1" and not trains
     probe = SimpleNamespace(rows=[SimpleNamespace(steps_run=300)], trains_up_to=None)
     text = _reason(chosen, list(rows.values()), trains, probe, 0.3, True, "test accuracy")

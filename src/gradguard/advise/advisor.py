@@ -383,7 +383,7 @@ def _reason(chosen, table, trains, probe, lr, higher, metric) -> str:
         up = probe.trains_up_to
         return (
             f"no policy trained at lr {lr:g} in every seed (the closest: {chosen.spec}, which "
-            f"diverged in {n_bad}/{n}). Lower the LR"
+            f"diverged or did not learn in {n_bad}/{n}). Lower the LR"
             + (f" (unguarded training trains up to lr {lr * up:.3g})" if up else "")
             + " or fix what the diagnosis names."
         )
@@ -409,7 +409,7 @@ def _reason(chosen, table, trains, probe, lr, higher, metric) -> str:
     if none is not None and none is not chosen:
         nb, nn = none.runs.get("x1", [0, 0])
         if none.margin is None:
-            parts.append(f"; without a Guard {nb}/{nn} seeds diverged at your LR")
+            parts.append(f"; without a Guard {nb}/{nn} seeds diverged or did not learn at your LR")
         else:
             parts.append(f"; without a Guard every seed trained up to x{none.margin:g}")
     elif none is chosen:

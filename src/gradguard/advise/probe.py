@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from ..bench.outcome import failed
+
 #: LR factors of the probe, relative to the user's LR: a geometric range (about sqrt(10) apart)
 #: from 10x below, where almost any setup trains, to 30x above, where most diverge.
 PROBE_FACTORS = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
@@ -57,7 +59,7 @@ class ProbeRow:
     lr: float
     key: str
     status: str  # done | failed | missing
-    diverged: bool
+    diverged: bool  # did not train: diverged, did not learn (at chance), raised or not run
     reason: str | None
     steps_run: int
     final_loss: float
@@ -115,7 +117,8 @@ def analyze(
 
     ``entries``: (factor, lr, run key) per probe run (``lr``: the user's, for the threshold's
     scale; default the factor-1 entry's); ``runs``: the database rows by key (done or
-    failed); ``steps_of(key)``: a run's per-step metrics. A failed run counts as diverged.
+    failed); ``steps_of(key)``: a run's per-step metrics. A failed run counts as diverged, and so
+    does one that did not learn (ended at chance with calm norms): neither is a run that trained.
     """
     rows: list[ProbeRow] = []
     norms_of: dict[str, list[float]] = {}
@@ -152,7 +155,7 @@ def analyze(
                 lr=run_lr,
                 key=key,
                 status="done",
-                diverged=bool(res["diverged"]),
+                diverged=failed(res),
                 reason=res.get("diverged_reason"),
                 steps_run=int(res["steps_run"]),
                 final_loss=_f(res.get("final_train_loss")),

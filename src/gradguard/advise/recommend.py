@@ -7,8 +7,9 @@ training loss, the Guard's overhead and how often it intervened.
 
 The choice, in order:
 
-1. **trains at the user's LR**: no seed diverged (or raised) at x1. If no candidate does, the
-   one that diverged least is named, with the advice to lower the LR;
+1. **trains at the user's LR**: no seed diverged, ended at chance or raised at x1 (a run that
+   did not learn fails as one that blew up does: neither reaches the target). If no candidate
+   does, the one that failed least is named, with the advice to lower the LR;
 2. **as good as the best there**: the score at x1 no worse than the best eligible candidate's by
    more than the noise: one standard error of the difference of the two means over the seeds
    (the seed-to-seed variance is the median over the eligible candidates: two seeds say little
@@ -36,6 +37,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..bench.outcome import failed
 from .candidates import Candidate
 
 #: Relative score tolerance of step 2, at least and at most, by ``higher_is_better`` (True: e.g.
@@ -54,7 +56,7 @@ class Evidence:
 
     name: str
     spec: str
-    runs: dict[str, list[int]]  # "x3" -> [diverged or raised, runs]
+    runs: dict[str, list[int]]  # "x3" -> [diverged, did not learn or raised, runs]
     margin: float | None  # stress factor; None: diverged at the user's LR
     margin_lr: float | None
     score: float  # mean over seeds at x1 (test metric, or final train loss)
@@ -67,7 +69,7 @@ class Evidence:
     skipped: float  # share of steps skipped (or rolled back) at x1
     reasons: list[str] = field(
         default_factory=list
-    )  # why runs diverged: "x3 seed 1: nonfinite_weights"
+    )  # why runs failed: "x3 seed 1: nonfinite_weights", "x1 seed 0: at_chance"
     eligible: bool = False
     in_band: bool = False
     rank: int = 0
@@ -114,7 +116,7 @@ def gather(
                     reasons.append(
                         f"x{level:g} seed {seed}: raised {err[-1] if err else ''}".strip()
                     )
-                elif res.get("diverged"):
+                elif failed(res):  # diverged, or did not learn: neither trained
                     bad += 1
                     reasons.append(f"x{level:g} seed {seed}: {res.get('diverged_reason')}")
                 if math.isclose(level, 1.0) and r.get("status") == "done":

@@ -126,7 +126,7 @@ class Advice:
                 what = f"raised {r.get('error') or ''}"[:40]
             elif r["status"] != "done":
                 what = "not run"
-            elif r["reason"] == "at_chance":
+            elif r["reason"] == "at_chance":  # did not learn; one that blew up names the spike
                 what = f"ended at chance (step {r['steps_run']})"
             elif r["diverged"]:
                 what = f"diverged ({r['reason']}, step {r['steps_run']})"
@@ -220,7 +220,8 @@ class Advice:
         return [
             "",
             ("## " if markdown else "")
-            + f"Evidence (x1 = your lr {self.lr:g}; div = diverged/seeds; margin = the highest LR "
+            + f"Evidence (x1 = your lr {self.lr:g}; div = seeds that diverged or did not learn/seeds; "
+            "margin = the highest LR "
             "up to which every seed trained)",
             "",
             *_table(head, body, markdown),

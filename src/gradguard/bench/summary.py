@@ -1,7 +1,10 @@
 """Turn finished runs into the comparison: one row per setting x mitigation (divergence rate over
-seeds, test metric mean +- std, time to target, Guard overhead, interventions), as ``summary.md``,
-``summary.csv``, a terminal table, and PNG plots (loss curves with seed bands, the stability map,
-gradient-norm timelines)."""
+seeds, the runs that did not learn, test metric mean +- std, time to target, Guard overhead,
+interventions), as ``summary.md``, ``summary.csv``, a terminal table, and PNG plots (loss curves
+with seed bands, the stability map, gradient-norm timelines).
+
+A run's outcome (diverged, did not learn, trained) is :func:`gradguard.bench.outcome.outcome_of`:
+rows stored before results carried an ``outcome`` are read by the same rule."""
 
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from .outcome import outcome_of
+
 SETTING = ("task", "model", "optimizer", "lr")
 COLUMNS = (
     "task",
@@ -27,6 +32,7 @@ COLUMNS = (
     "mitigation",
     "runs",
     "diverged",
+    "did_not_learn",
     "divergence_rate",
     "metric_mean",
     "metric_std",
@@ -74,12 +80,15 @@ def _flat_and_varying(runs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, An
     return flat, varying
 
 
-def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def summarize(runs: Sequence[dict[str, Any]], steps_of=None) -> list[dict[str, Any]]:
     """Aggregate runs over seeds, keeping the order in which settings and mitigations appear.
 
     Runs are grouped by every setting but the seed, so runs that differ in anything else (steps,
     an init scale, a sequence length) are never pooled; what varies beyond task, model, optimizer
     and LR is named in the ``options`` column (e.g. ``T=20 init_scale=1.7``).
+
+    ``diverged`` and ``did_not_learn`` count the runs of each outcome (:func:`outcomes`);
+    ``steps_of(key)``, if given, lets a row stored before outcomes be judged by its loss too.
     """
     flat, varying = _flat_and_varying(runs)
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
@@ -96,10 +105,12 @@ def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         options[key] = _option_label(f, varying)
         if f.get("faults", "none") != "none":
             clean_of[key] = key_of({k: v for k, v in f.items() if k != "faults"}, mitigation)
+    outcome = outcomes(runs, steps_of)
     rows = []
     metric_of: dict[tuple, float] = {}
     for key, members in groups.items():
         res = [m["result"] for m in members]
+        seen = [outcome[id(m)] for m in members]
         metric_mean, metric_std = _mean_std([x["test_metric"] for x in res])
         reached = [x for x in res if x["steps_to_target"] is not None]
         inter = [x.get("interventions", {}) for x in res]
@@ -109,8 +120,9 @@ def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 options=options[key],
                 mitigation=key[-1],
                 runs=len(res),
-                diverged=sum(x["diverged"] for x in res),
-                divergence_rate=sum(x["diverged"] for x in res) / len(res),
+                diverged=seen.count("diverged"),
+                did_not_learn=seen.count("did_not_learn"),
+                divergence_rate=seen.count("diverged") / len(res),
                 metric_mean=metric_mean,
                 metric_std=metric_std,
                 reached_target=len(reached),
@@ -139,6 +151,17 @@ def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         if clean is not None and not math.isnan(clean) and not math.isnan(row["metric_mean"]):
             row["vs_clean"] = row["metric_mean"] - clean
     return rows
+
+
+def outcomes(runs: Sequence[dict[str, Any]], steps_of=None) -> dict[int, str]:
+    """Each run's outcome by ``id(run)``; an old row at chance reads its steps (if ``steps_of``)."""
+    out = {}
+    for r in runs:
+        res = r["result"]
+        old_at_chance = "outcome" not in res and res.get("diverged_reason") == "at_chance"
+        steps = steps_of(r["key"]) if steps_of is not None and old_at_chance else None
+        out[id(r)] = outcome_of(res, steps)
+    return out
 
 
 def _median_or_none(xs: list[float]) -> float | None:
@@ -170,7 +193,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     head = (
         "| task | model | opt | lr | "
         + ("options | " if with_options else "")
-        + "mitigation | diverged | test metric | reached target | steps to target | guard share | clipped/run | skipped/run |"
+        + "mitigation | diverged | did not learn | test metric | reached target | steps to target | guard share | clipped/run | skipped/run |"
     )
     with_faults = any(r.get("faults", "none") != "none" for r in rows)
     if with_faults:
@@ -181,7 +204,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
         opts = f"{r.get('options', '')} | " if with_options else ""
         line = (
             f"| {r['task']} | {r['model']} | {r['optimizer']} | {_fmt(r['lr'])} | {opts}`{r['mitigation']}` | "
-            f"{r['diverged']}/{r['runs']} | {_metric_cell(r)} | "
+            f"{r['diverged']}/{r['runs']} | {r.get('did_not_learn', 0)}/{r['runs']} | {_metric_cell(r)} | "
             f"{r['reached_target']}/{r['runs']} | {_fmt(r['steps_to_target'])} | {_share(r['guard_share'])} | "
             f"{r['clipped_per_run']:.0f} | {r['skipped_per_run']:.0f} |"
         )
@@ -208,7 +231,10 @@ def terminal_table(rows: Sequence[dict[str, Any]]) -> str:
         for r in rows
     ]
     width = max([28, *map(len, settings)])
-    head = f"{'setting':{width}s} {'mitigation':32s} {'diverged':>8s} {'test metric':>15s} {'to target':>9s} {'guard':>6s}"
+    head = (
+        f"{'setting':{width}s} {'mitigation':32s} {'diverged':>8s} {'no learn':>8s} "
+        f"{'test metric':>15s} {'to target':>9s} {'guard':>6s}"
+    )
     out = [head, "-" * len(head)]
     for r, setting in zip(rows, settings, strict=True):
         metric = (
@@ -217,7 +243,8 @@ def terminal_table(rows: Sequence[dict[str, Any]]) -> str:
             else f"{_fmt(r['metric_mean'])}+-{_fmt(r['metric_std'], 2)}"
         )
         out.append(
-            f"{setting:{width}s} {r['mitigation'][:32]:32s} {r['diverged']:>4d}/{r['runs']:<3d} {metric:>15s} "
+            f"{setting:{width}s} {r['mitigation'][:32]:32s} {r['diverged']:>4d}/{r['runs']:<3d} "
+            f"{r.get('did_not_learn', 0):>4d}/{r['runs']:<3d} {metric:>15s} "
             f"{_fmt(r['steps_to_target']):>9s} {_share(r['guard_share']):>6s}"
         )
     return "\n".join(out)
@@ -231,14 +258,16 @@ def write_outputs(
     ``steps_of(key)`` returns a run's per-step metrics (from the results database).
     """
     out = Path(out_dir)
-    rows = summarize(runs)
+    rows = summarize(runs, steps_of)
     with open(out / "summary.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
         w.writerows(rows)
     (out / "summary.md").write_text(
-        "# gradguard bench\n\nDiverged: non-finite loss or weights, loss above 10x its first value, or a final test "
-        "metric at chance. Test metric: mean +- std over seeds (accuracy for classification, MSE for regression). "
+        "# gradguard bench\n\nDiverged: the run blew up: non-finite loss or weights, a final loss above 10x its "
+        "first, the Guard halting it, or a final test metric at chance after a gradient norm above 100x its "
+        "median or a 10-step mean loss above 2x its first. Did not learn: at chance with neither (calm norms, "
+        "a loss that never rose). Test metric: mean +- std over seeds (accuracy for classification, MSE for regression). "
         "Guard share: the fraction of training time spent in `Guard.step()`.\n\n"
         + markdown_table(rows)
         + "\n"
@@ -256,6 +285,7 @@ def plot_all(runs: Sequence[dict[str, Any]], steps_of, out: Path) -> list[Path]:
     written = []
     # One set of figures per setting (all but LR, mitigation and seed); LRs are the x axis/panels.
     flat, varying = _flat_and_varying(runs)
+    outcome = outcomes(runs, steps_of)
     by_setting: dict[str, list[dict]] = defaultdict(list)
     labels: dict[str, str] = {}
     for r, f in zip(runs, flat, strict=True):
@@ -284,7 +314,8 @@ def plot_all(runs: Sequence[dict[str, Any]], steps_of, out: Path) -> list[Path]:
                     for m in members
                     if m["config"]["mitigation"] == mit and m["config"]["lr"] == lr
                 ]
-                rates.append(sum(m["result"]["diverged"] for m in rs) / len(rs) if rs else math.nan)
+                bad = sum(outcome[id(m)] == "diverged" for m in rs)
+                rates.append(bad / len(rs) if rs else math.nan)
             # Slight vertical offsets keep lines that coincide (all 0 or all 1) visible.
             k = mitigations.index(mit) - len(mitigations) / 2
             ax.plot(

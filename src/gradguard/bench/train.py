@@ -26,11 +26,9 @@ from ..stats import all_finite
 from . import keras_train
 from .config import Resolved, RunConfig, resolve
 from .models import build_model
+from .outcome import AT_CHANCE, LOSS_BLOWUP, blowup_evidence, loss_levels
 from .parallel import check_divisible, current, from_main, mean_over_ranks, rank_slice
 from .tasks import Task, make_task
-
-#: A run whose training loss exceeds this multiple of its first loss has diverged.
-LOSS_BLOWUP = 10.0
 
 
 @contextmanager
@@ -278,7 +276,7 @@ def _train_torch(
         guard_seconds=guard_seconds,
         policy=res.policy,
         plan=plan,
-        off_target=lambda metric: "at_chance" if at_chance(task, metric) else None,
+        off_target=lambda metric: AT_CHANCE if at_chance(task, metric) else None,
     )
     if ranks is not None:
         from_main(result, ranks)
@@ -327,8 +325,25 @@ def run_result(
 ) -> dict[str, Any]:
     """A finished run's result row (what the store keeps), from its step records and final
     evaluation ``ev`` (``{"loss", "metric", "success"}``; None: not evaluated, the run diverged
-    before the end); the one definition of divergence, whichever framework or entry point
-    trained. ``off_target(metric)``: a divergence reason for a final metric (at chance), or None."""
+    before the end); the one definition of a run's outcome, whichever framework or entry point
+    trained. ``off_target(metric)``: a reason a final metric fails (``at_chance``, a non-finite
+    metric), or None.
+
+    ``outcome`` is one of (the rule: :mod:`gradguard.bench.outcome`):
+
+    - ``"diverged"``: it blew up. Non-finite loss or weights, a final loss above
+      :data:`~gradguard.bench.outcome.LOSS_BLOWUP` x its first (``loss_blowup``), the Guard
+      halting it (its ``TrainingHalted`` reason), an ``off_target`` reason other than
+      ``at_chance``, or at chance with evidence of a blow-up: the largest finite gradient norm
+      above :data:`~gradguard.bench.outcome.NORM_SPIKE` (100) x the median one
+      (``grad_norm_spike``), or the 10-step mean training loss risen above
+      :data:`~gradguard.bench.outcome.LOSS_RISE` (2) x its first 10 steps' mean (``loss_spike``);
+    - ``"did_not_learn"``: at chance with calm norms and no loss rise (``diverged_reason``
+      ``at_chance``); a failure to reach the target, not a divergence;
+    - ``"trained"``: neither.
+
+    ``diverged`` is ``outcome == "diverged"``, ``did_not_learn`` is ``outcome ==
+    "did_not_learn"``; ``diverged_reason`` says why for both (None: trained)."""
     if ev is None:
         ev = {"loss": math.nan, "metric": math.nan, "success": False}
     if steps_to_target is None and ev["success"] and diverged_reason is None:
@@ -343,8 +358,20 @@ def run_result(
         elif off_target is not None:
             diverged_reason = off_target(ev["metric"])
     norms = [r["grad_norm"] for r in steps if math.isfinite(r["grad_norm"])]
+    max_norm = max(norms) if norms else math.nan
+    median_norm = statistics.median(norms) if norms else math.nan
+    initial_loss, peak_loss = loss_levels([r["loss"] for r in steps])
+    outcome = "trained" if diverged_reason is None else "diverged"
+    if diverged_reason == AT_CHANCE:
+        evidence = blowup_evidence(max_norm, median_norm, initial_loss, peak_loss)
+        if evidence is None:
+            outcome = "did_not_learn"
+        else:
+            diverged_reason = evidence
     result: dict[str, Any] = {
-        "diverged": diverged_reason is not None,
+        "outcome": outcome,
+        "diverged": outcome == "diverged",
+        "did_not_learn": outcome == "did_not_learn",
         "diverged_reason": diverged_reason,
         "steps_run": len(steps),
         "final_train_loss": final_loss,
@@ -353,8 +380,10 @@ def run_result(
         "success": bool(ev["success"]),
         "steps_to_target": steps_to_target,
         "seconds_to_target": seconds_to_target,
-        "max_grad_norm": max(norms) if norms else math.nan,
-        "median_grad_norm": statistics.median(norms) if norms else math.nan,
+        "initial_train_loss": initial_loss,
+        "peak_train_loss": peak_loss,
+        "max_grad_norm": max_norm,
+        "median_grad_norm": median_norm,
         "interventions": {k: v for k, v in counters.items() if k != "steps"},
         "wall_seconds": wall,
         "guard_seconds": guard_seconds,
