@@ -23,6 +23,7 @@ from .optim import GuardedOptimizer
 from .policies import (
     DEFAULT_SPEC,
     Policy,
+    adaptive_clip,
     agc,
     autoclip,
     available_policies,
@@ -35,6 +36,7 @@ from .policies import (
     rollback,
     skip_nonfinite,
     skip_spike,
+    update_clip,
     zclip,
 )
 from .report import StepReport
@@ -55,6 +57,7 @@ __all__ = [
     "StepReport",
     "TrainingHalted",
     "__version__",
+    "adaptive_clip",
     "advise",
     "agc",
     "autoclip",
@@ -68,6 +71,7 @@ __all__ = [
     "rollback",
     "skip_nonfinite",
     "skip_spike",
+    "update_clip",
     "zclip",
 ]
 

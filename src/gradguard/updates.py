@@ -94,6 +94,10 @@ class UpdateProbe:
             if flat is None or n == 0:
                 flat = t.reshape(-1)  # a copy: sampled mode re-reads it after the step anyway
             stride = max(1, math.ceil(n / samples)) if n else 1
+            # Coprime with the row length, so the sample visits every column, not a few.
+            row = min((t.shape[d] for d in range(t.dim()) if t.stride(d) == 1), default=1)
+            while stride > 1 and math.gcd(stride, row) != 1:
+                stride += 1
             view = flat[::stride]
             self._views.append(view)
             self._weights.append(n / view.numel() if view.numel() else 0.0)

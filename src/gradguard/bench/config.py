@@ -444,6 +444,80 @@ SUITES["faults"] = [
         },
     ),
 ]
+# The default's promise, measured (docs/bench.md, "Stability"): settings none of the tests, docs
+# or the default's design used (the design was tuned on the quick suite's 12x64 MLP), across
+# kinds: an MLP with SGD+momentum, a wide shallow MLP with Adam, a CNN with plain SGD, a vanilla
+# RNN on the adding problem, each at an LR where it trains unguarded and one where it mostly
+# diverges; and the momentum MLP under an LR burst and poisoned batches. Beside the default: no
+# Guard, the old default, the peers (ZClip, AutoClip) and a sweep of static clip thresholds,
+# whose best per setting is the hand-tuned clip the default must match.
+STABILITY_CLIPS = tuple(f"clip_norm:{c}" for c in (0.5, 1.0, 2.0, 4.0, 8.0, 16.0))
+STABILITY_MITIGATIONS = ("none", "default", "default_v1", "zclip", "autoclip:10", *STABILITY_CLIPS)
+_STABILITY_SEEDS = [0, 1, 2, 3, 4]
+SUITES["stability"] = [
+    (
+        {"steps": 200, "batch_size": 64, "model_options": {"depth": 8, "width": 128}},
+        {
+            "task": ["digits"],
+            "model": ["mlp"],
+            "optimizer": ["momentum"],
+            "lr": [0.02, 0.2],
+            "mitigation": list(STABILITY_MITIGATIONS),
+            "seed": _STABILITY_SEEDS,
+        },
+    ),
+    (
+        {"steps": 200, "batch_size": 64, "model_options": {"depth": 3, "width": 256}},
+        {
+            "task": ["digits"],
+            "model": ["mlp"],
+            "optimizer": ["adam"],
+            "lr": [3e-3, 3e-2],
+            "mitigation": list(STABILITY_MITIGATIONS),
+            "seed": _STABILITY_SEEDS,
+        },
+    ),
+    (
+        {"steps": 200, "batch_size": 64, "model_options": {"depth": 3, "width": 32}},
+        {
+            "task": ["digits"],
+            "model": ["cnn"],
+            "optimizer": ["sgd"],
+            "lr": [0.05, 0.5],
+            "mitigation": list(STABILITY_MITIGATIONS),
+            "seed": _STABILITY_SEEDS,
+        },
+    ),
+    (
+        {
+            "steps": 800,
+            "batch_size": 32,
+            "eval_every": 200,
+            "task_options": {"T": 20},
+            "model_options": {"hidden": 64, "init_scale": 1.7},
+        },
+        {
+            "task": ["adding"],
+            "model": ["rnn"],
+            "optimizer": ["sgd"],
+            "lr": [0.01, 0.3],
+            "mitigation": list(STABILITY_MITIGATIONS),
+            "seed": _STABILITY_SEEDS,
+        },
+    ),
+    (
+        {"steps": 200, "batch_size": 64, "model_options": {"depth": 8, "width": 128}},
+        {
+            "task": ["digits"],
+            "model": ["mlp"],
+            "optimizer": ["momentum"],
+            "lr": [0.02],
+            "mitigation": list(STABILITY_MITIGATIONS),
+            "faults": ["lr_burst:factor=30,steps=20,at=120", "poison:scale=1e3,p=0.02"],
+            "seed": _STABILITY_SEEDS,
+        },
+    ),
+]
 SUITES["full"] = [g for name in ("quick", "seed", "rnn", "transformer") for g in SUITES[name]]
 # The seed document's TensorFlow scenario, in Keras (needs gradguard[keras]; not part of "full").
 SUITES["keras"] = keras_train.SUITE

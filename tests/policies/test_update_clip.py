@@ -1,0 +1,246 @@
+"""update_clip: the update measured from the weights (against the update computed here from
+copies of the weights), the per-layer bound applied exactly, and when it measures exactly."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+import torch
+from torch import nn
+
+import gradguard
+from gradguard.errors import IntegrityError
+from gradguard.layout import ParamLayout
+from gradguard.updates import UpdateProbe
+
+
+def net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 5)
+    )
+
+
+def batch(step: int):
+    gen = torch.Generator().manual_seed(step)
+    return torch.randn(32, 20, generator=gen), torch.randint(0, 5, (32,), generator=gen)
+
+
+def backward(model: nn.Module, step: int) -> torch.Tensor:
+    x, y = batch(step)
+    for p in model.parameters():
+        p.grad = None
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    return loss
+
+
+def layer_ratios(before: list[torch.Tensor], model: nn.Module) -> list[float]:
+    """The reference: per Linear layer, ||w_new - w_old|| / ||w_old|| over its weight and bias."""
+    params = list(model.parameters())
+    out = []
+    for i in range(0, len(params), 2):
+        d = sum(float((params[k].detach() - before[k]).double().square().sum()) for k in (i, i + 1))
+        w = sum(float(before[k].double().square().sum()) for k in (i, i + 1))
+        out.append(math.sqrt(d / w))
+    return out
+
+
+OPTIMIZERS = {
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1),
+    "momentum": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True),
+    "adam": lambda ps: torch.optim.Adam(ps, lr=1e-2),
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_the_measured_update_is_the_weights_change(name):
+    model = net()
+    opt = OPTIMIZERS[name](model.parameters())
+    probe = UpdateProbe(ParamLayout.build(model, opt), samples=256)
+    for step in range(6):
+        backward(model, step)
+        before = [p.detach().clone() for p in model.parameters()]
+        mode = "exact" if step % 2 == 0 else "sample"
+        probe.before(mode)
+        opt.step()
+        got = probe.after()
+        want = layer_ratios(before, model)
+        assert got.exact == (mode == "exact") and got.finite
+        # Exact to float32 rounding; a sample of 256 of 1280 or 4096 elements to a few percent.
+        tol = 1e-5 if mode == "exact" else 0.15  # float32 norms
+        assert list(got.ratio) == pytest.approx(want, rel=tol), (name, step, mode)
+
+
+def test_an_lr_burst_is_bounded_per_layer_exactly():
+    """SGD without momentum: the applied update must be s_l * (-lr g) with s_l = cap / ratio."""
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    # mode=exact: the history holds exact ratios (sampled ones are estimates), as the twin here
+    guard = gradguard.Guard(model, opt, "update_clip:factor=3,mode=exact")
+    history: list[list[float]] = []
+    for step in range(40):
+        burst = 30 <= step < 35
+        opt.param_groups[0]["lr"] = 5.0 if burst else 0.05
+        backward(model, step)
+        before = [p.detach().clone() for p in model.parameters()]
+        grads = [p.grad.clone() for p in model.parameters()]
+        report = guard.step()
+        got = layer_ratios(before, model)
+        if not burst:
+            history.append(got)
+            assert not "update_clip" in report.actions, step
+            continue
+        assert report.metrics["update_clip.exact"] == 1.0
+        params = list(model.parameters())
+        for layer in range(3):
+            level = math.exp(statistics.median(math.log(h[layer]) for h in history[-32:]))
+            cap = 3 * level
+            full = (
+                5.0
+                * math.sqrt(
+                    sum(float(grads[k].double().square().sum()) for k in (2 * layer, 2 * layer + 1))
+                )
+                / math.sqrt(
+                    sum(
+                        float(before[k].double().square().sum()) for k in (2 * layer, 2 * layer + 1)
+                    )
+                )
+            )
+            s = min(1.0, cap / full)
+            # float32 weights: an update of ~1e-3 of them is rounded to ~1e-4 of itself
+            assert got[layer] == pytest.approx(min(full, cap), rel=1e-3), (step, layer)
+            for k in (2 * layer, 2 * layer + 1):
+                torch.testing.assert_close(
+                    params[k].detach(), before[k] - s * 5.0 * grads[k], rtol=1e-5, atol=1e-6
+                )
+        history.append([min(g, 1e9) for g in got])
+
+
+def test_the_first_step_is_bounded_before_any_history():
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=1e3)  # a catastrophic first step
+    guard = gradguard.Guard(model, opt, "update_clip:max_ratio=0.5")
+    backward(model, 0)
+    before = [p.detach().clone() for p in model.parameters()]
+    report = guard.step()
+    assert "update_clip" in report.actions
+    assert max(layer_ratios(before, model)) == pytest.approx(0.5, rel=1e-5)
+
+
+def test_an_adam_blow_up_with_normal_gradients_is_caught():
+    """Second moments shrunk to ~0 (as after a long run of tiny gradients): the gradient norm
+    is normal, the update is not. Auto mode measures by sample, reports the miss, then bounds
+    the following steps exactly."""
+    model = net()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    guard = gradguard.Guard(model, opt, "update_clip:warmup=5,hold=10")
+    for step in range(30):
+        backward(model, step)
+        guard.step()
+    for p in model.parameters():
+        opt.state[p]["exp_avg_sq"].mul_(1e-12)
+    reports = []
+    ratios = []
+    for step in range(30, 34):
+        backward(model, step)
+        before = [p.detach().clone() for p in model.parameters()]
+        reports.append(guard.step())
+        ratios.append(max(layer_ratios(before, model)))
+    assert reports[0].metrics["update_clip.missed"] == 1.0  # sampled, too late to undo
+    assert reports[0].metrics["update_clip.exact"] == 0.0
+    for r in reports[1:]:
+        assert r.metrics["update_clip.exact"] == 1.0 and "update_clip" in r.actions
+    assert max(ratios[1:]) < ratios[0] / 10
+
+
+def test_a_zero_initialized_layer_is_not_bounded():
+    model = net()
+    with torch.no_grad():
+        model[4].weight.zero_()
+        model[4].bias.zero_()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    guard = gradguard.Guard(model, opt, "update_clip:max_ratio=0.01")
+    backward(model, 0)
+    guard.step()
+    assert float(model[4].weight.detach().abs().sum()) > 0  # it learned from zero
+    assert guard.state_dict()["policies"][-1]["state"]["history"][2][0] != 0  # NaN: no entry
+
+
+def test_the_framework_path_is_bounded_too():
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=1e3)
+    guard = gradguard.Guard(model, opt, "update_clip:max_ratio=0.5")
+    backward(model, 0)
+    before = [p.detach().clone() for p in model.parameters()]
+    pending = guard.before_step()
+    opt.step()  # the framework's step
+    report = guard.after_step(pending)
+    assert "update_clip" in report.actions
+    assert max(layer_ratios(before, model)) == pytest.approx(0.5, rel=1e-5)
+
+
+def test_the_measurement_is_the_weight_integrity_check():
+    class NaNWriter(torch.optim.SGD):
+        def step(self, closure=None):
+            super().step(closure)
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[3] = math.nan
+
+    model = net()
+    guard = gradguard.Guard(model, NaNWriter(model.parameters(), lr=0.1), "default")
+    backward(model, 0)
+    with pytest.raises(IntegrityError, match="overflowed|non-finite|NaN"):
+        guard.step()
+
+
+def test_state_round_trips_and_resumes_exactly():
+    def run(steps, state=None):
+        model = net()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        guard = gradguard.Guard(model, opt, "update_clip:factor=2,window=4")
+        if state is not None:
+            model.load_state_dict(state[0])
+            opt.load_state_dict(state[1])
+            guard.load_state_dict(state[2])
+        out = []
+        for step in steps:
+            opt.param_groups[0]["lr"] = 1.0 if step in (12, 13) else 0.05
+            backward(model, step)
+            out.append(guard.step().metrics)
+        return out, (model.state_dict(), opt.state_dict(), guard.state_dict())
+
+    whole, _ = run(range(16))
+    first, saved = run(range(8))
+    rest, _ = run(range(8, 16), saved)
+    assert first + rest == whole
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "update_clip:factor=1",
+        "update_clip:max_ratio=0",
+        "update_clip:mode=fast",
+        "update_clip:window=0",
+    ],
+)
+def test_bad_parameters_are_refused(spec):
+    with pytest.raises(gradguard.SpecError):
+        gradguard.policies.parse_spec(spec)
+
+
+def test_auto_mode_measures_an_lr_jump_exactly():
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    guard = gradguard.Guard(model, opt, "update_clip:warmup=3")
+    exact = []
+    for step in range(20):
+        opt.param_groups[0]["lr"] = 5.0 if step == 12 else 0.05
+        backward(model, step)
+        exact.append(guard.step().metrics["update_clip.exact"])
+    assert exact[:3] == [1.0] * 3 and exact[3:12] == [0.0] * 9  # warmup, then sampled
+    assert exact[12] == 1.0  # the jump: exact, so bounded
