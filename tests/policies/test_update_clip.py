@@ -92,7 +92,7 @@ def test_an_lr_burst_is_bounded_per_layer_exactly():
         got = layer_ratios(before, model)
         if not burst:
             history.append(got)
-            assert not "update_clip" in report.actions, step
+            assert "update_clip" not in report.actions, step
             continue
         assert report.metrics["update_clip.exact"] == 1.0
         params = list(model.parameters())
@@ -193,7 +193,7 @@ def test_the_measurement_is_the_weight_integrity_check():
     model = net()
     guard = gradguard.Guard(model, NaNWriter(model.parameters(), lr=0.1), "default")
     backward(model, 0)
-    with pytest.raises(IntegrityError, match="overflowed|non-finite|NaN"):
+    with pytest.raises(IntegrityError, match=r"overflowed|non-finite|NaN"):
         guard.step()
 
 
