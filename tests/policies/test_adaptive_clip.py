@@ -41,7 +41,10 @@ def stream(n=300, seed=0, scale=1.0):
 
 
 @PATHS
-@pytest.mark.parametrize("kw", [{}, {"window": 5, "z": 2.0, "min_factor": 1.5, "max_factor": 4}])
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"window": 5, "z": 2.0, "min_factor": 1.5, "max_factor": 4}, {"hold": 7, "window": 16}],
+)
 def test_the_guard_clips_as_the_reference(check_finite, kw):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
@@ -62,8 +65,9 @@ def test_the_guard_clips_as_the_reference(check_finite, kw):
         assert report.clipped == (coef < 1.0), i
 
 
-def test_host_and_torch_paths_are_one_rule():
-    pol = adaptive_clip(window=16)
+@pytest.mark.parametrize("hold", [0, 5])
+def test_host_and_torch_paths_are_one_rule(hold):
+    pol = adaptive_clip(window=16, hold=hold)
     host = dict(pol.state)
     dev = to_torch(pol.fields(), pol.state, torch.device("cpu"))
 

@@ -98,7 +98,7 @@ def test_an_lr_burst_is_bounded_per_layer_exactly():
         params = list(model.parameters())
         for layer in range(3):
             level = math.exp(statistics.median(math.log(h[layer]) for h in history[-32:]))
-            cap = 3 * level
+            cap = min(3 * level, 0.03)  # max_ratio
             full = (
                 5.0
                 * math.sqrt(

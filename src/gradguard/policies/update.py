@@ -42,11 +42,13 @@ class update_clip(Policy):
     The bound of layer ``l`` is ``min(factor * level_l, max_ratio)``: ``level_l`` is the median
     of the layer's last ``window`` update ratios (as bounded: a capped step enters as its cap, so
     a burst does not raise the level; a sustained change lifts it by up to ``factor`` every
-    ``window / 2`` steps), and ``max_ratio`` caps every step, the first included, before any
-    history exists (no layer moves by more than its own size in one step). A layer over its bound
-    has its update scaled back to it, exactly: ``w <- w_old + s * (w_new - w_old)``. Layers whose
-    weights are ~zero (RMS < 1e-6, e.g. a zero-initialized output) are not bounded: a ratio to
-    nothing is undefined; they enter once they have grown.
+    ``window / 2`` steps). ``max_ratio`` (default 0.03: no layer moves by more than 3% of its own
+    norm in one step, the first step included, before any history exists) is a bound on a
+    scale-free quantity, like the trust ratio LARS and LAMB build on: it is what keeps the first
+    steps of a too-high LR from killing a deep net (measured in docs/policies.md). A layer over
+    its bound has its update scaled back to it, exactly: ``w <- w_old + s * (w_new - w_old)``.
+    Layers whose weights are ~zero (RMS < 1e-6, e.g. a zero-initialized output) are not bounded:
+    a ratio to nothing is undefined; they enter once they have grown.
 
     Measuring exactly costs a copy and a subtraction of the weights (about one optimizer step)
     and a buffer the size of the parameters. ``mode="exact"`` pays it every step; ``"auto"`` (the
@@ -56,7 +58,10 @@ class update_clip(Policy):
     ``samples`` elements per tensor (costs ~1% of a step). A sampled step over its bound cannot be
     scaled back (its old weights were not kept): it is reported (``update_clip.missed``) and the
     following ``hold`` steps are measured, and bounded, exactly. ``"sample"`` never copies
-    (monitoring only).
+    (monitoring only). The measurement also reads every weight's norm: it is the Guard's
+    post-step integrity check, at no extra cost.
+
+    Torch only: a Keras optimizer's weights are not reachable outside its compiled step.
 
     Metrics: ``update_clip.max_ratio`` (the largest layer ratio), ``update_clip.capped`` (layers
     scaled back), ``update_clip.exact`` (1.0 when measured exactly), ``update_clip.missed`` (1.0
@@ -69,10 +74,10 @@ class update_clip(Policy):
     def __init__(
         self,
         factor: float = 4.0,
-        max_ratio: float = 1.0,
+        max_ratio: float = 0.03,
         window: int = 32,
         mode: Literal["auto", "exact", "sample"] = "auto",
-        warmup: int = 10,
+        warmup: int = 100,
         hold: int = 50,
         lr_jump: float = 4.0,
         samples: int = DEFAULT_SAMPLES,
