@@ -25,6 +25,9 @@ from gradguard.policies import Policy, StepContext
 from conftest import TinyNet, assert_same, set_grads, snapshot
 
 rb = sys.modules["gradguard.policies.rollback"]
+#: High losses in a row that make a runaway (the default patience).
+P = gradguard.rollback().patience
+HIGH = [20.0] * P
 
 
 class Run:
@@ -65,8 +68,8 @@ def test_a_runaway_loss_with_finite_weights_rolls_back_to_a_state_from_before_it
     high loss is step 65 goes back to 60; one whose first high loss is step 60 (the snapshot
     taken right after step 59 holds the update that made it) goes back to 50."""
     run = Run("rollback:every=10")
-    reports = run.feed([*calm(start), 20.0, 20.0, 20.0])
-    trigger = start + 2
+    reports = run.feed(calm(start) + HIGH)
+    trigger = start + P - 1
     assert not any(r.skipped for r in reports[:trigger])  # the high steps were applied
     assert all(torch.isfinite(p).all() for p in run.model.parameters())
     r = reports[trigger]
@@ -112,7 +115,7 @@ def test_without_a_loss_or_with_runaway_off_the_trigger_is_inactive():
         ("rollback:every=10,runaway=false", True),
     ):
         run = Run(spec)
-        losses = calm(60) + [20.0] * 20
+        losses = calm(60) + HIGH * 5
         reports = [run.step(v if with_loss else None) for v in losses]
         assert not any(r.rolled_back for r in reports), spec
     assert run.pol.keep == 1 and len(run.pol.state["slots"]) == 1  # one snapshot without it
@@ -138,21 +141,25 @@ def test_a_nonfinite_loss_during_a_runaway_is_its_end():
 # ----- skipped data ------------------------------------------------------------------------------------
 def test_skipped_steps_are_recorded_merged_and_written_as_lightning_does(tmp_path):
     run = Run("rollback:every=10")
-    run.feed(calm(65) + [20.0] * 3)  # rolls back at 67 to the snapshot of step 60: [60, 67]
-    # Step 68 on it is calm, 69..71 run away: back to it again at 71, undoing [68, 71].
-    run.feed(calm(1, seed=1) + [20.0] * 3)
-    assert run.reports[71].rolled_back
+    first = 64 + P
+    run.feed(calm(65) + HIGH)  # rolls back at `first` to the snapshot of step 60
+    assert run.reports[first].rolled_back and run.pol.skipped_steps == [(60, first)]
+    # The next step on it is calm, the P after it run away: back to it again, undoing those.
+    second = first + 1 + P
+    run.feed(calm(1, seed=1) + HIGH)
+    assert run.reports[second].rolled_back
     assert_same(run.before[60], snapshot(run.model, run.opt))
-    assert run.pol.skipped_steps == [(60, 71)]  # adjacent ranges merged
-    # Calm 72..101 (snapshots after 81, 91, 101), then a runaway from 102: the snapshot taken
-    # after 101 holds the update that made it, so back to the one taken after 91.
-    run.feed(calm(30, seed=2) + [20.0] * 3)
-    assert run.reports[104].rolled_back
-    assert_same(run.before[92], snapshot(run.model, run.opt))
-    assert run.pol.skipped_steps == [(60, 71), (92, 104)]
+    assert run.pol.skipped_steps == [(60, second)]  # adjacent ranges merged
+    # 30 calm steps (snapshots after 10, 20 and 30 of them), then a runaway: the last snapshot
+    # holds the update that made its first high loss, so back to the one before.
+    run.feed(calm(30, seed=2) + HIGH)
+    third, older = second + 30 + P, second + 21
+    assert run.reports[third].rolled_back
+    assert_same(run.before[older], snapshot(run.model, run.opt))
+    assert run.pol.skipped_steps == [(60, second), (older, third)]
     path = run.pol.write_skip_batches(tmp_path)
     assert path == tmp_path / "skip_batches.json"
-    want = [*range(60, 72), *range(92, 105)]
+    want = [*range(60, second + 1), *range(older, third + 1)]
     assert json.loads(path.read_text()) == want  # a JSON list of batch indices, as Lightning's
     other = rb.write_skip_batches([[3, 4], (1, 1)], tmp_path / "sub" / "mine.json")
     assert json.loads(other.read_text()) == [1, 3, 4]
@@ -175,7 +182,7 @@ def test_the_lr_is_backed_off_then_restored_around_the_step_only():
     for v in calm(65):
         r, moved = ones_step(v)
         assert r.lr_scale == 1.0 and moved == pytest.approx(-0.1, rel=1e-5)
-    for _ in range(3):
+    for _ in range(P):
         r, _ = ones_step(20.0)
     assert r.rolled_back
     scales = []
@@ -192,10 +199,10 @@ def test_the_lr_is_backed_off_then_restored_around_the_step_only():
 # ----- bounded retries -----------------------------------------------------------------------------
 def test_retries_are_bounded_then_the_run_is_halted_clearly():
     run = Run("rollback:every=10,max_consecutive=2")
-    reports = run.feed(calm(60) + [20.0] * 6)
-    assert [t for t, r in enumerate(reports) if r.rolled_back] == [62, 65]
+    reports = run.feed(calm(60) + HIGH * 2)
+    assert [t for t, r in enumerate(reports) if r.rolled_back] == [59 + P, 59 + 2 * P]
     assert run.pol.state["lr_scale"] == 0.25
-    run.feed([20.0] * 2)
+    run.feed(HIGH[1:])
     with pytest.raises(TrainingHalted, match=r"loss ran away .* 3 times in a row") as e:
         run.step(20.0)
     assert e.value.reason == "runaway_exhausted"
@@ -204,11 +211,11 @@ def test_retries_are_bounded_then_the_run_is_halted_clearly():
 
 def test_the_total_number_of_runaways_is_capped():
     run = Run("rollback:every=5,max_runaways=2,max_consecutive=9")
-    run.feed(calm(40))
+    run.feed(calm(60))
     for k in range(2):  # a runaway, then calm long enough for new snapshots (retries start over)
-        reports = run.feed([20.0] * 3 + calm(20, seed=k + 1))
-        assert reports[2].rolled_back
-    run.feed([20.0] * 2)
+        reports = run.feed(HIGH + calm(20, seed=k + 1))
+        assert reports[P - 1].rolled_back
+    run.feed(HIGH[1:])
     with pytest.raises(TrainingHalted, match="max_runaways=2") as e:
         run.step(20.0)
     assert e.value.reason == "runaway_exhausted"
@@ -260,7 +267,7 @@ def test_a_request_without_rollback_in_the_chain_is_ignored():
 # ----- disk: the older snapshot is in last_good.prev.pt -----------------------------------------------
 def test_on_disk_the_older_snapshot_is_restored_and_becomes_the_newest(tmp_path):
     run = Run(f"rollback:every=10,to=disk,path={tmp_path}")
-    run.feed(calm(60) + [20.0] * 3)
+    run.feed(calm(60) + HIGH)
     assert_same(run.before[50], snapshot(run.model, run.opt))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last_good.pt"]
     assert rb.read_snapshot_meta(tmp_path / "last_good.pt")["begin"] == 50
@@ -276,10 +283,12 @@ def test_the_state_round_trips_mid_recovery_and_resumes_identically(to, tmp_path
     disk = ",to=disk,path={}"
     spec = "rollback:every=10,lr_recover=50"
     run = Run(spec + (disk.format(tmp_path / "a") if to == "disk" else ""))
-    run.feed(calm(65) + [20.0] * 3 + calm(10, seed=1))  # rolled back at 67; calm 68..77
+    run.feed(calm(65) + HIGH + calm(10, seed=1))  # rolled back at `back`, then 10 calm steps
+    back = 64 + P
     saved = run.pol.state_dict()
-    assert saved["lr_scale"] < 1.0 and saved["skipped"] == [[60, 67]]
-    assert [s["begin"] for s in saved["slots"]] == [68, 78] and len(saved["losses"]) == 50
+    assert saved["lr_scale"] < 1.0 and saved["skipped"] == [[60, back]]
+    assert [s["begin"] for s in saved["slots"]] == [back + 1, back + 11]
+    assert len(saved["losses"]) == 60 + 10  # the window of the snapshot restored, then 10 more
     buf = io.BytesIO()
     torch.save(run.guard.state_dict(), buf)
     buf.seek(0)
@@ -292,11 +301,92 @@ def test_the_state_round_trips_mid_recovery_and_resumes_identically(to, tmp_path
     twin.guard.load_state_dict(loaded)
     assert twin.pol.state == run.pol.state
     assert len(twin.pol._snaps) == 2
-    # The same losses and gradients from here: the same decisions and weights. The runaway from
-    # 83 goes back to the snapshot taken after 77.
-    for v in calm(5, seed=2) + [20.0] * 3 + calm(5, seed=4):
+    # The same losses and gradients from here: the same decisions and weights. The runaway after
+    # 5 more calm steps goes back to the newest snapshot.
+    for v in calm(5, seed=2) + HIGH + calm(5, seed=4):
         t = len(run.before)
         a, b = run.step(v, grads_seed=t), twin.step(v, grads_seed=t)
         assert (a.rolled_back, a.lr_scale) == (b.rolled_back, b.lr_scale)
     assert_same(snapshot(run.model, run.opt), snapshot(twin.model, twin.opt))
-    assert run.pol.skipped_steps == twin.pol.skipped_steps == [(60, 67), (78, 85)]
+    again = back + 15 + P
+    assert run.reports[again].rolled_back
+    assert run.pol.skipped_steps == twin.pol.skipped_steps == [(60, back), (back + 11, again)]
+
+
+# ----- real runs: the bench's training loop --------------------------------------------------------
+BURST = "lr_burst:factor=100,steps=10,at={at}"
+
+
+def bench_run(mitigation: str, faults: str = "none", seed: int = 0, **kw):
+    from gradguard.bench.config import RunConfig
+    from gradguard.bench.train import train_run
+
+    cfg = {
+        "task": "digits",
+        "model": "mlp",
+        "optimizer": "momentum",
+        "lr": 0.03,
+        "steps": 150,
+        "batch_size": 64,
+        "model_options": {"depth": 6, "width": 32},
+        "mitigation": mitigation,
+        "faults": faults,
+        "seed": seed,
+    }
+    return train_run(RunConfig.from_dict(cfg | kw))[0]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_healthy_real_runs_never_roll_back(seed):
+    """The bench's loop on real data with the trigger armed: noisy minibatch losses, no runaway.
+    (docs/policies.md: 27 longer runs of the MLP, CNN, RNNs and GPT, none fired.)"""
+    result = bench_run("skip_nonfinite+zclip+rollback", seed=seed)
+    assert result["interventions"]["rolled_back"] == 0 and result["skipped_data"] == []
+
+
+def test_an_lr_burst_that_ruins_the_run_is_rolled_back_and_the_run_ends_near_clean():
+    """A 6-layer MLP on digits, 150 steps, the LR x100 for steps 100..109 (a ZClip chain alone ends
+    at chance: test_the_burst_ruins_a_run_without_rollback). With rollback, the runaway is caught,
+    the burst's steps are skipped, and the run ends within 0.03 of the same run without the
+    fault; that clean run never rolls back."""
+    clean = bench_run("skip_nonfinite+zclip+rollback")
+    assert clean["interventions"]["rolled_back"] == 0 and clean["skipped_data"] == []
+    burst = bench_run("skip_nonfinite+zclip+rollback", BURST.format(at=100))
+    assert burst["interventions"]["rolled_back"] >= 1 and not burst["diverged"]
+    (start, end), *more = burst["skipped_data"]
+    assert start == 100 and 100 + P - 1 <= end < 100 + 10 + 2 * P and not more
+    assert burst["test_metric"] >= clean["test_metric"] - 0.03
+
+
+@pytest.mark.slow
+def test_the_burst_ruins_a_run_without_rollback():
+    ruined = bench_run("skip_nonfinite+zclip", BURST.format(at=100))
+    assert ruined["diverged"] and ruined["test_metric"] < 0.2
+
+
+QUICK = {"steps": 300, "model_options": {"depth": 12, "width": 64}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(3))
+def test_on_the_faults_suite_setting_rollback_holds_the_lr_burst(seed):
+    """The faults suite's digits setting (the quick suite's 12-layer MLP, LR 0.03, 300 steps):
+    the burst at step 200 leaves the weights finite but the run at chance behind ZClip alone; with
+    rollback the run ends near its clean twin, which never rolls back."""
+    clean = bench_run("skip_nonfinite+zclip+rollback", seed=seed, **QUICK)
+    assert clean["interventions"]["rolled_back"] == 0
+    burst = bench_run("skip_nonfinite+zclip+rollback", BURST.format(at=200), seed=seed, **QUICK)
+    assert burst["skipped_data"][0][0] == 200 and not burst["diverged"]
+    assert burst["test_metric"] >= clean["test_metric"] - 0.03
+
+
+@pytest.mark.slow
+def test_gradguard_train_writes_skip_batches_json(tmp_path, capsys):
+    from gradguard.cli import main
+
+    args = ["train", "--optimizer", "momentum", "--lr", "0.03", "--steps", "150"]
+    args += ["--mitigation", "skip_nonfinite+zclip+rollback", "--faults", BURST.format(at=100)]
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    skipped = json.loads((tmp_path / "skip_batches.json").read_text())
+    assert skipped[0] == 100 and skipped == list(range(100, skipped[-1] + 1))
+    assert "skip_batches.json" in capsys.readouterr().out
