@@ -254,6 +254,17 @@ def test_another_policy_can_request_the_rollback(kind):
     assert not any(r.rolled_back for r in reports + run.feed(calm(10, seed=1)))
 
 
+def test_a_request_works_without_a_loss_and_its_lr_cut_is_undone():
+    run = Run(["rollback:every=10,lr_recover=5", RatioAlarm({30}, "react")])
+    reports = [run.step(None) for _ in range(40)]
+    assert [t for t, r in enumerate(reports) if r.rolled_back] == [30]
+    # The snapshot taken after step 29 holds the update the alarm is about: the one before it.
+    assert run.pol.skipped_steps == [(20, 30)]
+    assert [r.lr_scale for r in reports[31:37]] == pytest.approx(
+        [0.5, 0.5 * 2**0.2, 0.5 * 2**0.4, 0.5 * 2**0.6, 0.5 * 2**0.8, 1.0]
+    )
+
+
 def test_a_request_without_rollback_in_the_chain_is_ignored():
     torch.manual_seed(0)
     model = TinyNet()

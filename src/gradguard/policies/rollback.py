@@ -889,9 +889,9 @@ class rollback(Policy):
         st["consecutive"] = 0
         if calm is not None:
             st["losses"] = [*st["losses"], calm][-self.window :]
-            if st["lr_scale"] < 1.0:
-                grow = (1.0 / self.lr_factor) ** (1.0 / self.lr_recover)
-                st["lr_scale"] = min(1.0, st["lr_scale"] * grow)
+        if st["lr_scale"] < 1.0 and st["high"] == 0:  # a calm step (with or without a loss)
+            grow = (1.0 / self.lr_factor) ** (1.0 / self.lr_recover)
+            st["lr_scale"] = min(1.0, st["lr_scale"] * grow)
         st["since_snapshot"] += 1
         if st["since_snapshot"] >= self.every and st["high"] == 0:
             self.take_snapshot(ctx.step, begin=ctx.step + 1)
