@@ -800,7 +800,7 @@ class rollback(Policy):
             )
             raise TrainingHalted(
                 f"step {ctx.step}: the loss ran away ({why}: {seen}high since step {since}) "
-                f"{limit}, after rolling back to step {st['slots'][0]['step']} with the LR cut to "
+                f"{limit}, with snapshots back to step {st['slots'][0]['step']} and the LR cut to "
                 f"{st['lr_scale']:.3g}x; it will not recover by itself: lower the learning rate "
                 "or add warmup, check the data around the skipped steps "
                 f"{self.skipped_steps[-3:]}, or raise max_consecutive/max_runaways",
