@@ -226,6 +226,32 @@ BAD_STATES = [
     ("update_clip", "update_clip", _set("u", "hold", -1), ["update_clip", "hold=-1"]),
     ("update_clip", "update_clip", _set("u", "lrs", [NAN]), ["update_clip", "lrs", "nan"]),
     ("update_clip", "update_clip", _drop("lrs"), ["update_clip", "no lrs"]),
+    # rollback's runaway trigger, LR cut, skipped ranges and snapshot records.
+    ("rollback", "rollback", _item("losses", 0, NAN), ["rollback", "losses", "nan"]),
+    ("rollback:window=8", "rollback", _set("r", "losses", [1.0] * 9), ["rollback", "the 8 kept"]),
+    ("rollback", "rollback", _set("r", "high", -1), ["rollback", "high=-1"]),
+    ("rollback", "rollback", _set("r", "high_since", "3"), ["rollback", "high_since"]),
+    ("rollback", "rollback", _set("r", "runaways", -1), ["rollback", "runaways=-1"]),
+    ("rollback", "rollback", _set("r", "retries", 1.5), ["rollback", "retries=1.5"]),
+    ("rollback", "rollback", _set("r", "lr_scale", 2.0), ["rollback", "lr_scale", "(0, 1]"]),
+    ("rollback", "rollback", _set("r", "lr_scale", NAN), ["rollback", "lr_scale=nan"]),
+    ("rollback", "rollback", _set("r", "skipped", [[5, 3]]), ["rollback", "skipped[0]", "<="]),
+    ("rollback", "rollback", _set("r", "skipped", [[1.5, 3]]), ["rollback", "skipped[0]"]),
+    ("rollback", "rollback", _set("r", "skipped", "0-3"), ["rollback", "skipped", "list"]),
+    ("rollback", "rollback", _set("r", "slots", lambda s: s * 3), ["rollback", "at most 2"]),
+    (
+        "rollback",
+        "rollback",
+        _set("r", "slots", lambda s: s * 2),
+        ["rollback", "describes 2 snapshots where the state holds 1"],
+    ),
+    (
+        "rollback",
+        "rollback",
+        _set("r", "slots", lambda s: [dict(s[0], begin=-1)]),
+        ["rollback", "slots[0].begin=-1"],
+    ),
+    ("rollback", "rollback", _set("r", "slots", [{"step": 0}]), ["slots[0]", "no begin"]),
     # Policies without state take none.
     ("clip_norm", "clip_norm", _set("c", "extra", 1.0), ["clip_norm", "extra"]),
 ]

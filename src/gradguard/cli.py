@@ -218,6 +218,10 @@ def _train_one(cfg, out: str | None) -> int:
         return 0
     for k, v in result.items():
         print(f"{k:20s} {v}")
+    if out and result.get("skipped_data"):
+        from .policies.rollback import write_skip_batches
+
+        print(f"skipped steps in {write_skip_batches(result['skipped_data'], out)}")
     if out:
         print(f"telemetry in {out}; render it with: gradguard report {out}")
     return 0

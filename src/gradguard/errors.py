@@ -25,8 +25,9 @@ class TrainingHalted(GradGuardError):
     """The Guard stopped training on purpose: going on could only corrupt or stall the run.
 
     ``reason`` is a short machine-readable tag (``nonfinite_weights``, ``nonfinite_hyperparameter``,
-    ``nonfinite_state``, ``stalled``, ``rollback_exhausted``) that training loops record as the
-    run's outcome; the message says what the Guard saw and what to change.
+    ``nonfinite_state``, ``stalled``, ``rollback_exhausted``, ``runaway_exhausted``) that
+    training loops record as the run's outcome; the message says what the Guard saw and what to
+    change.
     """
 
     def __init__(self, message: str, reason: str):

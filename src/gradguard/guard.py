@@ -441,6 +441,9 @@ class Guard:
             if ctx.amp_overflow and policy.kind != "react":
                 continue
             policy.apply(ctx)
+        if ctx.rollback_request is not None and self._rollback is not None and not ctx.rollback:
+            # Asked by a policy after rollback in the chain: honoured before the update all the same.
+            self._rollback.honour_request(ctx)
         pending = PendingStep(ctx, stats)
         if replay is not None and self._nonfinite(ctx):
             pending.localization = self._localize(replay, ctx.step)

@@ -31,9 +31,12 @@ class StepReport:
         step: the Guard's step index (0-based; counts every call, skipped or not).
         skipped: the optimizer step did not happen (a skip, a rollback or an AMP overflow).
         skip_reason: why (``nonfinite_grad``, ``nonfinite_loss``, ``spike_grad_norm``, ``rollback``,
-            ``amp_overflow``, ...), or None.
-        rolled_back: the model and optimizer were restored to the last good snapshot.
-        lr_scale: the factor applied to the LR for this step (``lr_backoff``), 1.0 otherwise.
+            ``runaway``, the reason of a ``StepContext.request_rollback``, ``amp_overflow``, ...),
+            or None.
+        rolled_back: the model and optimizer were restored to a snapshot (``rollback``; the steps
+            it undid are in ``metrics["rollback.skipped_from"]``/``["rollback.skipped_to"]``).
+        lr_scale: the factor applied to the LR for this step (``lr_backoff``, ``rollback`` after a
+            runaway), 1.0 otherwise.
     Lazy properties (host sync on first access): ``grad_norm`` (global L2 norm before mitigation),
     ``grad_norm_after``, ``clipped``, ``actions`` (policies that acted), ``layers`` (per policy, the
     layer names involved), ``metrics``.

@@ -277,6 +277,7 @@ def test_a_failed_snapshot_write_names_the_folder_and_changes_nothing(tmp_path, 
     pol = guard.policies[0]
     state = dict(pol.state)
     good = (tmp_path / "last_good.pt").read_bytes()
+    older = (tmp_path / "last_good.prev.pt").read_bytes()
 
     def full(fd):
         raise OSError(28, "No space left on device")
@@ -287,7 +288,8 @@ def test_a_failed_snapshot_write_names_the_folder_and_changes_nothing(tmp_path, 
     assert isinstance(e.value, GradGuardError) and isinstance(e.value, OSError)
     assert pol.state == state
     assert (tmp_path / "last_good.pt").read_bytes() == good
-    assert [p.name for p in tmp_path.iterdir()] == ["last_good.pt"]
+    assert (tmp_path / "last_good.prev.pt").read_bytes() == older
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last_good.prev.pt", "last_good.pt"]
 
 
 def test_a_snapshot_that_fails_inside_a_step_still_counts_the_step(tmp_path, monkeypatch):

@@ -148,6 +148,11 @@ def train_run(
 
     Trains with ``cfg.threads`` torch threads (every rank, too), whatever the caller had; the
     caller's count is restored on return.
+
+    With ``rollback`` in the chain the result also holds ``skipped_data``: the inclusive
+    ``[start, end]`` step ranges whose updates its rollbacks undid. The batch stream goes on after
+    a rollback, so those batches are skipped, not replayed (``gradguard train --out DIR`` writes
+    them to ``DIR/skip_batches.json``).
     """
     with pinned_threads(cfg.threads):
         if keras_train.is_keras_model(cfg.model):
@@ -278,6 +283,11 @@ def _train_torch(
         plan=plan,
         off_target=lambda metric: AT_CHANCE if at_chance(task, metric) else None,
     )
+    policies = guard.policies if guard is not None else []
+    rollback = next((p for p in policies if p.name == "rollback"), None)
+    if rollback is not None:
+        # The steps rollbacks undid: the stream went on, so their batches were skipped.
+        result["skipped_data"] = [list(r) for r in rollback.skipped_steps]
     if ranks is not None:
         from_main(result, ranks)
     return result, steps

@@ -59,6 +59,8 @@ class StepContext:
     #: A policy saw a finite anomaly it mitigated (a clip far above the run's own level): an
     #: incident for the reacting policies (``lr_backoff``), though the step is taken.
     anomaly: bool = False
+    #: Why a policy asked ``rollback`` to go back to its last trusted snapshot (None: nobody did).
+    rollback_request: str | None = None
     lr_scale: float = 1.0
     acted: dict[str, Tensor | bool] = field(default_factory=dict)
     layers: dict[str, Tensor | list[int]] = field(default_factory=dict)
@@ -84,6 +86,19 @@ class StepContext:
     def request_skip(self, reason: str) -> None:
         if not self.skip:
             self.skip, self.skip_reason = True, reason
+
+    def request_rollback(self, reason: str) -> None:
+        """Ask the chain's ``rollback`` to treat this step as the end of a finite runaway: go back
+        to its last trusted snapshot (one taken before the trouble began), skip the step, record
+        the undone steps as skipped data and cut the LR, exactly as when the loss runs away.
+
+        For a policy that sees trouble the loss does not show yet (e.g. an update/weight ratio far
+        above its history). ``reason`` (short, e.g. ``"update_ratio"``) becomes the step's skip
+        reason. The first request of a step wins. ``rollback`` honours it before this step's
+        update wherever the requesting policy sits in the chain; a chain without ``rollback``
+        ignores it (request a skip as well if the step must not be applied then)."""
+        if self.rollback_request is None:
+            self.rollback_request = reason
 
     @property
     def event(self) -> bool:
