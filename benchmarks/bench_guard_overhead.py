@@ -8,9 +8,11 @@ What is measured
     * ``baseline``:  ``torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True); opt.step()``
     * ``clip_norm``: ``Guard(model, opt, policy="clip_norm:1.0").step()``
     * ``default``:   ``Guard(model, opt, policy="default", layer_stats=True).step()``
-      (``skip_nonfinite+zclip+clip_norm:1.0``: the host read for the finiteness check, ZClip's
-      statistics, and the same clip as the baseline), reading nothing from the report (a training
-      loop that does not log).
+      (``skip_nonfinite+adaptive_clip+update_clip+lr_backoff``: the host read for the finiteness
+      check, the clip level from the run's norms, the sampled update measurement, which is exact
+      for its first 100 steps and after any step over its bound), reading nothing from the report
+      (a training loop that does not log).
+    * ``default_v1``: the default of gradguard 0.x (``skip_nonfinite+zclip+clip_norm:1.0``).
 
     plus a breakdown of the parts (``optimizer.step()`` alone, ``clip_grad_norm_`` alone, and the
     statistics pass alone: ``compute_grad_stats`` vs ``torch.nn.utils.get_total_norm``).
@@ -23,7 +25,8 @@ How
     copy bumps their ``_version``, so the Guard does not take them for stale gradients. Only the
     step call itself is timed (``time.perf_counter`` around each call). Variants are interleaved
     call by call, in a rotating order, to cancel drift (thermal, frequency, other load); after an
-    untimed warmup (which also gets ``zclip`` past its 25-step warmup) there are ``--rounds``
+    untimed warmup (which also gets ``zclip`` past its 25-step warmup and ``update_clip`` past its
+    100 exact steps) there are ``--rounds``
     rounds (default 7) of N calls per variant (N = 25 for ResNet-50, 1000 for the MLP).
     Reported: the median of all per-call times, its difference and ratio to the baseline's, and
     the range of that ratio over the per-round medians (a noise gauge).
@@ -201,6 +204,7 @@ class Setup:
     opt_base: torch.optim.Optimizer
     guard_clip: Guard
     guard_default: Guard
+    guard_v1: Guard
     guard_clip_checked: Guard
     guard_default_checked: Guard
 
@@ -228,6 +232,13 @@ class Setup:
                 layer_stats=True,
                 check_weights=False,
             ),
+            guard_v1=Guard(
+                model,
+                make_optimizer(optimizer, params),
+                "default_v1",
+                layer_stats=True,
+                check_weights=False,
+            ),
             guard_clip_checked=Guard(model, make_optimizer(optimizer, params), "clip_norm:1.0"),
             guard_default_checked=Guard(
                 model, make_optimizer(optimizer, params), "default", layer_stats=True
@@ -248,6 +259,7 @@ class Setup:
             "baseline": self.baseline,
             "clip_norm": self.guard_clip.step,
             "default": self.guard_default.step,
+            "default_v1": self.guard_v1.step,
             "clip_norm+check": self.guard_clip_checked.step,
             "default+check": self.guard_default_checked.step,
         }
@@ -401,7 +413,8 @@ def main() -> int:
     rounds = args.rounds or (3 if args.quick else 7)
     # Calls per variant per round, and untimed warmup calls (>= 30: past zclip's 25-step warmup).
     iters = {"resnet50": 4 if args.quick else 25, "mlp": 100 if args.quick else 1000}
-    warmup = {"resnet50": 30, "mlp": 50}
+    # >= 110: past update_clip's 100 exact warmup steps in the default.
+    warmup = {"resnet50": 110, "mlp": 150}
 
     print(
         f"gradguard {gradguard.__version__}, torch {torch.__version__}, "

@@ -76,6 +76,8 @@ def read_summary(path: Path) -> list[dict]:
         "divergence_rate",
         "metric_mean",
         "metric_std",
+        "score_mean",
+        "score_se",
         "steps_to_target",
         "seconds_to_target",
         "guard_share",
@@ -228,6 +230,85 @@ def bench_long(rows: list[dict], guard: bool = True) -> str:
     return _md(head, body)
 
 
+#: Tasks whose metric is a loss (lower is better); every other task's is an accuracy.
+LOWER_IS_BETTER = ("adding", "charlm")
+#: The promise's margins (issue: the default within 0.5 points of the best static clip where
+#: unguarded diverges, within 0.5 of unguarded where it trains, within 1 of the clean run under
+#: faults), in the metric's units for an accuracy: a point is 0.01.
+MARGINS = {"diverges": 0.005, "trains": 0.005, "faults": 0.01}
+
+
+def _score(r: dict) -> str:
+    cell = f"{r['score_mean']:.3f} ± {r['score_se']:.3f}"
+    notes = [f"div {r['diverged']}/{r['runs']}"] if r["diverged"] else []
+    if r.get("did_not_learn"):
+        notes.append(f"no-learn {r['did_not_learn']}/{r['runs']}")
+    return f"{cell} ({', '.join(notes)})" if notes else cell
+
+
+def stability(rows: list[dict]) -> str:
+    """The default's promise per setting: the default beside no Guard, the old default, the peers
+    and the best static clip of the sweep, as mean ± standard error over seeds (a run that
+    diverged before the end scored at chance), and whether the promise holds."""
+    settings = list(
+        dict.fromkeys((r["task"], r["model"], r["optimizer"], r["lr"], r["faults"]) for r in rows)
+    )
+    at = {
+        (r["task"], r["model"], r["optimizer"], r["lr"], r["faults"], r["mitigation"]): r
+        for r in rows
+    }
+    head = ["setting", "kind", "none", "`default`", "`default_v1`", "`zclip`", "`autoclip:10`"]
+    head += ["best static clip", "`default` vs reference", "holds"]
+    body = []
+    for st in settings:
+        task = st[0]
+        sign = -1.0 if task in LOWER_IS_BETTER else 1.0
+        get = lambda m, st=st: at.get((*st, m))  # noqa: E731
+        none, default = get("none"), get("default")
+        if none is None or default is None:
+            continue
+        clips = [
+            r
+            for r in rows
+            if (r["task"], r["model"], r["optimizer"], r["lr"], r["faults"]) == st
+            and r["mitigation"].startswith("clip_norm:")
+        ]
+        best = max(clips, key=lambda r: sign * r["score_mean"]) if clips else None
+        if st[4] != "none":
+            kind = "faults"
+            clean = at.get((*st[:4], "none", "default"))
+            ref, ref_name = clean, "clean `default`"
+        elif none["diverged"] * 2 >= none["runs"]:
+            kind, ref, ref_name = "diverges", best, "best static clip"
+        else:
+            kind, ref, ref_name = "trains", none, "none"
+        if ref is None:
+            verdict, diff = "-", "-"
+        else:
+            d = sign * (default["score_mean"] - ref["score_mean"])
+            diff = f"{d:+.3f} vs {ref_name}"
+            ok = d >= -MARGINS[kind] and (kind != "diverges" or default["diverged"] == 0)
+            verdict = "yes" if ok else "**no**"
+        setting = f"{task}/{st[1]}/{st[2]} lr={_lr(st[3])}" + (
+            f" {_code(st[4])}" if st[4] != "none" else ""
+        )
+        cells = [
+            _score(r) if r else ""
+            for r in (none, default, get("default_v1"), get("zclip"), get("autoclip:10"))
+        ]
+        body.append(
+            [
+                setting,
+                kind,
+                *cells,
+                f"{_code(best['mitigation'])} {_score(best)}" if best else "",
+                diff,
+                verdict,
+            ]
+        )
+    return _md(head, body)
+
+
 def text_block(text: str) -> str:
     return "```text\n" + text.rstrip("\n") + "\n```"
 
@@ -285,6 +366,7 @@ TABLES: dict[str, Table] = {
             ],
         ),
     ),
+    "stability": Table("stability", stability),
     "advise-example": Table("advise-example", text_block),
     "guard-overhead-cpu": Table("guard-overhead-cpu", text_block),
     "telemetry-overhead": Table("telemetry-overhead", text_block),

@@ -48,7 +48,9 @@ def test_nonfinite_step_is_skipped_bit_identically(opt_name, bad):
     model.fc2.weight.grad[0, 0] = bad
     report = guard.step(loss=loss)
     assert report.skipped and report.skip_reason == "nonfinite_grad"
-    assert report.actions == ("skip_nonfinite",)
+    # lr_backoff may count the skip as its second incident and cut (a scale for later steps)
+    assert report.actions[0] == "skip_nonfinite"
+    assert set(report.actions) <= {"skip_nonfinite", "lr_backoff"}
     assert report.layers["skip_nonfinite"] == ("fc2",)
     assert_same(before, snapshot(model, opt))
     assert [g["lr"] for g in opt.param_groups] == lr_before

@@ -384,7 +384,7 @@ class Guard:
         mode = "exact" if "exact" in modes else "sample" if "sample" in modes else None
         self._update_measured = mode is not None
         if mode is not None:
-            self._probe.before(mode)
+            self._probe.before(mode, check=self.check_weights)
 
     def _after_update(self, pending: PendingStep) -> None:
         """After the step: measure the update and apply the update policies' decisions."""

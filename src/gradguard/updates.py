@@ -106,14 +106,20 @@ class UpdateProbe:
         self._sample_before: list[Tensor] | None = None
         self._old: list[Tensor] | None = None
         self._mode: Mode | None = None
+        self._check = True
         self._pre_norms: Tensor | None = None
         self._pre_versions: list[int] | None = None
 
     # ----- before the step --------------------------------------------------------------------------
-    def before(self, mode: Mode) -> None:
-        """Record what the step is measured against (the weights' norms, and a copy or a sample)."""
-        self._mode = mode
-        if self._pre_norms is None or self._versions() != self._pre_versions:
+    def before(self, mode: Mode, check: bool = True) -> None:
+        """Record what the step is measured against (a copy or a sample of the weights, and their
+        norms). ``check``: :meth:`after` will also read every weight's norm (the integrity check),
+        which then serves as the next step's pre-step norms; without it a sampled step estimates
+        the weights' norms from its sample too, and costs nothing on the full parameters."""
+        self._mode, self._check = mode, check
+        if (mode == "exact" or check) and (
+            self._pre_norms is None or self._versions() != self._pre_versions
+        ):
             self._pre_norms = self._param_norms_sq()
         if mode == "exact":
             if self._old is None:
@@ -138,7 +144,10 @@ class UpdateProbe:
     def after(self) -> UpdateStats:
         """Measure the step just taken (and every weight's finiteness) with one host read."""
         assert self._mode is not None, "UpdateProbe.after() without before()"
-        post = self._param_norms_sq()
+        n = len(self.params)
+        full = self._check or self._mode == "exact"
+        post = self._param_norms_sq() if self._check else None
+        sample_w = None
         if self._mode == "exact":
             assert self._old is not None
             for idx in group_by_kind(self._local).values():
@@ -149,20 +158,28 @@ class UpdateProbe:
             assert self._sample_before is not None
             diffs = list(torch._foreach_sub(self._views, self._sample_before))
             upd = _device_sq(foreach_norms(diffs) if diffs else [])
-            upd = upd * self._weights_t.to(upd.device)
+            w = self._weights_t.to(upd.device)
+            upd = upd * w
+            if not full:
+                sample_w = _device_sq(foreach_norms(self._sample_before)) * w
             self._sample_before = None
         if self._sharding is not None:
             upd = self._sharding.all_reduce_sq(upd)
-        pre = self._pre_norms
+        if sample_w is not None and self._sharding is not None:
+            sample_w = self._sharding.all_reduce_sq(sample_w)
+        pre = self._pre_norms if full else sample_w
         assert pre is not None
-        # The one read: this step's weight norms, its update norms, and the pre-step norms.
-        host = torch.cat([post, upd, pre.to(post.device)]).cpu().numpy()
-        n = len(self.params)
-        post_h, upd_h, pre_h = host[:n], host[n : 2 * n], host[2 * n :]
+        # The one read: this step's update norms, the pre-step weight norms, and (checking) every
+        # weight's norm now.
+        parts = [upd, pre.to(upd.device)] + ([] if post is None else [post.to(upd.device)])
+        host = torch.cat(parts).cpu().numpy()
+        upd_h, pre_h = host[:n], host[n : 2 * n]
         # A norm that overflowed while every element is finite is looked at exactly (on one
-        # process; sharded, the ranks agree on the reduced norms alone).
-        finite = bool(np.isfinite(post_h).all()) or (
-            self._sharding is None and all_finite(self._local)
+        # process; sharded, the ranks agree on the reduced norms alone). Unchecked: not known.
+        finite = (
+            post is None
+            or bool(np.isfinite(host[2 * n :]).all())
+            or (self._sharding is None and all_finite(self._local))
         )
         layer_upd = np.bincount(self._layer_of, weights=upd_h, minlength=self.num_layers)
         layer_w = np.bincount(self._layer_of, weights=pre_h, minlength=self.num_layers)
@@ -170,7 +187,10 @@ class UpdateProbe:
             ratio = np.sqrt(layer_upd) / np.sqrt(layer_w)
         ratio[layer_w <= (ZERO_RMS**2) * self._layer_numel] = np.nan
         # The post-step norms are the next step's pre-step norms, while nothing writes the weights.
-        self._pre_norms, self._pre_versions = post, self._versions()
+        if post is not None:
+            self._pre_norms, self._pre_versions = post, self._versions()
+        else:
+            self._pre_norms = None
         exact = self._mode == "exact"
         self._mode = None
         return UpdateStats(ratio=ratio, exact=exact, finite=finite)

@@ -60,7 +60,7 @@ def test_the_example_entry_point_within_a_steps_budget(tmp_path, repo_cwd):
         progress=False,
     )
     # The answer: a spec that parses, its one-liner, the evidence of every candidate.
-    assert advice.spec in {r["spec"] for r in advice.table} and len(advice.table) == 7
+    assert advice.spec in {r["spec"] for r in advice.table} and len(advice.table) == 8
     if advice.spec != "none":
         parse_spec(advice.spec)
     assert advice.code == f'guard = gradguard.Guard(model, optimizer, policy="{advice.spec}")'

@@ -119,7 +119,7 @@ def test_candidates_carry_the_threshold_and_parse(value):
     specs = [c.spec for c in cands]
     assert f"clip_norm:{text}" in specs
     assert sum(f"clip_norm:{text}" in s for s in specs) == 3  # clip, skip ladder, rollback ladder
-    assert specs[0] == "none" and len(set(specs)) == len(specs) == 7
+    assert specs[0] == "none" and len(set(specs)) == len(specs) == 8
     for s in specs[1:]:
         parse_spec(s)
     assert "clip_norm:1" in [c.spec for c in candidates(math.nan)]

@@ -12,7 +12,9 @@ themselves; the two ladders combine detection, clipping, skipping and rollback:
 ``agc``                unit-wise adaptive clipping relative to the weights (Brock et al. 2021)
 ``autoclip``           clip to the 10th percentile of the norm history (Seetharaman et al. 2020)
 ``zclip``              clip norm spikes found by their z-score against an EMA (ZClip, 2025)
-``skip ladder``        ``skip_nonfinite+zclip+clip_norm:T``: the default chain, at threshold T
+``default``            the Guard's default (``skip_nonfinite+adaptive_clip+update_clip+lr_backoff``):
+                       no threshold, as a user gets it untuned
+``skip ladder``        ``skip_nonfinite+zclip+clip_norm:T``: ``default_v1``'s chain, at threshold T
 ``rollback ladder``    ``zclip+clip_norm:T+rollback+lr_backoff``: restore the last good state on a
                        NaN, cut the LR when incidents repeat
 =====================  ===========================================================================
@@ -55,6 +57,11 @@ def candidates(threshold: float) -> list[Candidate]:
         Candidate("agc", "agc", "unit-wise clip relative to the weights (NFNets' defaults)"),
         Candidate("autoclip", "autoclip", "clip to the 10th percentile of the norm history"),
         Candidate("zclip", "zclip", "clip norm spikes by z-score against an EMA"),
+        Candidate(
+            "default",
+            "default",
+            "the untuned default: clip relative to the run's norms, bound each layer's update",
+        ),
         Candidate(
             "skip ladder",
             f"skip_nonfinite+zclip+clip_norm:{t}",

@@ -36,6 +36,8 @@ COLUMNS = (
     "divergence_rate",
     "metric_mean",
     "metric_std",
+    "score_mean",
+    "score_se",
     "reached_target",
     "steps_to_target",
     "seconds_to_target",
@@ -55,6 +57,35 @@ def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
     if not xs:
         return math.nan, math.nan
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+_CHANCE: dict[str, float] = {}
+
+
+def _chance(config: dict[str, Any]) -> float:
+    """The task's chance metric (what a model that learned nothing scores), built once per task."""
+    key = repr((config.get("task"), sorted(dict(config.get("task_options") or {}).items())))
+    if key not in _CHANCE:
+        from .tasks import make_task
+
+        _CHANCE[key] = make_task(
+            config["task"], **dict(config.get("task_options") or {})
+        ).chance_metric
+    return _CHANCE[key]
+
+
+def _score(configs: Sequence[dict[str, Any]], res: Sequence[dict[str, Any]]) -> tuple[float, float]:
+    """Mean and standard error of the final metric over every seed, a run that ended without
+    one (it diverged before the end) scored at chance: unlike ``metric_mean``, which averages the
+    runs that have a metric, it does not flatter a mitigation whose runs blow up."""
+    xs = []
+    for cfg, x in zip(configs, res, strict=True):
+        m = x["test_metric"]
+        xs.append(m if m is not None and math.isfinite(m) else _chance(cfg))
+    if not xs:
+        return math.nan, math.nan
+    se = statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else 0.0
+    return statistics.fmean(xs), se
 
 
 def _settings(config: dict[str, Any]) -> dict[str, Any]:
@@ -112,6 +143,7 @@ def summarize(runs: Sequence[dict[str, Any]], steps_of=None) -> list[dict[str, A
         res = [m["result"] for m in members]
         seen = [outcome[id(m)] for m in members]
         metric_mean, metric_std = _mean_std([x["test_metric"] for x in res])
+        score_mean, score_se = _score([m["config"] for m in members], res)
         reached = [x for x in res if x["steps_to_target"] is not None]
         inter = [x.get("interventions", {}) for x in res]
         rows.append(
@@ -125,6 +157,8 @@ def summarize(runs: Sequence[dict[str, Any]], steps_of=None) -> list[dict[str, A
                 divergence_rate=seen.count("diverged") / len(res),
                 metric_mean=metric_mean,
                 metric_std=metric_std,
+                score_mean=score_mean,
+                score_se=score_se,
                 reached_target=len(reached),
                 steps_to_target=statistics.median(x["steps_to_target"] for x in reached)
                 if reached

@@ -85,7 +85,8 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             gradients). For fp16 loss scaling wrap the other way round:
             ``LossScaleOptimizer(GuardedOptimizer(opt))`` (what ``mixed_float16`` does).
         policy: a spec string as for the torch Guard (``"default"`` =
-            ``skip_nonfinite+zclip+clip_norm:1.0``, ``"zclip"``, ``"agc:0.01"``, ``"none"``),
+            ``skip_nonfinite+adaptive_clip+lr_backoff``, the torch default without
+            ``update_clip``; ``"zclip"``, ``"agc:0.01"``, ``"none"``),
             a policy (``gradguard.keras.policies`` or torch), or a list of them. ``rollback`` and
             ``reset_moments`` are not available (see ``gradguard.keras.policies.REFUSED``).
         check_finite: add ``skip_nonfinite`` to the chain if it is not there, so that no NaN/Inf

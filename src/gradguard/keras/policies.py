@@ -170,6 +170,8 @@ class KerasStep:
         self.norms = self.raw_norms
         self.norm = ops.sqrt(ops.sum(ops.square(self.raw_norms)))
         self.skip = ops.convert_to_tensor(False)
+        #: A finite spike a policy mitigated: an incident for lr_backoff (StepContext.anomaly).
+        self.anomaly = ops.convert_to_tensor(False)
         self.skip_code = ops.convert_to_tensor(0, "int32")
         self.lr_scale = ops.convert_to_tensor(1.0, "float32")
         self.acted: dict[str, Any] = {}
@@ -379,6 +381,8 @@ class RuleAdapter(KerasPolicy):
             coef = decision.layer_scale
             ctx.scale_each(ops.stack([coef[li] for li in ctx.layer_ids]))
         ctx.record(self.name, decision.acted)
+        if decision.anomaly is not False:
+            ctx.anomaly = ops.logical_or(ctx.anomaly, ctx._gated(decision.anomaly, False))
         for m in self.metrics:
             ctx.metric(m, decision.metrics[m])
 
@@ -646,7 +650,7 @@ class lr_backoff(KerasPolicy):
         last = ops.convert_to_tensor(self.last_event)
         live = ops.logical_and(recent >= 0, step - recent < self.window)
         recent = ops.where(live, recent, -1)
-        event = ctx.skip
+        event = ops.logical_or(ctx.skip, ctx.anomaly)
         free = ops.argmax(ops.cast(ops.logical_not(live), "int32"))  # first empty slot
         added = ops.where(
             ops.arange(self.events, dtype="int32") == ops.cast(free, "int32"), step, recent

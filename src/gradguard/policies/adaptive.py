@@ -154,7 +154,7 @@ class adaptive_clip(RulePolicy):
             "adaptive_clip.level": level,
             "adaptive_clip.spike": xp.as_float(spike),
         }
-        return new, Decision(scale=coef, acted=clip, metrics=metrics)
+        return new, Decision(scale=coef, acted=clip, metrics=metrics, anomaly=spike)
 
     # ----- state: saved in the host form -----------------------------------------------------------
     def _as_host_state(self) -> dict[str, Any]:
@@ -204,7 +204,7 @@ class adaptive_clip(RulePolicy):
             if decision.acted:
                 stats.scale_(decision.scale)
                 ctx.record(self.name, True)
-            if decision.metrics["adaptive_clip.spike"]:
+            if decision.anomaly:
                 ctx.anomaly = True  # far above the run's own level: an incident for lr_backoff
             ctx.metrics.update(decision.metrics)
             return

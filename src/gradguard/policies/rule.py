@@ -46,7 +46,9 @@ class Decision:
     ``scale``: one factor for every gradient; ``layer_scale``: one factor per layer (the layout's
     layers); ``acted``: whether the policy acted (a bool or a 0-dim bool array); ``acted_layers``:
     a bool mask over the layers (or None); ``metrics``: named numbers for telemetry, the same keys
-    on every path (the policy's ``metrics``).
+    on every path (the policy's ``metrics``); ``anomaly``: a spike the rule mitigated, an incident
+    for ``lr_backoff`` (read on the host path and in Keras; on the sync-free device path no
+    reacting policy runs, since they read the host).
     """
 
     scale: Any = None
@@ -54,6 +56,8 @@ class Decision:
     acted: Any = False
     acted_layers: Any = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    #: A finite spike the rule mitigated: an incident for the reacting policies (``lr_backoff``).
+    anomaly: Any = False
 
 
 class RuleInputs(Protocol):
@@ -215,3 +219,5 @@ def apply_decision(ctx: StepContext, name: str, decision: Decision) -> None:
         stats.scale_params_(decision.layer_scale.index_select(0, stats.layer_ids))
     ctx.record(name, decision.acted, decision.acted_layers)
     ctx.metrics.update(decision.metrics)
+    if decision.anomaly is True:
+        ctx.anomaly = True
