@@ -369,6 +369,7 @@ TABLES: dict[str, Table] = {
     "stability": Table("stability", stability),
     "advise-example": Table("advise-example", text_block),
     "guard-overhead-cpu": Table("guard-overhead-cpu", text_block),
+    "guard-share": Table("guard-share", text_block),
     "telemetry-overhead": Table("telemetry-overhead", text_block),
     # The rnn and transformer suites (docs/bench.md) have tables here once their results are
     # stored again after the thread-pinning change: `store rnn ...`, then add the markers.

@@ -8,7 +8,8 @@ runs the policy chain on them, then steps, skips or rolls back.
 Order of one step: (AMP: unscale) -> one fused statistics pass -> at most one host read (only if a
 policy needs host values; the non-finite check is one) -> each policy in chain order -> the
 optimizer step with the LR scale, or a skip (gradients zeroed, nothing else touched) -> the
-policies' after-step hooks.
+update policies' decision on the measured update (``update_clip``: a layer's update scaled back)
+and the weight check, in one host read -> the policies' after-step hooks.
 """
 
 from __future__ import annotations

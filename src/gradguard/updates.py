@@ -103,7 +103,17 @@ class UpdateProbe:
             self._weights.append(n / view.numel() if view.numel() else 0.0)
         dev = local[0].device if local else torch.device("cpu")
         self._weights_t = torch.tensor(self._weights, dtype=torch.float64, device=dev)
-        self._sample_before: list[Tensor] | None = None
+        # One flat sample for the common case (one device, real dtypes): a handful of kernels a
+        # step however many tensors, instead of a few per tensor.
+        self._fused = bool(local) and all(
+            t.device == dev and not t.is_complex() and t.numel() for t in local
+        )
+        if self._fused:
+            wide = any(t.dtype == torch.float64 for t in local)
+            self._sample_dtype = torch.float64 if wide else torch.float32
+            counts = torch.tensor([v.numel() for v in self._views], device=dev)
+            self._segments = torch.repeat_interleave(torch.arange(len(local), device=dev), counts)
+        self._sample_before: Tensor | list[Tensor] | None = None
         self._old: list[Tensor] | None = None
         self._mode: Mode | None = None
         self._check = True
@@ -128,7 +138,18 @@ class UpdateProbe:
                 for idx in group_by_kind(self._local).values():
                     torch._foreach_copy_([self._old[k] for k in idx], [self._local[k] for k in idx])
         else:
-            self._sample_before = [v.clone() for v in self._views]
+            self._sample_before = self._take_sample()
+
+    def _take_sample(self) -> Tensor | list[Tensor]:
+        if self._fused:
+            return torch.cat([v.to(self._sample_dtype) for v in self._views])
+        return [v.clone() for v in self._views]
+
+    def _segment_sq(self, flat: Tensor) -> Tensor:
+        """Per-tensor sums of squares of a flat sample (float64)."""
+        sq = flat.double().square()
+        out = torch.zeros(len(self._views), dtype=torch.float64, device=flat.device)
+        return out.index_add_(0, self._segments, sq)
 
     def _versions(self) -> list[int]:
         return [p._version for p in self.params]
@@ -156,12 +177,22 @@ class UpdateProbe:
             upd = _device_sq(foreach_norms(self._old) if self._old else [])
         else:
             assert self._sample_before is not None
-            diffs = list(torch._foreach_sub(self._views, self._sample_before))
-            upd = _device_sq(foreach_norms(diffs) if diffs else [])
-            w = self._weights_t.to(upd.device)
-            upd = upd * w
-            if not full:
-                sample_w = _device_sq(foreach_norms(self._sample_before)) * w
+            before = self._sample_before
+            w = self._weights_t
+            if self._fused:
+                assert isinstance(before, Tensor)
+                d = self._take_sample() - before
+                upd = self._segment_sq(d) * w
+                if not full:
+                    sample_w = self._segment_sq(before) * w
+            else:
+                assert isinstance(before, list)
+                diffs = list(torch._foreach_sub(self._views, before))
+                upd = _device_sq(foreach_norms(diffs) if diffs else [])
+                w = w.to(upd.device)
+                upd = upd * w
+                if not full:
+                    sample_w = _device_sq(foreach_norms(before)) * w
             self._sample_before = None
         if self._sharding is not None:
             upd = self._sharding.all_reduce_sq(upd)

@@ -245,3 +245,43 @@ def test_auto_mode_measures_an_lr_jump_exactly():
         exact.append(guard.step().metrics["update_clip.exact"])
     assert exact[:3] == [1.0] * 3 and exact[3:12] == [0.0] * 9  # warmup, then sampled
     assert exact[12] == 1.0  # the jump: exact, so bounded
+
+
+def test_the_row_median_is_numpys_nanmedian():
+    import warnings
+
+    import numpy as np
+
+    from gradguard.policies.update import _row_medians
+
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        h = rng.normal(size=(6, 8))
+        h[rng.random(h.shape) < 0.4] = np.nan
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an all-NaN row
+            want = np.nanmedian(h, axis=1)
+        np.testing.assert_allclose(_row_medians(h), want, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_sampled_and_exact_measurements_agree_across_dtypes(dtype):
+    model = net().to(dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe = UpdateProbe(ParamLayout.build(model, opt), samples=4096)  # every element sampled
+    x, y = batch(0)
+    nn.functional.cross_entropy(model(x.to(dtype)).float(), y).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    probe.before("sample")
+    opt.step()
+    got = probe.after()
+    want = [
+        math.sqrt(
+            sum(float((p.detach().double() - b.double()).square().sum()) for p, b in pair)
+            / sum(float(b.double().square().sum()) for _, b in pair)
+        )
+        for pair in zip(
+            *[iter(list(zip(model.parameters(), before, strict=True)))] * 2, strict=True
+        )
+    ]
+    assert list(got.ratio) == pytest.approx(want, rel=1e-5)

@@ -33,6 +33,18 @@ def _lr_value(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) else None
 
 
+def _row_medians(hist: np.ndarray) -> np.ndarray:
+    """``np.nanmedian(hist, axis=1)`` (NaN for a row of NaNs), without its masked-array path
+    (10x slower): NaNs sort last, the middle of each row's valid entries is taken."""
+    srt = np.sort(hist, axis=1)
+    n = (~np.isnan(hist)).sum(axis=1)
+    rows = np.arange(hist.shape[0])
+    lo = np.maximum((n - 1) // 2, 0)
+    hi = np.minimum(n // 2, hist.shape[1] - 1)
+    med = (srt[rows, lo] + srt[rows, hi]) / 2
+    return np.where(n > 0, med, np.nan)
+
+
 @register
 class update_clip(Policy):
     """Bound each layer's update relative to its weights, ``||w_new - w_old|| / ||w_old||``,
@@ -137,10 +149,7 @@ class update_clip(Policy):
         hist = self._history
         assert hist is not None, "update_clip used before bind()"
         ratio = np.asarray(update.ratio, dtype=np.float64)
-        filled = ~np.isnan(hist).all(axis=1)
-        level = np.full(len(ratio), np.nan)
-        if filled.any():
-            level[filled] = np.exp(np.nanmedian(hist[filled], axis=1))
+        level = np.exp(_row_medians(hist))
         cap = np.where(
             np.isnan(level), self.max_ratio, np.minimum(self.factor * level, self.max_ratio)
         )
