@@ -72,7 +72,7 @@ def sweep(setting: dict, specs: list[str], out) -> dict[str, tuple[int, float]]:
 
 @pytest.mark.parametrize(
     ("setting", "budget"),
-    [(DIGITS_MLP, "9000steps"), (RNN_ORDER, "12000steps")],
+    [(DIGITS_MLP, "10500steps"), (RNN_ORDER, "14000steps")],
     ids=["digits-mlp12-momentum", "temporal_order-rnn-sgd"],
 )
 def test_the_probes_answer_holds_in_a_full_sweep(tmp_path, setting, budget):
