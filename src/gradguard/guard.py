@@ -235,6 +235,7 @@ class Guard:
         self._groups = group_signature(optimizer)
         self._rollback = next((p for p in chain if p.name == "rollback"), None)
         self._update_policies = [p for p in chain if p.kind == "update"]
+        self._update_measured = False  # this step's update is being measured (set before the step)
         self._probe = (
             UpdateProbe(
                 self.layout, samples=min(getattr(p, "samples", 1024) for p in self._update_policies)
@@ -389,7 +390,7 @@ class Guard:
 
     def _after_update(self, pending: PendingStep) -> None:
         """After the step: measure the update and apply the update policies' decisions."""
-        if self._probe is None or not getattr(self, "_update_measured", False):
+        if self._probe is None or not self._update_measured:
             return
         self._update_measured = False
         ctx = pending.ctx

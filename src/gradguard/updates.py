@@ -75,7 +75,7 @@ class UpdateProbe:
 
     def __init__(self, layout: ParamLayout, samples: int = DEFAULT_SAMPLES):
         self.layout = layout
-        self.params = [p for p in layout.params]
+        self.params = list(layout.params)
         local, self._sharding = Sharding.split([p.detach() for p in self.params])
         self._local = local
         self.num_layers = len(layout.layer_names)

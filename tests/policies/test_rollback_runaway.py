@@ -401,3 +401,20 @@ def test_gradguard_train_writes_skip_batches_json(tmp_path, capsys):
     skipped = json.loads((tmp_path / "skip_batches.json").read_text())
     assert skipped[0] == 100 and skipped == list(range(100, skipped[-1] + 1))
     assert "skip_batches.json" in capsys.readouterr().out
+
+
+def test_skip_batches_json_is_byte_for_byte_what_lightnings_spike_detection_writes(tmp_path):
+    """Against Lightning's own writer (``lightning.fabric.utilities.spike.SpikeDetection``)."""
+    spike_mod = pytest.importorskip("lightning.fabric.utilities.spike")
+    ranges = [(3, 5), (9, 12)]
+    steps = rb.skip_batches(ranges)
+
+    class Fabric:  # the one attribute Lightning's writer reads
+        global_rank = 0
+
+    theirs = spike_mod.SpikeDetection(exclude_batches_path=str(tmp_path / "lightning.json"))
+    theirs.bad_batches = steps[:-2]  # its writer appends the spike's batch and the one before it
+    with pytest.raises(spike_mod.TrainingSpikeException):
+        theirs._handle_spike(Fabric(), steps[-1])
+    ours = rb.write_skip_batches(ranges, tmp_path / "ours.json")
+    assert ours.read_bytes() == (tmp_path / "lightning.json").read_bytes()

@@ -628,7 +628,8 @@ class skip_spike(KerasPolicy):
 
 
 class lr_backoff(KerasPolicy):
-    """Multiply the LR by ``factor`` when ``events`` skipped steps happen within ``window`` steps;
+    """Multiply the LR by ``factor`` when ``events`` incidents (skipped steps, spikes a clip
+    mitigated) happen within ``window`` steps;
     after ``window`` calm steps grow it back so one cut is undone over ``recover`` steps (never
     below ``min_scale``). Applied around the inner optimizer's step only."""
 

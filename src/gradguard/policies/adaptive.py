@@ -7,20 +7,17 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import SpecError
-from .base import StepContext, check_keys, check_number, check_numbers, refuse_state
+from .base import check_keys, check_number, check_numbers, refuse_state
 from .clip import NORM_EPS, _check_positive
 from .registry import register
 from .rule import (
     Decision,
     Field,
-    HostInputs,
     RuleInputs,
     RulePolicy,
     initial_host_state,
-    is_torch_state,
-    to_host,
 )
-from .xp import HOST, ArrayNamespace
+from .xp import ArrayNamespace
 
 #: The longest window (its log-norms are held in a fixed buffer).
 MAX_WINDOW = 100_000
@@ -66,6 +63,7 @@ class adaptive_clip(RulePolicy):
     """
 
     name = "adaptive_clip"
+    host_path = True
     metrics = ("adaptive_clip.threshold", "adaptive_clip.level", "adaptive_clip.spike")
 
     def __init__(
@@ -157,11 +155,6 @@ class adaptive_clip(RulePolicy):
         return new, Decision(scale=coef, acted=clip, metrics=metrics, anomaly=spike)
 
     # ----- state: saved in the host form -----------------------------------------------------------
-    def _as_host_state(self) -> dict[str, Any]:
-        if is_torch_state(self.state):
-            self.state = to_host(self.fields(), self.state)
-        return self.state
-
     def state_dict(self) -> dict:
         st = self._as_host_state()
         return {"buffer": list(st["buffer"]), "pos": st["pos"], "n": st["n"], "tight": st["tight"]}
@@ -189,23 +182,3 @@ class adaptive_clip(RulePolicy):
             "n": int(state["n"]),
             "tight": int(state["tight"]),
         }
-
-    # ----- the step ---------------------------------------------------------------------------------
-    def apply(self, ctx: StepContext) -> None:
-        stats = ctx.stats
-        if not stats.grads:
-            return
-        if ctx.host is not None and not stats.modified:
-            # The Guard already read the raw norm: the rule on Python floats, the gradients touched
-            # only when there is something to clip.
-            self.state, decision = self.decide(
-                HOST, self._as_host_state(), HostInputs(ctx.host.norm)
-            )
-            if decision.acted:
-                stats.scale_(decision.scale)
-                ctx.record(self.name, True)
-            if decision.anomaly:
-                ctx.anomaly = True  # far above the run's own level: an incident for lr_backoff
-            ctx.metrics.update(decision.metrics)
-            return
-        super().apply(ctx)  # the same rule on device tensors, sync-free

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..stats import GradStats
 from .base import Policy, StepContext
-from .xp import TORCH, ArrayNamespace
+from .xp import HOST, TORCH, ArrayNamespace
 
 
 @dataclass(frozen=True)
@@ -200,10 +200,33 @@ class RulePolicy(Policy):
         """The new state (every field) and the decision; pure: ``state`` is not changed."""
         raise NotImplementedError
 
+    #: The rule is scalar (it reads only the global norm), so it also runs on Python floats when
+    #: the Guard has already read the raw norm to the host (the host path of :meth:`apply`).
+    host_path: ClassVar[bool] = False
+
+    def _as_host_state(self) -> dict[str, Any]:
+        """The state as Python numbers (converted once when a device state meets the host path)."""
+        if is_torch_state(self.state):
+            self.state = to_host(self.fields(), self.state)
+        return self.state
+
     def apply(self, ctx: StepContext) -> None:
         stats = ctx.stats
         if not stats.grads:
             return
+        if self.host_path and ctx.host is not None and not stats.modified:
+            # The Guard already read the raw norm: the rule on Python floats, and the gradients
+            # touched only when there is something to clip.
+            norm = ctx.host.norm
+            self.state, decision = self.decide(HOST, self._as_host_state(), HostInputs(norm))
+            if math.isfinite(norm) and decision.acted:
+                stats.scale_(decision.scale)
+                ctx.record(self.name, True)
+            if decision.anomaly:
+                ctx.anomaly = True
+            ctx.metrics.update(decision.metrics)
+            return
+        # The device path: the same rule on tensors, sync-free.
         fields = self.fields(stats.num_layers)
         state = to_torch(fields, self.state, stats.device)
         self.state, decision = self.decide(TORCH, state, TorchInputs(stats))

@@ -8,20 +8,17 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from ..errors import SpecError
-from .base import StepContext, check_keys, check_number, check_numbers, refuse_state
+from .base import check_keys, check_number, check_numbers, refuse_state
 from .clip import NORM_EPS, _check_positive
 from .registry import register
 from .rule import (
     Decision,
     Field,
-    HostInputs,
     RuleInputs,
     RulePolicy,
     initial_host_state,
-    is_torch_state,
-    to_host,
 )
-from .xp import HOST, ArrayNamespace
+from .xp import ArrayNamespace
 
 #: The longest warmup: its norms are held in a fixed buffer (1M slots = 8 MB on the host).
 MAX_WARMUP = 1_000_000
@@ -59,6 +56,7 @@ class zclip(RulePolicy):
     """
 
     name = "zclip"
+    host_path = True
     metrics = ("zclip.threshold", "zclip.spike")
     nonnegative = frozenset({"buffer", "mean", "var"})
 
@@ -122,11 +120,6 @@ class zclip(RulePolicy):
         return new, Decision(scale=coef, acted=coef < 1.0, metrics=metrics)
 
     # ----- state representation -----------------------------------------------------------------
-    def _as_host_state(self) -> dict[str, Any]:
-        if is_torch_state(self.state):
-            self.state = to_host(self.fields(), self.state)
-        return self.state
-
     def _saved(self) -> dict[str, Any]:
         """The saved form: the warmup norms so far (none once initialized), mean, var, flag."""
         st = self._as_host_state()
@@ -178,23 +171,6 @@ class zclip(RulePolicy):
             "var": float(state["var"]),
             "initialized": init,
         }
-
-    # ----- the step ---------------------------------------------------------------------------------
-    def apply(self, ctx: StepContext) -> None:
-        stats = ctx.stats
-        if not stats.grads:
-            return
-        if ctx.host is not None and not stats.modified:
-            # The Guard already read the raw norm to the host: run the rule on Python floats, and
-            # touch the gradients only when there is something to clip.
-            norm = ctx.host.norm
-            self.state, decision = self.decide(HOST, self._as_host_state(), HostInputs(norm))
-            if math.isfinite(norm) and decision.acted:
-                stats.scale_(decision.scale)
-                ctx.record(self.name, True)
-            ctx.metrics.update(decision.metrics)
-            return
-        super().apply(ctx)  # the same rule on device tensors, sync-free
 
 
 def zclip_update(
