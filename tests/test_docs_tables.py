@@ -133,3 +133,35 @@ def test_every_stored_bench_summary_has_the_split():
     for name in ("quick", "faults", "keras", "advise-sweep"):
         rows = dt.read_summary(ROOT / "docs" / "results" / f"{name}.csv")
         assert all("did_not_learn" in r for r in rows), name
+
+
+def test_the_stability_table_applies_the_promise():
+    sys.path.insert(0, str(SCRIPT.parent))
+    import docs_tables as dt
+
+    def row(mitigation, score, lr=0.1, faults="none", diverged=0, task="digits"):
+        return {
+            "task": task, "model": "mlp", "optimizer": "sgd", "lr": lr, "faults": faults,
+            "mitigation": mitigation, "runs": 5, "diverged": diverged, "did_not_learn": 0,
+            "score_mean": score, "score_se": 0.01,
+        }  # fmt: skip
+
+    rows = [
+        # unguarded diverges: the default against the best static clip (0.95)
+        row("none", 0.1, diverged=5), row("default", 0.948), row("clip_norm:1.0", 0.95),
+        row("clip_norm:4.0", 0.5),
+        # unguarded trains: the default against it
+        row("none", 0.96, lr=0.01), row("default", 0.94, lr=0.01), row("clip_norm:1.0", 0.9, lr=0.01),
+        # a fault: against the clean default (0.948 at lr 0.1)
+        row("none", 0.1, faults="spike", diverged=5), row("default", 0.94, faults="spike"),
+    ]  # fmt: skip
+    lines = [ln for ln in dt.stability(rows).splitlines() if ln.startswith("| digits")]
+    assert len(lines) == 3
+    diverges, trains, fault = lines
+    assert "diverges" in diverges and "-0.002 vs best static clip" in diverges
+    assert diverges.endswith("| yes |") and "`clip_norm:1.0`" in diverges
+    assert "trains" in trains and "-0.020 vs none" in trains and trains.endswith("| **no** |")
+    assert "faults" in fault and "-0.008 vs clean `default`" in fault and fault.endswith("| yes |")
+    # A default that diverges where unguarded does fails however close its mean.
+    rows[1] = row("default", 0.95, diverged=1)
+    assert dt.stability(rows).splitlines()[2].endswith("| **no** |")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from gradguard.bench.config import RunConfig
 from gradguard.bench.summary import markdown_table, summarize, terminal_table
 
@@ -94,3 +96,22 @@ def test_an_unmeasured_guard_share_shows_as_a_dash():
     md = markdown_table(rows)
     assert "25.0%" in md and "nan%" not in md
     assert "nan%" not in terminal_table(rows)
+
+
+def test_the_score_counts_a_run_without_a_metric_at_chance():
+    import math
+    import statistics
+
+    from gradguard.bench.tasks import make_task
+
+    chance = make_task("adding", T=20).chance_metric
+    runs = [
+        run(0, 1.0, False, 0.10),
+        run(1, 1.0, False, 0.20),
+        run(2, 1.0, True, math.nan),  # diverged before the end: no metric
+    ]
+    (row,) = summarize(runs)
+    assert row["metric_mean"] == pytest.approx(0.15)  # the runs that have a metric
+    xs = [0.10, 0.20, chance]
+    assert row["score_mean"] == pytest.approx(statistics.fmean(xs))
+    assert row["score_se"] == pytest.approx(statistics.stdev(xs) / math.sqrt(3))
