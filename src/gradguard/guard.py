@@ -404,6 +404,8 @@ class Guard:
             scale = decision.layer_scale
             if scale is not None and update.exact and any(s < 1.0 for s in scale):
                 self._probe.scale_layers_(scale)
+                if decision.scale_moments:
+                    self._probe.scale_moments_(self.optimizer, scale)
 
     def _decide(
         self, loss: Tensor | float | None, replay: Callable[[], Tensor] | None, stacklevel: int

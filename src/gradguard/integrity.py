@@ -24,6 +24,12 @@ from .stats import Sharding, all_finite
 CHECKED_HYPERPARAMETERS = ("lr", "weight_decay", "momentum", "dampening", "eps", "alpha", "betas")
 #: Second-moment buffers that must also be non-negative (their square root is taken).
 SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum", "acc_delta")
+#: First-moment buffers: the running direction of the step (SGD/RMSprop ``momentum_buffer``,
+#: Adam/AdamW/NAdam/RAdam/Adamax/Lion ``exp_avg``). The update of SGD with momentum is
+#: ``lr * momentum_buffer``, of Adam ``lr * exp_avg_hat / (sqrt(exp_avg_sq_hat) + eps)``: linear
+#: in the first moment, so scaling it by ``s`` is what the optimizer would hold had it taken a
+#: step ``s`` times its own.
+FIRST_MOMENTS = ("momentum_buffer", "exp_avg")
 
 
 def group_signature(optimizer: torch.optim.Optimizer) -> tuple[int, ...]:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .integrity import FIRST_MOMENTS
 from .layout import ParamLayout
 from .stats import Sharding, all_finite, foreach_norms, group_by_kind
 
@@ -238,6 +239,29 @@ class UpdateProbe:
                     t.add_(self._old[k], alpha=1.0 - s)
         # The weights changed: their norms are re-measured before the next step.
         self._pre_norms = None
+
+    def scale_moments_(self, optimizer: torch.optim.Optimizer, layer_scale: list[float]) -> None:
+        """Scale the first-moment buffers (:data:`~gradguard.integrity.FIRST_MOMENTS`) of layer
+        ``l``'s parameters by ``layer_scale[l]``, with the update (:meth:`scale_layers_`).
+
+        Without it a bounded momentum or Adam step leaves the optimizer holding the direction it
+        proposed: the next step adds to the full buffer, and a run that needs every step bounded
+        keeps accelerating against the bound. Optimizers without such a buffer (plain SGD,
+        Adagrad) are untouched; a buffer shaped unlike its parameter is left alone.
+        """
+        lo = self.layout.layer_of
+        with torch.no_grad():
+            for k, p in enumerate(self.params):
+                s = layer_scale[lo[k]]
+                if s >= 1.0:
+                    continue
+                state = optimizer.state.get(p)
+                if not state:
+                    continue
+                for key in FIRST_MOMENTS:
+                    buf = state.get(key)
+                    if isinstance(buf, Tensor) and buf.shape == p.shape:
+                        buf.mul_(s)
 
     def drop_copy(self) -> None:
         """Release the exact-mode buffer (the size of the parameters) until it is needed again."""

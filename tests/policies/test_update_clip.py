@@ -153,8 +153,12 @@ def test_an_adam_blow_up_with_normal_gradients_is_caught():
         ratios.append(max(layer_ratios(before, model)))
     assert reports[0].metrics["update_clip.missed"] == 1.0  # sampled, too late to undo
     assert reports[0].metrics["update_clip.exact"] == 0.0
+    assert "update_clip" in reports[1].actions  # the next step: measured exactly, bounded
+    # ...and its first moment scaled with it: the steps after it stay within the bound on
+    # their own, while the second moments are still ~0.
     for r in reports[1:]:
-        assert r.metrics["update_clip.exact"] == 1.0 and "update_clip" in r.actions
+        assert r.metrics["update_clip.exact"] == 1.0
+    assert max(ratios[1:]) <= 0.03 * 1.0001
     assert max(ratios[1:]) < ratios[0] / 10
 
 
@@ -285,3 +289,161 @@ def test_sampled_and_exact_measurements_agree_across_dtypes(dtype):
         )
     ]
     assert list(got.ratio) == pytest.approx(want, rel=1e-5)
+
+
+FIRST_MOMENT = {
+    "momentum": (lambda ps: torch.optim.SGD(ps, lr=0.5, momentum=0.9), "momentum_buffer"),
+    "adam": (lambda ps: torch.optim.Adam(ps, lr=0.1), "exp_avg"),
+}
+
+
+@pytest.mark.parametrize("moments", [True, False], ids=["moments", "no-moments"])
+@pytest.mark.parametrize("name", list(FIRST_MOMENT))
+def test_a_bounded_step_scales_the_first_moment_with_it(name, moments):
+    """Against the same optimizer stepped alone: the bounded layers' weights move ``s`` times its
+    update and (moments=true) their first-moment buffers hold ``s`` times its buffer; the second
+    moments are the optimizer's own."""
+    make, key = FIRST_MOMENT[name]
+    ref_model, model = net(), net()
+    ref_opt, opt = make(ref_model.parameters()), make(model.parameters())
+    flag = "true" if moments else "false"
+    guard = gradguard.Guard(model, opt, f"update_clip:mode=exact,max_ratio=0.01,moments={flag}")
+    backward(ref_model, 0)
+    backward(model, 0)
+    before = [p.detach().clone() for p in model.parameters()]
+    ref_opt.step()
+    report = guard.step()
+    assert "update_clip" in report.actions
+    full = layer_ratios(before, ref_model)
+    ref, got = list(ref_model.parameters()), list(model.parameters())
+    for layer in range(3):
+        s = min(1.0, 0.01 / full[layer])
+        assert s < 1.0, layer  # every layer is over the bound at these LRs
+        for k in (2 * layer, 2 * layer + 1):
+            want = before[k] + s * (ref[k].detach() - before[k])
+            torch.testing.assert_close(got[k].detach(), want, rtol=1e-5, atol=1e-7)
+            buf, ref_buf = opt.state[got[k]][key], ref_opt.state[ref[k]][key]
+            torch.testing.assert_close(buf, s * ref_buf if moments else ref_buf)
+            if name == "adam":
+                torch.testing.assert_close(
+                    opt.state[got[k]]["exp_avg_sq"], ref_opt.state[ref[k]]["exp_avg_sq"]
+                )
+
+
+def test_the_next_momentum_step_builds_on_the_step_taken():
+    """SGD with momentum: after a bounded first step (buffer ``s g0``), the second update is
+    ``lr (mu s g0 + g1)``, what the optimizer would take had its first step been ``s`` times its
+    own."""
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    guard = gradguard.Guard(model, opt, "update_clip:mode=exact,max_ratio=0.01,factor=1e6")
+    backward(model, 0)
+    g0 = [p.grad.clone() for p in model.parameters()]
+    before = [p.detach().clone() for p in model.parameters()]
+    guard.step()
+    bufs = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    scales = [float(b.flatten()[0] / g.flatten()[0]) for b, g in zip(bufs, g0, strict=True)]
+    for s, b, g in zip(scales, bufs, g0, strict=True):
+        assert 0 < s < 1
+        torch.testing.assert_close(b, s * g)
+    # The second step: the bound (0.01, factor 1e6 keeps the level out of it) no longer binds
+    # once the LR is small.
+    opt.param_groups[0]["lr"] = 1e-4
+    backward(model, 1)
+    g1 = [p.grad.clone() for p in model.parameters()]
+    mid = [p.detach().clone() for p in model.parameters()]
+    assert "update_clip" not in guard.step().actions
+    for p, m, b, g in zip(model.parameters(), mid, bufs, g1, strict=True):
+        torch.testing.assert_close(p.detach(), m - 1e-4 * (0.9 * b + g))
+    assert all(
+        not torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before, strict=True)
+    )
+
+
+def _bound_run(spec: str, lr: float, steps: int = 40, losses=None) -> list:
+    """``losses``: the loss given to each step (the Guard takes it as the caller's); none given,
+    the Guard gets no loss."""
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    guard = gradguard.Guard(model, opt, spec)
+    out = []
+    for step in range(steps):
+        backward(model, step)
+        loss = None if losses is None else torch.tensor(losses[step])
+        out.append(guard.step(loss=loss))
+    return out
+
+
+def _unstable_steps(reports) -> list[int]:
+    return [i for i, r in enumerate(reports) if r.metrics.get("update_clip.unstable") == 1.0]
+
+
+def test_a_bound_that_keeps_binding_is_an_incident_for_lr_backoff():
+    """persist=8 of 16: with every step over the bound, the 9th and 17th steps are incidents
+    (the count starts afresh after each); lr_backoff (2 incidents in its window) halves the LR at
+    the second one."""
+    reports = _bound_run("update_clip:mode=exact+lr_backoff", lr=5.0, steps=30)
+    assert all("update_clip" in r.actions for r in reports)  # every step bounded
+    assert _unstable_steps(reports) == [8, 16, 24]
+    scales = [r.lr_scale for r in reports]
+    assert scales[:16] == [1.0] * 16 and scales[16] == 0.5
+    assert scales[24] == 0.5  # one more incident: the count after a cut starts afresh
+
+
+def test_bounded_steps_that_bring_the_loss_down_are_not_an_incident():
+    """The same bound binding on every step: with a falling loss (later half's median below the
+    earlier half's) no incident; with a flat or rising loss, one every 8 bounded steps."""
+    rng = torch.Generator().manual_seed(0)
+    noise = (0.05 * torch.randn(40, generator=rng)).tolist()
+    falling = [2.0 * 0.97**i + n for i, n in enumerate(noise)]
+    flat = [2.0 + n for n in noise]
+    rising = [2.0 * 1.02**i + n for i, n in enumerate(noise)]
+    spec = "update_clip:mode=exact+lr_backoff"
+    reports = _bound_run(spec, lr=5.0, steps=40, losses=falling)
+    assert all("update_clip" in r.actions for r in reports)
+    assert _unstable_steps(reports) == []
+    assert all(r.lr_scale == 1.0 for r in reports)
+    for losses in (flat, rising):
+        reports = _bound_run(spec, lr=5.0, steps=40, losses=losses)
+        assert _unstable_steps(reports) == [8, 16, 24, 32], losses[:3]
+        assert reports[16].lr_scale == 0.5
+
+
+def test_the_progress_test_is_the_halves_median():
+    from gradguard.policies.update import _improving
+
+    assert not _improving([3.0, 2.0, 1.0])  # fewer than 8: no evidence
+    assert _improving([5, 5, 5, 5, 4, 4, 4, 4])
+    assert not _improving([4, 4, 4, 4, 4, 4, 4, 4])
+    # One wild loss in the later half does not hide the progress (a median, not a mean).
+    assert _improving([5, 5, 5, 5, 4, 4, 4, 400])
+    # An odd count: the middle value belongs to neither half.
+    assert _improving([9, 9, 9, 9, 100, 1, 1, 1, 1])
+
+
+def test_persistence_is_off_at_zero_and_quiet_on_a_healthy_run():
+    off = _bound_run("update_clip:mode=exact,persist=0+lr_backoff", lr=5.0, steps=20)
+    assert all(r.lr_scale == 1.0 and "update_clip.unstable" not in r.metrics for r in off)
+    healthy = _bound_run("update_clip+lr_backoff", lr=0.05, steps=40)
+    assert all(r.lr_scale == 1.0 and "update_clip.unstable" not in r.metrics for r in healthy)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"bound_at": [1, 2, 99]},  # a step after `steps`
+        {"bound_at": [-1]},
+        {"bound_at": "3"},
+        {"unstable": 1},
+    ],
+)
+def test_a_bad_persistence_state_is_refused(change):
+    model = net()
+    guard = gradguard.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), "update_clip")
+    (policy,) = [p for p in guard.policies if p.name == "update_clip"]
+    state = policy.state_dict()
+    state["steps"] = 10
+    policy.check_state(state)  # the state as saved loads
+    state.update(change)
+    with pytest.raises(gradguard.ConfigError, match="update_clip"):
+        policy.check_state(state)

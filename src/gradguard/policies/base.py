@@ -112,11 +112,14 @@ class UpdateDecision:
     """What an update policy decided about the step just taken; the Guard applies it.
 
     ``layer_scale``: one factor per layer (1.0: untouched) to scale the update by, exactly
-    (``w <- w_old + s * (w_new - w_old)``; only after an exact measurement); ``acted``: whether
-    it acted; ``metrics``: named numbers for telemetry.
+    (``w <- w_old + s * (w_new - w_old)``; only after an exact measurement); ``scale_moments``:
+    also scale those layers' first-moment buffers (momentum, Adam's ``exp_avg``) by ``s``, so the
+    optimizer remembers the step it was let take, not the one it proposed; ``acted``: whether it
+    acted; ``metrics``: named numbers for telemetry.
     """
 
     layer_scale: list[float] | None = None
+    scale_moments: bool = False
     acted: bool = False
     metrics: dict[str, float] = field(default_factory=dict)
 
