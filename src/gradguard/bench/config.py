@@ -290,6 +290,20 @@ QUICK_MITIGATIONS = (
 
 Grid = tuple[dict[str, Any], dict[str, list[Any]]]
 
+
+def _gpt_run(steps: int) -> dict[str, Any]:
+    """The small GPT on characters (the transformer suite's and the stability suite's)."""
+    return {
+        "steps": steps,
+        "batch_size": 32,
+        "eval_every": 100,
+        "task_options": {"context": 64, "max_chars": 300_000},
+        "model_options": {"d_model": 128, "n_layers": 2, "n_heads": 4},
+    }
+
+
+_GPT_AXES: dict[str, list[Any]] = {"task": ["charlm"], "model": ["gpt"], "optimizer": ["adamw"]}
+
 SUITES: dict[str, list[Grid]] = {
     # Handwritten digits, a deep plain MLP (12 Linear+ReLU layers, He init, no normalization), SGD
     # with momentum 0.9: from an LR where it trains well unguarded (0.01) to ones where it diverges
@@ -361,17 +375,9 @@ SUITES: dict[str, list[Grid]] = {
     # AdamW at high LRs and no warmup; qk-layernorm as the architectural mitigation.
     "transformer": [
         (
+            _gpt_run(steps=400),
             {
-                "steps": 400,
-                "batch_size": 32,
-                "eval_every": 100,
-                "task_options": {"context": 64, "max_chars": 300_000},
-                "model_options": {"d_model": 128, "n_layers": 2, "n_heads": 4},
-            },
-            {
-                "task": ["charlm"],
-                "model": ["gpt"],
-                "optimizer": ["adamw"],
+                **_GPT_AXES,
                 "lr": [1e-3, 1e-2, 3e-2],
                 "mitigation": [
                     "none",
@@ -556,17 +562,9 @@ SUITES["stability"] = [
         },
     ),
     (
+        _gpt_run(steps=300),
         {
-            "steps": 300,
-            "batch_size": 32,
-            "eval_every": 100,
-            "task_options": {"context": 64, "max_chars": 300_000},
-            "model_options": {"d_model": 128, "n_layers": 2, "n_heads": 4},
-        },
-        {
-            "task": ["charlm"],
-            "model": ["gpt"],
-            "optimizer": ["adamw"],
+            **_GPT_AXES,
             "lr": [3e-2],
             "mitigation": list(STABILITY_MITIGATIONS),
             "seed": _STABILITY_SEEDS,
