@@ -25,10 +25,11 @@ CHECKED_HYPERPARAMETERS = ("lr", "weight_decay", "momentum", "dampening", "eps",
 #: Second-moment buffers that must also be non-negative (their square root is taken).
 SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum", "acc_delta")
 #: First-moment buffers: the running direction of the step (SGD/RMSprop ``momentum_buffer``,
-#: Adam/AdamW/NAdam/RAdam/Adamax/Lion ``exp_avg``). The update of SGD with momentum is
+#: Adam/AdamW/NAdam/RAdam/Adamax ``exp_avg``, also Lion's). The update of SGD with momentum is
 #: ``lr * momentum_buffer``, of Adam ``lr * exp_avg_hat / (sqrt(exp_avg_sq_hat) + eps)``: linear
 #: in the first moment, so scaling it by ``s`` is what the optimizer would hold had it taken a
-#: step ``s`` times its own.
+#: step ``s`` times its own. (Lion steps by the sign of a mix of ``exp_avg`` and the gradient:
+#: there scaling only weakens the remembered direction.)
 FIRST_MOMENTS = ("momentum_buffer", "exp_avg")
 
 
