@@ -46,7 +46,10 @@ def test_objects_and_lists():
 @pytest.mark.parametrize(
     ("spec", "fragment"),
     [
-        ("clipnorm:1.0", "unknown policy 'clipnorm'; valid policies: adaptive_clip, agc, autoclip"),
+        (
+            "clipnorm:1.0",
+            "unknown policy 'clipnorm'; valid policies: adagc, adaptive_clip, agc, autoclip",
+        ),
         ("clip_norm:max=1", "unknown parameter 'max'; valid parameters: max_norm, norm_type"),
         ("clip_norm:abc", "max_norm='abc' is not a number"),
         ("clip_norm:-1", "max_norm must be a finite number > 0"),

@@ -252,6 +252,13 @@ BAD_STATES = [
         ["rollback", "slots[0].begin=-1"],
     ),
     ("rollback", "rollback", _set("r", "slots", [{"step": 0}]), ["slots[0]", "no begin"]),
+    # adagc's per-parameter EMA of clipped norms.
+    ("adagc:warmup_steps=3", "adagc", _item("gamma", 0, NAN), ["adagc", "gamma", "nan"]),
+    ("adagc:warmup_steps=3", "adagc", _item("gamma", 1, -1.0), ["adagc", "gamma", ">= 0"]),
+    ("adagc:warmup_steps=3", "adagc", _set("a", "gamma", lambda t: t[:2]), ["adagc", "(6,)"]),
+    ("adagc:warmup_steps=3", "adagc", _set("a", "seen", lambda t: t.float()), ["adagc", "seen"]),
+    ("adagc:warmup_steps=3", "adagc", _set("a", "step", -1), ["adagc", "step=-1"]),
+    ("adagc:warmup_steps=3", "adagc", _drop("gamma"), ["adagc", "no gamma"]),
     # Policies without state take none.
     ("clip_norm", "clip_norm", _set("c", "extra", 1.0), ["clip_norm", "extra"]),
 ]

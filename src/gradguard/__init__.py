@@ -23,6 +23,7 @@ from .optim import GuardedOptimizer
 from .policies import (
     DEFAULT_SPEC,
     Policy,
+    adagc,
     adaptive_clip,
     agc,
     autoclip,
@@ -57,6 +58,7 @@ __all__ = [
     "StepReport",
     "TrainingHalted",
     "__version__",
+    "adagc",
     "adaptive_clip",
     "advise",
     "agc",

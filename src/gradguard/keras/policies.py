@@ -17,8 +17,9 @@ needs where the torch one differs (AutoClip's growing history and host-side rese
 skip_spike's deque, lr_backoff's list of steps) and the gradient plumbing (AGC's unit axes,
 clip_value, clip_norm's p-norms).
 
-Two policies are not portable and are refused with a :class:`~gradguard.errors.ConfigError` that
-says why (see ``REFUSED``): ``rollback`` and ``reset_moments``.
+Some policies are not portable (or not ported) and are refused with a
+:class:`~gradguard.errors.ConfigError` that says why (see ``REFUSED``): ``update_clip``,
+``rollback``, ``reset_moments`` and ``adagc``.
 """
 
 from __future__ import annotations
@@ -60,6 +61,11 @@ SKIP_REASONS = (None, "nonfinite_grad", "spike_grad_norm")
 
 #: Policies with no Keras version, and why.
 REFUSED = {
+    "adagc": (
+        "its state is one clipped-norm EMA per variable with a per-variable warmup, which has no "
+        "Keras twin yet (the torch policy is the one tested against pytorch-optimizer's AdaGC); "
+        "in Keras clip per layer with clip_layerwise:factor=... or globally with adaptive_clip"
+    ),
     "update_clip": (
         "it measures the update from the weights before and after the step and scales it back "
         "per layer, which needs the weights outside the compiled train step; the Keras default "

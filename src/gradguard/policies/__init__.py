@@ -3,6 +3,7 @@
 Importing this package registers every built-in policy.
 """
 
+from .adagc import adagc
 from .adaptive import adaptive_clip
 from .agc import agc
 from .autoclip import autoclip
@@ -28,6 +29,7 @@ __all__ = [
     "HostView",
     "Policy",
     "StepContext",
+    "adagc",
     "adaptive_clip",
     "agc",
     "autoclip",
