@@ -36,6 +36,7 @@ from .policies import (
     rollback,
     skip_nonfinite,
     skip_spike,
+    spam_clip,
     update_clip,
     zclip,
 )
@@ -71,6 +72,7 @@ __all__ = [
     "rollback",
     "skip_nonfinite",
     "skip_spike",
+    "spam_clip",
     "update_clip",
     "zclip",
 ]
