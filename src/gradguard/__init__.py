@@ -37,6 +37,7 @@ from .policies import (
     rollback,
     skip_nonfinite,
     skip_spike,
+    spam_clip,
     update_clip,
     zclip,
 )
@@ -73,6 +74,7 @@ __all__ = [
     "rollback",
     "skip_nonfinite",
     "skip_spike",
+    "spam_clip",
     "update_clip",
     "zclip",
 ]

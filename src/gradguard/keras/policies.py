@@ -81,6 +81,12 @@ REFUSED = {
         "optimizers share one iteration counter across all variables (Adam's bias correction), "
         "so the reset cannot be done exactly"
     ),
+    "spam_clip": (
+        "it clips each gradient entry against the optimizer's own second moment (Adam's "
+        "exp_avg_sq), which a Keras optimizer keeps under its own names and layout, and it counts "
+        "its warmup from the per-parameter step torch's Adam keeps (Keras shares one iteration "
+        "counter); in Keras clip globally with adaptive_clip or element-wise with clip_value"
+    ),
 }
 
 

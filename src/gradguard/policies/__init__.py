@@ -21,6 +21,7 @@ from .registry import (
 )
 from .rollback import rollback
 from .skip import skip_nonfinite, skip_spike
+from .spam_clip import spam_clip
 from .update import update_clip
 from .zclip import zclip
 
@@ -47,6 +48,7 @@ __all__ = [
     "rollback",
     "skip_nonfinite",
     "skip_spike",
+    "spam_clip",
     "update_clip",
     "zclip",
 ]
