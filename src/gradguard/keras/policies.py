@@ -19,7 +19,7 @@ clip_value, clip_norm's p-norms).
 
 Some policies are not portable (or not ported) and are refused with a
 :class:`~gradguard.errors.ConfigError` that says why (see ``REFUSED``): ``update_clip``,
-``rollback``, ``reset_moments`` and ``adagc``.
+``rollback``, ``reset_moments``, ``adagc`` and ``spam_clip``.
 """
 
 from __future__ import annotations
