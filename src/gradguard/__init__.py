@@ -6,7 +6,7 @@ report = guard.step(loss=loss)     # replaces optimizer.step()
 """
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import advise  # a callable package: gradguard.advise(...); its work loads when called
 from .errors import (
@@ -18,30 +18,32 @@ from .errors import (
     StallError,
     TrainingHalted,
 )
-from .guard import Guard
-from .optim import GuardedOptimizer
-from .policies import (
-    DEFAULT_SPEC,
-    Policy,
-    adagc,
-    adaptive_clip,
-    agc,
-    autoclip,
-    available_policies,
-    clip_layerwise,
-    clip_norm,
-    clip_value,
-    lr_backoff,
-    parse_spec,
-    reset_moments,
-    rollback,
-    skip_nonfinite,
-    skip_spike,
-    spam_clip,
-    update_clip,
-    zclip,
-)
-from .report import StepReport
+
+if TYPE_CHECKING:  # loaded on first use, below: ``import gradguard`` does not import torch
+    from .guard import Guard
+    from .optim import GuardedOptimizer
+    from .policies import (
+        DEFAULT_SPEC,
+        Policy,
+        adagc,
+        adaptive_clip,
+        agc,
+        autoclip,
+        available_policies,
+        clip_layerwise,
+        clip_norm,
+        clip_value,
+        lr_backoff,
+        parse_spec,
+        reset_moments,
+        rollback,
+        skip_nonfinite,
+        skip_spike,
+        spam_clip,
+        update_clip,
+        zclip,
+    )
+    from .report import StepReport
 
 __version__ = "0.1.0"
 
@@ -84,8 +86,31 @@ __all__ = [
 #: (so ``import gradguard`` stays light): ``gradguard.faults.parse(...)`` works as written.
 _LAZY = ("bench", "diagnose", "faults", "integrations", "keras")
 
+#: The top-level names that need torch, each with the module that defines it: loaded on first use,
+#: so that ``import gradguard`` (and the CLI's ``--help``, ``check``, ``policies``) start at once.
+_FROM = {
+    "Guard": ".guard",
+    "GuardedOptimizer": ".optim",
+    "StepReport": ".report",
+    **{
+        name: ".policies"
+        for name in __all__
+        if name[0].islower() and name not in ("advise", "__version__")
+    },
+    "DEFAULT_SPEC": ".policies",
+    "Policy": ".policies",
+}
+
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return importlib.import_module(f".{name}", __name__)
+    if name in _FROM:
+        value = getattr(importlib.import_module(_FROM[name], __name__), name)
+        globals()[name] = value  # looked up once
+        return value
     raise AttributeError(f"module 'gradguard' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__) | set(_LAZY))

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
-
+from ._lazy import torch
 from .errors import ConfigError, IntegrityError
 from .layout import ParamLayout
 from .stats import Sharding, all_finite
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 #: Param-group hyperparameters that must be finite for any torch optimizer to step sanely.
 CHECKED_HYPERPARAMETERS = ("lr", "weight_decay", "momentum", "dampening", "eps", "alpha", "betas")
@@ -52,7 +54,7 @@ def check_groups(optimizer: torch.optim.Optimizer, signature: tuple[int, ...]) -
 
 
 def _finite_number(v: object) -> bool:
-    if isinstance(v, Tensor):
+    if isinstance(v, torch.Tensor):
         if v.device.type != "cpu" or v.numel() != 1:
             return True  # reading it would cost a device sync; the post-step check covers it
         v = float(v)
@@ -87,7 +89,11 @@ def state_tensors(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) ->
     out = []
     for p in params:
         for v in optimizer.state.get(p, {}).values():
-            if isinstance(v, Tensor) and (v.is_floating_point() or v.is_complex()) and v.numel():
+            if (
+                isinstance(v, torch.Tensor)
+                and (v.is_floating_point() or v.is_complex())
+                and v.numel()
+            ):
                 out.append(v)
     return out
 
@@ -115,7 +121,7 @@ def explain_nonfinite(layout: ParamLayout, optimizer: torch.optim.Optimizer) -> 
     bad_weights = [n for n, p in zip(layout.names, layout.params, strict=True) if not _ok(p)]
     for name, p in zip(layout.names, layout.params, strict=True):
         for key, v in optimizer.state.get(p, {}).items():
-            if not isinstance(v, Tensor) or not v.is_floating_point() or not v.numel():
+            if not isinstance(v, torch.Tensor) or not v.is_floating_point() or not v.numel():
                 continue
             if not _ok(v):
                 return "nonfinite_state", (

@@ -7,9 +7,12 @@ import fnmatch
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+from ._lazy import torch
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @dataclass

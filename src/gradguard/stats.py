@@ -20,12 +20,14 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
-
+from ._lazy import torch
 from .errors import ConfigError
 from .layout import ParamLayout
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 @functools.cache
@@ -133,20 +135,24 @@ def _foreach_ok(device: torch.device) -> bool:
     )
 
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-_WIDE = (torch.float64, torch.complex128)
+def _low_precision() -> tuple[torch.dtype, ...]:
+    return (torch.float16, torch.bfloat16)
+
+
+def _wide() -> tuple[torch.dtype, ...]:
+    return (torch.float64, torch.complex128)
 
 
 def norm_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype a norm of a ``dtype`` tensor is held in: float64 for float64/complex128, float32
     otherwise (fp16/bf16 norms accumulate in float32: an fp16 sum of squares overflows at 256)."""
-    return torch.float64 if dtype in _WIDE else torch.float32
+    return torch.float64 if dtype in _wide() else torch.float32
 
 
 def _norm_of_sparse(t: Tensor, ord: float) -> Tensor:
     # A COO tensor may hold an index more than once: its values add up before they are squared.
     values = (t.coalesce() if t.layout == torch.sparse_coo else t).values()
-    dt = torch.float32 if t.dtype in _LOW_PRECISION else None
+    dt = torch.float32 if t.dtype in _low_precision() else None
     return torch.linalg.vector_norm(values, ord, dtype=dt)
 
 
@@ -161,7 +167,7 @@ def _group_norms(tensors: list[Tensor], ord: float) -> list[Tensor]:
         return [next(norms) if t.numel() else zero for t in tensors]
     if t0.layout != torch.strided:
         return [_norm_of_sparse(t, ord) for t in tensors]
-    dt = torch.float32 if t0.dtype in _LOW_PRECISION else None
+    dt = torch.float32 if t0.dtype in _low_precision() else None
     if _foreach_ok(t0.device):
         if dt is None:
             return list(torch._foreach_norm(tensors, ord))
@@ -338,7 +344,7 @@ class GradStats:
         #: The dtype every norm of this step is held in: float64 if any gradient is float64.
         self.dtype = (
             torch.float64
-            if any(grp.grads[0].dtype in _WIDE for grp in self.groups)
+            if any(grp.grads[0].dtype in _wide() for grp in self.groups)
             else torch.float32
         )
 
@@ -461,7 +467,11 @@ class GradStats:
     def scale_(self, factor: Tensor | float) -> None:
         """Multiply every gradient by one factor: a 0-dim tensor (no host sync) or a float."""
         for grp in self.groups:
-            f = factor.to(grp.device, non_blocking=True) if isinstance(factor, Tensor) else factor
+            f = (
+                factor.to(grp.device, non_blocking=True)
+                if isinstance(factor, torch.Tensor)
+                else factor
+            )
             torch._foreach_mul_(grp.grads, f)
         self._scale = factor if self._scale is None else self._scale * factor
         self.modified = True

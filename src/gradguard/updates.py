@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import numpy as np
-import torch
-from torch import Tensor
-
+from ._lazy import np, torch
 from .integrity import FIRST_MOMENTS
 from .layout import ParamLayout
 from .stats import Sharding, all_finite, foreach_norms, group_by_kind
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 Mode = Literal["exact", "sample"]
 #: Elements of each tensor a sampled measurement looks at, at most.
@@ -181,7 +181,7 @@ class UpdateProbe:
             before = self._sample_before
             w = self._weights_t
             if self._fused:
-                assert isinstance(before, Tensor)
+                assert isinstance(before, torch.Tensor)
                 d = self._take_sample() - before
                 upd = self._segment_sq(d) * w
                 if not full:
@@ -260,7 +260,7 @@ class UpdateProbe:
                     continue
                 for key in FIRST_MOMENTS:
                     buf = state.get(key)
-                    if isinstance(buf, Tensor) and buf.shape == p.shape:
+                    if isinstance(buf, torch.Tensor) and buf.shape == p.shape:
                         buf.mul_(s)
 
     def drop_copy(self) -> None:

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
+from .._lazy import torch
 from ..errors import SpecError
 from ..stats import norm_dtype
 from .base import Policy, StepContext, check_keys, check_number, check_tensor, refuse_state

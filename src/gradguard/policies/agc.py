@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
+from .._lazy import torch
 from ..errors import ConfigError
 from ..stats import norm_dtype
 from .base import Policy, StepContext

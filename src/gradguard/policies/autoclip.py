@@ -4,16 +4,17 @@ Networks"; reference code pseeth/autoclip)."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
-
+from .._lazy import torch
 from ..errors import SpecError
 from .base import Policy, StepContext, check_keys, check_number, check_tensor, refuse_state
 from .clip import NORM_EPS
 from .registry import register
 from .xp import TORCH, ArrayNamespace
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 #: History slots at most (two float32 buffers of this length: 80 MB).
 _MAX_SLOTS = 10_000_000

@@ -19,17 +19,17 @@ import math
 import numbers
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, NoReturn
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
-import numpy as np
-import torch
-from torch import Tensor
-
+from .._lazy import np, torch
 from ..errors import ConfigError
 from ..layout import ParamLayout
 from ..specgrammar import format_value as _fmt
 from ..stats import GradStats
 from ..updates import UpdateStats
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 @dataclass
@@ -76,7 +76,7 @@ class StepContext:
         prev = self.acted.get(policy)
         if prev is None:
             self.acted[policy] = acted
-        elif isinstance(prev, Tensor) or isinstance(acted, Tensor):
+        elif isinstance(prev, torch.Tensor) or isinstance(acted, torch.Tensor):
             self.acted[policy] = torch.as_tensor(prev) | torch.as_tensor(acted)
         else:
             self.acted[policy] = prev or acted
@@ -175,7 +175,7 @@ class Policy:
     # ----- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
-            k: (v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v))
+            k: (v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v))
             for k, v in self.state.items()
         }
 
@@ -202,7 +202,7 @@ class Policy:
             )
         for k, v in state.items():
             cur = self.state.get(k)
-            if isinstance(cur, Tensor) and isinstance(v, Tensor):
+            if isinstance(cur, torch.Tensor) and isinstance(v, torch.Tensor):
                 self.state[k] = v.to(device=cur.device, dtype=cur.dtype).clone()
             else:
                 self.state[k] = copy.deepcopy(v)
@@ -232,7 +232,7 @@ STATE_FIX = (
 
 def _show(value: Any) -> str:
     """A short description of a state value for an error message."""
-    if isinstance(value, Tensor):
+    if isinstance(value, torch.Tensor):
         return (
             f"tensor(shape={tuple(value.shape)}, dtype={str(value.dtype).removeprefix('torch.')})"
         )
@@ -355,7 +355,7 @@ def check_tensor(
     """A tensor shaped like ``like`` (or ``shape``), of the same kind of dtype (floating, integer,
     bool), every element finite (``allow_inf``: +inf allowed, never NaN or -inf), >= 0 with
     ``nonneg``."""
-    if not isinstance(value, Tensor):
+    if not isinstance(value, torch.Tensor):
         refuse_state(policy, key, value, "it must be a tensor")
     if like is not None:
         shape = tuple(like.shape)
@@ -418,7 +418,7 @@ def _value_kind(v: Any) -> str:
         return "int"
     if _is_real(v):
         return "float"
-    if isinstance(v, Tensor):
+    if isinstance(v, torch.Tensor):
         return "tensor"
     if isinstance(v, (list, tuple, np.ndarray)):
         return "list"

@@ -6,9 +6,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-import torch
-
+from .._lazy import np, torch
 from ..errors import ConfigError, SpecError
 from ..stats import exact_norms, scaled_l2, stacked_norms
 from .base import Policy, StepContext

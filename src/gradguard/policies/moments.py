@@ -3,9 +3,7 @@ spike out of the fresh moments (SPAM's momentum reset, Huang et al. 2025, made s
 
 from __future__ import annotations
 
-import numpy as np
-import torch
-
+from .._lazy import np, torch
 from ..errors import SpecError
 from .base import Policy, StepContext, check_keys, check_number, check_numbers
 from .clip import _check_positive

@@ -23,11 +23,9 @@ import uuid
 import warnings
 import weakref
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
-import torch
-from torch import Tensor
-
+from .._lazy import torch
 from ..errors import ConfigError, GradGuardError, SnapshotError, SpecError, TrainingHalted
 from ..stats import all_finite
 from .base import (
@@ -39,6 +37,9 @@ from .base import (
     refuse_state,
 )
 from .registry import register
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 #: The last bytes of a snapshot file: checksum (32), metadata length (8), magic (8).
 _MAGIC = b"GGSNAP1\n"
@@ -198,17 +199,17 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def _snapshot_finite(snap: dict[str, Any]) -> str | None:
     """Where the first non-finite value of a snapshot is (``model[name]`` or ``optim[i][key]``)."""
     for k, v in snap["model"].items():
-        if isinstance(v, Tensor) and _first_nonfinite(v) is not None:
+        if isinstance(v, torch.Tensor) and _first_nonfinite(v) is not None:
             return f"model[{k}] element {_first_nonfinite(v)}"
     for i, saved in enumerate(snap["optim"]):
         for k, v in saved.items():
-            if isinstance(v, Tensor) and _first_nonfinite(v) is not None:
+            if isinstance(v, torch.Tensor) and _first_nonfinite(v) is not None:
                 return f"optimizer state[{i}][{k}] element {_first_nonfinite(v)}"
     return None
 
 
 def _clone_to(obj: Any, device: torch.device | None) -> Any:
-    if isinstance(obj, Tensor):
+    if isinstance(obj, torch.Tensor):
         t = obj.detach()
         return t.to(device, copy=True) if device is not None else t.clone()
     if isinstance(obj, dict):
@@ -535,9 +536,9 @@ class rollback(Policy):
             )
         for k, cur in current.items():
             v = saved[k]
-            if not isinstance(cur, Tensor):
+            if not isinstance(cur, torch.Tensor):
                 continue
-            if not isinstance(v, Tensor):
+            if not isinstance(v, torch.Tensor):
                 return f"model[{k}] is {type(v).__name__}, not a tensor"
             if tuple(v.shape) != tuple(cur.shape) or v.dtype != cur.dtype:
                 return (
@@ -555,8 +556,8 @@ class rollback(Policy):
             for k, v in st.items():
                 cur = cur_st.get(k)
                 if (
-                    isinstance(v, Tensor)
-                    and isinstance(cur, Tensor)
+                    isinstance(v, torch.Tensor)
+                    and isinstance(cur, torch.Tensor)
                     and (tuple(v.shape) != tuple(cur.shape) or v.dtype != cur.dtype)
                 ):
                     return (
@@ -692,9 +693,13 @@ class rollback(Policy):
                     opt.state[p] = cur = {}
                 for k, v in saved.items():
                     old = cur.get(k)
-                    if isinstance(v, Tensor) and isinstance(old, Tensor) and old.shape == v.shape:
+                    if (
+                        isinstance(v, torch.Tensor)
+                        and isinstance(old, torch.Tensor)
+                        and old.shape == v.shape
+                    ):
                         old.copy_(v)  # in place: fused/capturable optimizers keep their buffers
-                    elif isinstance(v, Tensor):
+                    elif isinstance(v, torch.Tensor):
                         # A copy: the optimizer updates it in place, the snapshot must stay intact.
                         cur[k] = v.clone() if k == "step" else v.to(p.device, copy=True)
                     else:

@@ -18,14 +18,15 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, ClassVar, Literal, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
-import torch
-from torch import Tensor
-
+from .._lazy import torch
 from ..stats import GradStats
 from .base import Policy, StepContext
 from .xp import HOST, TORCH, ArrayNamespace
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 @dataclass(frozen=True)
@@ -118,11 +119,11 @@ class TorchInputs:
 
 
 # ----- the state on the host and on torch ---------------------------------------------------------
-_TORCH_DTYPES: dict[str, torch.dtype | None] = {
-    "float": None,
-    "int": torch.long,
-    "bool": torch.bool,
-}
+def _torch_dtype(kind: str) -> torch.dtype | None:
+    """The dtype a ``kind`` field is held in on torch (None: torch's default float)."""
+    return {"float": None, "int": torch.long, "bool": torch.bool}[kind]
+
+
 _HOST_TYPES: dict[str, type] = {"float": float, "int": int, "bool": bool}
 
 
@@ -139,7 +140,7 @@ def initial_torch_state(fields: Mapping[str, Field], device: torch.device) -> di
     """The fields' initial values as tensors on ``device``."""
     return {
         k: torch.full(
-            f.shape, f.init, dtype=_TORCH_DTYPES[f.kind] or torch.get_default_dtype(), device=device
+            f.shape, f.init, dtype=_torch_dtype(f.kind) or torch.get_default_dtype(), device=device
         )
         for k, f in fields.items()
     }
@@ -153,10 +154,10 @@ def to_torch(
     out = {}
     for k, f in fields.items():
         v = state[k]
-        if isinstance(v, Tensor):
+        if isinstance(v, torch.Tensor):
             out[k] = v if v.device == device else v.to(device)
         else:
-            out[k] = torch.tensor(v, dtype=_TORCH_DTYPES[f.kind], device=device)
+            out[k] = torch.tensor(v, dtype=_torch_dtype(f.kind), device=device)
     return out
 
 
@@ -166,7 +167,7 @@ def to_host(fields: Mapping[str, Field], state: Mapping[str, Any]) -> dict[str, 
     out = {}
     for k, f in fields.items():
         v = state[k]
-        if isinstance(v, Tensor):
+        if isinstance(v, torch.Tensor):
             v = v.tolist()
         cast = _HOST_TYPES[f.kind]
         out[k] = [cast(x) for x in v] if f.shape else cast(v)
@@ -174,7 +175,7 @@ def to_host(fields: Mapping[str, Field], state: Mapping[str, Any]) -> dict[str, 
 
 
 def is_torch_state(state: Mapping[str, Any]) -> bool:
-    return any(isinstance(v, Tensor) for v in state.values())
+    return any(isinstance(v, torch.Tensor) for v in state.values())
 
 
 # ----- the policy ------------------------------------------------------------------------------------

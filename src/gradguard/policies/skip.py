@@ -6,8 +6,7 @@ import math
 from collections import deque
 from typing import Any
 
-import torch
-
+from .._lazy import torch
 from ..errors import SpecError
 from .base import Policy, StepContext, check_keys, check_numbers
 from .clip import _check_positive

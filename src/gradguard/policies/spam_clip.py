@@ -5,15 +5,17 @@ gradient entry is held to ``sqrt(theta * v)``, ``v`` the optimizer's own second 
 
 from __future__ import annotations
 
-import torch
-
+from .._lazy import torch
 from ..errors import ConfigError, SpecError
 from ..stats import stacked_norms
 from .base import Policy, StepContext
 from .registry import register
 
-#: torch optimizers that keep Adam's second moment ``exp_avg_sq`` (and a per-parameter ``step``).
-_TORCH_WITH_V = (torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam, torch.optim.RAdam)
+
+def _torch_with_v() -> tuple[type, ...]:
+    """torch optimizers that keep Adam's second moment ``exp_avg_sq`` (and a per-parameter
+    ``step``)."""
+    return (torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam, torch.optim.RAdam)
 
 
 @register
@@ -97,7 +99,7 @@ class spam_clip(Policy):
             )
         if any("exp_avg_sq" in s for s in optimizer.state.values()):
             return
-        if isinstance(optimizer, _TORCH_WITH_V):
+        if isinstance(optimizer, _torch_with_v()):
             return
         kind = type(optimizer)
         if kind.__module__.startswith("torch.optim") or "betas" not in optimizer.defaults:

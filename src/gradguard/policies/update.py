@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
-from torch import Tensor
-
+from .._lazy import np, torch
 from ..errors import SpecError
 from ..updates import DEFAULT_SAMPLES, UpdateStats
 from .base import (
@@ -22,13 +20,16 @@ from .base import (
 from .clip import _check_positive
 from .registry import register
 
+if TYPE_CHECKING:
+    pass
+
 #: The longest window of update ratios per layer.
 MAX_WINDOW = 10_000
 
 
 def _lr_value(v: Any) -> float | None:
     """A param group's LR as a float, or None where reading it would sync a device."""
-    if isinstance(v, Tensor):
+    if isinstance(v, torch.Tensor):
         return float(v) if v.device.type == "cpu" and v.numel() == 1 else None
     return float(v) if isinstance(v, (int, float)) else None
 

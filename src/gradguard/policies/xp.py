@@ -27,10 +27,12 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
-from torch import Tensor
+from .._lazy import torch
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 class ArrayNamespace(Protocol):
