@@ -1,7 +1,7 @@
 """Turn finished runs into the comparison: one row per setting x mitigation (divergence rate over
 seeds, the runs that did not learn, test metric mean +- std, time to target, Guard overhead,
-interventions), as ``summary.md``, ``summary.csv``, a terminal table, and PNG plots (loss curves
-with seed bands, the stability map, gradient-norm timelines).
+interventions), as ``summary.md``, ``summary.csv``, a terminal table, and PNG plots
+(:mod:`gradguard.bench.plots`: the stability map, loss curves and gradient-norm timelines).
 
 A run's outcome (diverged, did not learn, trained) is :func:`gradguard.bench.outcome.outcome_of`:
 rows stored before results carried an ``outcome`` are read by the same rule."""
@@ -10,15 +10,11 @@ from __future__ import annotations
 
 import csv
 import math
-import re
 import statistics
-import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from .outcome import outcome_of
 
@@ -306,114 +302,7 @@ def write_outputs(
         + markdown_table(rows)
         + "\n"
     )
+    from .plots import plot_all  # matplotlib is imported only when plots are drawn
+
     plot_all(runs, steps_of, out)
     return rows
-
-
-def plot_all(runs: Sequence[dict[str, Any]], steps_of, out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    # One set of figures per setting (all but LR, mitigation and seed); LRs are the x axis/panels.
-    flat, varying = _flat_and_varying(runs)
-    outcome = outcomes(runs, steps_of)
-    by_setting: dict[str, list[dict]] = defaultdict(list)
-    labels: dict[str, str] = {}
-    for r, f in zip(runs, flat, strict=True):
-        key = repr(sorted(((k, v) for k, v in f.items() if k != "lr"), key=repr))
-        by_setting[key].append(r)
-        labels[key] = _option_label(f, varying)
-    for key, members in by_setting.items():
-        c = members[0]["config"]
-        task, model, opt = c["task"], c["model"], c["optimizer"]
-        tag = "_".join(
-            x for x in (task, model, opt, re.sub(r"[^A-Za-z0-9.=-]+", "_", labels[key])) if x
-        )
-        title = " / ".join(x for x in (task, model, opt, labels[key]) if x)
-        mitigations = list(dict.fromkeys(m["config"]["mitigation"] for m in members))
-        lrs = sorted({m["config"]["lr"] for m in members})
-        colors = {m: plt.cm.tab20((2 * i) % 20 + (i // 10) % 2) for i, m in enumerate(mitigations)}
-        markers = {m: "osD^v<>ph*X"[i % 11] for i, m in enumerate(mitigations)}
-
-        # Stability map: divergence rate against LR, one line per mitigation.
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for mit in mitigations:
-            rates = []
-            for lr in lrs:
-                rs = [
-                    m
-                    for m in members
-                    if m["config"]["mitigation"] == mit and m["config"]["lr"] == lr
-                ]
-                bad = sum(outcome[id(m)] == "diverged" for m in rs)
-                rates.append(bad / len(rs) if rs else math.nan)
-            # Slight vertical offsets keep lines that coincide (all 0 or all 1) visible.
-            k = mitigations.index(mit) - len(mitigations) / 2
-            ax.plot(
-                lrs,
-                [r + 0.006 * k for r in rates],
-                marker=markers[mit],
-                label=mit,
-                color=colors[mit],
-                alpha=0.85,
-            )
-        ax.set_xscale("log")
-        ax.set_xlabel("learning rate")
-        ax.set_ylabel("divergence rate over seeds")
-        ax.set_ylim(-0.05, 1.05)
-        ax.set_title(f"stability map: {title}")
-        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
-        fig.tight_layout()
-        written.append(_save(fig, out / f"stability_{tag}.png"))
-
-        # Loss curves and gradient-norm timelines: one panel per LR, seed band per mitigation.
-        for metric, fname, ylabel in (
-            ("loss", "loss", "training loss"),
-            ("grad_norm", "gradnorm", "gradient norm (pre-clip)"),
-        ):
-            fig, axes = plt.subplots(1, len(lrs), figsize=(4.5 * len(lrs), 4), squeeze=False)
-            for ax, lr in zip(axes[0], lrs, strict=True):
-                for mit in mitigations:
-                    curves = [
-                        [s[metric] for s in steps_of(m["key"])]
-                        for m in members
-                        if m["config"]["mitigation"] == mit and m["config"]["lr"] == lr
-                    ]
-                    _band(ax, curves, colors[mit], mit)
-                ax.set_yscale("log")
-                ax.set_title(f"lr={lr:g}")
-                ax.set_xlabel("step")
-                ax.set_ylabel(ylabel)
-            axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
-            fig.suptitle(title)
-            fig.tight_layout()
-            written.append(_save(fig, out / f"{fname}_{tag}.png"))
-    return written
-
-
-def _band(ax, curves: list[list[float]], color, label: str) -> None:
-    """Median over seeds with a min-max band; non-finite values end a curve."""
-    if not curves:
-        return
-    n = max(len(c) for c in curves)
-    arr = np.full((len(curves), n), np.nan)
-    for i, c in enumerate(curves):
-        arr[i, : len(c)] = c
-    arr[~np.isfinite(arr) | (arr <= 0)] = np.nan  # log scale; a diverged run's curve ends
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns after every run ended
-        med, lo, hi = np.nanmedian(arr, 0), np.nanmin(arr, 0), np.nanmax(arr, 0)
-    x = np.arange(n)
-    ax.plot(x, med, color=color, label=label, lw=1)
-    ax.fill_between(x, lo, hi, color=color, alpha=0.15, lw=0)
-
-
-def _save(fig, path: Path) -> Path:
-    fig.savefig(path, dpi=110)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return path
