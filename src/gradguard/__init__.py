@@ -8,7 +8,10 @@ report = guard.step(loss=loss)     # replaces optimizer.step()
 import importlib
 from typing import Any
 
-from . import advise  # a callable package: gradguard.advise(...); its work loads when called
+from . import (
+    _cli_start,  # noqa: F401  first, before torch loads: the command line's Ctrl-C, one line
+    advise,  # a callable package: gradguard.advise(...); its work loads when called
+)
 from .errors import (
     ConfigError,
     GradGuardError,

@@ -7,7 +7,9 @@
     gradguard report RUN_DIR      report.html (figures, events, diagnosis) from a run's telemetry
     gradguard advise [...]        choose the mitigation for a setup from a short, budgeted probe
 
-Bad arguments exit with status 2 and one readable line, no traceback.
+Bad arguments exit with status 2 and one readable line, no traceback. Ctrl-C exits with status
+130 and one line (``interrupted: 3 of 8 runs done; rerun the same command to resume``), no
+traceback from this process or its workers.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import GradGuardError
+from .errors import GradGuardError, Interrupted
 from .policies import available_policies, parse_spec, policy_class
 
 
@@ -213,7 +215,14 @@ def _train_one(cfg, out: str | None) -> int:
     if ranks is not None:
         desc += f" x{ranks.world_size} ranks"
     with tqdm(total=cfg.steps, unit="step", desc=desc, disable=not main) as bar:
-        result, _ = train_run(cfg, on_step=lambda _s: bar.update(1), log_dir=out)
+        try:
+            result, _ = train_run(cfg, on_step=lambda _s: bar.update(1), log_dir=out)
+        except KeyboardInterrupt:
+            bar.close()  # before the line, so that it starts a line of its own
+            # Every rank is interrupted alike; the main one speaks for them.
+            raise Interrupted(
+                f"interrupted at step {bar.n} of {cfg.steps}" if main else ""
+            ) from None
     if not main:
         return 0
     for k, v in result.items():
@@ -344,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--telemetry",
         action="store_true",
-        help="record each run's telemetry in OUT/runs/<key> (then: gradguard report OUT/runs/<key>)",
+        help="record each run's telemetry in OUT/runs/<run> (then: gradguard report OUT/runs/<run>)",
     )
     bench.add_argument(
         "--executor",
@@ -457,12 +466,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from . import _cli_start
+
+    _cli_start.started()
     try:
+        return _main(argv)
+    finally:
+        _cli_start.finished()
+
+
+def _main(argv: list[str] | None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except GradGuardError as e:
         print(f"gradguard: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C, the work shut down: gradguard.errors.Interrupted
+        from ._cli_start import LINE
+
+        line = str(e) if isinstance(e, Interrupted) else LINE
+        if line:
+            print(line, file=sys.stderr)
+        return 130
     except OSError as e:  # a path the arguments name: a folder for a file, unwritable, ...
         where = f": {e.filename}" if e.filename else ""
         print(f"gradguard: error: {e.strerror or e}{where}", file=sys.stderr)

@@ -8,7 +8,11 @@
   the cluster's nodes need not share a filesystem;
 - resumable: the database knows which runs are done; runs whose worker (or driver) died are reset
   and redone from scratch (see :mod:`gradguard.bench.store`);
-- a progress bar over runs (tqdm), driven from the database.
+- a progress bar over runs (tqdm), driven from the database;
+- Ctrl-C: the worker processes ignore SIGINT (from their first instruction, so a terminal's
+  Ctrl-C to the whole process group reaches only this process); this process stops them, hands
+  back the runs they held (a run is stored whole, in one transaction, or not at all) and raises
+  :class:`gradguard.errors.Interrupted` with how many runs are done.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ import math
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 import traceback
 from collections import deque
@@ -27,7 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, Interrupted
 from .config import RunConfig
 from .store import ResultStore, this_owner
 from .train import train_run
@@ -90,6 +96,9 @@ def _work(db_path: str, keys: Sequence[str], telemetry: bool = False) -> int:
                 result, steps = train_stored(cfg, log_dir=log_dir)
             except Exception as e:
                 store.fail(key, _error_text(e), owner=owner)
+            except BaseException:  # Ctrl-C while training here: the run goes back to pending
+                store.release(key, owner=owner)
+                raise
             else:
                 store.finish(key, result, steps, owner=owner)
             n += 1
@@ -144,17 +153,82 @@ def run_grid(
         from tqdm import tqdm
 
         bar = tqdm(total=len(keys), initial=len(keys) - len(todo), unit="run", desc=desc)
-    if todo:
-        if ray is not None:
-            _run_ray(ray, db, todo, bar, ray_address, workers, cpus_per_run)
-        elif workers == 1 and _inline_ok(db, todo):
-            _run_inline(db, todo, bar, telemetry)
-        else:
-            _run_pool(db, todo, workers, bar, len(keys), telemetry)
+    try:
+        if todo:
+            if ray is not None:
+                _run_ray(ray, db, todo, bar, ray_address, workers, cpus_per_run)
+            elif workers == 1 and _inline_ok(db, todo):
+                _run_inline(db, todo, bar, telemetry)
+            else:
+                _run_pool(db, todo, workers, bar, len(keys), telemetry)
+    except KeyboardInterrupt:
+        with _sigint_ignored():  # a second Ctrl-C does not cut the clean-up short
+            if bar is not None:
+                bar.close()
+            raise _interrupted(db, keys, todo, desc) from None
     if bar is not None:
         bar.close()
     with ResultStore(db) as store:
         return store.runs("done", keys)
+
+
+def _interrupted(db: Path, keys: list[str], todo: list[str], desc: str) -> Interrupted:
+    """Hand back the runs this process's workers held (they are stopped by now) and say how many
+    of the grid's runs are done."""
+    owner = this_owner()
+    with ResultStore(db) as store:
+        for key in todo:  # a run trained here, interrupted while it was being stored
+            store.release(key, owner=owner)
+        store.reset_stale()  # the stopped workers' runs
+        c = store.counts_of(keys)
+    failed = f" ({c['failed']} failed)" if c["failed"] else ""
+    where = "" if desc == "bench" else f" ({desc})"
+    return Interrupted(
+        f"interrupted{where}: {c['done'] + c['failed']} of {len(keys)} runs done{failed}; "
+        "rerun the same command to resume"
+    )
+
+
+def _can_set_signals() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+    """SIGINT ignored inside (signal handlers can be set from the main thread only)."""
+    if not _can_set_signals():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+@contextlib.contextmanager
+def _children_ignore_sigint():
+    """Processes started inside ignore SIGINT from their first instruction: an ignored signal
+    stays ignored across ``exec``, and Python then installs no KeyboardInterrupt handler. (Set in
+    the worker itself, it would come after the seconds it takes to import torch, in which a
+    Ctrl-C prints a traceback.) SIGINT is blocked meanwhile, so a Ctrl-C to this process waits
+    until the end of the block instead of being lost."""
+    mask = hasattr(signal, "pthread_sigmask")
+    if mask:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        with _sigint_ignored():
+            yield
+    finally:
+        if mask:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def _pool_worker(db_path: str, keys: Sequence[str], telemetry: bool) -> int:
+    """A worker process: Ctrl-C is the parent's to handle (it stops the workers and hands back
+    their runs), so a worker never prints a traceback for it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # already so when started by _run_pool
+    return _work(db_path, keys, telemetry)
 
 
 def _inline_ok(db: Path, todo: list[str]) -> bool:
@@ -189,12 +263,13 @@ def _run_pool(
     # spawn: a fresh interpreter per worker (fork would copy torch's thread pools and locks).
     ctx = mp.get_context("spawn")
     procs = [
-        ctx.Process(target=_work, args=(str(db), todo, telemetry), daemon=True)
+        ctx.Process(target=_pool_worker, args=(str(db), todo, telemetry), daemon=True)
         for _ in range(workers)
     ]
-    for p in procs:
-        p.start()
     try:
+        with _children_ignore_sigint():
+            for p in procs:
+                p.start()
         with ResultStore(db) as store:
             done_before = total - len(todo)
             while any(p.is_alive() for p in procs):
@@ -204,10 +279,15 @@ def _run_pool(
                     bar.n = done_before + c["done"] + c["failed"]
                     bar.refresh()
     finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-            p.join()
+        # Stopped mid-run (Ctrl-C, an error here), a worker loses only the run it held: its
+        # result and metrics are written in one transaction, so nothing is stored half.
+        with _sigint_ignored():
+            for p in procs:
+                if p.is_alive():
+                    p.terminate()
+            for p in procs:
+                if p.pid is not None:
+                    p.join()
 
 
 # ----- Ray ----------------------------------------------------------------------------------------
