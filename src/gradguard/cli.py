@@ -135,6 +135,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     with ResultStore(out / DB_NAME) as store:
         rows = write_outputs(runs, store.steps, out)
     print(terminal_table(rows))
+    if args.telemetry:
+        print(f"telemetry: {out / 'runs'}/ (a folder a run); render one: gradguard report FOLDER")
     missing = len(configs) - len(runs)
     if missing:
         print(
@@ -353,7 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--telemetry",
         action="store_true",
-        help="record each run's telemetry in OUT/runs/<run> (then: gradguard report OUT/runs/<run>)",
+        help="record each run's telemetry in a folder named for it, "
+        "OUT/runs/TASK-MODEL-MITIGATION-lrLR-seedN-HASH (optimizer and faults too where not the "
+        "default); then: gradguard report OUT/runs/NAME",
     )
     bench.add_argument(
         "--executor",

@@ -22,6 +22,7 @@ import logging
 import math
 import multiprocessing as mp
 import os
+import re
 import shutil
 import signal
 import sys
@@ -29,7 +30,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,9 +74,50 @@ def train_stored(
     return getattr(importlib.import_module(module), name)(cfg, log_dir=log_dir)
 
 
-def telemetry_dir(out_dir: str | Path, key: str) -> Path:
-    """Where a bench run's telemetry goes with ``telemetry=True``: ``OUT/runs/<key>``."""
-    return Path(out_dir) / "runs" / key
+#: Characters a run folder's name keeps; any run of others (a spec's ``:``, ``=``, ``,``, ``+``,
+#: a path's ``/``) becomes one ``_``, so the name is one safe word per part, whatever the shell.
+_UNSAFE = re.compile(r"[^A-Za-z0-9.]+")
+#: Hex digits of the run key that end every name: they keep two names apart when the readable
+#: parts coincide (two task options, two batch sizes, ...) or are cut.
+NAME_HASH = 10
+_PART_MAX = 40  # a long spec is cut here; the hash keeps the name unique
+
+
+def _part(value: Any) -> str:
+    text = _UNSAFE.sub("_", f"{value:g}" if isinstance(value, float) else str(value)).strip("_")
+    return text[:_PART_MAX].rstrip("_") or "_"
+
+
+def run_dir_name(config: Mapping[str, Any], key: str) -> str:
+    """A run's folder name: what it is, then a short hash of its key,
+    ``task-model[-optimizer]-mitigation[-faults]-lr<lr>-seed<seed>-<hash>``: the optimizer and the
+    faults only where they are not :class:`RunConfig`'s defaults, each part cut to 40 characters
+    and made safe for any filesystem (``skip_nonfinite+zclip:z_thresh=2.0`` becomes
+    ``skip_nonfinite_zclip_z_thresh_2.0``). An entry-point run (``gradguard advise --entry``) is
+    named by its function instead of the task and model. Recomputed from the stored config,
+    never stored itself."""
+    defaults = RunConfig()
+    if config.get("trainer") is not None:
+        parts = [str(config.get("entry", "entry")).rpartition(":")[2] or "entry"]
+    else:
+        parts = [config.get("task", defaults.task), config.get("model", defaults.model)]
+        if config.get("optimizer", defaults.optimizer) != defaults.optimizer:
+            parts.append(config["optimizer"])
+    parts.append(config.get("mitigation", defaults.mitigation))
+    if config.get("faults", defaults.faults) != defaults.faults:
+        parts.append(config["faults"])
+    parts += [f"lr{_part(float(config.get('lr', defaults.lr)))}"]
+    parts += [f"seed{_part(config.get('seed', defaults.seed))}", key[:NAME_HASH]]
+    return "-".join(_part(p) for p in parts)
+
+
+def telemetry_dir(out_dir: str | Path, key: str, config: Mapping[str, Any]) -> Path:
+    """Where a bench run's telemetry goes with ``telemetry=True``: ``OUT/runs/<name>``
+    (:func:`run_dir_name`). A folder an older gradguard wrote, ``OUT/runs/<key>`` (the bare key), is
+    found too: a finished run keeps its telemetry where it was written."""
+    runs = Path(out_dir) / "runs"
+    named, old = runs / run_dir_name(config, key), runs / key
+    return old if old.is_dir() and not named.exists() else named
 
 
 def _work(db_path: str, keys: Sequence[str], telemetry: bool = False) -> int:
@@ -89,9 +131,12 @@ def _work(db_path: str, keys: Sequence[str], telemetry: bool = False) -> int:
             key, cfg = claimed
             log_dir = None
             if telemetry:
-                # A run redone after a crash starts its telemetry afresh, like its metrics.
-                log_dir = telemetry_dir(Path(db_path).parent, key)
-                shutil.rmtree(log_dir, ignore_errors=True)
+                # A run redone after a crash starts its telemetry afresh, like its metrics
+                # (under its name, whatever folder an older gradguard had begun).
+                runs = Path(db_path).parent / "runs"
+                log_dir = runs / run_dir_name(cfg, key)
+                for stale in (log_dir, runs / key):
+                    shutil.rmtree(stale, ignore_errors=True)
             try:
                 result, steps = train_stored(cfg, log_dir=log_dir)
             except Exception as e:
@@ -125,8 +170,8 @@ def run_grid(
     cluster to connect to (else ``RAY_ADDRESS``, else a local Ray of ``workers`` CPUs started for
     this call); ``cpus_per_run``: the CPUs each Ray task reserves (its runs train with their
     config's ``threads`` whatever it reserves: give it as many).
-    ``telemetry``: each run also records the Guard's telemetry in ``OUT/runs/<key>`` (for
-    ``gradguard report``); local executor only. ``desc``: the progress bar's label.
+    ``telemetry``: each run also records the Guard's telemetry in ``OUT/runs/<name>`` (see
+    :func:`run_dir_name`; for ``gradguard report``); local executor only. ``desc``: the progress bar's label.
     ``configs``: :class:`RunConfig` s, or any objects whose ``as_dict()`` gives a stored config
     (see :func:`train_stored`).
     """
