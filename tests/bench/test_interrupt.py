@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from gradguard.bench.runner import DB_NAME
+from gradguard.bench.runner import DB_NAME, run_dir_name, telemetry_dir
 from gradguard.bench.store import ResultStore
 
 pytestmark = pytest.mark.slow  # each starts the command line, torch and workers, then reruns it
@@ -134,6 +134,13 @@ def test_ctrl_c_during_advise_prints_one_line_and_resumes(tmp_path):
     counts = _assert_whole(db)
     assert counts["pending"] == 0 and counts["done"] > 0
     assert (out / "advice.json").exists()
+    with ResultStore(db) as store:  # the LR probe's telemetry, each run in its named folder
+        probe = [r for r in store.runs("done") if r["config"]["mitigation"] == "none"]
+    assert probe
+    for run in probe:
+        folder = telemetry_dir(out, run["key"], run["config"])
+        assert folder.name == run_dir_name(run["config"], run["key"])
+        assert (folder / "telemetry.jsonl").exists()
 
 
 @pytest.mark.parametrize("group", [True, False], ids=["ctrl-c-to-the-group", "sigint-to-train"])
