@@ -8,7 +8,9 @@
     gradguard report RUN_DIR      report.html (figures, events, diagnosis) from a run's telemetry
     gradguard advise [...]        choose the mitigation for a setup from a short, budgeted probe
 
-Bad arguments exit with status 2 and one readable line, no traceback.
+Bad arguments exit with status 2 and one readable line, no traceback. Ctrl-C exits with status
+130 and one line (``interrupted: 3 of 8 runs done; rerun the same command to resume``), no
+traceback from this process or its workers.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import GradGuardError
+from .errors import GradGuardError, Interrupted
 
 
 class _Parser(argparse.ArgumentParser):
@@ -151,6 +153,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     with ResultStore(out / DB_NAME) as store:
         rows = write_outputs(runs, store.steps, out)
     print(terminal_table(rows))
+    if args.telemetry:
+        print(f"telemetry: {out / 'runs'}/ (a folder a run); render one: gradguard report FOLDER")
     missing = len(configs) - len(runs)
     if missing:
         print(
@@ -243,7 +247,14 @@ def _train_one(cfg, out: str | None) -> int:
     if ranks is not None:
         desc += f" x{ranks.world_size} ranks"
     with tqdm(total=cfg.steps, unit="step", desc=desc, disable=not main) as bar:
-        result, _ = train_run(cfg, on_step=lambda _s: bar.update(1), log_dir=out)
+        try:
+            result, _ = train_run(cfg, on_step=lambda _s: bar.update(1), log_dir=out)
+        except KeyboardInterrupt:
+            bar.close()  # before the line, so that it starts a line of its own
+            # Every rank is interrupted alike; the main one speaks for them.
+            raise Interrupted(
+                f"interrupted at step {bar.n} of {cfg.steps}" if main else ""
+            ) from None
     if not main:
         return 0
     for k, v in result.items():
@@ -424,7 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--telemetry",
         action="store_true",
-        help="record each run's telemetry in OUT/runs/<key> (then: gradguard report OUT/runs/<key>)",
+        help="record each run's telemetry in a folder named for it, "
+        "OUT/runs/TASK-MODEL-MITIGATION-lrLR-seedN-HASH (optimizer and faults too where not the "
+        "default); then: gradguard report OUT/runs/NAME",
     )
     bench.add_argument(
         "--executor",
@@ -556,12 +569,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except GradGuardError as e:
         print(f"gradguard: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C, the work shut down: gradguard.errors.Interrupted
+        line = str(e) if isinstance(e, Interrupted) else "interrupted"
+        if line:
+            print(line, file=sys.stderr)
+        return 130
     except OSError as e:  # a path the arguments name: a folder for a file, unwritable, ...
         where = f": {e.filename}" if e.filename else ""
         print(f"gradguard: error: {e.strerror or e}{where}", file=sys.stderr)

@@ -42,3 +42,17 @@ class IntegrityError(TrainingHalted):
 
 class StallError(TrainingHalted):
     """Too many optimizer steps in a row were skipped: the run is not training any more."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a bench, advise or train command after it shut its work down cleanly:
+    every run is stored whole or not at all, and no run is left claimed. The message is the one
+    line the command line prints (``interrupted: 3 of 8 runs done; rerun the same command to
+    resume``). A ``KeyboardInterrupt``, so code that catches that still catches this."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message

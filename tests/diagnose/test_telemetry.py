@@ -297,7 +297,7 @@ def test_bench_runs_record_telemetry_that_the_report_reads(tmp_path):
         model_options={"depth": 3, "width": 16},
     )
     key = run_key(cfg.as_dict())
-    stale = telemetry_dir(tmp_path, key)
+    stale = telemetry_dir(tmp_path, key, cfg.as_dict())
     stale.mkdir(parents=True)
     (stale / "telemetry.jsonl").write_text('{"type":"step","step":999}\n')  # a crashed attempt
     (runs,) = [run_grid([cfg], tmp_path, workers=1, progress=False, telemetry=True)]

@@ -20,7 +20,8 @@ from .probe import ProbeResult
 def diagnose_probe(out: str | Path, probe: ProbeResult, lr: float) -> list[dict[str, Any]]:
     """Findings as dicts (``Finding.as_dict()`` plus ``lr`` and ``run``: where it was seen), most
     severe first; empty when the telemetry shows nothing wrong or is missing."""
-    from ..bench.runner import telemetry_dir
+    from ..bench.runner import DB_NAME, telemetry_dir
+    from ..bench.store import ResultStore
     from ..diagnose import diagnose, load_run
     from ..diagnose.rules import SEVERITIES
     from ..errors import GradGuardError
@@ -32,10 +33,12 @@ def diagnose_probe(out: str | Path, probe: ProbeResult, lr: float) -> list[dict[
     bad = next((r for r in probe.rows if r.diverged and r.status == "done"), None)
     if bad is not None and bad is not user:
         sources.append((bad, f"x{bad.factor:g}, where unguarded training diverges"))
+    with ResultStore(Path(out) / DB_NAME) as store:  # a run's folder is named from its config
+        configs = {r["key"]: r["config"] for r in store.runs(None, [r.key for r, _ in sources])}
     found: dict[str, dict[str, Any]] = {}
     for row, where in sources:
         try:
-            run = load_run(telemetry_dir(out, row.key))
+            run = load_run(telemetry_dir(out, row.key, configs.get(row.key, {})))
         except GradGuardError:
             continue  # no telemetry (e.g. removed by hand): nothing to diagnose
         with warnings.catch_warnings():

@@ -104,7 +104,8 @@ class Advice:
                 lines += _wrap(f"- {n}", markdown)
         lines += [
             "",
-            f"results: {self.out}/ (results.db, advice.json, advice.md, runs/<key> telemetry)",
+            f"results: {self.out}/ (results.db, advice.json, advice.md, runs/ telemetry: a folder"
+            " a run, task-model-mitigation-lrLR-seedN-hash)",
         ]
         return lines
 

@@ -8,7 +8,11 @@
   the cluster's nodes need not share a filesystem;
 - resumable: the database knows which runs are done; runs whose worker (or driver) died are reset
   and redone from scratch (see :mod:`gradguard.bench.store`);
-- a progress bar over runs (tqdm), driven from the database.
+- a progress bar over runs (tqdm), driven from the database;
+- Ctrl-C: the worker processes ignore SIGINT (from their first instruction, so a terminal's
+  Ctrl-C to the whole process group reaches only this process); this process stops them, hands
+  back the runs they held (a run is stored whole, in one transaction, or not at all) and raises
+  :class:`gradguard.errors.Interrupted` with how many runs are done.
 """
 
 from __future__ import annotations
@@ -18,16 +22,19 @@ import logging
 import math
 import multiprocessing as mp
 import os
+import re
 import shutil
+import signal
 import sys
+import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, Interrupted
 from .config import RunConfig
 from .store import ResultStore, this_owner
 from .train import train_run
@@ -67,9 +74,50 @@ def train_stored(
     return getattr(importlib.import_module(module), name)(cfg, log_dir=log_dir)
 
 
-def telemetry_dir(out_dir: str | Path, key: str) -> Path:
-    """Where a bench run's telemetry goes with ``telemetry=True``: ``OUT/runs/<key>``."""
-    return Path(out_dir) / "runs" / key
+#: Characters a run folder's name keeps; any run of others (a spec's ``:``, ``=``, ``,``, ``+``,
+#: a path's ``/``) becomes one ``_``, so the name is one safe word per part, whatever the shell.
+_UNSAFE = re.compile(r"[^A-Za-z0-9.]+")
+#: Hex digits of the run key that end every name: they keep two names apart when the readable
+#: parts coincide (two task options, two batch sizes, ...) or are cut.
+NAME_HASH = 10
+_PART_MAX = 40  # a long spec is cut here; the hash keeps the name unique
+
+
+def _part(value: Any) -> str:
+    text = _UNSAFE.sub("_", f"{value:g}" if isinstance(value, float) else str(value)).strip("_")
+    return text[:_PART_MAX].rstrip("_") or "_"
+
+
+def run_dir_name(config: Mapping[str, Any], key: str) -> str:
+    """A run's folder name: what it is, then a short hash of its key,
+    ``task-model[-optimizer]-mitigation[-faults]-lr<lr>-seed<seed>-<hash>``: the optimizer and the
+    faults only where they are not :class:`RunConfig`'s defaults, each part cut to 40 characters
+    and made safe for any filesystem (``skip_nonfinite+zclip:z_thresh=2.0`` becomes
+    ``skip_nonfinite_zclip_z_thresh_2.0``). An entry-point run (``gradguard advise --entry``) is
+    named by its function instead of the task and model. Recomputed from the stored config,
+    never stored itself."""
+    defaults = RunConfig()
+    if config.get("trainer") is not None:
+        parts = [str(config.get("entry", "entry")).rpartition(":")[2] or "entry"]
+    else:
+        parts = [config.get("task", defaults.task), config.get("model", defaults.model)]
+        if config.get("optimizer", defaults.optimizer) != defaults.optimizer:
+            parts.append(config["optimizer"])
+    parts.append(config.get("mitigation", defaults.mitigation))
+    if config.get("faults", defaults.faults) != defaults.faults:
+        parts.append(config["faults"])
+    parts += [f"lr{_part(float(config.get('lr', defaults.lr)))}"]
+    parts += [f"seed{_part(config.get('seed', defaults.seed))}", key[:NAME_HASH]]
+    return "-".join(_part(p) for p in parts)
+
+
+def telemetry_dir(out_dir: str | Path, key: str, config: Mapping[str, Any]) -> Path:
+    """Where a bench run's telemetry goes with ``telemetry=True``: ``OUT/runs/<name>``
+    (:func:`run_dir_name`). A folder an older gradguard wrote, ``OUT/runs/<key>`` (the bare key), is
+    found too: a finished run keeps its telemetry where it was written."""
+    runs = Path(out_dir) / "runs"
+    named, old = runs / run_dir_name(config, key), runs / key
+    return old if old.is_dir() and not named.exists() else named
 
 
 def _work(db_path: str, keys: Sequence[str], telemetry: bool = False) -> int:
@@ -83,13 +131,19 @@ def _work(db_path: str, keys: Sequence[str], telemetry: bool = False) -> int:
             key, cfg = claimed
             log_dir = None
             if telemetry:
-                # A run redone after a crash starts its telemetry afresh, like its metrics.
-                log_dir = telemetry_dir(Path(db_path).parent, key)
-                shutil.rmtree(log_dir, ignore_errors=True)
+                # A run redone after a crash starts its telemetry afresh, like its metrics
+                # (under its name, whatever folder an older gradguard had begun).
+                runs = Path(db_path).parent / "runs"
+                log_dir = runs / run_dir_name(cfg, key)
+                for stale in (log_dir, runs / key):
+                    shutil.rmtree(stale, ignore_errors=True)
             try:
                 result, steps = train_stored(cfg, log_dir=log_dir)
             except Exception as e:
                 store.fail(key, _error_text(e), owner=owner)
+            except BaseException:  # Ctrl-C while training here: the run goes back to pending
+                store.release(key, owner=owner)
+                raise
             else:
                 store.finish(key, result, steps, owner=owner)
             n += 1
@@ -116,8 +170,8 @@ def run_grid(
     cluster to connect to (else ``RAY_ADDRESS``, else a local Ray of ``workers`` CPUs started for
     this call); ``cpus_per_run``: the CPUs each Ray task reserves (its runs train with their
     config's ``threads`` whatever it reserves: give it as many).
-    ``telemetry``: each run also records the Guard's telemetry in ``OUT/runs/<key>`` (for
-    ``gradguard report``); local executor only. ``desc``: the progress bar's label.
+    ``telemetry``: each run also records the Guard's telemetry in ``OUT/runs/<name>`` (see
+    :func:`run_dir_name`; for ``gradguard report``); local executor only. ``desc``: the progress bar's label.
     ``configs``: :class:`RunConfig` s, or any objects whose ``as_dict()`` gives a stored config
     (see :func:`train_stored`).
     """
@@ -144,17 +198,82 @@ def run_grid(
         from tqdm import tqdm
 
         bar = tqdm(total=len(keys), initial=len(keys) - len(todo), unit="run", desc=desc)
-    if todo:
-        if ray is not None:
-            _run_ray(ray, db, todo, bar, ray_address, workers, cpus_per_run)
-        elif workers == 1 and _inline_ok(db, todo):
-            _run_inline(db, todo, bar, telemetry)
-        else:
-            _run_pool(db, todo, workers, bar, len(keys), telemetry)
+    try:
+        if todo:
+            if ray is not None:
+                _run_ray(ray, db, todo, bar, ray_address, workers, cpus_per_run)
+            elif workers == 1 and _inline_ok(db, todo):
+                _run_inline(db, todo, bar, telemetry)
+            else:
+                _run_pool(db, todo, workers, bar, len(keys), telemetry)
+    except KeyboardInterrupt:
+        with _sigint_ignored():  # a second Ctrl-C does not cut the clean-up short
+            if bar is not None:
+                bar.close()
+            raise _interrupted(db, keys, todo, desc) from None
     if bar is not None:
         bar.close()
     with ResultStore(db) as store:
         return store.runs("done", keys)
+
+
+def _interrupted(db: Path, keys: list[str], todo: list[str], desc: str) -> Interrupted:
+    """Hand back the runs this process's workers held (they are stopped by now) and say how many
+    of the grid's runs are done."""
+    owner = this_owner()
+    with ResultStore(db) as store:
+        for key in todo:  # a run trained here, interrupted while it was being stored
+            store.release(key, owner=owner)
+        store.reset_stale()  # the stopped workers' runs
+        c = store.counts_of(keys)
+    failed = f" ({c['failed']} failed)" if c["failed"] else ""
+    where = "" if desc == "bench" else f" ({desc})"
+    return Interrupted(
+        f"interrupted{where}: {c['done'] + c['failed']} of {len(keys)} runs done{failed}; "
+        "rerun the same command to resume"
+    )
+
+
+def _can_set_signals() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+    """SIGINT ignored inside (signal handlers can be set from the main thread only)."""
+    if not _can_set_signals():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+@contextlib.contextmanager
+def _children_ignore_sigint():
+    """Processes started inside ignore SIGINT from their first instruction: an ignored signal
+    stays ignored across ``exec``, and Python then installs no KeyboardInterrupt handler. (Set in
+    the worker itself, it would come after the seconds it takes to import torch, in which a
+    Ctrl-C prints a traceback.) SIGINT is blocked meanwhile, so a Ctrl-C to this process waits
+    until the end of the block instead of being lost."""
+    mask = hasattr(signal, "pthread_sigmask")
+    if mask:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        with _sigint_ignored():
+            yield
+    finally:
+        if mask:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def _pool_worker(db_path: str, keys: Sequence[str], telemetry: bool) -> int:
+    """A worker process: Ctrl-C is the parent's to handle (it stops the workers and hands back
+    their runs), so a worker never prints a traceback for it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # already so when started by _run_pool
+    return _work(db_path, keys, telemetry)
 
 
 def _inline_ok(db: Path, todo: list[str]) -> bool:
@@ -189,12 +308,13 @@ def _run_pool(
     # spawn: a fresh interpreter per worker (fork would copy torch's thread pools and locks).
     ctx = mp.get_context("spawn")
     procs = [
-        ctx.Process(target=_work, args=(str(db), todo, telemetry), daemon=True)
+        ctx.Process(target=_pool_worker, args=(str(db), todo, telemetry), daemon=True)
         for _ in range(workers)
     ]
-    for p in procs:
-        p.start()
     try:
+        with _children_ignore_sigint():
+            for p in procs:
+                p.start()
         with ResultStore(db) as store:
             done_before = total - len(todo)
             while any(p.is_alive() for p in procs):
@@ -204,10 +324,15 @@ def _run_pool(
                     bar.n = done_before + c["done"] + c["failed"]
                     bar.refresh()
     finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-            p.join()
+        # Stopped mid-run (Ctrl-C, an error here), a worker loses only the run it held: its
+        # result and metrics are written in one transaction, so nothing is stored half.
+        with _sigint_ignored():
+            for p in procs:
+                if p.is_alive():
+                    p.terminate()
+            for p in procs:
+                if p.pid is not None:
+                    p.join()
 
 
 # ----- Ray ----------------------------------------------------------------------------------------
