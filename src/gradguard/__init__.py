@@ -9,6 +9,7 @@ import importlib
 from typing import Any
 
 from . import advise  # a callable package: gradguard.advise(...); its work loads when called
+from .attention import record_attention_logits, register_attention
 from .errors import (
     ConfigError,
     GradGuardError,
@@ -33,6 +34,7 @@ from .policies import (
     clip_value,
     lr_backoff,
     parse_spec,
+    qk_clip,
     reset_moments,
     rollback,
     skip_nonfinite,
@@ -70,6 +72,9 @@ __all__ = [
     "clip_value",
     "lr_backoff",
     "parse_spec",
+    "qk_clip",
+    "record_attention_logits",
+    "register_attention",
     "reset_moments",
     "rollback",
     "skip_nonfinite",
