@@ -169,7 +169,8 @@ def test_max_logit_of_nn_multihead_attention_is_the_one_computed_by_hand(need_we
     x = torch.randn(4, t, 12) * 3
     attn_mask = ~causal(t)  # MHA's bool mask: True where excluded
     kpm = torch.zeros(4, t, dtype=torch.bool)
-    kpm[1, 2] = True  # batch 1 may not look at position 2 (no query sees nothing)
+    kpm[1, 2] = True  # batch 1 may not look at position 2 (no query sees nothing) ...
+    x[1, 2] *= 10  # ... whose key would give the largest logits
     want = mha_by_hand(net.mha, x, attn_mask, kpm)
     opt = torch.optim.SGD(net.parameters(), lr=0.0)
     guard = Guard(net, opt, "qk_clip:tau=1e9")
