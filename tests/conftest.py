@@ -20,6 +20,25 @@ class TinyNet(nn.Module):
         return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
 
 
+class AttnNet(TinyNet):
+    """TinyNet with attention between ``fc1`` and ``fc2``: ``fc1``'s 8 features are 2 tokens of 4,
+    attended by an ``nn.MultiheadAttention`` (2 heads), for the policies that need attention
+    (``qk_clip``). The same input and output as TinyNet."""
+
+    def __init__(self, d_in: int = 6, width: int = 8, d_out: int = 3):
+        super().__init__(d_in, width, d_out)
+        self.attn = nn.MultiheadAttention(width // 2, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(x)).view(x.shape[0], 2, -1)
+        h = self.attn(h, h, h, need_weights=False)[0].reshape(x.shape[0], -1)
+        return self.head(torch.relu(self.fc2(h)))
+
+
+#: The model a registry-driven test trains a policy on: TinyNet, unless the policy needs more.
+MODEL_FOR = {"qk_clip": AttnNet}
+
+
 @pytest.fixture
 def tiny() -> TinyNet:
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ import torch
 import gradguard
 from gradguard.policies import policy_class
 
-from conftest import TinyNet, train_step
+from conftest import MODEL_FOR, TinyNet, train_step
 
 #: Parameters a policy cannot do without (everything else has a default).
 REQUIRED = {"clip_layerwise": {"factor": 3.0}}
@@ -19,6 +19,10 @@ REQUIRED = {"clip_layerwise": {"factor": 3.0}}
 
 def make(name: str) -> gradguard.Policy:
     return policy_class(name)(**REQUIRED.get(name, {}))
+
+
+def model_for(name: str) -> TinyNet:
+    return MODEL_FOR.get(name, TinyNet)()
 
 
 def run(model, policy, steps=60, inject=None):
@@ -68,7 +72,7 @@ def test_every_policy_is_listed_and_documented():
 @pytest.mark.parametrize("name", gradguard.available_policies())
 def test_no_nan_reaches_the_weights(name):
     torch.manual_seed(0)
-    model = TinyNet()
+    model = model_for(name)
     guard, opt, reports = run(model, make(name), inject=faults)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     for state in opt.state.values():
@@ -81,12 +85,12 @@ def test_no_nan_reaches_the_weights(name):
 @pytest.mark.parametrize("name", gradguard.available_policies())
 def test_state_round_trips_through_weights_only_load(name):
     torch.manual_seed(0)
-    guard, _, _ = run(TinyNet(), make(name), inject=faults)
+    guard, _, _ = run(model_for(name), make(name), inject=faults)
     buf = io.BytesIO()
     torch.save(guard.state_dict(), buf)
     buf.seek(0)
     loaded = torch.load(buf, weights_only=True)
-    fresh_model = TinyNet()
+    fresh_model = model_for(name)
     fresh = gradguard.Guard(fresh_model, torch.optim.Adam(fresh_model.parameters()), make(name))
     fresh.load_state_dict(loaded)
     again = fresh.state_dict()
@@ -109,6 +113,6 @@ def test_state_round_trips_through_weights_only_load(name):
 def test_quiet_run_is_left_alone_by_detectors(name):
     """On a healthy run, skip/rollback/reset policies never fire (clipping ones may engage)."""
     torch.manual_seed(0)
-    guard, _, reports = run(TinyNet(), make(name))
+    guard, _, reports = run(model_for(name), make(name))
     assert not any(r.skipped for r in reports)
     assert guard.counters["skipped"] == 0 and guard.counters["rolled_back"] == 0

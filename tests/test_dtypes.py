@@ -15,6 +15,8 @@ from torch import nn
 from gradguard import ConfigError, Guard, available_policies
 from gradguard.stats import foreach_norms
 
+from conftest import AttnNet
+
 ALL_POLICIES = [*available_policies(), "default"]
 # Policies whose every parameter has a default (clip_layerwise needs a threshold).
 SPECS = [n if n != "clip_layerwise" else "clip_layerwise:factor=3" for n in ALL_POLICIES]
@@ -174,8 +176,16 @@ def test_every_policy_trains_every_dtype_and_layout(spec, kind):
         # Complex: refused (tests/policies/test_spam_clip.py); sparse: no optimizer that keeps
         # Adam's exp_avg_sq takes sparse gradients (torch's Adam raises on them).
         pytest.skip("spam_clip needs Adam's second moment: no complex or sparse gradients")
+    if kind in ("complex64", "sparse") and spec.startswith("qk_clip"):
+        # Attention logits are real (softmax takes no complex scores), and no attention module
+        # has sparse weights: qk_clip needs an attention model of a real dtype.
+        pytest.skip("qk_clip needs attention: real dtypes, dense weights")
     torch.manual_seed(0)
-    if kind == "sparse":
+    if spec.startswith("qk_clip"):
+        dt = getattr(torch, kind)
+        model = AttnNet(d_in=4).to(dt)
+        x = torch.randn(8, 4, dtype=dt)
+    elif kind == "sparse":
         model: nn.Module = SparseNet()
         x = torch.randint(0, 20, (8, 5))
     else:

@@ -18,7 +18,7 @@ import torch
 import gradguard
 from gradguard import ConfigError, GuardedOptimizer
 
-from conftest import TinyNet, set_grads, train_step
+from conftest import MODEL_FOR, TinyNet, set_grads, train_step
 
 
 def data(seed: int):
@@ -42,7 +42,7 @@ def same(a, b) -> bool:
 
 def trained(spec: str, steps: int = 12, model: TinyNet | None = None):
     torch.manual_seed(0)
-    model = model or TinyNet()
+    model = model or MODEL_FOR.get(spec.split(":")[0], TinyNet)()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     guard = gradguard.Guard(model, opt, spec)
     for step in range(steps):
@@ -259,6 +259,18 @@ BAD_STATES = [
     ("adagc:warmup_steps=3", "adagc", _set("a", "seen", lambda t: t.float()), ["adagc", "seen"]),
     ("adagc:warmup_steps=3", "adagc", _set("a", "step", -1), ["adagc", "step=-1"]),
     ("adagc:warmup_steps=3", "adagc", _drop("gamma"), ["adagc", "no gamma"]),
+    # qk_clip's per-head max logits and clip counts (AttnNet: 2 heads).
+    ("qk_clip:tau=0.5", "qk_clip", _item("max_logits", 1, NAN), ["qk_clip", "max_logits", "nan"]),
+    ("qk_clip:tau=0.5", "qk_clip", _item("clipped", 0, -1), ["qk_clip", "clipped", ">= 0"]),
+    ("qk_clip:tau=0.5", "qk_clip", _set("q", "max_logits", lambda t: t[:1]), ["qk_clip", "(2,)"]),
+    (
+        "qk_clip:tau=0.5",
+        "qk_clip",
+        _set("q", "clipped", lambda t: t.float()),
+        ["qk_clip", "integer"],
+    ),
+    ("qk_clip:tau=0.5", "qk_clip", _set("q", "steps", -1), ["qk_clip", "steps=-1"]),
+    ("qk_clip:tau=0.5", "qk_clip", _drop("max_logits"), ["qk_clip", "no max_logits"]),
     # Policies without state take none.
     ("clip_norm", "clip_norm", _set("c", "extra", 1.0), ["clip_norm", "extra"]),
 ]

@@ -20,6 +20,7 @@ from .errors import (
 )
 
 if TYPE_CHECKING:  # loaded on first use, below: ``import gradguard`` does not import torch
+    from .attention import record_attention_logits, register_attention
     from .guard import Guard
     from .optim import GuardedOptimizer
     from .policies import (
@@ -35,6 +36,7 @@ if TYPE_CHECKING:  # loaded on first use, below: ``import gradguard`` does not i
         clip_value,
         lr_backoff,
         parse_spec,
+        qk_clip,
         reset_moments,
         rollback,
         skip_nonfinite,
@@ -72,6 +74,9 @@ __all__ = [
     "clip_value",
     "lr_backoff",
     "parse_spec",
+    "qk_clip",
+    "record_attention_logits",
+    "register_attention",
     "reset_moments",
     "rollback",
     "skip_nonfinite",
@@ -92,10 +97,13 @@ _FROM = {
     "Guard": ".guard",
     "GuardedOptimizer": ".optim",
     "StepReport": ".report",
+    "record_attention_logits": ".attention",
+    "register_attention": ".attention",
     **{
         name: ".policies"
         for name in __all__
-        if name[0].islower() and name not in ("advise", "__version__")
+        if name[0].islower()
+        and name not in ("advise", "__version__", "record_attention_logits", "register_attention")
     },
     "DEFAULT_SPEC": ".policies",
     "Policy": ".policies",

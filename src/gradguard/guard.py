@@ -37,6 +37,7 @@ from .integrity import (
 )
 from .layout import ParamLayout
 from .policies import HostView, Policy, StepContext, parse_spec, skip_nonfinite
+from .policies.base import RowScale
 from .report import StepReport, Tally
 from .stats import GradStats, compute_grad_stats
 from .updates import UpdateProbe, UpdateStats
@@ -100,6 +101,16 @@ def _check_params(layout: ParamLayout) -> None:
                 "can update; keep integer and bool tensors out of the optimizer (register them as "
                 "buffers)"
             )
+
+
+def _scale_rows_(scales: Iterable[RowScale]) -> None:
+    """Apply post-step row scalings in place (``qk_clip``'s per-head factors): each parameter's
+    rows times their factors, computed in the factors' precision and stored in the parameter's."""
+    with torch.no_grad():
+        for rs in scales:
+            p = rs.param
+            f = rs.factors.to(device=p.device)
+            p.mul_(f.view(-1, *([1] * (p.dim() - 1))))
 
 
 @dataclass(eq=False)
@@ -236,13 +247,8 @@ class Guard:
         self._rollback = next((p for p in chain if p.name == "rollback"), None)
         self._update_policies = [p for p in chain if p.kind == "update"]
         self._update_measured = False  # this step's update is being measured (set before the step)
-        self._probe = (
-            UpdateProbe(
-                self.layout, samples=min(getattr(p, "samples", 1024) for p in self._update_policies)
-            )
-            if self._update_policies
-            else None
-        )
+        # Built on the first step an update policy asks for a measurement (qk_clip never does).
+        self._probe: UpdateProbe | None = None
         self._streak: Counter[str] = Counter()
         self.layer_stats = layer_stats
         for p in chain:
@@ -380,21 +386,28 @@ class Guard:
 
     def _before_update(self, ctx: StepContext) -> None:
         """Before a step the optimizer takes: let the update policies choose how it is measured."""
-        if self._probe is None:
+        if not self._update_policies:
             return
         modes = {p.update_mode(ctx) for p in self._update_policies}
         mode = "exact" if "exact" in modes else "sample" if "sample" in modes else None
         self._update_measured = mode is not None
         if mode is not None:
+            if self._probe is None:
+                samples = min(getattr(p, "samples", 1024) for p in self._update_policies)
+                self._probe = UpdateProbe(self.layout, samples=samples)
             self._probe.before(mode, check=self.check_weights)
 
     def _after_update(self, pending: PendingStep) -> None:
-        """After the step: measure the update and apply the update policies' decisions."""
-        if self._probe is None or not self._update_measured:
+        """After the step the optimizer took: measure the update (when a policy asked) and apply
+        the update policies' decisions, in chain order."""
+        if not self._update_policies:
             return
-        self._update_measured = False
         ctx = pending.ctx
-        update = pending.update = self._probe.after()
+        update = None
+        if self._update_measured:
+            self._update_measured = False
+            assert self._probe is not None
+            update = pending.update = self._probe.after()
         for policy in self._update_policies:
             decision = policy.decide_update(ctx, update)
             if decision is None:
@@ -402,10 +415,18 @@ class Guard:
             ctx.record(policy.name, decision.acted)
             ctx.metrics.update(decision.metrics)
             scale = decision.layer_scale
-            if scale is not None and update.exact and any(s < 1.0 for s in scale):
+            if (
+                scale is not None
+                and update is not None
+                and update.exact
+                and any(s < 1.0 for s in scale)
+            ):
+                assert self._probe is not None
                 self._probe.scale_layers_(scale)
                 if decision.scale_moments:
                     self._probe.scale_moments_(self.optimizer, scale)
+            if decision.row_scale:
+                _scale_rows_(decision.row_scale)
 
     def _decide(
         self, loss: Tensor | float | None, replay: Callable[[], Tensor] | None, stacklevel: int

@@ -152,6 +152,11 @@ def test_keras_default_is_the_torch_default_without_update_clip():
         parse_keras_spec("update_clip")
 
 
+def test_qk_clip_is_refused_in_keras_saying_why():
+    with pytest.raises(ConfigError, match=r"qk_clip.*not available in Keras.*attention"):
+        parse_keras_spec("skip_nonfinite+qk_clip:tau=50")
+
+
 @pytest.mark.parametrize(
     ("spec", "graph"),
     [(s, False) for s in EQUIVALENT_SPECS]

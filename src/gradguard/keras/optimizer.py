@@ -88,7 +88,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             ``skip_nonfinite+adaptive_clip+lr_backoff``, the torch default without
             ``update_clip``; ``"zclip"``, ``"agc:0.01"``, ``"none"``),
             a policy (``gradguard.keras.policies`` or torch), or a list of them. ``rollback``,
-            ``reset_moments``, ``adagc`` and ``spam_clip`` are not available (see
+            ``reset_moments``, ``adagc``, ``spam_clip`` and ``qk_clip`` are not available (see
             ``gradguard.keras.policies.REFUSED``).
         check_finite: add ``skip_nonfinite`` to the chain if it is not there, so that no NaN/Inf
             gradient ever reaches the weights (as the torch Guard does).

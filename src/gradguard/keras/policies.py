@@ -19,7 +19,7 @@ clip_value, clip_norm's p-norms).
 
 Some policies are not portable (or not ported) and are refused with a
 :class:`~gradguard.errors.ConfigError` that says why (see ``REFUSED``): ``update_clip``,
-``rollback``, ``reset_moments``, ``adagc`` and ``spam_clip``.
+``rollback``, ``reset_moments``, ``adagc``, ``spam_clip`` and ``qk_clip``.
 """
 
 from __future__ import annotations
@@ -80,6 +80,12 @@ REFUSED = {
         "it zeroes one parameter's moments and restarts that parameter's step count, but Keras "
         "optimizers share one iteration counter across all variables (Adam's bias correction), "
         "so the reset cannot be done exactly"
+    ),
+    "qk_clip": (
+        "it reads each attention head's max logit inside the model's forward (hooks on the torch "
+        "attention modules) and rescales the query and key weights after the step, which a Keras "
+        "optimizer cannot reach from inside its compiled step; in Keras bound the logits in the "
+        "model (a LayerNorm on the queries and keys)"
     ),
     "spam_clip": (
         "it clips each gradient entry against the optimizer's own second moment (Adam's "

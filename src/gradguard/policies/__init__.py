@@ -11,6 +11,7 @@ from .base import HostView, Policy, StepContext
 from .clip import clip_layerwise, clip_norm, clip_value
 from .lr_backoff import lr_backoff
 from .moments import reset_moments, reset_param_state_
+from .qk_clip import qk_clip
 from .registry import (
     DEFAULT_SPEC,
     available_policies,
@@ -42,6 +43,7 @@ __all__ = [
     "make_policy",
     "parse_spec",
     "policy_class",
+    "qk_clip",
     "register",
     "reset_moments",
     "reset_param_state_",

@@ -107,6 +107,17 @@ class StepContext:
         return self.rollback or self.anomaly or (self.skip and self.skip_reason != "amp_overflow")
 
 
+@dataclass(eq=False)
+class RowScale:
+    """Multiply the rows (first dimension) of ``param`` by ``factors`` after the step, in place:
+    ``param[i] *= factors[i]``. ``factors`` is a 1-D tensor of ``param.shape[0]`` values (float32,
+    or float64 for a float64 parameter), on any device; a factor of exactly 1.0 leaves its row
+    bit-identical, so a decision that binds nowhere needs no host read to be a no-op."""
+
+    param: Tensor
+    factors: Tensor
+
+
 @dataclass
 class UpdateDecision:
     """What an update policy decided about the step just taken; the Guard applies it.
@@ -114,14 +125,18 @@ class UpdateDecision:
     ``layer_scale``: one factor per layer (1.0: untouched) to scale the update by, exactly
     (``w <- w_old + s * (w_new - w_old)``; only after an exact measurement); ``scale_moments``:
     also scale those layers' first-moment buffers (momentum, Adam's ``exp_avg``) by ``s``, so the
-    optimizer remembers the step it was let take, not the one it proposed; ``acted``: whether it
-    acted; ``metrics``: named numbers for telemetry.
+    optimizer remembers the step it was let take, not the one it proposed; ``row_scale``: weights
+    to rescale row by row (:class:`RowScale`; ``qk_clip``: a head's query and key rows), applied
+    under ``torch.no_grad`` after ``layer_scale``; ``acted``: whether it acted (a bool, or a 0-dim
+    bool tensor read lazily); ``metrics``: named numbers (floats or 1-element device tensors)
+    for telemetry.
     """
 
     layer_scale: list[float] | None = None
     scale_moments: bool = False
-    acted: bool = False
-    metrics: dict[str, float] = field(default_factory=dict)
+    row_scale: list[RowScale] = field(default_factory=list)
+    acted: bool | Tensor = False
+    metrics: dict[str, float | Tensor] = field(default_factory=dict)
 
 
 class Policy:
@@ -141,7 +156,8 @@ class Policy:
     needs_loss: ClassVar[bool] = False
     #: "clip": changes gradients; "reset": changes optimizer state before the step; "skip": may
     #: cancel the step; "react": responds to the incidents of the policies before it; "update":
-    #: reads the optimizer's update after the step (:meth:`update_mode`, :meth:`decide_update`).
+    #: decides after the step the optimizer took (:meth:`decide_update`), on its measured update
+    #: (:meth:`update_mode`) or on what the forward showed (``qk_clip``).
     kind: ClassVar[str] = "clip"
     #: State keys whose values (every element of a list or tensor) are never negative: norms,
     #: variances, EMAs, histories, counts. ``check_state`` refuses a negative one.
@@ -164,8 +180,10 @@ class Policy:
         (``"exact"``, ``"sample"``; None: not at all). See :mod:`gradguard.updates`."""
         return None
 
-    def decide_update(self, ctx: StepContext, update: UpdateStats) -> UpdateDecision | None:
-        """After the step: the decision on the measured update (None: nothing to do)."""
+    def decide_update(self, ctx: StepContext, update: UpdateStats | None) -> UpdateDecision | None:
+        """After a step the optimizer took (never after a skip): the decision (None: nothing to
+        do). ``update`` is the measured update, or None when no policy of the chain asked for a
+        measurement this step (:meth:`update_mode`)."""
         return None
 
     def close(self) -> None:

@@ -196,7 +196,9 @@ class update_clip(Policy):
         return "exact" if risky else "sample"
 
     # ----- after the step: the bound -----------------------------------------------------------------
-    def decide_update(self, ctx: StepContext, update: UpdateStats) -> UpdateDecision:
+    def decide_update(self, ctx: StepContext, update: UpdateStats | None) -> UpdateDecision | None:
+        if update is None:  # not measured (update_mode always asks: only another policy's step)
+            return None
         st = self.state
         hist = self._history
         assert hist is not None, "update_clip used before bind()"
