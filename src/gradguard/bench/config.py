@@ -396,6 +396,7 @@ SUITES: dict[str, list[Grid]] = {
                 "mitigation": [
                     "none",
                     "qk_layernorm",
+                    "qk_clip",
                     "clip_norm:1.0",
                     "zclip",
                     "skip_spike",

@@ -206,9 +206,15 @@ def _train_torch(
     steps_to_target: int | None = None
     seconds_to_target: float | None = None
     guard_seconds = 0.0
+    # Train mode once: the evaluation below restores the mode it found.
+    model.train()
+    # A Guard that checks the weights after its step (the default) has already read that they
+    # are finite when the step returns (it rolls back or raises otherwise): the loop reads them
+    # itself only without one, or where a fault may write them after the step.
+    guard_checks_weights = guard is not None and res.policy is not None and guard.check_weights
+    check_weights_here = not guard_checks_weights or plan is not None
     t0 = time.perf_counter()
     for step in range(cfg.steps):
-        model.train()
         x, y = next(batches)
         if plan is not None:
             x, y = plan.on_batch(step, x, y)
@@ -252,7 +258,7 @@ def _train_torch(
         steps.append(row)
         if on_step is not None:
             on_step(step)
-        if not params_finite(model):
+        if check_weights_here and not params_finite(model):
             diverged_reason = "nonfinite_weights"
             break
         if res.policy is None and not math.isfinite(loss_val):
