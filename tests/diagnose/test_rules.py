@@ -13,7 +13,9 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
+import gradguard
 from gradguard.diagnose.records import RecordWriter, RunLog, load_run
 from gradguard.diagnose.rules import (
     RULES,
@@ -398,6 +400,88 @@ def test_outlier_batch_near_miss(tmp_path, case):
     if case == "normal_batch":
         st[ev_step]["input"] = dict(st[ev_step]["input"], absmax=4.2)  # 20% above usual
     assert outlier_batch(write(tmp_path, meta(), st, [event(ev_step)])) is None
+
+
+def sampled_inputs(
+    n_steps: int, per_epoch: int, last: int, seed: int, *, usual: int = 64, record_batch=True
+) -> list[dict]:
+    """Steps whose input statistics are those of real batches of sparse, heavy-tailed features
+    (like standardized pixels: mostly near zero, a few large), each epoch's last batch holding only
+    ``last`` samples; a grad_spike-prone run (the small batch's gradient is noisier)."""
+    gen = torch.Generator().manual_seed(seed)
+    st = steps(n_steps, seed=seed)
+    for s in st:
+        n = last if s["step"] % per_epoch == per_epoch - 1 else usual
+        x = torch.randn(n, 64, generator=gen) * (torch.rand(n, 64, generator=gen) < 0.1) * 3
+        s["input"] = {
+            "mean": x.mean().item(),
+            "std": x.std().item(),
+            "absmax": x.abs().max().item(),
+        }
+        if record_batch:
+            s["input"]["batch"] = n
+    return st
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize(("last", "record_batch"), [(1, True), (3, True), (7, True), (3, False)])
+def test_outlier_batch_not_an_epochs_small_last_batch(tmp_path, seed, last, record_batch):
+    """Each epoch's small last batch has a smaller max and a noisier mean and std, and its noisier
+    gradient spikes: by its size alone, so no outlier (the false finding on advise_entry.py)."""
+    st = sampled_inputs(300, 21, last, seed, record_batch=record_batch)
+    ev = [event(s) for s in range(20, 300, 21)]
+    assert outlier_batch(write(tmp_path, meta(), st, ev)) is None
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("scale", [100.0, 30.0])
+def test_outlier_batch_scaled_batch_among_small_last_batches(tmp_path, seed, scale):
+    """A real outlier (inputs x30 or x100 at one step, with a spike) is found among the small last
+    batches, and only it."""
+    st = sampled_inputs(300, 21, 3, seed)
+    inp = st[150]["input"]
+    st[150]["input"] = dict(inp, std=inp["std"] * scale, absmax=inp["absmax"] * scale)
+    ev = [event(s) for s in [*range(20, 300, 21), 150]]
+    f = outlier_batch(write(tmp_path, meta(), st, ev))
+    assert f is not None and f.step == 150
+    assert any("1 of 15 spike/non-finite steps" in e for e in f.evidence)
+
+
+def test_outlier_batch_smaller_inputs_are_never_an_outlier(tmp_path):
+    st = steps(40)
+    st[30]["input"] = {"mean": 0.0, "std": 0.01, "absmax": 0.02}  # far below: the batch is tiny
+    assert outlier_batch(write(tmp_path, meta(), st, [event(30)])) is None
+
+
+def _guarded_epochs(tmp_path: Path, scale_at: int | None = None) -> RunLog:
+    """A real Guard with log_dir: a small MLP, 100 samples in batches of 32 (the last of 4)."""
+    torch.manual_seed(0)
+    x = torch.randn(100, 8) * (torch.rand(100, 8) < 0.2) * 3
+    y = (x.sum(1) > 0).long()
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    data = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
+    step = 0
+    with gradguard.Guard(model, opt, "default", log_dir=tmp_path) as guard:
+        for _ in range(20):
+            for xb, yb in data:
+                xb = xb * 100 if step == scale_at else xb
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(model(xb), yb)
+                loss.backward()
+                guard.step(loss=loss)
+                step += 1
+    return load_run(tmp_path)
+
+
+def test_outlier_batch_real_guard_small_last_batch_and_a_scaled_batch(tmp_path):
+    run = _guarded_epochs(tmp_path / "plain")
+    assert [s["input"]["batch"] for s in run.steps[:4]] == [32, 32, 32, 4]
+    assert outlier_batch(run) is None
+    run = _guarded_epochs(tmp_path / "scaled", scale_at=50)
+    assert any(e["step"] == 50 for e in run.events)
+    f = outlier_batch(run)
+    assert f is not None and f.step == 50
 
 
 # ----- fp16_overflow ----------------------------------------------------------------------------------

@@ -16,8 +16,9 @@ rule                       module               fires when
                                                 depth from the start.
 ``missing_normalization``  ``normalization``    a deep plain network without normalization
                                                 layers had spikes/NaN.
-``outlier_batch``          ``outliers``         a spike or NaN came with a batch whose
-                                                statistics are far off the rest.
+``outlier_batch``          ``outliers``         a spike or NaN came with a batch whose inputs
+                                                are far larger (or shifted) than the rest,
+                                                beyond what its size explains.
 ``fp16_overflow``          ``amp``              fp16 loss scaling keeps overflowing or its scale
                                                 collapses.
 ``recurrent_explosion``    ``recurrent``        a recurrent weight's spectral radius is above 1
@@ -46,6 +47,7 @@ from .normalization import NORM_MIN_LAYERS, missing_normalization  # isort: skip
 from .outliers import (  # isort: skip
     OUTLIER_LOG_FLOOR,
     OUTLIER_MEAN_FLOOR,
+    OUTLIER_MEAN_SHIFT,
     OUTLIER_MIN_HISTORY,
     OUTLIER_WINDOW,
     OUTLIER_Z,
@@ -72,6 +74,7 @@ __all__ = [
     "NORM_MIN_LAYERS",
     "OUTLIER_LOG_FLOOR",
     "OUTLIER_MEAN_FLOOR",
+    "OUTLIER_MEAN_SHIFT",
     "OUTLIER_MIN_HISTORY",
     "OUTLIER_WINDOW",
     "OUTLIER_Z",
