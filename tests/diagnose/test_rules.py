@@ -29,6 +29,7 @@ from gradguard.diagnose.rules import (
     missing_normalization,
     outlier_batch,
     recurrent_explosion,
+    single_bad_step,
 )
 
 LAYERS = [f"fc{i}" for i in range(6)]
@@ -186,6 +187,102 @@ def test_lr_too_high_near_miss(tmp_path, case):
                 s["update_ratio"] = [0.5] * 6
     ev = [] if case == "no_events" else [event(40)]
     assert lr_too_high(write(tmp_path, meta(), st, ev)) is None
+
+
+def nan_at(st: list[dict], *bad: int) -> list[dict]:
+    """NaN loss and gradient at the given steps (the records and the events a Guard writes)."""
+    ev = []
+    for s in st:
+        if s["step"] in bad:
+            s.update(loss=math.nan, grad_norm=math.nan, nonfinite_layers=list(range(6)))
+            ev += [event(s["step"], "nonfinite_loss"), event(s["step"], "nonfinite_grad")]
+    for e in ev:
+        e["action"] = "skipped"
+    return ev
+
+
+def adam_like(st: list[dict], first: float, rest: float) -> list[dict]:
+    """Adam's first update moves every weight by about the LR: a high first sampled ratio."""
+    for s in st:
+        if s["update_ratio"] is not None:
+            v = first if s["step"] == 0 else rest
+            s["update_ratio"] = [v * (1 + 0.01 * i) for i in range(6)]
+    return st
+
+
+@pytest.mark.parametrize("bad", [3, 12, 37])
+@pytest.mark.parametrize(("first", "rest"), [(0.018, 0.011), (0.5, 1e-3), (0.03, 0.03)])
+def test_a_lone_nan_is_a_single_bad_step_not_the_lr(tmp_path, bad, first, rest):
+    """One NaN step in a run finite before and after: no LR finding, whatever one sampled step
+    said (the issue's Adam run: ratio 0.018 at step 0, "divide by ~11"), but single_bad_step."""
+    st = adam_like(steps(), first, rest)
+    run = write(tmp_path, meta(), st, nan_at(st, bad))
+    assert lr_too_high(run) is None
+    found = diagnose(run)
+    assert [f.cause for f in found] == ["single_bad_step"]
+    assert found[0].step == bad and "not the learning rate" in found[0].summary
+
+
+def test_lr_too_high_needs_several_sampled_steps(tmp_path):
+    st = ratios(steps(), 3e-2)
+    assert lr_too_high(write(tmp_path / "two", meta(), st, [event(7)])) is None  # steps 0, 5
+    f = lr_too_high(write(tmp_path / "three", meta(), st, [event(11)]))  # steps 0, 5, 10
+    assert f is not None and f.step == 11
+
+
+def test_lr_too_high_sustained_with_a_lone_nan(tmp_path):
+    """Updates 30% of the weights on every sampled step: the LR, with or without one NaN step."""
+    st = ratios(steps(), 0.3)
+    run = write(tmp_path, meta(), st, nan_at(st, 3))
+    assert [f.cause for f in diagnose(run)] == ["lr_too_high", "single_bad_step"]
+    assert "over 6 layers and 12 sampled steps steps 0-55;" in lr_too_high(run).evidence[0]
+
+
+def test_single_bad_step_fires(tmp_path):
+    st = steps()
+    ev = nan_at(st, 20)
+    run = write(tmp_path, meta(), st, ev)
+    run.localizations.append({"step": 20, "origin": "fc3", "phase": "forward"})
+    f = single_bad_step(run)
+    assert f is not None and f.step == 20 and f.severity == "medium"
+    assert any("started in fc3" in e for e in f.evidence)
+    assert any("skip_nonfinite" in a for a in f.advice)
+
+
+@pytest.mark.parametrize("case", ["three_steps", "with_spike", "no_recovery", "amp", "nan_after"])
+def test_single_bad_step_near_miss(tmp_path, case):
+    st = steps()
+    bad = {"three_steps": (10, 20, 30), "no_recovery": (57,)}.get(case, (20,))
+    ev = nan_at(st, *bad)
+    if case == "with_spike":
+        ev.append(event(40))
+    if case == "nan_after":  # the loss NaN from step 45 on, without events (a diverged run)
+        for s in st[45:]:
+            s["loss"] = math.nan
+    assert single_bad_step(write(tmp_path, meta(amp=case == "amp"), st, ev)) is None
+
+
+def _adam_guarded(tmp_path: Path, bad: int) -> RunLog:
+    """A real Guard, Adam at 2e-3 on a small MLP; the loss is NaN at step ``bad``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2)
+    )
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    with gradguard.Guard(model, opt, "default", log_dir=tmp_path) as guard:
+        for step in range(60):
+            x = torch.randn(32, 8)
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), (x.sum(1) > 0).long())
+            loss = loss * math.nan if step == bad else loss
+            loss.backward()
+            guard.step(loss=loss)
+    return load_run(tmp_path)
+
+
+def test_a_lone_nan_under_adam_real_guard(tmp_path):
+    run = _adam_guarded(tmp_path, bad=3)
+    assert [f.cause for f in diagnose(run)] == ["single_bad_step"]
 
 
 # ----- init_depth -----------------------------------------------------------------------------------
@@ -584,6 +681,7 @@ FIRING = {
     "init_depth": test_init_depth_explode,
     "missing_normalization": test_missing_normalization_fires,
     "outlier_batch": test_outlier_batch_fires_on_the_spike_step,
+    "single_bad_step": test_single_bad_step_fires,
     "fp16_overflow": test_fp16_overflow_frequent,
     "recurrent_explosion": test_recurrent_explosion_fires,
 }

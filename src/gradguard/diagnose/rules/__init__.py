@@ -11,7 +11,8 @@ Rules (the ``cause`` id is the function's name), one a module:
 =========================  ===================  ===============================================
 rule                       module               fires when
 =========================  ===================  ===============================================
-``lr_too_high``            ``learning_rate``    updates are a large fraction of the weights.
+``lr_too_high``            ``learning_rate``    updates are a large fraction of the weights on
+                                                several sampled steps.
 ``init_depth``             ``depth``            gradient norms grow or shrink geometrically with
                                                 depth from the start.
 ``missing_normalization``  ``normalization``    a deep plain network without normalization
@@ -19,6 +20,8 @@ rule                       module               fires when
 ``outlier_batch``          ``outliers``         a spike or NaN came with a batch whose inputs
                                                 are far larger (or shifted) than the rest,
                                                 beyond what its size explains.
+``single_bad_step``        ``nonfinite``        one or two isolated NaN/Inf steps in a run
+                                                that was finite before and after.
 ``fp16_overflow``          ``amp``              fp16 loss scaling keeps overflowing or its scale
                                                 collapses.
 ``recurrent_explosion``    ``recurrent``        a recurrent weight's spectral radius is above 1
@@ -31,13 +34,14 @@ rule                       module               fires when
 
 from __future__ import annotations
 
-from .base import SEVERITIES, TROUBLE_KINDS, Finding, Rule
+from .base import LONE_MAX_STEPS, LONE_RECOVERY, SEVERITIES, TROUBLE_KINDS, Finding, Rule
 from .registry import RULES, RuleInfo, diagnose, list_rules, register, rule_info, rule_infos
 
 # The rules register themselves on import, in this order (the report order of equal severity).
 from .learning_rate import (  # isort: skip
     UPDATE_RATIO_HIGH,
     UPDATE_RATIO_LAYER_HIGH,
+    UPDATE_RATIO_MIN_STEPS,
     UPDATE_RATIO_SEVERE,
     UPDATE_RATIO_TARGET,
     lr_too_high,
@@ -53,6 +57,7 @@ from .outliers import (  # isort: skip
     OUTLIER_Z,
     outlier_batch,
 )
+from .nonfinite import single_bad_step  # isort: skip
 from .amp import (  # isort: skip
     AMP_FALL_LOG2,
     AMP_MIN_OVERFLOWS,
@@ -71,6 +76,8 @@ __all__ = [
     "INIT_MIN_R2",
     "INIT_RATIO",
     "INIT_STEPS",
+    "LONE_MAX_STEPS",
+    "LONE_RECOVERY",
     "NORM_MIN_LAYERS",
     "OUTLIER_LOG_FLOOR",
     "OUTLIER_MEAN_FLOOR",
@@ -85,6 +92,7 @@ __all__ = [
     "TROUBLE_KINDS",
     "UPDATE_RATIO_HIGH",
     "UPDATE_RATIO_LAYER_HIGH",
+    "UPDATE_RATIO_MIN_STEPS",
     "UPDATE_RATIO_SEVERE",
     "UPDATE_RATIO_TARGET",
     "Finding",
@@ -101,4 +109,5 @@ __all__ = [
     "register",
     "rule_info",
     "rule_infos",
+    "single_bad_step",
 ]
