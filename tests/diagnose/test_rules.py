@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import gradguard
+from gradguard.diagnose import html
 from gradguard.diagnose.records import RecordWriter, RunLog, load_run
 from gradguard.diagnose.rules import (
     RULES,
@@ -25,6 +26,7 @@ from gradguard.diagnose.rules import (
     fp16_overflow,
     init_depth,
     list_rules,
+    loss_degradation,
     lr_too_high,
     missing_normalization,
     outlier_batch,
@@ -664,6 +666,66 @@ def test_recurrent_explosion_near_miss(tmp_path, case):
     assert recurrent_explosion(run) is None
 
 
+def shaped(shape: str, seed: int, noise: float, n: int = 300) -> list[dict]:
+    """A calm run (no events) whose loss follows ``shape``, with multiplicative noise."""
+    rng = random.Random(seed)
+    st = steps(n, seed=seed)
+    for s in st:
+        t = s["step"] / n
+        loss = {
+            "climb": 2.0 + 1.5 * t,  # up from the start
+            "u_turn": 1.0 + 4 * (t - 0.4) ** 2,  # down, then back up
+            # down fast to ~1.0, then up to 1.6 and stalled there (the GPT at AdamW 1e-2)
+            "rise_stall": 1.0 + 3.0 * math.exp(-30 * t)
+            if t < 0.15
+            else 1.6 - 0.6 * math.exp(-20 * (t - 0.15)),
+            "healthy": 0.2 + 2.0 * math.exp(-8 * t),
+            "slow_calm": 2.0 - 0.1 * t,  # learns slowly but calmly
+            "converged": 0.3 + 2.0 * math.exp(-25 * t),  # flat for the last two thirds
+        }[shape]
+        s["loss"] = loss * (1 + noise * rng.gauss(0, 1))
+    return st
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("noise", [0.01, 0.05])
+@pytest.mark.parametrize("shape", ["climb", "u_turn", "rise_stall"])
+def test_loss_degradation_without_events_is_not_healthy(tmp_path, shape, seed, noise):
+    run = write(tmp_path, meta(), shaped(shape, seed, noise))
+    assert run.events == []
+    found = diagnose(run)
+    assert [f.cause for f in found] == ["loss_degradation"]
+    assert found[0].severity == "high" and "without any event" in found[0].summary
+    state, sentence = html.verdict(run, found)
+    assert state != "healthy" and "Not healthy" in sentence
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("noise", [0.01, 0.05, 0.15])
+@pytest.mark.parametrize("shape", ["healthy", "slow_calm", "converged"])
+def test_loss_degradation_negative_controls(tmp_path, shape, seed, noise):
+    run = write(tmp_path, meta(), shaped(shape, seed, noise))
+    assert diagnose(run) == []
+    assert html.verdict(run, [])[0] == "healthy"
+
+
+def test_loss_degradation_fires(tmp_path):
+    st = shaped("rise_stall", 0, 0.02)
+    m = meta(layers=["emb", "blocks.0.attn", "blocks.0.mlp", "fc3", "fc4", "head"])
+    m["layer_types"] = ["Embedding", "MultiheadAttention", "Linear", "Linear", "Linear", "Linear"]
+    f = loss_degradation(write(tmp_path, m, st))
+    assert f is not None and f.step is not None and f.step < 60
+    assert any("no spike or non-finite event" in e for e in f.evidence)
+    assert f.advice[0].startswith("Lower the learning rate")
+    assert any("qk-layernorm" in a and "qk_clip" in a for a in f.advice)
+    assert not any("qk" in a for a in loss_degradation(write(tmp_path / "mlp", meta(), st)).advice)
+
+
+def test_loss_degradation_needs_enough_steps(tmp_path):
+    st = shaped("climb", 0, 0.01, n=30)
+    assert loss_degradation(write(tmp_path, meta(), st)) is None
+
+
 # ----- ordering, the registry, the contract -------------------------------------------------------------
 
 
@@ -684,6 +746,7 @@ FIRING = {
     "single_bad_step": test_single_bad_step_fires,
     "fp16_overflow": test_fp16_overflow_frequent,
     "recurrent_explosion": test_recurrent_explosion_fires,
+    "loss_degradation": test_loss_degradation_fires,
 }
 
 

@@ -168,8 +168,11 @@ def divergence(run: RunLog) -> str | None:
     return None
 
 
-def verdict(run: RunLog) -> tuple[str, str]:
-    """The headline: ``(state, sentence)``, state one of ``healthy``, ``events``, ``diverged``."""
+def verdict(run: RunLog, findings: Sequence[Finding] = ()) -> tuple[str, str]:
+    """The headline: ``(state, sentence)``, state one of ``healthy``, ``events``, ``diverged``.
+
+    A run without events is "healthy" only when the diagnosis found nothing either: a loss that
+    degraded quietly (``loss_degradation``) is not healthy for want of a NaN."""
     n = len(run.events)
     counts = ", ".join(f"{k} {v}" for k, v in event_counts(run.events).items())
     why = divergence(run)
@@ -177,6 +180,9 @@ def verdict(run: RunLog) -> tuple[str, str]:
         return "diverged", f"Diverged: {why}" + (f" ({n} events: {counts})." if n else ".")
     if n:
         return "events", f"{n} event{'s' if n != 1 else ''}: {counts}."
+    if findings:
+        titles = "; ".join(str(_field(f, "title", "")) for f in findings)
+        return "events", f"Not healthy, though no events were recorded: {titles}."
     return "healthy", "Healthy: no events were recorded."
 
 
@@ -228,7 +234,7 @@ def report_html(
         f"<title>gradguard report: {_e(name)}</title>",
         f"<style>{_CSS}</style></head><body><main>",
         _header(run, name),
-        _verdict(run),
+        _verdict(run, findings),
         _findings(run, findings),
         _localizations(run),
         _events(run),
@@ -302,8 +308,8 @@ def _header(run: RunLog, name: str) -> str:
     )
 
 
-def _verdict(run: RunLog) -> str:
-    state, sentence = verdict(run)
+def _verdict(run: RunLog, findings: Sequence[Finding]) -> str:
+    state, sentence = verdict(run, findings)
     first = min(run.events, key=_step_of) if run.events else None
     more = ""
     if first is not None:
@@ -487,7 +493,7 @@ def terminal_summary(
         f"run: {run.path.parent}",
         f"steps: {total_steps(run)} ({len(run.steps)} recorded), layers: {len(run.layers)}",
     ]
-    state, sentence = verdict(run)
+    state, sentence = verdict(run, findings)
     lines.append(f"verdict: {sentence}")
     if run.events:
         first = min(run.events, key=_step_of)

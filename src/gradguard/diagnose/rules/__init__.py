@@ -26,6 +26,8 @@ rule                       module               fires when
                                                 collapses.
 ``recurrent_explosion``    ``recurrent``        a recurrent weight's spectral radius is above 1
                                                 around the events.
+``loss_degradation``       ``progress``         the loss ended well above the best it reached
+                                                (it climbed, or rose and stalled), events or not.
 =========================  ===================  ===============================================
 
 ``base`` holds :class:`Finding` and the helpers that read a run, ``registry`` the registry and
@@ -66,12 +68,25 @@ from .amp import (  # isort: skip
     fp16_overflow,
 )
 from .recurrent import RADIUS_LIMIT, RADIUS_WINDOW, recurrent_explosion  # isort: skip
+from .progress import (  # isort: skip
+    DEGRADE_GIVE_BACK,
+    DEGRADE_MIN_STEPS,
+    DEGRADE_NOISE,
+    DEGRADE_REL,
+    DEGRADE_WINDOWS,
+    loss_degradation,
+)
 
 __all__ = [
     "AMP_FALL_LOG2",
     "AMP_MIN_OVERFLOWS",
     "AMP_OVERFLOW_RATE",
     "AMP_SCALE_FLOOR",
+    "DEGRADE_GIVE_BACK",
+    "DEGRADE_MIN_STEPS",
+    "DEGRADE_NOISE",
+    "DEGRADE_REL",
+    "DEGRADE_WINDOWS",
     "INIT_MIN_LAYERS",
     "INIT_MIN_R2",
     "INIT_RATIO",
@@ -102,6 +117,7 @@ __all__ = [
     "fp16_overflow",
     "init_depth",
     "list_rules",
+    "loss_degradation",
     "lr_too_high",
     "missing_normalization",
     "outlier_batch",
