@@ -396,3 +396,82 @@ def test_sparse_and_odd_records_still_render(tmp_path):
     assert set(figures) == {"norm_timeline", "layer_heatmap", "loss_curve"}  # no clip flags
     for path in figures.values():
         assert imread(path).shape[0] >= 300
+
+
+def _vanishing_run(tmp_path: Path, layers: int = 24, episodes: tuple[int, ...] = (100,)) -> Path:
+    """A run where ``layers`` layers vanish, one event per layer, in each episode."""
+    names = [f"blocks.{i}.fc" for i in range(layers)]
+    w = RecordWriter(tmp_path)
+    w.write({"type": "meta", "version": 1, "layers": names, "forward_order": []})
+    for step in range(192):
+        w.write({"type": "step", "step": step, "loss": 1.0, "layer_norms": [1e-6] * layers})
+    for start in episodes:
+        for i, name in enumerate(names):
+            w.write(
+                {
+                    "type": "event",
+                    "step": start + i // 4,
+                    "kind": "vanishing",
+                    "layers": [name],
+                    "action": "none",
+                    "detail": {"norm": 1e-6, "reference": 0.1, "steps": 20},
+                }
+            )
+    w.close()
+    return tmp_path
+
+
+@pytest.mark.parametrize(("layers", "episodes"), [(24, (100,)), (5, (20, 150)), (1, (40,))])
+def test_vanishing_events_are_one_row_per_episode(tmp_path, layers, episodes):
+    run = load_run(_vanishing_run(tmp_path, layers, episodes))
+    text = report.report_html(run, [], {})
+    assert text.count('<tr class="event">') == len(episodes)
+    assert f"Events ({layers * len(episodes)})" in text
+    last = (layers - 1) // 4
+    span = f"{episodes[0]}–{episodes[0] + last}" if last else str(episodes[0])
+    assert f'<td class="num">{span}</td>' in text
+    assert f"{layers} layer{'s' if layers != 1 else ''}: blocks.0.fc" in text
+    if layers > report.MAX_LAYERS_SHOWN:
+        assert f"+{layers - report.MAX_LAYERS_SHOWN} more" in text
+
+
+def test_other_events_keep_their_own_rows_among_vanishing_ones(tmp_path):
+    run = load_run(_vanishing_run(tmp_path, 8, (100,)))
+    run.events.append({"type": "event", "step": 101, "kind": "grad_spike", "layers": ["x"]})
+    rows = report.event_rows(run.events)
+    assert [len(r) for r in rows] == [8, 1]  # steps 100-101: the spike at 101 sorts after
+    assert sum(len(r) for r in rows) == 9
+
+
+def test_started_in_says_when_the_replay_did_not_reproduce(tmp_path):
+    run = load_run(write_run(tmp_path))
+    run.localizations = [
+        {
+            "type": "localization",
+            "step": 3,
+            "origin": "",
+            "phase": "none",
+            "path": [],
+            "method": "replay",
+            "detail": {},
+        }
+    ]
+    text = report.terminal_summary(run, [])
+    assert "started in: not found: the replay of step 3 did not reproduce" in text
+    assert "None" not in text and "(none" not in text
+    page = report.report_html(run, [], {})
+    assert "(not reproduced)" in page and "did not reproduce the NaN/Inf" in page
+
+
+@pytest.mark.parametrize("odd", ["$x^{$", "$\\frac{a}{$", "cost $5", "a$b$c"])
+def test_dollar_signs_in_event_kinds_and_layer_names_do_not_break_the_plots(tmp_path, odd):
+    run = load_run(write_run(tmp_path))
+    run.meta["layers"] = [odd + n for n in run.meta["layers"]]
+    for e in run.events:
+        e["kind"] = odd + str(e["kind"])
+        e["layers"] = [odd + str(x) for x in e.get("layers") or []]
+    (tmp_path / "out").mkdir()
+    figures = plots.write_all(run, tmp_path / "out")
+    assert set(figures) == {name for name, _ in plots.FIGURES}
+    for path in figures.values():
+        assert_nonblank_png(path)

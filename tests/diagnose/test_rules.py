@@ -13,7 +13,10 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
+import gradguard
+from gradguard.diagnose import html
 from gradguard.diagnose.records import RecordWriter, RunLog, load_run
 from gradguard.diagnose.rules import (
     RULES,
@@ -23,10 +26,12 @@ from gradguard.diagnose.rules import (
     fp16_overflow,
     init_depth,
     list_rules,
+    loss_degradation,
     lr_too_high,
     missing_normalization,
     outlier_batch,
     recurrent_explosion,
+    single_bad_step,
 )
 
 LAYERS = [f"fc{i}" for i in range(6)]
@@ -184,6 +189,102 @@ def test_lr_too_high_near_miss(tmp_path, case):
                 s["update_ratio"] = [0.5] * 6
     ev = [] if case == "no_events" else [event(40)]
     assert lr_too_high(write(tmp_path, meta(), st, ev)) is None
+
+
+def nan_at(st: list[dict], *bad: int) -> list[dict]:
+    """NaN loss and gradient at the given steps (the records and the events a Guard writes)."""
+    ev = []
+    for s in st:
+        if s["step"] in bad:
+            s.update(loss=math.nan, grad_norm=math.nan, nonfinite_layers=list(range(6)))
+            ev += [event(s["step"], "nonfinite_loss"), event(s["step"], "nonfinite_grad")]
+    for e in ev:
+        e["action"] = "skipped"
+    return ev
+
+
+def adam_like(st: list[dict], first: float, rest: float) -> list[dict]:
+    """Adam's first update moves every weight by about the LR: a high first sampled ratio."""
+    for s in st:
+        if s["update_ratio"] is not None:
+            v = first if s["step"] == 0 else rest
+            s["update_ratio"] = [v * (1 + 0.01 * i) for i in range(6)]
+    return st
+
+
+@pytest.mark.parametrize("bad", [3, 12, 37])
+@pytest.mark.parametrize(("first", "rest"), [(0.018, 0.011), (0.5, 1e-3), (0.03, 0.03)])
+def test_a_lone_nan_is_a_single_bad_step_not_the_lr(tmp_path, bad, first, rest):
+    """One NaN step in a run finite before and after: no LR finding, whatever one sampled step
+    said (the issue's Adam run: ratio 0.018 at step 0, "divide by ~11"), but single_bad_step."""
+    st = adam_like(steps(), first, rest)
+    run = write(tmp_path, meta(), st, nan_at(st, bad))
+    assert lr_too_high(run) is None
+    found = diagnose(run)
+    assert [f.cause for f in found] == ["single_bad_step"]
+    assert found[0].step == bad and "not the learning rate" in found[0].summary
+
+
+def test_lr_too_high_needs_several_sampled_steps(tmp_path):
+    st = ratios(steps(), 3e-2)
+    assert lr_too_high(write(tmp_path / "two", meta(), st, [event(7)])) is None  # steps 0, 5
+    f = lr_too_high(write(tmp_path / "three", meta(), st, [event(11)]))  # steps 0, 5, 10
+    assert f is not None and f.step == 11
+
+
+def test_lr_too_high_sustained_with_a_lone_nan(tmp_path):
+    """Updates 30% of the weights on every sampled step: the LR, with or without one NaN step."""
+    st = ratios(steps(), 0.3)
+    run = write(tmp_path, meta(), st, nan_at(st, 3))
+    assert [f.cause for f in diagnose(run)] == ["lr_too_high", "single_bad_step"]
+    assert "over 6 layers and 12 sampled steps steps 0-55;" in lr_too_high(run).evidence[0]
+
+
+def test_single_bad_step_fires(tmp_path):
+    st = steps()
+    ev = nan_at(st, 20)
+    run = write(tmp_path, meta(), st, ev)
+    run.localizations.append({"step": 20, "origin": "fc3", "phase": "forward"})
+    f = single_bad_step(run)
+    assert f is not None and f.step == 20 and f.severity == "medium"
+    assert any("started in fc3" in e for e in f.evidence)
+    assert any("skip_nonfinite" in a for a in f.advice)
+
+
+@pytest.mark.parametrize("case", ["three_steps", "with_spike", "no_recovery", "amp", "nan_after"])
+def test_single_bad_step_near_miss(tmp_path, case):
+    st = steps()
+    bad = {"three_steps": (10, 20, 30), "no_recovery": (57,)}.get(case, (20,))
+    ev = nan_at(st, *bad)
+    if case == "with_spike":
+        ev.append(event(40))
+    if case == "nan_after":  # the loss NaN from step 45 on, without events (a diverged run)
+        for s in st[45:]:
+            s["loss"] = math.nan
+    assert single_bad_step(write(tmp_path, meta(amp=case == "amp"), st, ev)) is None
+
+
+def _adam_guarded(tmp_path: Path, bad: int) -> RunLog:
+    """A real Guard, Adam at 2e-3 on a small MLP; the loss is NaN at step ``bad``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2)
+    )
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    with gradguard.Guard(model, opt, "default", log_dir=tmp_path) as guard:
+        for step in range(60):
+            x = torch.randn(32, 8)
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), (x.sum(1) > 0).long())
+            loss = loss * math.nan if step == bad else loss
+            loss.backward()
+            guard.step(loss=loss)
+    return load_run(tmp_path)
+
+
+def test_a_lone_nan_under_adam_real_guard(tmp_path):
+    run = _adam_guarded(tmp_path, bad=3)
+    assert [f.cause for f in diagnose(run)] == ["single_bad_step"]
 
 
 # ----- init_depth -----------------------------------------------------------------------------------
@@ -400,6 +501,88 @@ def test_outlier_batch_near_miss(tmp_path, case):
     assert outlier_batch(write(tmp_path, meta(), st, [event(ev_step)])) is None
 
 
+def sampled_inputs(
+    n_steps: int, per_epoch: int, last: int, seed: int, *, usual: int = 64, record_batch=True
+) -> list[dict]:
+    """Steps whose input statistics are those of real batches of sparse, heavy-tailed features
+    (like standardized pixels: mostly near zero, a few large), each epoch's last batch holding only
+    ``last`` samples; a grad_spike-prone run (the small batch's gradient is noisier)."""
+    gen = torch.Generator().manual_seed(seed)
+    st = steps(n_steps, seed=seed)
+    for s in st:
+        n = last if s["step"] % per_epoch == per_epoch - 1 else usual
+        x = torch.randn(n, 64, generator=gen) * (torch.rand(n, 64, generator=gen) < 0.1) * 3
+        s["input"] = {
+            "mean": x.mean().item(),
+            "std": x.std().item(),
+            "absmax": x.abs().max().item(),
+        }
+        if record_batch:
+            s["input"]["batch"] = n
+    return st
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize(("last", "record_batch"), [(1, True), (3, True), (7, True), (3, False)])
+def test_outlier_batch_not_an_epochs_small_last_batch(tmp_path, seed, last, record_batch):
+    """Each epoch's small last batch has a smaller max and a noisier mean and std, and its noisier
+    gradient spikes: by its size alone, so no outlier (the false finding on advise_entry.py)."""
+    st = sampled_inputs(300, 21, last, seed, record_batch=record_batch)
+    ev = [event(s) for s in range(20, 300, 21)]
+    assert outlier_batch(write(tmp_path, meta(), st, ev)) is None
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("scale", [100.0, 30.0])
+def test_outlier_batch_scaled_batch_among_small_last_batches(tmp_path, seed, scale):
+    """A real outlier (inputs x30 or x100 at one step, with a spike) is found among the small last
+    batches, and only it."""
+    st = sampled_inputs(300, 21, 3, seed)
+    inp = st[150]["input"]
+    st[150]["input"] = dict(inp, std=inp["std"] * scale, absmax=inp["absmax"] * scale)
+    ev = [event(s) for s in [*range(20, 300, 21), 150]]
+    f = outlier_batch(write(tmp_path, meta(), st, ev))
+    assert f is not None and f.step == 150
+    assert any("1 of 15 spike/non-finite steps" in e for e in f.evidence)
+
+
+def test_outlier_batch_smaller_inputs_are_never_an_outlier(tmp_path):
+    st = steps(40)
+    st[30]["input"] = {"mean": 0.0, "std": 0.01, "absmax": 0.02}  # far below: the batch is tiny
+    assert outlier_batch(write(tmp_path, meta(), st, [event(30)])) is None
+
+
+def _guarded_epochs(tmp_path: Path, scale_at: int | None = None) -> RunLog:
+    """A real Guard with log_dir: a small MLP, 100 samples in batches of 32 (the last of 4)."""
+    torch.manual_seed(0)
+    x = torch.randn(100, 8) * (torch.rand(100, 8) < 0.2) * 3
+    y = (x.sum(1) > 0).long()
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    data = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
+    step = 0
+    with gradguard.Guard(model, opt, "default", log_dir=tmp_path) as guard:
+        for _ in range(20):
+            for xb, yb in data:
+                xb = xb * 100 if step == scale_at else xb
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(model(xb), yb)
+                loss.backward()
+                guard.step(loss=loss)
+                step += 1
+    return load_run(tmp_path)
+
+
+def test_outlier_batch_real_guard_small_last_batch_and_a_scaled_batch(tmp_path):
+    run = _guarded_epochs(tmp_path / "plain")
+    assert [s["input"]["batch"] for s in run.steps[:4]] == [32, 32, 32, 4]
+    assert outlier_batch(run) is None
+    run = _guarded_epochs(tmp_path / "scaled", scale_at=50)
+    assert any(e["step"] == 50 for e in run.events)
+    f = outlier_batch(run)
+    assert f is not None and f.step == 50
+
+
 # ----- fp16_overflow ----------------------------------------------------------------------------------
 
 
@@ -483,6 +666,66 @@ def test_recurrent_explosion_near_miss(tmp_path, case):
     assert recurrent_explosion(run) is None
 
 
+def shaped(shape: str, seed: int, noise: float, n: int = 300) -> list[dict]:
+    """A calm run (no events) whose loss follows ``shape``, with multiplicative noise."""
+    rng = random.Random(seed)
+    st = steps(n, seed=seed)
+    for s in st:
+        t = s["step"] / n
+        loss = {
+            "climb": 2.0 + 1.5 * t,  # up from the start
+            "u_turn": 1.0 + 4 * (t - 0.4) ** 2,  # down, then back up
+            # down fast to ~1.0, then up to 1.6 and stalled there (the GPT at AdamW 1e-2)
+            "rise_stall": 1.0 + 3.0 * math.exp(-30 * t)
+            if t < 0.15
+            else 1.6 - 0.6 * math.exp(-20 * (t - 0.15)),
+            "healthy": 0.2 + 2.0 * math.exp(-8 * t),
+            "slow_calm": 2.0 - 0.1 * t,  # learns slowly but calmly
+            "converged": 0.3 + 2.0 * math.exp(-25 * t),  # flat for the last two thirds
+        }[shape]
+        s["loss"] = loss * (1 + noise * rng.gauss(0, 1))
+    return st
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("noise", [0.01, 0.05])
+@pytest.mark.parametrize("shape", ["climb", "u_turn", "rise_stall"])
+def test_loss_degradation_without_events_is_not_healthy(tmp_path, shape, seed, noise):
+    run = write(tmp_path, meta(), shaped(shape, seed, noise))
+    assert run.events == []
+    found = diagnose(run)
+    assert [f.cause for f in found] == ["loss_degradation"]
+    assert found[0].severity == "high" and "without any event" in found[0].summary
+    state, sentence = html.verdict(run, found)
+    assert state != "healthy" and "Not healthy" in sentence
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("noise", [0.01, 0.05, 0.15])
+@pytest.mark.parametrize("shape", ["healthy", "slow_calm", "converged"])
+def test_loss_degradation_negative_controls(tmp_path, shape, seed, noise):
+    run = write(tmp_path, meta(), shaped(shape, seed, noise))
+    assert diagnose(run) == []
+    assert html.verdict(run, [])[0] == "healthy"
+
+
+def test_loss_degradation_fires(tmp_path):
+    st = shaped("rise_stall", 0, 0.02)
+    m = meta(layers=["emb", "blocks.0.attn", "blocks.0.mlp", "fc3", "fc4", "head"])
+    m["layer_types"] = ["Embedding", "MultiheadAttention", "Linear", "Linear", "Linear", "Linear"]
+    f = loss_degradation(write(tmp_path, m, st))
+    assert f is not None and f.step is not None and f.step < 60
+    assert any("no spike or non-finite event" in e for e in f.evidence)
+    assert f.advice[0].startswith("Lower the learning rate")
+    assert any("qk-layernorm" in a and "qk_clip" in a for a in f.advice)
+    assert not any("qk" in a for a in loss_degradation(write(tmp_path / "mlp", meta(), st)).advice)
+
+
+def test_loss_degradation_needs_enough_steps(tmp_path):
+    st = shaped("climb", 0, 0.01, n=30)
+    assert loss_degradation(write(tmp_path, meta(), st)) is None
+
+
 # ----- ordering, the registry, the contract -------------------------------------------------------------
 
 
@@ -500,8 +743,10 @@ FIRING = {
     "init_depth": test_init_depth_explode,
     "missing_normalization": test_missing_normalization_fires,
     "outlier_batch": test_outlier_batch_fires_on_the_spike_step,
+    "single_bad_step": test_single_bad_step_fires,
     "fp16_overflow": test_fp16_overflow_frequent,
     "recurrent_explosion": test_recurrent_explosion_fires,
+    "loss_degradation": test_loss_degradation_fires,
 }
 
 

@@ -168,8 +168,11 @@ def divergence(run: RunLog) -> str | None:
     return None
 
 
-def verdict(run: RunLog) -> tuple[str, str]:
-    """The headline: ``(state, sentence)``, state one of ``healthy``, ``events``, ``diverged``."""
+def verdict(run: RunLog, findings: Sequence[Finding] = ()) -> tuple[str, str]:
+    """The headline: ``(state, sentence)``, state one of ``healthy``, ``events``, ``diverged``.
+
+    A run without events is "healthy" only when the diagnosis found nothing either: a loss that
+    degraded quietly (``loss_degradation``) is not healthy for want of a NaN."""
     n = len(run.events)
     counts = ", ".join(f"{k} {v}" for k, v in event_counts(run.events).items())
     why = divergence(run)
@@ -177,6 +180,9 @@ def verdict(run: RunLog) -> tuple[str, str]:
         return "diverged", f"Diverged: {why}" + (f" ({n} events: {counts})." if n else ".")
     if n:
         return "events", f"{n} event{'s' if n != 1 else ''}: {counts}."
+    if findings:
+        titles = "; ".join(str(_field(f, "title", "")) for f in findings)
+        return "events", f"Not healthy, though no events were recorded: {titles}."
     return "healthy", "Healthy: no events were recorded."
 
 
@@ -228,7 +234,7 @@ def report_html(
         f"<title>gradguard report: {_e(name)}</title>",
         f"<style>{_CSS}</style></head><body><main>",
         _header(run, name),
-        _verdict(run),
+        _verdict(run, findings),
         _findings(run, findings),
         _localizations(run),
         _events(run),
@@ -302,8 +308,8 @@ def _header(run: RunLog, name: str) -> str:
     )
 
 
-def _verdict(run: RunLog) -> str:
-    state, sentence = verdict(run)
+def _verdict(run: RunLog, findings: Sequence[Finding]) -> str:
+    state, sentence = verdict(run, findings)
     first = min(run.events, key=_step_of) if run.events else None
     more = ""
     if first is not None:
@@ -354,6 +360,14 @@ def _localizations(run: RunLog) -> str:
         return ""
     rows = []
     for rec in run.localizations[:MAX_LOCALIZATION_ROWS]:
+        if not reproduced(rec):
+            rows.append(
+                f'<tr><td class="num">{_e(rec.get("step", ""))}</td>'
+                f'<td class="mono">(not reproduced)</td><td></td>'
+                f"<td>{_e(started_in(rec).removeprefix('not found: '))}</td>"
+                f"<td>{_e(rec.get('method', ''))}</td></tr>"
+            )
+            continue
         path = " → ".join(map(str, _as_list(rec.get("path"))))
         rows.append(
             f'<tr><td class="num">{_e(rec.get("step", ""))}</td>'
@@ -367,6 +381,24 @@ def _localizations(run: RunLog) -> str:
         "<th>phase</th><th>path (order it spread)</th><th>method</th></tr></thead><tbody>"
         + "".join(rows)
         + f"</tbody></table>{note}</section>"
+    )
+
+
+def reproduced(loc: Mapping[str, Any]) -> bool:
+    """Whether a localization found where it started (a replay that saw every value finite
+    records phase ``none`` and no origin)."""
+    return bool(loc.get("origin")) and loc.get("phase") not in (None, "", "none")
+
+
+def started_in(loc: Mapping[str, Any]) -> str:
+    """Where a non-finite step started, in words; plain when the replay could not reproduce it."""
+    step = loc.get("step")
+    if reproduced(loc):
+        return f"{loc.get('origin')} ({loc.get('phase')}, step {step})"
+    return (
+        f"not found: the replay of step {step} did not reproduce the NaN/Inf (every value "
+        "came out finite): the fault was transient, or depends on state the replay does not "
+        "restore (a random draw such as dropout, a value that changed since)"
     )
 
 
@@ -412,8 +444,54 @@ def _event_row(e: Mapping[str, Any]) -> str:
     )
 
 
+def _episode_row(group: Sequence[Mapping[str, Any]]) -> str:
+    """One row for an episode of ``vanishing`` events: the step range, how many layers, the
+    first few by name."""
+    layers = list(dict.fromkeys(str(x) for e in group for x in _as_list(e.get("layers"))))
+    shown = ", ".join(layers[:MAX_LAYERS_SHOWN])
+    if len(layers) > MAX_LAYERS_SHOWN:
+        shown += f" +{len(layers) - MAX_LAYERS_SHOWN} more"
+    steps = [e.get("step") for e in group]
+    span = f"{steps[0]}–{steps[-1]}" if steps[0] != steps[-1] else str(steps[0])
+    actions = ", ".join(dict.fromkeys(str(e.get("action", "")) for e in group))
+    return (
+        f'<tr class="event"><td class="num">{_e(span)}</td>'
+        f'<td><span class="badge" style="background:{plots.event_color("vanishing")}">'
+        f"vanishing</span></td>"
+        f'<td class="mono">{len(layers)} layer{"s" if len(layers) != 1 else ""}: {_e(shown)}</td>'
+        f"<td>{_e(actions)}</td><td>{len(group)} events: each layer's gradient norm stayed "
+        f"1000x below its early level (one row for the episode)</td></tr>"
+    )
+
+
+#: ``vanishing`` events this many steps apart or less are one episode (one row).
+VANISH_EPISODE_GAP = 50
+
+
+def event_rows(events: Sequence[Mapping[str, Any]]) -> list[list[Mapping[str, Any]]]:
+    """Events by step, each its own row except ``vanishing`` ones, grouped into episodes (runs
+    of them at most ``VANISH_EPISODE_GAP`` steps apart): one row per layer per occurrence
+    would bury the rest."""
+    rows: list[list[Mapping[str, Any]]] = []
+    episode: list[Mapping[str, Any]] | None = None
+    for e in sorted(events, key=_step_of):
+        if e.get("kind") != "vanishing" or not _finite(e.get("step")):
+            rows.append([e])
+            continue
+        if episode is not None and e["step"] - episode[-1]["step"] <= VANISH_EPISODE_GAP:
+            episode.append(e)
+            continue
+        episode = [e]
+        rows.append(episode)
+    return rows
+
+
+def _row(group: Sequence[Mapping[str, Any]]) -> str:
+    return _episode_row(group) if group[0].get("kind") == "vanishing" else _event_row(group[0])
+
+
 def _events(run: RunLog) -> str:
-    events = sorted(run.events, key=_step_of)
+    events = event_rows(run.events)
     if not events:
         return '<section><h2>Events</h2><p class="muted">No events.</p></section>'
     head = (
@@ -421,20 +499,20 @@ def _events(run: RunLog) -> str:
         "<th>detail</th></tr></thead><tbody>"
     )
     kept = events[:MAX_EVENT_ROWS]
-    first = "".join(_event_row(e) for e in kept[:EVENT_ROWS_SHOWN])
-    out = [f"<section><h2>Events ({len(events)})</h2>", head, first, "</tbody></table>"]
+    first = "".join(_row(g) for g in kept[:EVENT_ROWS_SHOWN])
+    out = [f"<section><h2>Events ({len(run.events)})</h2>", head, first, "</tbody></table>"]
     rest = kept[EVENT_ROWS_SHOWN:]
     if rest:
         out += [
             f"<details><summary>Show {len(rest)} more event(s)</summary>",
             head,
-            "".join(_event_row(e) for e in rest),
+            "".join(_row(g) for g in rest),
             "</tbody></table></details>",
         ]
     omitted = len(events) - len(kept)
     if omitted:
         out.append(
-            f'<p class="muted">{omitted} more event(s) omitted ({len(events)} in total); '
+            f'<p class="muted">{omitted} more event(s) omitted ({len(run.events)} in total); '
             f"every event is in {_e(run.path.name)}.</p>"
         )
     out.append("</section>")
@@ -487,7 +565,7 @@ def terminal_summary(
         f"run: {run.path.parent}",
         f"steps: {total_steps(run)} ({len(run.steps)} recorded), layers: {len(run.layers)}",
     ]
-    state, sentence = verdict(run)
+    state, sentence = verdict(run, findings)
     lines.append(f"verdict: {sentence}")
     if run.events:
         first = min(run.events, key=_step_of)
@@ -497,10 +575,7 @@ def terminal_summary(
             + (f" in {layers}" if layers else "")
         )
     if run.localizations:
-        loc = run.localizations[0]
-        lines.append(
-            f"started in: {loc.get('origin')} ({loc.get('phase')}, step {loc.get('step')})"
-        )
+        lines.append(f"started in: {started_in(run.localizations[0])}")
     if findings:
         lines.append("findings:")
         for f in findings:

@@ -135,7 +135,12 @@ def _mark_events(
         )
         handles.append(
             Line2D(
-                [], [], color=color, marker="v", lw=1 if lines else 0, label=f"{kind} ({len(xs)})"
+                [],
+                [],
+                color=color,
+                marker="v",
+                lw=1 if lines else 0,
+                label=f"{_label(kind)} ({len(xs)})",
             )
         )
     return handles

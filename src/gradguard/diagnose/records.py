@@ -22,7 +22,8 @@ Record types (key ``"type"``), version 1:
     and ``layer_norms_after`` (after; null when nothing changed the gradient); ``weight_norms`` and
     ``update_ratio`` (per-layer ``||w_after - w_before|| / ||w_before||``; null on steps where they
     were not sampled); ``nonfinite_layers`` (indices of layers with a NaN/Inf gradient; empty when
-    finite); ``input`` (``mean``, ``std``, ``absmax`` of the batch fed to the model, or null);
+    finite); ``input`` (``mean``, ``std``, ``absmax`` of the batch fed to the model and ``batch``, its
+    leading dimension, absent in older files; or null);
     ``amp_scale`` (the GradScaler's scale, or null); ``radius`` (``{layer: spectral radius of its
     recurrent weights}`` on sampled steps, or null).
 

@@ -11,17 +11,23 @@ Rules (the ``cause`` id is the function's name), one a module:
 =========================  ===================  ===============================================
 rule                       module               fires when
 =========================  ===================  ===============================================
-``lr_too_high``            ``learning_rate``    updates are a large fraction of the weights.
+``lr_too_high``            ``learning_rate``    updates are a large fraction of the weights on
+                                                several sampled steps.
 ``init_depth``             ``depth``            gradient norms grow or shrink geometrically with
                                                 depth from the start.
 ``missing_normalization``  ``normalization``    a deep plain network without normalization
                                                 layers had spikes/NaN.
-``outlier_batch``          ``outliers``         a spike or NaN came with a batch whose
-                                                statistics are far off the rest.
+``outlier_batch``          ``outliers``         a spike or NaN came with a batch whose inputs
+                                                are far larger (or shifted) than the rest,
+                                                beyond what its size explains.
+``single_bad_step``        ``nonfinite``        one or two isolated NaN/Inf steps in a run
+                                                that was finite before and after.
 ``fp16_overflow``          ``amp``              fp16 loss scaling keeps overflowing or its scale
                                                 collapses.
 ``recurrent_explosion``    ``recurrent``        a recurrent weight's spectral radius is above 1
                                                 around the events.
+``loss_degradation``       ``progress``         the loss ended well above the best it reached
+                                                (it climbed, or rose and stalled), events or not.
 =========================  ===================  ===============================================
 
 ``base`` holds :class:`Finding` and the helpers that read a run, ``registry`` the registry and
@@ -30,13 +36,14 @@ rule                       module               fires when
 
 from __future__ import annotations
 
-from .base import SEVERITIES, TROUBLE_KINDS, Finding, Rule
+from .base import LONE_MAX_STEPS, LONE_RECOVERY, SEVERITIES, TROUBLE_KINDS, Finding, Rule
 from .registry import RULES, RuleInfo, diagnose, list_rules, register, rule_info, rule_infos
 
 # The rules register themselves on import, in this order (the report order of equal severity).
 from .learning_rate import (  # isort: skip
     UPDATE_RATIO_HIGH,
     UPDATE_RATIO_LAYER_HIGH,
+    UPDATE_RATIO_MIN_STEPS,
     UPDATE_RATIO_SEVERE,
     UPDATE_RATIO_TARGET,
     lr_too_high,
@@ -46,11 +53,13 @@ from .normalization import NORM_MIN_LAYERS, missing_normalization  # isort: skip
 from .outliers import (  # isort: skip
     OUTLIER_LOG_FLOOR,
     OUTLIER_MEAN_FLOOR,
+    OUTLIER_MEAN_SHIFT,
     OUTLIER_MIN_HISTORY,
     OUTLIER_WINDOW,
     OUTLIER_Z,
     outlier_batch,
 )
+from .nonfinite import single_bad_step  # isort: skip
 from .amp import (  # isort: skip
     AMP_FALL_LOG2,
     AMP_MIN_OVERFLOWS,
@@ -59,19 +68,35 @@ from .amp import (  # isort: skip
     fp16_overflow,
 )
 from .recurrent import RADIUS_LIMIT, RADIUS_WINDOW, recurrent_explosion  # isort: skip
+from .progress import (  # isort: skip
+    DEGRADE_GIVE_BACK,
+    DEGRADE_MIN_STEPS,
+    DEGRADE_NOISE,
+    DEGRADE_REL,
+    DEGRADE_WINDOWS,
+    loss_degradation,
+)
 
 __all__ = [
     "AMP_FALL_LOG2",
     "AMP_MIN_OVERFLOWS",
     "AMP_OVERFLOW_RATE",
     "AMP_SCALE_FLOOR",
+    "DEGRADE_GIVE_BACK",
+    "DEGRADE_MIN_STEPS",
+    "DEGRADE_NOISE",
+    "DEGRADE_REL",
+    "DEGRADE_WINDOWS",
     "INIT_MIN_LAYERS",
     "INIT_MIN_R2",
     "INIT_RATIO",
     "INIT_STEPS",
+    "LONE_MAX_STEPS",
+    "LONE_RECOVERY",
     "NORM_MIN_LAYERS",
     "OUTLIER_LOG_FLOOR",
     "OUTLIER_MEAN_FLOOR",
+    "OUTLIER_MEAN_SHIFT",
     "OUTLIER_MIN_HISTORY",
     "OUTLIER_WINDOW",
     "OUTLIER_Z",
@@ -82,6 +107,7 @@ __all__ = [
     "TROUBLE_KINDS",
     "UPDATE_RATIO_HIGH",
     "UPDATE_RATIO_LAYER_HIGH",
+    "UPDATE_RATIO_MIN_STEPS",
     "UPDATE_RATIO_SEVERE",
     "UPDATE_RATIO_TARGET",
     "Finding",
@@ -91,6 +117,7 @@ __all__ = [
     "fp16_overflow",
     "init_depth",
     "list_rules",
+    "loss_degradation",
     "lr_too_high",
     "missing_normalization",
     "outlier_batch",
@@ -98,4 +125,5 @@ __all__ = [
     "register",
     "rule_info",
     "rule_infos",
+    "single_bad_step",
 ]

@@ -101,6 +101,43 @@ def _first_trouble(run: RunLog) -> int | None:
     return min(steps) if steps else None
 
 
+#: A "lone" non-finite step: at most this many steps with a NaN/Inf, and no spike anywhere ...
+LONE_MAX_STEPS = 2
+#: ... each followed by at least this many recorded steps with a finite loss and gradient.
+LONE_RECOVERY = 5
+
+NONFINITE_KINDS = ("nonfinite_grad", "nonfinite_loss")
+
+
+def _finite_step(s: Mapping[str, Any]) -> bool:
+    """A step record with a finite loss (or none) and a finite gradient norm (or none)."""
+    loss, norm = s.get("loss"), s.get("grad_norm")
+    bad = any(isinstance(v, float) and not math.isfinite(v) for v in (loss, norm))
+    return not bad and not _list(s.get("nonfinite_layers"))
+
+
+def _lone_nonfinite(run: RunLog) -> list[int]:
+    """The steps of an isolated non-finite episode, or []: the run's only trouble is a NaN/Inf
+    on at most ``LONE_MAX_STEPS`` steps (no spike event), each followed by ``LONE_RECOVERY``
+    finite steps. One bad batch is not a trend: it says nothing about the learning rate."""
+    if run.meta.get("amp"):  # with fp16 loss scaling a non-finite gradient is routine
+        return []
+    trouble = _trouble(run)
+    if not trouble or any(e["kind"] not in NONFINITE_KINDS for e in trouble):
+        return []
+    bad = sorted({e["step"] for e in trouble})
+    if len(bad) > LONE_MAX_STEPS:
+        return []
+    steps = [s for s in run.steps if _step(s) is not None]
+    if any(not _finite_step(s) and s["step"] not in bad for s in steps):
+        return []
+    for b in bad:
+        after = [s for s in steps if s["step"] > b and s["step"] not in bad]
+        if len(after) < LONE_RECOVERY or not all(_finite_step(s) for s in after[:LONE_RECOVERY]):
+            return []
+    return bad
+
+
 _WEIGHT_TYPES = re.compile(r"Linear|Conv|Bilinear")
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from typing import Any
 
 from ..records import RunLog
-from .base import Finding, _first_trouble, _g, _layer, _num, _step
+from .base import Finding, _first_trouble, _g, _layer, _lone_nonfinite, _num, _step
 from .registry import register
 
 #: The update:data ratio rule of thumb: each step should change a weight matrix by about 1e-3 of
@@ -20,23 +21,33 @@ UPDATE_RATIO_LAYER_HIGH = 0.1
 #: the rule of thumb that it is not a matter of taste (Adam at lr 3e-4 on weights of std 0.02 gives
 #: about 1.5e-2, which trains well).
 UPDATE_RATIO_SEVERE = 0.1
+#: Sampled steps (every 10th by default) whose updates must be too large: one sampled step is no
+#: evidence (Adam's first steps move every weight by about the LR, whatever the LR's later fate).
+UPDATE_RATIO_MIN_STEPS = 3
 
 
 @register
 def lr_too_high(run: RunLog) -> Finding | None:
-    """Update/weight ratio far above ~1e-3 on the sampled steps before the first spike or NaN."""
-    first = _first_trouble(run)
+    """Update/weight ratio far above ~1e-3 on several sampled steps before the first spike or NaN.
+
+    A lone non-finite step the run recovered from (``single_bad_step``) says nothing about the
+    LR: such a run is judged on all its sampled steps with the thresholds of a run without
+    events (the median layer, or one layer, moving 10% per step)."""
+    lone = bool(_lone_nonfinite(run))
+    first = None if lone else _first_trouble(run)
     sampled = _sampled_before(run, first)
     by_layer = _median_ratios(sampled)
     if not by_layer:
         return None
     typical = statistics.median(by_layer.values())
     worst = max(by_layer, key=lambda i: by_layer[i])
-    if first is not None:
-        fires = typical > UPDATE_RATIO_HIGH or by_layer[worst] > UPDATE_RATIO_LAYER_HIGH
-    else:
-        fires = typical > UPDATE_RATIO_SEVERE
-    if not fires:
+    median_limit = UPDATE_RATIO_HIGH if first is not None else UPDATE_RATIO_SEVERE
+    layer_limit = UPDATE_RATIO_LAYER_HIGH if first is not None or lone else math.inf
+    fires = typical > median_limit or by_layer[worst] > layer_limit
+    if (
+        not fires
+        or _steps_too_high(sampled, worst, median_limit, layer_limit) < UPDATE_RATIO_MIN_STEPS
+    ):
         return None
     lrs = [v for v in (_num(s.get("lr")) for s in sampled) if v is not None]
     lr = statistics.median(lrs) if lrs else None
@@ -72,6 +83,23 @@ def _sampled_before(run: RunLog, first: int | None) -> list[dict[str, Any]]:
     ]
 
 
+def _steps_too_high(
+    sampled: list[dict[str, Any]], worst: int, median_limit: float, layer_limit: float
+) -> int:
+    """How many sampled steps on their own show updates too large: the median layer above
+    ``median_limit``, or the worst layer above ``layer_limit``."""
+    count = 0
+    for s in sampled:
+        ratios = [v for v in map(_num, s["update_ratio"]) if v is not None and v > 0]
+        if not ratios:
+            continue
+        r = s["update_ratio"]
+        w = _num(r[worst]) if worst < len(r) else None
+        if statistics.median(ratios) > median_limit or (w is not None and w > layer_limit):
+            count += 1
+    return count
+
+
 def _median_ratios(sampled: list[dict[str, Any]]) -> dict[int, float]:
     """Each layer's median update ratio over the sampled steps (frozen layers left out)."""
     per_layer: dict[int, list[float]] = {}
@@ -93,10 +121,12 @@ def _evidence(
     first: int | None,
 ) -> list[str]:
     span = f"steps {sampled[0]['step']}-{sampled[-1]['step']}"
-    when = f"before the first spike/non-finite step ({first})" if first is not None else span
+    when = (
+        f"before the first spike/non-finite step ({first}) ({span})" if first is not None else span
+    )
     evidence = [
         f"median update/weight ratio {_g(typical)} over {len(by_layer)} layers and "
-        f"{len(sampled)} sampled steps {when} ({span}); the rule of thumb is ~1e-3",
+        f"{len(sampled)} sampled steps {when}; the rule of thumb is ~1e-3",
         f"largest: {_layer(run, worst)} at {_g(by_layer[worst])} per step",
     ]
     if lr is not None:

@@ -1,4 +1,11 @@
-"""``outlier_batch``: a spike or NaN came with a batch whose statistics are far off the rest."""
+"""``outlier_batch``: a spike or NaN came with a batch whose inputs are far larger than the rest.
+
+Only inputs that are unusually *large* or *shifted* count: a batch whose absmax or std is far below
+the usual is not what makes a gradient explode. A batch of another size is judged for what its size
+does not explain: a small batch (an epoch's last, say) has a noisier mean and std and a smaller
+max, a larger one a larger max, so the spread of the mean and std is widened by ``sqrt(usual / n)``
+and a larger batch's max is not scored (``batch`` in the input record; in older files without it
+only the upward direction and the per-sample size of a mean shift protect a small batch)."""
 
 from __future__ import annotations
 
@@ -21,6 +28,9 @@ OUTLIER_WINDOW = 200
 #: 0.05 decades (12%) for log10 absmax / log10 std, 5% of the typical std for the mean.
 OUTLIER_LOG_FLOOR = 0.05
 OUTLIER_MEAN_FLOOR = 0.05
+#: A mean shift must also be large per sample: a quarter of the inputs' typical std (a shift the
+#: size of the usual wobble of a batch mean is not one, however steady the earlier batches were).
+OUTLIER_MEAN_SHIFT = 0.25
 
 _INPUT_KEYS = ("mean", "std", "absmax")
 
@@ -29,6 +39,7 @@ _Hit = tuple[float, int, str, str]
 
 
 def _input_stats(rec: Mapping[str, Any]) -> dict[str, float] | None:
+    """mean, std, absmax (floats) and ``batch`` (the batch size, when recorded and valid)."""
     inp = rec.get("input")
     if not isinstance(inp, Mapping):
         return None
@@ -38,6 +49,9 @@ def _input_stats(rec: Mapping[str, Any]) -> dict[str, float] | None:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             return None
         out[k] = float(v)
+    n = inp.get("batch")
+    if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+        out["batch"] = float(n)
     return out
 
 
@@ -101,41 +115,67 @@ def _outlier(
     cur = next((st for s, st in inputs if s == step), None)
     if cur is None:
         return None
-    if not all(math.isfinite(v) for v in cur.values()):
+    if not all(math.isfinite(cur[k]) for k in _INPUT_KEYS):
         return (math.inf, step, e["kind"], f"step {step} ({e['kind']}): the batch contains NaN/Inf")
     hist = [
         st
         for s, st in inputs
-        if s < step and s not in event_steps and all(math.isfinite(v) for v in st.values())
+        if s < step and s not in event_steps and all(math.isfinite(st[k]) for k in _INPUT_KEYS)
     ][-OUTLIER_WINDOW:]
     if len(hist) < OUTLIER_MIN_HISTORY:
         return None
-    az, z, key, value, usual = max(_scores(cur, hist))
+    scores = _scores(cur, hist)
+    if not scores:
+        return None
+    az, z, key, value, usual = max(scores)
     if not az > OUTLIER_Z:
         return None
+    size = ""
+    if "batch" in cur:
+        size = f"; batch of {cur['batch']:.0f}"
     return (
         az,
         step,
         e["kind"],
         f"step {step} ({e['kind']}): input {key} {_g(value)} vs a median of "
-        f"{_g(usual)} over the {len(hist)} steps before (z = {z:+.1f})",
+        f"{_g(usual)} over the {len(hist)} steps before (z = {z:+.1f}{size})",
     )
+
+
+def _usual_batch(hist: list[dict[str, float]]) -> float | None:
+    sizes = [h["batch"] for h in hist if "batch" in h]
+    return statistics.median(sizes) if len(sizes) * 2 > len(hist) else None
 
 
 def _scores(
     cur: dict[str, float], hist: list[dict[str, float]]
 ) -> list[tuple[float, float, str, float, float]]:
-    """(|z|, z, statistic, its value, its usual value) for log10 absmax, log10 std and the mean."""
+    """(|z|, z, statistic, its value, its usual value) for what makes a batch an outlier: log10
+    absmax and log10 std *above* the usual (z > 0 only; smaller inputs are never scored), and a
+    mean shift of either sign that is large per sample (``OUTLIER_MEAN_SHIFT``) and beyond what
+    the batch's size explains."""
     typical_std = statistics.median(h["std"] for h in hist)
+    usual_n, n = _usual_batch(hist), cur.get("batch")
+    # Batch-size factors: a batch of n < usual has a mean and a std noisier by about
+    # sqrt(usual / n) (one heavy-tailed value inflates the std of 3 samples, not of 64); a batch of
+    # n > usual has a larger max from its size alone, so its max is not scored.
+    sizes_differ = usual_n is not None and n is not None and n != usual_n
+    widen = math.sqrt(usual_n / n) if sizes_differ and n < usual_n else 1.0
+    skip_absmax = sizes_differ and n > usual_n
     scores = []
     for key in ("absmax", "std"):
+        if key == "absmax" and skip_absmax:
+            continue
         past = [math.log10(h[key]) for h in hist if h[key] > 0]
         if len(past) < OUTLIER_MIN_HISTORY or cur[key] <= 0:
             continue
         med, sd = _robust(past, OUTLIER_LOG_FLOOR)
-        z = (math.log10(cur[key]) - med) / sd
-        scores.append((abs(z), z, key, cur[key], 10**med))
+        z = (math.log10(cur[key]) - med) / (sd * (widen if key == "std" else 1.0))
+        if z > 0:
+            scores.append((z, z, key, cur[key], 10**med))
     med, sd = _robust([h["mean"] for h in hist], OUTLIER_MEAN_FLOOR * typical_std + 1e-12)
-    z = (cur["mean"] - med) / sd
-    scores.append((abs(z), z, "mean", cur["mean"], med))
+    shift = cur["mean"] - med
+    if abs(shift) > OUTLIER_MEAN_SHIFT * typical_std:
+        z = shift / (sd * widen)
+        scores.append((abs(z), z, "mean", cur["mean"], med))
     return scores

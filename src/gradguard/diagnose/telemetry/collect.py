@@ -54,15 +54,17 @@ def spectral_radius(module: nn.RNNBase) -> float:
     return worst
 
 
-def input_stats(args: tuple) -> Tensor | None:
+def input_stats(args: tuple) -> tuple[Tensor, int] | None:
     """``[mean, std, absmax]`` of the first non-empty floating-point tensor among a forward's
-    inputs, on its device (None if there is none)."""
+    inputs, on its device, and its leading dimension (the batch size, a host int read from the
+    shape: no sync); None if there is none."""
     for a in args:
         if isinstance(a, Tensor) and a.is_floating_point() and a.numel() > 0:
             x = a.detach().float()
-            return torch.stack(
+            stats = torch.stack(
                 [x.mean(), x.std() if x.numel() > 1 else x.new_zeros(()), x.abs().max()]
             )
+            return stats, int(a.shape[0]) if a.dim() > 0 else 1
     return None
 
 
@@ -176,9 +178,10 @@ class StepVector:
         self.parts.extend([d_layer, w_layer])
         self.fields["has_update"] = True
 
-    def add_input(self, stats: Tensor) -> None:
+    def add_input(self, stats: Tensor, batch: int | None = None) -> None:
         self.parts.append(stats.to(self.device))
         self.fields["has_input"] = True
+        self.fields["input_batch"] = batch
 
     def add_metrics(self, ctx: StepContext) -> None:
         """Policy metrics (thresholds, ...): device values ride in the vector, floats stay here."""

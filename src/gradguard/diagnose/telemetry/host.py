@@ -52,7 +52,7 @@ def step_record(pending: PendingStep) -> dict[str, Any]:
     inp = None
     if f.get("has_input"):
         mean, std, absmax = v.take(3)
-        inp = {"mean": mean, "std": std, "absmax": absmax}
+        inp = {"mean": mean, "std": std, "absmax": absmax, "batch": f.get("input_batch")}
     metrics = dict(f["metrics"])
     metrics.update(zip(f["metric_names"], v.take(len(f["metric_names"])), strict=True))
     return {

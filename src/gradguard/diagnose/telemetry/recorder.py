@@ -69,6 +69,7 @@ class Telemetry:
         self._pending: deque[_Pending] = deque()
         self._window = ContextWindow(every, context)
         self._input: Tensor | None = None
+        self._input_batch: int | None = None
         self._hook = None
         self._before: list[Tensor] | None = None
         self._recurrent: list[tuple[int, nn.RNNBase]] = []
@@ -118,9 +119,9 @@ class Telemetry:
         return list(dict.fromkeys(guard.layout.forward_order))
 
     def _on_input(self, _module: nn.Module, args: tuple) -> None:
-        stats = input_stats(args)
-        if stats is not None:
-            self._input = stats
+        found = input_stats(args)
+        if found is not None:
+            self._input, self._input_batch = found
 
     # ----- per step (called by the Guard) -----------------------------------------------------------
     def wants_update_ratio(self, step: int) -> bool:
@@ -154,7 +155,7 @@ class Telemetry:
                 vec.add_update(stats, self._before)
             self._before = None
         if self._input is not None:
-            vec.add_input(self._input)
+            vec.add_input(self._input, self._input_batch)
             self._input = None
         if guard.scaler is not None:
             vec.fields["amp_scale"] = guard.scaler.get_scale() if ctx.host is not None else None

@@ -1,0 +1,143 @@
+"""``loss_degradation``: the loss climbed, or gave back much of what it had learned, with or
+without any event; a run that ends well above its own best is never "healthy".
+
+The run's recorded steps are cut into ``DEGRADE_WINDOWS`` equal step ranges and each range's
+median loss taken (the median: one spike does not move it). The rule compares the last window with
+the best one: how far the loss rose from its best (``rise``) against what it had gained from the
+first window to its best (``gain``). Learning slowly is not degrading: a loss that keeps going down,
+however slowly, ends at its best and never fires.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any
+
+from ..records import RunLog
+from .base import Finding, _g, _num, _step, _trouble
+from .registry import register
+
+#: Step ranges the run is cut into; the last one is "the end of the run".
+DEGRADE_WINDOWS = 10
+#: Recorded steps with a finite loss needed to say anything (at least ~4 per window).
+DEGRADE_MIN_STEPS = 40
+#: The end must be above the best by this share of what the run had gained (first window to
+#: best): giving back a quarter of the progress is not noise in a window median.
+DEGRADE_GIVE_BACK = 0.25
+#: ... and by this share of the best loss itself (for a run that never improved: a climb of 5%).
+DEGRADE_REL = 0.05
+#: ... and by this many times the loss's own spread (MAD) within the last window.
+DEGRADE_NOISE = 2.0
+
+
+def _windows(run: RunLog) -> list[tuple[int, int, float, list[float]]]:
+    """(first step, last step, median loss, losses) per non-empty step range, in order."""
+    pts = [
+        (s["step"], v)
+        for s in run.steps
+        if _step(s) is not None and (v := _num(s.get("loss"))) is not None
+    ]
+    if len(pts) < DEGRADE_MIN_STEPS:
+        return []
+    lo, hi = pts[0][0], pts[-1][0]
+    width = max(1, math.ceil((hi - lo + 1) / DEGRADE_WINDOWS))
+    groups: dict[int, list[tuple[int, float]]] = {}
+    for step, v in pts:
+        groups.setdefault((step - lo) // width, []).append((step, v))
+    return [
+        (g[0][0], g[-1][0], statistics.median(v for _, v in g), [v for _, v in g])
+        for _, g in sorted(groups.items())
+        if len(g) >= 2
+    ]
+
+
+def _degradation(run: RunLog) -> dict[str, Any] | None:
+    """The numbers of a degradation (first, best and last window, rise, gain), or None."""
+    wins = _windows(run)
+    if len(wins) < DEGRADE_WINDOWS // 2:
+        return None
+    first, last = wins[0], wins[-1]
+    best = min(wins[:-1], key=lambda w: w[2])
+    gain = max(first[2] - best[2], 0.0)
+    rise = last[2] - best[2]
+    med = last[2]
+    noise = statistics.median(abs(v - med) for v in last[3]) * 1.4826
+    need = max(DEGRADE_GIVE_BACK * gain, DEGRADE_REL * abs(best[2]), DEGRADE_NOISE * noise)
+    if not rise > need:
+        return None
+    return {"first": first, "best": best, "last": last, "gain": gain, "rise": rise, "need": need}
+
+
+def _is_transformer(run: RunLog) -> bool:
+    types = [t for t in run.meta.get("layer_types") or [] if isinstance(t, str)]
+    names = [n for n in run.meta.get("layers") or [] if isinstance(n, str)]
+    return any("Attention" in t or "Transformer" in t for t in types) or any(
+        "attn" in n.lower() or "attention" in n.lower() for n in names
+    )
+
+
+def _span(w: tuple[int, int, float, list[float]]) -> str:
+    return f"steps {w[0]}-{w[1]}"
+
+
+@register
+def loss_degradation(run: RunLog) -> Finding | None:
+    """The loss ended well above the best it reached (it climbed, or rose and stalled there)."""
+    d = _degradation(run)
+    if d is None:
+        return None
+    first, best, last = d["first"], d["best"], d["last"]
+    climbed_from_start = d["gain"] == 0.0
+    gave = f"{d['rise'] / d['gain']:.0%} of its progress" if d["gain"] > 0 else "more than 5%"
+    trouble = _trouble(run)
+    evidence = [
+        f"median loss {_g(first[2])} at the start ({_span(first)}), best {_g(best[2])} "
+        f"({_span(best)}), {_g(last[2])} at the end ({_span(last)})",
+        f"the end is {_g(d['rise'])} above the best: "
+        + (
+            "the loss never went below its start and climbed"
+            if climbed_from_start
+            else f"the run gave back {gave}"
+        ),
+        (
+            f"{len(trouble)} spike/non-finite event(s), the first at step {trouble[0]['step']}"
+            if trouble
+            else "no spike or non-finite event: the loss degraded quietly"
+        ),
+    ]
+    lrs = [v for v in (_num(s.get("lr")) for s in run.steps) if v is not None]
+    lr = statistics.median(lrs) if lrs else None
+    if lr is not None:
+        evidence.append(f"learning rate {_g(lr)}")
+    target = f" (from {_g(lr)} to {lr / 3:.2g} or {lr / 10:.2g})" if lr is not None else ""
+    advice = [
+        f"Lower the learning rate by 3-10x{target}: a loss that rises after reaching its best, "
+        "with the gradients looking calm, is the classic sign of an LR the run cannot hold.",
+        "Warm the learning rate up over the first few hundred to few thousand steps and decay "
+        "it afterwards (linear warmup + cosine), e.g. LinearLR then CosineAnnealingLR.",
+    ]
+    if _is_transformer(run):
+        advice.append(
+            "In a transformer, attention logits that grow without bound make the loss stall "
+            "or climb without any NaN: normalize queries and keys (qk-layernorm, e.g. the "
+            "gpt model's qk_layernorm=True) or cap them with gradguard's qk_clip; add a small "
+            "z-loss on the output logits (Wortsman et al. 2023)."
+        )
+    advice.append(
+        "Keep the best checkpoint (the loss was lowest around step "
+        f"{best[0]}-{best[1]}), and compare with a run at a lower LR to confirm."
+    )
+    return Finding(
+        cause="loss_degradation",
+        title="Loss degraded: " + ("it climbed" if climbed_from_start else "it rose from its best"),
+        summary=(
+            f"The loss ended at {_g(last[2])}, well above the {_g(best[2])} it had reached by "
+            f"step {best[1]}: the run stopped learning and got worse"
+            + (", without any event." if not trouble else ".")
+        ),
+        evidence=evidence,
+        advice=advice,
+        severity="high" if not trouble else "medium",
+        step=best[1],
+    )
