@@ -25,6 +25,7 @@ from typing import Any
 from ..errors import ConfigError
 from . import plots
 from .records import RunLog, event_counts, load_run
+from .rerun import rerun_html, rerun_sentences
 from .rules import Finding, diagnose
 
 REPORT_NAME = "report.html"
@@ -231,6 +232,7 @@ def report_html(
         _verdict(run),
         _findings(run, findings),
         _localizations(run),
+        rerun_html(run.steps),
         _events(run),
         _counters(run),
         _figures(figures),
@@ -501,6 +503,7 @@ def terminal_summary(
         lines.append(
             f"started in: {loc.get('origin')} ({loc.get('phase')}, step {loc.get('step')})"
         )
+    lines.extend(rerun_sentences(run.steps))
     if findings:
         lines.append("findings:")
         for f in findings:
