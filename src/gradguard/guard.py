@@ -485,7 +485,7 @@ class Guard:
             if ctx.amp_overflow and policy.kind != "react":
                 continue
             policy.apply(ctx)
-            if replay is not None and self._spiked(ctx, policy):
+            if replay is not None and self._spiked(ctx, policy) and self._spike_reruns():
                 # A spike is known only once its detector has run: rerun right after it, so the
                 # policies after it in the chain see the attribution.
                 self._rerun(pending, replay, "spike")
@@ -529,6 +529,11 @@ class Guard:
             return False
         return policy.spiked(ctx)
 
+    def _spike_reruns(self) -> bool:
+        """Spikes are rerun in a single process only: under DDP/FSDP a rank's rerun sees its own
+        batch's gradient, which cannot be compared with the step's averaged one."""
+        return self._world == 1
+
     def _rerun(self, pending: PendingStep, replay: Callable[[], Tensor], trigger: str) -> None:
         """Rerun the failing step once (localize's replay: hooks armed, the model, gradients and
         RNG restored) and classify it (``localize.attribute``): the attribution goes on the
@@ -545,6 +550,13 @@ class Guard:
         norm = host.norm if host is not None else float(pending.stats.norm)
         loss = host.loss if host is not None else None
         result = attribute(trigger, norm, loss, loc)
+        if self._world > 1:
+            # Every rank reruns the same failing step (the decision to is rank-consistent); the bad
+            # batch may sit on one rank only: reproducible if any rank's rerun reproduced it, so
+            # that every rank acts alike.
+            flag = torch.tensor([float(result == "reproducible")], device=pending.stats.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            result = "reproducible" if flag.item() > 0 else "transient"
         ctx.rerun, ctx.rerun_trigger = result, trigger
         pending.rerun = {
             "result": result,
