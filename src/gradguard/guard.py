@@ -6,7 +6,9 @@ runs the policy chain on them, then steps, skips or rolls back.
     report = guard.step(loss=loss)     # instead of optimizer.step()
 
 Order of one step: (AMP: unscale) -> one fused statistics pass -> at most one host read (only if a
-policy needs host values; the non-finite check is one) -> each policy in chain order -> the
+policy needs host values; the non-finite check is one) -> with ``replay=``, a non-finite step is
+rerun once and attributed (transient or reproducible) -> each policy in chain order (a spike one
+flags is rerun right after it, so the policies after it see the attribution) -> the
 optimizer step with the LR scale, or a skip (gradients zeroed, nothing else touched) -> the
 update policies' decision on the measured update (``update_clip``: a layer's update scaled back)
 and the weight check, in one host read -> the policies' after-step hooks.

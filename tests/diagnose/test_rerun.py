@@ -267,3 +267,29 @@ def test_telemetry_records_the_rerun_and_the_report_says_it(tmp_path):
 def test_old_step_records_without_the_field_read_as_not_rerun():
     assert rerun_sentence({"type": "step", "step": 1, "skipped": True}) is None
     assert rerun_sentence({"type": "step", "step": 1, "rerun": None}) is None
+
+
+def test_the_sentence_says_what_recurred_and_what_the_guard_did():
+    spike = {"step": 7, "skip_reason": "spike_loss", "skipped": True, "rolled_back": True}
+    spike["rerun"] = {"result": "reproducible", "trigger": "spike"}
+    assert rerun_sentence(spike) == (
+        "step 7 was rerun: the loss spike recurred (reproducible: the data or the model; the model "
+        "was rolled back and the step's data recorded as skipped)"
+    )
+    inf = {"step": 2, "grad_norm": math.inf, "loss": 1.0, "skipped": True}
+    inf["rerun"] = {"result": "transient", "trigger": "nonfinite"}
+    assert rerun_sentence(inf).startswith("step 2 was rerun: the Inf did not recur (transient")
+    clipped = {"step": 4, "clipped": True, "rerun": {"result": "transient", "trigger": "spike"}}
+    assert rerun_sentence(clipped).endswith("the step was clipped and taken)")
+
+
+def test_before_step_and_after_step_attribute_too():
+    model, opt, guard = setup()
+    x, y = batch(1)
+    x[0, 0] = math.nan
+    opt.zero_grad()
+    loss = F.mse_loss(model(x), y)
+    loss.backward()
+    pending = guard.before_step(loss=loss, replay=Counted(model, x, y))
+    assert pending.ctx.rerun == "reproducible" and not pending.stepped
+    assert guard.after_step(pending).rerun == "reproducible"
