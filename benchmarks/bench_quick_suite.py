@@ -56,8 +56,10 @@ def main() -> int:
         with ResultStore(Path(tmp) / DB_NAME) as store:
             runs = store.runs("done")
             train = sum(r["result"]["wall_seconds"] for r in runs)
+            again = Path(tmp) / "again"
+            again.mkdir()
             t1 = time.perf_counter()
-            write_outputs(runs, store.steps, Path(tmp) / "again")
+            write_outputs(runs, store.steps, again)
             outputs = time.perf_counter() - t1
     n = len(runs)
     per_worker = train / args.workers

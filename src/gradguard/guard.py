@@ -6,7 +6,9 @@ runs the policy chain on them, then steps, skips or rolls back.
     report = guard.step(loss=loss)     # instead of optimizer.step()
 
 Order of one step: (AMP: unscale) -> one fused statistics pass -> at most one host read (only if a
-policy needs host values; the non-finite check is one) -> each policy in chain order -> the
+policy needs host values; the non-finite check is one) -> with ``replay=``, a non-finite step is
+rerun once and attributed (transient or reproducible) -> each policy in chain order (a spike one
+flags is rerun right after it, so the policies after it see the attribution) -> the
 optimizer step with the LR scale, or a skip (gradients zeroed, nothing else touched) -> the
 update policies' decision on the measured update (``update_clip``: a layer's update scaled back)
 and the weight check, in one host read -> the policies' after-step hooks.
@@ -121,6 +123,10 @@ class PendingStep:
     stats: GradStats
     stale: bool = False
     localization: dict[str, Any] | None = None
+    #: The rerun attribution of a failing step (``guard.step(replay=...)``): ``result``
+    #: (``transient``/``reproducible``), ``trigger`` (``nonfinite``/``spike``), the rerun's
+    #: ``grad_norm`` and ``loss``, and its ``origin`` when the rerun found one; None: no rerun.
+    rerun: dict[str, Any] | None = None
     saved_lrs: list[float] | None = None
     #: The optimizer's update, measured after the step when a policy reads it.
     update: UpdateStats | None = None
@@ -285,10 +291,21 @@ class Guard:
         ``loss`` lets loss-aware policies (``skip_spike``, ``rollback``) see it.
 
         ``replay``: a function that recomputes this step's loss (same batch), e.g.
-        ``lambda: loss_fn(model(x), y)``. It is called only when the step's gradient is
-        non-finite: once, with hooks on every module, to find the module where the NaN/Inf starts
-        (forward or backward); the model, its buffers and gradients are left as they were. The
-        result is ``report.localization`` and goes to the telemetry. Normal steps never call it.
+        ``lambda: loss_fn(model(x), y)``. It is called only on a failing step: one whose gradient
+        or loss is non-finite, or a finite spike a policy of the chain flagged (``skip_spike``,
+        ``zclip``, ``adaptive_clip``). Once, with hooks on every module: the model, its buffers,
+        gradients and the RNG state are left as they were. That one rerun gives
+
+        * the attribution, ``report.rerun``: ``"reproducible"`` (the rerun failed again: non-finite
+          again, or a spike whose gradient norm and loss are within 1e-2 relative of the step's:
+          the data or the model) or ``"transient"`` (it did not: hardware, nondeterminism), as
+          Megatron-LM's rerun state machine classifies. ``report.rerun_detail`` holds the rerun's
+          norm and loss; both go to the telemetry;
+        * for a non-finite step, the module where the NaN/Inf starts, ``report.localization``.
+
+        Order: a non-finite step is rerun before the policy chain runs, so every policy sees
+        ``ctx.rerun``; a spike right after the policy that flagged it, so the policies after it
+        see it (put ``rollback`` after the spike detector). Healthy steps never call it.
         """
         pending = self._decide(loss, replay, stacklevel=3)
         ctx = pending.ctx
@@ -457,6 +474,10 @@ class Guard:
                 ctx.request_skip("amp_overflow")
         elif loss is not None and not isinstance(loss, (Tensor, int, float)):
             raise ConfigError(f"loss must be a tensor or a number, got {type(loss).__name__}")
+        pending = PendingStep(ctx, stats)
+        if replay is not None and self._nonfinite(ctx):
+            # Rerun before any policy decides, so that all of them see the attribution.
+            self._rerun(pending, replay, "nonfinite")
         for policy in self.policies:
             # Once the step is cancelled, clipping and resetting policies neither act on it nor
             # learn from it; skip/rollback/react policies still see it (incidents are their input),
@@ -466,12 +487,13 @@ class Guard:
             if ctx.amp_overflow and policy.kind != "react":
                 continue
             policy.apply(ctx)
+            if replay is not None and self._spiked(ctx, policy) and self._spike_reruns():
+                # A spike is known only once its detector has run: rerun right after it, so the
+                # policies after it in the chain see the attribution.
+                self._rerun(pending, replay, "spike")
         if ctx.rollback_request is not None and self._rollback is not None and not ctx.rollback:
             # Asked by a policy after rollback in the chain: honoured before the update all the same.
             self._rollback.honour_request(ctx)
-        pending = PendingStep(ctx, stats)
-        if replay is not None and self._nonfinite(ctx):
-            pending.localization = self._localize(replay, ctx.step)
         return pending
 
     def _conclude(self, pending: PendingStep) -> StepReport:
@@ -488,6 +510,8 @@ class Guard:
             raise
         report = self._finish(ctx, stats, stepped)
         report.localization = pending.localization
+        report.rerun = ctx.rerun
+        report.rerun_detail = pending.rerun
         if self.telemetry is not None:
             self.telemetry.after_step(self, ctx, stats, report, stepped, pending.localization)
         return report
@@ -498,12 +522,54 @@ class Guard:
             return False
         return not host.finite or (host.loss is not None and not math.isfinite(host.loss))
 
-    def _localize(self, replay: Callable[[], Tensor], step: int) -> dict[str, Any] | None:
+    @staticmethod
+    def _spiked(ctx: StepContext, policy: Policy) -> bool:
+        """The policy that just ran flagged a finite spike (:meth:`Policy.spiked`), and the step
+        is still the model's own: not rerun yet, not rolled back (the model is then no longer the
+        one that made the step), no AMP overflow."""
+        if ctx.rollback or ctx.amp_overflow or ctx.rerun is not None:
+            return False
+        return policy.spiked(ctx)
+
+    def _spike_reruns(self) -> bool:
+        """Spikes are rerun in a single process only: under DDP/FSDP a rank's rerun sees its own
+        batch's gradient, which cannot be compared with the step's averaged one."""
+        return self._world == 1
+
+    def _rerun(self, pending: PendingStep, replay: Callable[[], Tensor], trigger: str) -> None:
+        """Rerun the failing step once (localize's replay: hooks armed, the model, gradients and
+        RNG restored) and classify it (``localize.attribute``): the attribution goes on the
+        StepContext (for the policies still to decide), the report and the telemetry; for a
+        non-finite step the same replay also gives where the NaN/Inf starts."""
         if self.model is None:
-            return None
+            return
+        from .diagnose.localize import attribute
         from .diagnose.localize import replay as run_replay
 
-        return run_replay(self.model, replay).as_record(step)
+        ctx = pending.ctx
+        loc = run_replay(self.model, replay, measure=self.layout.params)
+        host = ctx.host
+        norm = host.norm if host is not None else float(pending.stats.norm)
+        loss = host.loss if host is not None else None
+        result = attribute(trigger, norm, loss, loc)
+        if self._world > 1:
+            # Every rank reruns the same failing step (the decision to is rank-consistent); the bad
+            # batch may sit on one rank only: reproducible if any rank's rerun reproduced it, so
+            # that every rank acts alike.
+            flag = torch.tensor([float(result == "reproducible")], device=pending.stats.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            result = "reproducible" if flag.item() > 0 else "transient"
+        ctx.rerun, ctx.rerun_trigger = result, trigger
+        pending.rerun = {
+            "result": result,
+            "trigger": trigger,
+            "grad_norm": loc.detail.get("grad_norm"),
+            "loss": loc.detail.get("loss"),
+        }
+        if loc.origin:
+            pending.rerun["origin"] = loc.origin
+        if trigger == "nonfinite":
+            pending.localization = loc.as_record(ctx.step)
 
     def _unscale(self) -> None:
         if self.scaler is None:

@@ -37,6 +37,13 @@ class StepReport:
             it undid are in ``metrics["rollback.skipped_from"]``/``["rollback.skipped_to"]``).
         lr_scale: the factor applied to the LR for this step (``lr_backoff``, ``rollback`` after a
             runaway), 1.0 otherwise.
+        localization: where a non-finite gradient started (a ``localization`` record), when the
+            step was given a ``replay``; else None.
+        rerun: the rerun attribution of a failing step given a ``replay``: ``"transient"`` (the
+            rerun did not reproduce the failure: hardware, nondeterminism), ``"reproducible"`` (it
+            did: the data or the model), or None (no rerun: a healthy step, or no ``replay``).
+        rerun_detail: the rerun's ``result``, ``trigger`` (``nonfinite``/``spike``), ``grad_norm``
+            and ``loss`` (and ``origin`` when it found one), or None.
     Lazy properties (host sync on first access): ``grad_norm`` (global L2 norm before mitigation),
     ``grad_norm_after``, ``clipped``, ``actions`` (policies that acted), ``layers`` (per policy, the
     layer names involved), ``metrics``.
@@ -53,6 +60,8 @@ class StepReport:
         "_policy_kinds",
         "localization",
         "lr_scale",
+        "rerun",
+        "rerun_detail",
         "rolled_back",
         "skip_reason",
         "skipped",
@@ -89,6 +98,9 @@ class StepReport:
         self._cache: dict[str, Any] = {}
         # Where a non-finite gradient started (a localization record), when the step had a replay.
         self.localization: dict[str, Any] | None = None
+        # The rerun attribution, when a failing step had a replay (see the class docstring).
+        self.rerun: str | None = None
+        self.rerun_detail: dict[str, Any] | None = None
 
     def _memo(self, key: str, fn):
         if key not in self._cache:
@@ -167,6 +179,7 @@ class StepReport:
             "actions": list(self.actions),
             "layers": {k: list(v) for k, v in self.layers.items()},
             "metrics": self.metrics,
+            "rerun": self.rerun,
         }
 
     def __repr__(self) -> str:

@@ -134,6 +134,26 @@ def resume_worker(rank: int, out: Path, spec: str, save_at: int, poison: dict) -
     torch.save({"weights": weights(model), "counters": guard.counters}, out / f"rank{rank}.pt")
 
 
+def rerun_worker(rank: int, out: Path, spec: str, poison: dict) -> None:
+    """Rerun attribution: each rank reruns its own slice on the unwrapped module (no collective)."""
+    model = make_model()
+    net = DistributedDataParallel(model)
+    guard = gradguard.Guard(model, make_optimizer(model), spec)
+    reruns = {}
+    for step in range(STEPS):
+        x, y = parallel.rank_slice(global_batch(step, poison), rank, WORLD)
+        guard.optimizer.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+        r = guard.step(
+            loss=parallel.mean_over_ranks(loss),
+            replay=lambda x=x, y=y: nn.functional.cross_entropy(model(x), y),
+        )
+        if r.rerun is not None:
+            reruns[step] = (r.rerun, r.rolled_back)
+    torch.save({"weights": weights(model), "reruns": reruns}, out / f"rank{rank}.pt")
+
+
 def train_run_worker(rank: int, out: Path, cfg: dict) -> None:
     # Only rank 0's log_dir counts: rank 1's folder must stay unwritten.
     result, steps = train_run(RunConfig(**cfg), log_dir=out / f"telemetry{rank}")
@@ -167,6 +187,9 @@ SCENARIOS = {
     "loss_spike_on_one_rank": (ddp_worker, (SPIKE_SPEC, SPIKE, True)),
     "resume": (resume_worker, (RESUME_SPEC, SAVE_AT, RESUME_SPIKE)),
     "train_run": (train_run_worker, (RUN,)),
+    # The NaN sits in one rank's slice: only that rank's rerun reproduces it; the verdict is
+    # reduced, so both roll back alike.
+    "rerun": (rerun_worker, ("rollback:every=2,on=reproducible", NAN)),
 }
 
 
@@ -308,3 +331,16 @@ def test_cli_nproc_2_end_to_end(tmp_path):
 def test_cli_under_torchrun_end_to_end():
     printed = cli(["-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "gradguard"])
     assert float(printed["final_train_loss"]) == pytest.approx(one_process_loss(), rel=1e-5)
+
+
+def test_a_rerun_verdict_is_the_same_on_every_rank(two_ranks):
+    states = per_rank(two_ranks / "rerun")
+    assert (
+        states[0]["reruns"]
+        == states[1]["reruns"]
+        == {
+            5: ("reproducible", True),
+            12: ("reproducible", True),
+        }
+    )
+    assert_close(states[0]["weights"], states[1]["weights"])

@@ -25,6 +25,7 @@ from typing import Any
 from ..errors import ConfigError
 from . import plots
 from .records import RunLog, event_counts, load_run
+from .rerun import rerun_html, rerun_sentences
 from .rules import Finding, diagnose
 
 REPORT_NAME = "report.html"
@@ -237,6 +238,7 @@ def report_html(
         _verdict(run, findings),
         _findings(run, findings),
         _localizations(run),
+        rerun_html(run.steps),
         _events(run),
         _counters(run),
         _figures(figures),
@@ -576,6 +578,7 @@ def terminal_summary(
         )
     if run.localizations:
         lines.append(f"started in: {started_in(run.localizations[0])}")
+    lines.extend(rerun_sentences(run.steps))
     if findings:
         lines.append("findings:")
         for f in findings:

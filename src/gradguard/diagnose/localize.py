@@ -450,8 +450,27 @@ def _stochastic(model: nn.Module) -> list[str]:
     return out
 
 
+def _grad_norm(params: Sequence[Tensor]) -> float:
+    """The global L2 norm of the replay's gradients of ``params`` (float64: exact enough to compare
+    with the step's own norm; inf/NaN when a gradient is non-finite)."""
+    norms = []
+    for p in params:
+        g = p.grad
+        if g is None:
+            continue
+        g = g.detach()
+        if g.is_sparse:
+            g = g.coalesce().values()
+        norms.append(torch.linalg.vector_norm(g.abs().to(torch.float64)).cpu())
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
 def replay(
-    model: nn.Module, closure: Callable[[], Tensor], *, activations: bool = True
+    model: nn.Module,
+    closure: Callable[[], Tensor],
+    *,
+    activations: bool = True,
+    measure: Sequence[Tensor] | None = None,
 ) -> Localization:
     """Re-run one step's computation and find the module where a NaN/Inf starts.
 
@@ -474,6 +493,11 @@ def replay(
 
     When a forward activation is non-finite but the loss is finite (a masked Inf), the phase is
     still ``forward``; the backward result, if any, is in ``detail["backward"]``.
+
+    ``detail["loss"]`` is the replay's loss and ``detail["grad_norm"]`` the global L2 norm of the
+    replay's gradients of ``measure`` (default: every parameter of the model; the Guard passes the
+    parameters it guards), or None when the backward did not run (a non-finite loss): what the
+    Guard's rerun attribution compares with the step's own (:func:`attribute`).
 
     The model is left as it was: every buffer (BatchNorm running stats, ``num_batches_tracked``)
     is restored, each parameter's ``.grad`` is the same tensor as before (``None`` stays ``None``),
@@ -511,9 +535,14 @@ def replay(
                 )
             loss_value = float(loss.detach().float())
             backward = None
+            rerun_norm = None
             if math.isfinite(loss_value) and loss.requires_grad:
                 loss.backward()
                 backward = run.backward_origin()
+                mine = {id(p) for p in params}
+                rerun_norm = _grad_norm(
+                    [p for p in (params if measure is None else measure) if id(p) in mine]
+                )
     finally:
         run.disarm()
         with torch.no_grad():
@@ -525,7 +554,11 @@ def replay(
             p.grad = g
         for m, mode in saved_modes:
             m.training = mode
-    detail: dict[str, Any] = {"loss": loss_value, "modules": len(run.modules)}
+    detail: dict[str, Any] = {
+        "loss": loss_value,
+        "grad_norm": rerun_norm,
+        "modules": len(run.modules),
+    }
     if run.unhooked:
         detail["unhooked"] = run.unhooked[:PATH_LIMIT]
     if stochastic:
@@ -553,3 +586,55 @@ def replay(
         detail.update(more)
         return Localization(origin, "backward", path[:PATH_LIMIT], detail)
     return Localization("", "none", [], detail)
+
+
+# ----- rerun attribution: transient or reproducible -------------------------------------------------
+
+TRANSIENT = "transient"  # the rerun did not reproduce it: hardware, nondeterminism
+REPRODUCIBLE = "reproducible"  # the rerun did: the data or the model
+
+#: How close a rerun's gradient norm (and loss) must be to the step's own for a finite spike to
+#: count as reproduced: relative 1e-2. Megatron-LM's ``validate_result`` takes a tolerance on the
+#: relative difference too (0 by default, for deterministic kernels); 1e-2 absorbs the
+#: nondeterminism of reduction order on accelerators (~1e-6) with a wide margin, and is far below
+#: the factor of a spike (skip_spike's 6 sigma, ZClip's z-score of 2.5).
+RERUN_RTOL = 1e-2
+
+
+def _close(a: float, b: float, rtol: float) -> bool:
+    return math.isfinite(a) and math.isfinite(b) and abs(a - b) <= rtol * max(abs(a), abs(b))
+
+
+def attribute(
+    trigger: str,
+    norm: float,
+    loss: float | None,
+    rerun: Localization,
+    rtol: float = RERUN_RTOL,
+) -> str:
+    """Classify a failing step from its rerun, as Megatron-LM's rerun state machine does: the same
+    result again is ``"reproducible"`` (the data or the model), a different one ``"transient"``
+    (a hardware fault, nondeterminism).
+
+    ``trigger``: ``"nonfinite"`` (the step's gradient or loss was NaN/Inf) or ``"spike"`` (a finite
+    outlier a policy flagged); ``norm``, ``loss``: the step's own gradient norm (before mitigation)
+    and loss; ``rerun``: :func:`replay`'s result. A non-finite step is reproducible when the rerun's
+    loss or gradient norm is non-finite again. A spike is reproducible when the rerun is
+    non-finite, or its gradient norm, and its loss when both are known, are within ``rtol``
+    (relative) of the step's.
+    """
+    if trigger not in ("nonfinite", "spike"):
+        raise ValueError(f"trigger must be 'nonfinite' or 'spike', got {trigger!r}")
+    r_loss = rerun.detail.get("loss")
+    r_norm = rerun.detail.get("grad_norm")
+    bad = (r_loss is not None and not math.isfinite(r_loss)) or (
+        r_norm is not None and not math.isfinite(r_norm)
+    )
+    if bad:
+        return REPRODUCIBLE
+    if trigger == "nonfinite" or r_norm is None:
+        return TRANSIENT
+    same = _close(norm, r_norm, rtol)
+    if loss is not None and r_loss is not None:
+        same = same and _close(loss, r_loss, rtol)
+    return REPRODUCIBLE if same else TRANSIENT

@@ -25,7 +25,10 @@ Record types (key ``"type"``), version 1:
     finite); ``input`` (``mean``, ``std``, ``absmax`` of the batch fed to the model and ``batch``, its
     leading dimension, absent in older files; or null);
     ``amp_scale`` (the GradScaler's scale, or null); ``radius`` (``{layer: spectral radius of its
-    recurrent weights}`` on sampled steps, or null).
+    recurrent weights}`` on sampled steps, or null); ``rerun`` (the rerun attribution of a failing
+    step given a replay: ``result`` ``transient``/``reproducible``, ``trigger``
+    ``nonfinite``/``spike``, the rerun's ``grad_norm`` and ``loss``, ``origin`` when it found one;
+    null, or absent in files written before it existed, when the step was not rerun).
 
 ``event``
     ``step``, ``kind`` (``nonfinite_grad``, ``nonfinite_loss``, ``grad_spike``, ``layer_spike``,

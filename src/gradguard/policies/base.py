@@ -61,6 +61,14 @@ class StepContext:
     anomaly: bool = False
     #: Why a policy asked ``rollback`` to go back to its last trusted snapshot (None: nobody did).
     rollback_request: str | None = None
+    #: Rerun attribution (``guard.step(replay=...)``): ``"transient"`` (the rerun did not reproduce
+    #: the failure: hardware, nondeterminism), ``"reproducible"`` (it did: the data or the model),
+    #: or None (no rerun). Set as soon as the step is known to fail: before every policy for a
+    #: non-finite step, right after the policy that flagged a spike otherwise; the policies after
+    #: that point read it (``rollback:on=reproducible``).
+    rerun: str | None = None
+    #: What made the Guard rerun the step: ``"nonfinite"`` or ``"spike"`` (None: no rerun).
+    rerun_trigger: str | None = None
     lr_scale: float = 1.0
     acted: dict[str, Tensor | bool] = field(default_factory=dict)
     layers: dict[str, Tensor | list[int]] = field(default_factory=dict)
@@ -171,6 +179,14 @@ class Policy:
 
     def apply(self, ctx: StepContext) -> None:
         raise NotImplementedError
+
+    def spiked(self, ctx: StepContext) -> bool:
+        """Right after :meth:`apply`: whether this policy flagged this step's gradient norm or
+        loss as a finite spike, read from what it recorded (host values only: never a sync). With
+        ``guard.step(replay=...)`` the Guard then reruns the step for its attribution
+        (``StepContext.rerun``). False by default; the spike detectors (``skip_spike``, ``zclip``,
+        ``adaptive_clip``) say when they did."""
+        return False
 
     def after_step(self, ctx: StepContext, stepped: bool) -> None:
         """Called after the optimizer step (or the skip): e.g. to take a snapshot."""

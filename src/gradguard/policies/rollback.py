@@ -295,6 +295,15 @@ class rollback(Policy):
       ``max_runaways`` in the whole run, raise
       :class:`~gradguard.errors.TrainingHalted` (reason ``runaway_exhausted``).
 
+    **Rerun attribution** (``on``, with ``guard.step(replay=...)``): ``on="any"`` (the default)
+    rolls back on every non-finite step, as above. ``on="reproducible"`` acts on what the step's
+    rerun showed (``StepContext.rerun``): a non-finite step whose rerun was finite again
+    (``transient``: hardware, nondeterminism) is only skipped, with nothing restored; one whose
+    rerun was non-finite again (``reproducible``: the state or the data) rolls back and records its
+    steps as skipped data, as above; so does a spike that a policy before this one in the chain
+    skipped (``skip_spike+rollback:on=reproducible``) when its rerun reproduced it. A step without
+    a rerun (no ``replay`` given) is handled as with ``on="any"``.
+
     A non-finite value while the loss is already high ends the runaway: it is handled as one.
     Another policy can ask for the same recovery with :meth:`StepContext.request_rollback`
     (e.g. an update/weight ratio far above its history); it is honoured before the update.
@@ -341,6 +350,7 @@ class rollback(Policy):
         lr_factor: float = 0.5,
         lr_recover: int = 100,
         max_runaways: int = 20,
+        on: Literal["any", "reproducible"] = "any",
     ):
         super().__init__()
 
@@ -377,6 +387,12 @@ class rollback(Policy):
             raise SpecError(f"lr_factor must be in (0, 1] (1: no LR cut), got {lr_factor!r}")
         self.lr_recover = count("lr_recover", lr_recover, 1)
         self.max_runaways = count("max_runaways", max_runaways, 1)
+        if on not in ("any", "reproducible"):
+            raise SpecError(
+                f"on must be 'any' (roll back on every non-finite step) or 'reproducible' (only "
+                f"when the step's rerun reproduced it; needs guard.step(replay=...)), got {on!r}"
+            )
+        self.on = on
         self.state = {
             "snapshot_step": None,
             "since_snapshot": 0,
@@ -754,8 +770,19 @@ class rollback(Policy):
             self.take_snapshot(ctx.step)
         loss = host.loss
         bad = not host.finite or (loss is not None and not math.isfinite(loss))
+        if bad and self.on == "reproducible" and ctx.rerun == "transient":
+            # The rerun came out finite: a hardware fault or nondeterminism, not the state or the
+            # data. Nothing to undo: the step is only skipped.
+            ctx.request_skip("nonfinite_grad" if not host.finite else "nonfinite_loss")
+            ctx.record(self.name, False)
+            return
         if bad:
             self.recover(ctx, "nonfinite")
+            return
+        if self.on == "reproducible" and ctx.rerun == "reproducible" and ctx.skip:
+            # A spike a policy before this one skipped, and the rerun made it again: the state x
+            # the data makes it (PaLM's spikes); go back to the snapshot and skip the data.
+            self.recover(ctx, "spike")
             return
         if ctx.rollback_request is not None:
             self.honour_request(ctx)

@@ -211,6 +211,12 @@ class RulePolicy(Policy):
             self.state = to_host(self.fields(), self.state)
         return self.state
 
+    def spiked(self, ctx: StepContext) -> bool:
+        """A rule that reports ``<name>.spike`` (``zclip``, ``adaptive_clip``) flagged this step
+        when that metric is 1.0 on the host path (a device tensor there is not read: no sync)."""
+        value = ctx.metrics.get(f"{self.name}.spike")
+        return not isinstance(value, torch.Tensor) and value is not None and float(value) == 1.0
+
     def apply(self, ctx: StepContext) -> None:
         stats = ctx.stats
         if not stats.grads:

@@ -132,6 +132,10 @@ class skip_spike(Policy):
         for k, v in values.items():
             self._windows[k].append(v)
 
+    def spiked(self, ctx: StepContext) -> bool:
+        """It skipped this step for a spike (a finite outlier, or a non-finite value)."""
+        return ctx.acted.get(self.name) is True and (ctx.skip_reason or "").startswith("spike_")
+
     def state_dict(self) -> dict:
         state = {k: list(w) for k, w in self._windows.items()}
         state.update({f"{k}_outliers": list(run) for k, run in self._outliers.items()})

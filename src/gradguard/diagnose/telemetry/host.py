@@ -76,4 +76,5 @@ def step_record(pending: PendingStep) -> dict[str, Any]:
         "amp_scale": f.get("amp_scale"),
         "radius": f.get("radius"),
         "metrics": metrics,
+        "rerun": f.get("rerun"),
     }

@@ -166,6 +166,7 @@ class Telemetry:
         vec.add_metrics(ctx)
         if localization is not None:
             vec.fields["localization"] = localization
+        vec.fields["rerun"] = report.rerun_detail
         self._pending.append(vec.send())
         # Process what has landed; keep at most one step in flight.
         while self._pending and (len(self._pending) > 1 or self._pending[0].ready()):
@@ -182,7 +183,8 @@ class Telemetry:
         if localization is None and rec["nonfinite_layers"]:
             localization = self._localize(rec)
         self._window.push(rec)
-        incident = bool(events) or localization is not None
+        # A rerun step is kept whole (its attribution is the report's sentence).
+        incident = bool(events) or localization is not None or rec["rerun"] is not None
         if incident:
             self._write_incident(rec, events, localization)
         elif self._window.keeps(rec["step"]):
