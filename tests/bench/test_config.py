@@ -132,3 +132,17 @@ def test_every_suite_expands_and_validates(name):
 def test_full_is_the_union_of_the_others():
     parts = [c for n in ("quick", "seed", "rnn", "transformer") for c in suite(n)]
     assert suite("full") == parts
+
+
+def test_the_seed_suite_has_every_mitigation_the_document_names():
+    """ResNet-50 on digits with Leaky ReLU, Dropout, Momentum, Nesterov and batch norm on and off,
+    beside the Guard's policies: each resolves to a model the registry builds."""
+    configs = suite("seed")
+    assert {c.model for c in configs} == {"resnet50"}
+    on = {c.mitigation for c in configs if c.model_options.get("norm", "batch") == "batch"}
+    off = {c.mitigation for c in configs if c.model_options.get("norm") == "none"}
+    document = {"leaky_relu", "dropout", "momentum", "nesterov"}
+    assert document | {"none", "default", "clip_norm:1.0"} <= on & off
+    assert "batchnorm" in off  # batch norm back on, beside the same runs without it
+    dropout = next(c for c in configs if c.mitigation == "dropout")
+    assert resolve(dropout).model_options == {"dropout": 0.1}

@@ -121,6 +121,49 @@ def test_resnet_options():
     assert flat(torch.randn(2, 64)).shape == (2, 10)  # 8x8 digits given as 64 features
 
 
+def test_resnet_dropout_sits_before_the_classifier():
+    torch.manual_seed(0)
+    model = build_model("resnet18", (1, 8, 8), 10, dropout=0.5)
+    pooled, fed = [], []
+    model.dropout.register_forward_hook(lambda _m, args, out: pooled.append((args[0], out)))
+    model.fc.register_forward_pre_hook(lambda _m, args: fed.append(args[0]))
+    x = torch.randn(16, 1, 8, 8)
+    model.train()
+    model(x)
+    (features, dropped), (into_fc,) = pooled[0], fed
+    assert features.shape == (16, 512)  # the pooled features, right before the classifier
+    assert into_fc is dropped
+    live = features != 0
+    zeroed = (dropped == 0) & live
+    assert 0.35 < zeroed.float().sum() / live.float().sum() < 0.65  # about half dropped
+    kept = live & ~zeroed
+    torch.testing.assert_close(dropped[kept], 2 * features[kept])  # the rest scaled by 1/(1-p)
+    model.eval()
+    model(x)
+    features, out = pooled[1]
+    assert torch.equal(features, out)  # no dropout in evaluation
+    # Nowhere else, and none by default.
+    assert sum(isinstance(m, nn.Dropout) for m in model.modules()) == 1
+    assert not has(build_model("resnet18", (1, 8, 8), 10), nn.Dropout)
+
+
+def test_resnet_without_batch_norm_is_the_same_network_minus_its_norms():
+    on = build_model("resnet50", (3, 8, 8), 10)
+    off = build_model("resnet50", (3, 8, 8), 10, norm="none")
+    assert not has(off, nn.BatchNorm2d)
+    bn_params = sum(
+        p.numel() for m in on.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()
+    )
+    n_on, n_off = (sum(p.numel() for p in m.parameters()) for m in (on, off))
+    assert n_off == n_on - bn_params
+    assert [n for n, m in on.named_modules() if isinstance(m, nn.Conv2d)] == [
+        n for n, m in off.named_modules() if isinstance(m, nn.Conv2d)
+    ]
+    assert off(torch.randn(2, 3, 8, 8)).shape == (2, 10)
+    with pytest.raises(ConfigError, match="zero_init_residual"):
+        build_model("resnet50", (3, 8, 8), 10, norm="none", zero_init_residual=True)
+
+
 # ----------------------------------------------------------------------------- mlp and cnn
 
 
@@ -333,6 +376,8 @@ def test_unknown_option_lists_the_valid_ones():
         ("mlp", (64,), {"init_scale": 0}, "init_scale=0.0 must be a positive"),
         ("resnet50", (3, 8, 8), {"activation": "tanh"}, "is not one of relu, leaky_relu"),
         ("resnet18", (3, 8, 8), {"small_input": "no"}, "small_input='no' is not a boolean"),
+        ("resnet50", (3, 8, 8), {"norm": "layer"}, "norm='layer' is not one of batch, none"),
+        ("resnet50", (3, 8, 8), {"dropout": 1.0}, r"dropout=1.0 must be in \[0, 1\)"),
         ("cnn", (64,), {}, r"cnn: input_shape must be \(C, H, W\) or \(H, W\)"),
         ("rnn", (6, 3, 2), {}, r"input_shape must be \(T, F\)"),
         ("lstm", (6, 3), {"hidden": 0}, "hidden=0 must be >= 1"),

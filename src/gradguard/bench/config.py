@@ -349,6 +349,7 @@ SUITES: dict[str, list[Grid]] = {
                 "mitigation": [
                     "none",
                     "leaky_relu",
+                    "dropout",  # before the classifier, where a ResNet has it
                     "momentum",
                     "nesterov",
                     "clip_norm:1.0",
@@ -358,7 +359,29 @@ SUITES: dict[str, list[Grid]] = {
                 ],
                 "seed": [0, 1, 2],
             },
-        )
+        ),
+        # Batch norm off (the document's "batch norm on and off"): the same ResNet-50 with each
+        # BN an identity; `batchnorm` puts it back, so on and off sit side by side.
+        (
+            {"steps": 200, "batch_size": 64, "eval_every": 50, "model_options": {"norm": "none"}},
+            {
+                "task": ["digits"],
+                "model": ["resnet50"],
+                "optimizer": ["sgd"],
+                "lr": [0.01, 0.1, 0.5],
+                "mitigation": [
+                    "none",
+                    "batchnorm",
+                    "leaky_relu",
+                    "dropout",
+                    "momentum",
+                    "nesterov",
+                    "clip_norm:1.0",
+                    "default",
+                ],
+                "seed": [0, 1, 2],
+            },
+        ),
     ],
     # The pathological long-sequence problems (Hochreiter & Schmidhuber 1997; Pascanu et al. 2013)
     # at T=20 with plain SGD, Pascanu et al.'s setting: a vanilla tanh RNN whose recurrent weights

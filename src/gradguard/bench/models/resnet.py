@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ...errors import ConfigError
-from .common import _at_least, _doc, _image_shape
+from .common import _at_least, _doc, _image_shape, _probability
 from .registry import register
 
 
@@ -27,16 +27,19 @@ class BasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, c_in: int, planes: int, stride: int, downsample: nn.Module | None, act):
+    def __init__(
+        self, c_in: int, planes: int, stride: int, downsample: nn.Module | None, act, norm=None
+    ):
         super().__init__()
+        norm = norm or nn.BatchNorm2d
         self.conv1 = _conv3x3(c_in, planes, stride)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = norm(planes)
         self.conv2 = _conv3x3(planes, planes)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = norm(planes)
         self.act = act()
         self.downsample = downsample
 
-    def last_bn(self) -> nn.BatchNorm2d:
+    def last_bn(self) -> nn.Module:
         return self.bn2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -51,18 +54,21 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, c_in: int, planes: int, stride: int, downsample: nn.Module | None, act):
+    def __init__(
+        self, c_in: int, planes: int, stride: int, downsample: nn.Module | None, act, norm=None
+    ):
         super().__init__()
+        norm = norm or nn.BatchNorm2d
         self.conv1 = _conv1x1(c_in, planes)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = norm(planes)
         self.conv2 = _conv3x3(planes, planes, stride)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = norm(planes)
         self.conv3 = _conv1x1(planes, planes * self.expansion)
-        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.bn3 = norm(planes * self.expansion)
         self.act = act()
         self.downsample = downsample
 
-    def last_bn(self) -> nn.BatchNorm2d:
+    def last_bn(self) -> nn.Module:
         return self.bn3
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,9 +92,15 @@ class ResNet(nn.Module):
         activation: str,
         leak: float,
         zero_init_residual: bool,
+        dropout: float = 0.0,
+        norm: str = "batch",
     ):
         super().__init__()
         channels = input_shape[0]
+
+        def bn(c: int) -> nn.Module:  # norm="none": the same network without batch norm
+            return nn.BatchNorm2d(c) if norm == "batch" else nn.Identity()
+
         self.input_shape = input_shape
 
         def act() -> nn.Module:
@@ -100,11 +112,13 @@ class ResNet(nn.Module):
         else:  # ImageNet stem: 7x7/2 conv then 3x3/2 max-pool, 4x smaller per side
             self.conv1 = nn.Conv2d(channels, 64, 7, stride=2, padding=3, bias=False)
             self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        self.bn1 = nn.BatchNorm2d(64)
+        self.bn1 = bn(64)
         self.act = act()
-        stages, c_in = _stages(block, layers, act)
+        stages, c_in = _stages(block, layers, act, bn)
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.avgpool = nn.AdaptiveAvgPool2d(1)
+        # Dropout where a ResNet usually has it: on the pooled features, before the classifier.
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.fc = nn.Linear(c_in, num_outputs)
         _init_resnet(self, activation, leak, zero_init_residual)
 
@@ -112,11 +126,14 @@ class ResNet(nn.Module):
         x = x.reshape(x.shape[0], *self.input_shape)  # accepts flat features too
         x = self.maxpool(self.act(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        return self.fc(self.dropout(torch.flatten(self.avgpool(x), 1)))
 
 
 def _stages(
-    block: type[BasicBlock | Bottleneck], layers: list[int], act: Callable[[], nn.Module]
+    block: type[BasicBlock | Bottleneck],
+    layers: list[int],
+    act: Callable[[], nn.Module],
+    norm: Callable[[int], nn.Module] = nn.BatchNorm2d,
 ) -> tuple[list[nn.Sequential], int]:
     """The four stages (64, 128, 256, 512 planes; stride 2 from the second on) and the channels
     they end with."""
@@ -127,9 +144,9 @@ def _stages(
         c_out = planes * block.expansion
         downsample = None
         if stride != 1 or c_in != c_out:
-            downsample = nn.Sequential(_conv1x1(c_in, c_out, stride), nn.BatchNorm2d(c_out))
-        blocks = [block(c_in, planes, stride, downsample, act)]
-        blocks += [block(c_out, planes, 1, None, act) for _ in range(n - 1)]
+            downsample = nn.Sequential(_conv1x1(c_in, c_out, stride), norm(c_out))
+        blocks = [block(c_in, planes, stride, downsample, act, norm)]
+        blocks += [block(c_out, planes, 1, None, act, norm) for _ in range(n - 1)]
         stages.append(nn.Sequential(*blocks))
         c_in = c_out
     return stages, c_in
@@ -160,15 +177,32 @@ def _resnet(
     activation: str,
     leak: float,
     zero_init_residual: bool,
+    dropout: float = 0.0,
+    norm: str = "batch",
 ) -> ResNet:
     _at_least("leak", leak, 0.0)
+    _probability("dropout", dropout)
+    if zero_init_residual and norm == "none":
+        raise ConfigError(
+            "zero_init_residual zeroes each block's last batch-norm scale; with norm='none' there "
+            "is none: leave one of them out"
+        )
     shape = _image_shape(input_shape)
     if small_input is None:
         small_input = shape[1] <= 64 and shape[2] <= 64
     elif not isinstance(small_input, bool):
         raise ConfigError(f"small_input={small_input!r} is not a boolean (or None: by input size)")
     return ResNet(
-        block, layers, shape, num_outputs, small_input, activation, leak, zero_init_residual
+        block,
+        layers,
+        shape,
+        num_outputs,
+        small_input,
+        activation,
+        leak,
+        zero_init_residual,
+        dropout,
+        norm,
     )
 
 
@@ -180,10 +214,14 @@ _RESNET_DOC = """ResNet-{depth} (He et al. 2016, "Deep Residual Learning"): {des
     7x7/2 stem and 3x3/2 max-pool for a 3x3 stride-1 stem, as usual for 8x8 to 32x32 images.
     ``activation`` is ``relu`` or ``leaky_relu`` (slope ``leak``); ``zero_init_residual`` zeroes
     each block's last BN scale so the block starts as the identity (Goyal et al. 2017), off by
-    default as in torchvision. Input ``(C, H, W)`` or ``(H, W)``; a batch may come flat.
+    default as in torchvision. ``dropout`` (default 0) is applied to the pooled features before
+    the classifier, where a ResNet usually has it; ``norm="none"`` is the same network without
+    batch norm (each BN an identity; the seed document's "batch norm off"). Input ``(C, H, W)``
+    or ``(H, W)``; a batch may come flat.
     """
 
 ResNetActivation = Literal["relu", "leaky_relu"]
+ResNetNorm = Literal["batch", "none"]
 
 
 @register("resnet18", inputs="image")
@@ -196,6 +234,8 @@ def resnet18(
     activation: ResNetActivation = "relu",
     leak: float = 0.01,
     zero_init_residual: bool = False,
+    dropout: float = 0.0,
+    norm: ResNetNorm = "batch",
 ) -> nn.Module:
     return _resnet(
         BasicBlock,
@@ -206,6 +246,8 @@ def resnet18(
         activation,
         leak,
         zero_init_residual,
+        dropout,
+        norm,
     )
 
 
@@ -219,6 +261,8 @@ def resnet34(
     activation: ResNetActivation = "relu",
     leak: float = 0.01,
     zero_init_residual: bool = False,
+    dropout: float = 0.0,
+    norm: ResNetNorm = "batch",
 ) -> nn.Module:
     return _resnet(
         BasicBlock,
@@ -229,6 +273,8 @@ def resnet34(
         activation,
         leak,
         zero_init_residual,
+        dropout,
+        norm,
     )
 
 
@@ -247,6 +293,8 @@ def resnet50(
     activation: ResNetActivation = "relu",
     leak: float = 0.01,
     zero_init_residual: bool = False,
+    dropout: float = 0.0,
+    norm: ResNetNorm = "batch",
 ) -> nn.Module:
     return _resnet(
         Bottleneck,
@@ -257,4 +305,6 @@ def resnet50(
         activation,
         leak,
         zero_init_residual,
+        dropout,
+        norm,
     )
