@@ -79,6 +79,11 @@ def test_lazy_module_puts_the_real_module_in_place_and_patches_reach_through(mon
         _ = held.no_such_name
     with pytest.raises(ModuleNotFoundError):
         _ = LazyModule("gradguard_no_such_module").x
+    import copy
+    import pickle
+
+    for twin in (copy.deepcopy(held), pickle.loads(pickle.dumps(held))):  # no endless lookup
+        assert twin.pi == math.pi
 
 
 def test_the_core_holds_real_torch_once_it_is_used():

@@ -27,6 +27,8 @@ class LazyModule:
         self._lazy_name = name
 
     def __getattr__(self, attr: str) -> Any:  # every read through a proxy still held somewhere
+        if attr == "_lazy_name":  # a copy made without __init__ (pickle, copy): not a module
+            raise AttributeError(attr)
         module = importlib.import_module(self._lazy_name)
         self._bind(module)
         return getattr(module, attr)
