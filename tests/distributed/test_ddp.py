@@ -295,7 +295,12 @@ def test_train_refuses_bad_process_counts_up_front(capsys, monkeypatch):
     assert "under torchrun" in capsys.readouterr().err
 
 
-CLI_ARGS = ["train", "--task", "digits", "--model", "mlp", "--steps", "20", "--batch-size", "32"]
+# The RunConfig defaults below (plain SGD, the registry's 4x128 MLP), not train's own defaults.
+CLI_ARGS = [
+    *("train", "--task", "digits", "--model", "mlp", "--optimizer", "sgd", "--lr", "0.1"),
+    *("--model-option", "depth=4", "--model-option", "width=128"),
+    *("--steps", "20", "--batch-size", "32"),
+]
 
 
 def cli(launcher: list[str], extra: list[str] = ()) -> dict[str, str]:

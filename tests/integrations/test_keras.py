@@ -650,7 +650,7 @@ def test_telemetry_callback_feeds_gradguard_report(tmp_path):
 # ----- the bench variant ---------------------------------------------------------------------------
 def test_keras_bench_variant_runs_end_to_end_into_the_results_database(tmp_path):
     from gradguard.bench.config import RunConfig, expand_grid
-    from gradguard.bench.runner import run_grid
+    from gradguard.bench.runner import run_grid, telemetry_dir
 
     (cfg,) = expand_grid(
         # The seed document's TensorFlow scenario, small: an MLP with Dropout, SGD + momentum.
@@ -682,7 +682,7 @@ def test_keras_bench_variant_runs_end_to_end_into_the_results_database(tmp_path)
         rows = db.execute("SELECT step, metrics FROM steps ORDER BY step").fetchall()
     steps = [{"step": k, **json.loads(m)} for k, m in rows]
     assert len(steps) == 30 and [s["step"] for s in steps if s["skipped"]] == [5]
-    log = load_run(tmp_path / "runs" / row["key"])
+    log = load_run(telemetry_dir(tmp_path, row["key"], row["config"]))
     assert log.layers == ["fc0", "fc1", "head"]
     assert [e["step"] for e in log.events if e["kind"] == "nonfinite_grad"] == [5]
 
