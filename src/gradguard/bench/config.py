@@ -318,6 +318,36 @@ DEFAULT_SETUP: dict[str, Any] = {
     "model_options": {"depth": 12, "width": 64},
 }
 
+#: The seed document's scenario (the ``seed`` suite): ResNet-50 on the digits, plain SGD.
+_SEED_BASE: dict[str, Any] = {"steps": 200, "batch_size": 64, "eval_every": 50}
+_SEED_AXES: dict[str, list[Any]] = {
+    "task": ["digits"],
+    "model": ["resnet50"],
+    "optimizer": ["sgd"],
+    "lr": [0.01, 0.1, 0.5],
+}
+SEED_MITIGATIONS = (
+    "none",
+    "leaky_relu",
+    "dropout",  # before the classifier, where a ResNet has it
+    "momentum",
+    "nesterov",
+    "clip_norm:1.0",
+    "clip_layerwise:factor=3",
+    "agc:0.01",
+    "default",
+)
+SEED_MITIGATIONS_BN_OFF = (
+    "none",
+    "batchnorm",
+    "leaky_relu",
+    "dropout",
+    "momentum",
+    "nesterov",
+    "clip_norm:1.0",
+    "default",
+)
+
 SUITES: dict[str, list[Grid]] = {
     # Handwritten digits, a deep plain MLP (12 Linear+ReLU layers, He init, no normalization), SGD
     # with momentum 0.9: from an LR where it trains well unguarded (0.01) to ones where it diverges
@@ -339,48 +369,12 @@ SUITES: dict[str, list[Grid]] = {
     # (LeakyReLU, momentum, Nesterov) beside clipping, layer-wise clipping and the default. Heavy on
     # a CPU (ResNet-50 steps): run it with --workers and time to spare.
     "seed": [
-        (
-            {"steps": 200, "batch_size": 64, "eval_every": 50},
-            {
-                "task": ["digits"],
-                "model": ["resnet50"],
-                "optimizer": ["sgd"],
-                "lr": [0.01, 0.1, 0.5],
-                "mitigation": [
-                    "none",
-                    "leaky_relu",
-                    "dropout",  # before the classifier, where a ResNet has it
-                    "momentum",
-                    "nesterov",
-                    "clip_norm:1.0",
-                    "clip_layerwise:factor=3",
-                    "agc:0.01",
-                    "default",
-                ],
-                "seed": [0, 1, 2],
-            },
-        ),
+        (_SEED_BASE, {**_SEED_AXES, "mitigation": list(SEED_MITIGATIONS), "seed": [0, 1, 2]}),
         # Batch norm off (the document's "batch norm on and off"): the same ResNet-50 with each
         # BN an identity; `batchnorm` puts it back, so on and off sit side by side.
         (
-            {"steps": 200, "batch_size": 64, "eval_every": 50, "model_options": {"norm": "none"}},
-            {
-                "task": ["digits"],
-                "model": ["resnet50"],
-                "optimizer": ["sgd"],
-                "lr": [0.01, 0.1, 0.5],
-                "mitigation": [
-                    "none",
-                    "batchnorm",
-                    "leaky_relu",
-                    "dropout",
-                    "momentum",
-                    "nesterov",
-                    "clip_norm:1.0",
-                    "default",
-                ],
-                "seed": [0, 1, 2],
-            },
+            {**_SEED_BASE, "model_options": {"norm": "none"}},
+            {**_SEED_AXES, "mitigation": list(SEED_MITIGATIONS_BN_OFF), "seed": [0, 1, 2]},
         ),
     ],
     # The pathological long-sequence problems (Hochreiter & Schmidhuber 1997; Pascanu et al. 2013)

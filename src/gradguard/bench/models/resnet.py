@@ -28,10 +28,9 @@ class BasicBlock(nn.Module):
     expansion = 1
 
     def __init__(
-        self, c_in: int, planes: int, stride: int, downsample: nn.Module | None, act, norm=None
+        self, c_in: int, planes: int, stride: int, downsample: nn.Module | None, act, norm
     ):
         super().__init__()
-        norm = norm or nn.BatchNorm2d
         self.conv1 = _conv3x3(c_in, planes, stride)
         self.bn1 = norm(planes)
         self.conv2 = _conv3x3(planes, planes)
@@ -55,10 +54,9 @@ class Bottleneck(nn.Module):
     expansion = 4
 
     def __init__(
-        self, c_in: int, planes: int, stride: int, downsample: nn.Module | None, act, norm=None
+        self, c_in: int, planes: int, stride: int, downsample: nn.Module | None, act, norm
     ):
         super().__init__()
-        norm = norm or nn.BatchNorm2d
         self.conv1 = _conv1x1(c_in, planes)
         self.bn1 = norm(planes)
         self.conv2 = _conv3x3(planes, planes, stride)
@@ -133,7 +131,7 @@ def _stages(
     block: type[BasicBlock | Bottleneck],
     layers: list[int],
     act: Callable[[], nn.Module],
-    norm: Callable[[int], nn.Module] = nn.BatchNorm2d,
+    norm: Callable[[int], nn.Module],
 ) -> tuple[list[nn.Sequential], int]:
     """The four stages (64, 128, 256, 512 planes; stride 2 from the second on) and the channels
     they end with."""
