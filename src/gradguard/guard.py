@@ -298,8 +298,8 @@ class Guard:
 
         * the attribution, ``report.rerun``: ``"reproducible"`` (the rerun failed again: non-finite
           again, or a spike whose gradient norm and loss are within 1e-2 relative of the step's:
-          the data or the model) or ``"transient"`` (it did not: hardware, nondeterminism), as
-          Megatron-LM's rerun state machine classifies. ``report.rerun_detail`` holds the rerun's
+          the data or the model) or ``"transient"`` (it did not: hardware, nondeterminism), in
+          the terms of Megatron-LM's rerun state machine (its rule, not its code). ``report.rerun_detail`` holds the rerun's
           norm and loss; both go to the telemetry;
         * for a non-finite step, the module where the NaN/Inf starts, ``report.localization``.
 

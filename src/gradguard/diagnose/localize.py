@@ -612,7 +612,8 @@ def attribute(
     rerun: Localization,
     rtol: float = RERUN_RTOL,
 ) -> str:
-    """Classify a failing step from its rerun, as Megatron-LM's rerun state machine does: the same
+    """Classify a failing step from its rerun, in the terms of Megatron-LM's rerun state machine
+    (its rule; not tested against its code, which needs Megatron's training loop): the same
     result again is ``"reproducible"`` (the data or the model), a different one ``"transient"``
     (a hardware fault, nondeterminism).
 
