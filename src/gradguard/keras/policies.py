@@ -649,7 +649,11 @@ class lr_backoff(KerasPolicy):
     """Multiply the LR by ``factor`` when ``events`` incidents (skipped steps, spikes a clip
     mitigated) happen within ``window`` steps;
     after ``window`` calm steps grow it back so one cut is undone over ``recover`` steps (never
-    below ``min_scale``). Applied around the inner optimizer's step only."""
+    below ``min_scale``). Applied around the inner optimizer's step only.
+
+    The torch version counts a clipped spike only where the step's loss is out of line too
+    (``loss_z``); a Keras optimizer is never given the loss, so here every spike counts, as the
+    torch version does when ``guard.step()`` gets no loss."""
 
     reference = _lr_backoff
     metrics = ("lr_scale",)

@@ -59,6 +59,10 @@ class StepContext:
     #: A policy saw a finite anomaly it mitigated (a clip far above the run's own level): an
     #: incident for the reacting policies (``lr_backoff``), though the step is taken.
     anomaly: bool = False
+    #: A policy's own evidence (already tested against the loss) says the LR is above what the
+    #: model tolerates: an incident the reacting policies count as it is, with no test of their
+    #: own (``update_clip``'s persistently binding bound).
+    unstable: bool = False
     #: Why a policy asked ``rollback`` to go back to its last trusted snapshot (None: nobody did).
     rollback_request: str | None = None
     #: Rerun attribution (``guard.step(replay=...)``): ``"transient"`` (the rerun did not reproduce
@@ -110,9 +114,14 @@ class StepContext:
 
     @property
     def event(self) -> bool:
-        """Whether this step already counts as an incident (a skip, a rollback or an anomaly; an
-        AMP overflow is the scaler's normal operation, not one)."""
-        return self.rollback or self.anomaly or (self.skip and self.skip_reason != "amp_overflow")
+        """Whether this step already counts as an incident (a skip, a rollback, an anomaly or an
+        instability; an AMP overflow is the scaler's normal operation, not one)."""
+        return (
+            self.rollback
+            or self.anomaly
+            or self.unstable
+            or (self.skip and self.skip_reason != "amp_overflow")
+        )
 
 
 @dataclass(eq=False)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import math
+import statistics
 from typing import Any
 
 from ..errors import SpecError
 from .base import Policy, StepContext, check_keys, check_number, check_numbers, refuse_state
 from .registry import register
 from .xp import HOST, ArrayNamespace
+
+#: MAD to standard deviation for a normal distribution.
+MAD_TO_STD = 1.4826
 
 
 @register
@@ -16,6 +21,17 @@ class lr_backoff(Policy):
     the policies before it in the chain) happen within ``window`` steps; after ``window`` calm
     steps, grow it back geometrically so that one cut is undone over ``recover`` steps. The scale
     never goes below ``min_scale``.
+
+    What counts: a skipped or rolled-back step, and an instability a policy has already tested
+    against the loss (``update_clip``'s persistently binding bound), always; a finite spike that a
+    clip mitigated (``adaptive_clip``'s), only where the step's loss is out of line too: above the
+    median of the last ``loss_window`` finite losses by more than ``loss_z`` robust standard
+    deviations (1.4826 x their median absolute deviation). A gradient spike with a calm or falling
+    loss is the run's own dynamics (a network whose gradient norm rises as it starts to learn, a
+    rare hard batch): the clip has already bounded it, and cutting the LR for it only slows a
+    healthy run (measured in docs/policies.md#the-default). A run going unstable shows it in the
+    loss as well. ``loss_z=0``, no loss given to ``guard.step(loss=...)``, or fewer than 8 losses
+    seen: every spike counts.
 
     The scale is applied only around the optimizer step (the param groups' ``lr`` is restored right
     after), so LR schedulers see and set their own values untouched and compose with it.
@@ -32,26 +48,52 @@ class lr_backoff(Policy):
         window: int = 50,
         recover: int = 200,
         min_scale: float = 1e-3,
+        loss_z: float = 2.0,
+        loss_window: int = 32,
     ):
         super().__init__()
         if not 0.0 < factor < 1.0:
             raise SpecError(f"factor must be in (0, 1), got {factor!r}")
-        for n, v in (("events", events), ("window", window), ("recover", recover)):
+        for n, v in (
+            ("events", events),
+            ("window", window),
+            ("recover", recover),
+            ("loss_window", loss_window),
+        ):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise SpecError(f"{n} must be an integer >= 1, got {v!r}")
         if not 0.0 < min_scale <= 1.0:
             raise SpecError(f"min_scale must be in (0, 1], got {min_scale!r}")
+        if not isinstance(loss_z, (int, float)) or isinstance(loss_z, bool):
+            raise SpecError(f"loss_z must be a number >= 0, got {loss_z!r}")
+        if not (math.isfinite(loss_z) and loss_z >= 0):
+            raise SpecError(f"loss_z must be a finite number >= 0, got {loss_z!r}")
         self.factor = float(factor)
         self.events = events
         self.window = window
         self.recover = recover
         self.min_scale = float(min_scale)
-        self.state = {"scale": 1.0, "recent": [], "last_event": None, "cuts": 0}
+        self.loss_z = float(loss_z)
+        self.loss_window = loss_window
+        self.state = {"scale": 1.0, "recent": [], "last_event": None, "cuts": 0, "losses": []}
 
     def check_state(self, state) -> None:
         """``scale`` in (0, 1], ``recent`` and ``last_event`` step numbers (``last_event`` None
-        before the first incident), ``cuts`` an integer >= 0."""
-        check_keys(self.name, state, ("scale", "recent", "last_event", "cuts"))
+        before the first incident), ``cuts`` an integer >= 0, ``losses`` the recent finite losses
+        (optional: a state saved before it existed loads with none)."""
+        check_keys(
+            self.name, state, ("scale", "recent", "last_event", "cuts"), optional=("losses",)
+        )
+        if "losses" in state:
+            losses = state["losses"]
+            if not isinstance(losses, (list, tuple)) or len(losses) > self.loss_window:
+                refuse_state(
+                    self.name,
+                    "losses",
+                    losses,
+                    f"it must be a list of at most loss_window={self.loss_window} losses",
+                )
+            check_numbers(self.name, "losses", losses)
         check_number(self.name, "scale", state["scale"])
         if not 0.0 < state["scale"] <= 1.0:
             refuse_state(self.name, "scale", state["scale"], "the LR scale must be in (0, 1]")
@@ -61,15 +103,41 @@ class lr_backoff(Policy):
         )
         check_number(self.name, "cuts", state["cuts"], integer=True, nonneg=True)
 
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict({"losses": [], **state})
+
+    def counts(self, ctx: StepContext) -> bool:
+        """Whether this step is an incident for the backoff (see the class docstring)."""
+        hard = ctx.rollback or ctx.unstable or (ctx.skip and ctx.skip_reason != "amp_overflow")
+        if hard or not ctx.anomaly:
+            return hard
+        return self.loss_out_of_line(None if ctx.host is None else ctx.host.loss)
+
+    def loss_out_of_line(self, loss: float | None) -> bool:
+        """Whether ``loss`` is above the recent losses' median by more than ``loss_z`` robust
+        standard deviations (True where that cannot be told: no loss, too few, ``loss_z=0``)."""
+        past = self.state["losses"]
+        if self.loss_z == 0 or loss is None or len(past) < 8:
+            return True
+        if not math.isfinite(loss):
+            return True
+        med = statistics.median(past)
+        mad = statistics.median(abs(v - med) for v in past)
+        return loss > med + self.loss_z * MAD_TO_STD * mad
+
     def apply(self, ctx: StepContext) -> None:
         st = self.state
         step = ctx.step
         recent = [s for s in st["recent"] if step - s < self.window]
         last = -1 if st["last_event"] is None else st["last_event"]
+        event = self.counts(ctx)
+        loss = None if ctx.host is None else ctx.host.loss
+        if loss is not None and math.isfinite(loss):
+            st["losses"] = [*st["losses"], float(loss)][-self.loss_window :]
         st["scale"], cut = backoff_scale(
-            HOST, self, st["scale"], ctx.event, len(recent) + 1, last, step
+            HOST, self, st["scale"], event, len(recent) + 1, last, step
         )
-        if ctx.event:
+        if event:
             recent.append(step)
             st["last_event"] = step
             if cut:

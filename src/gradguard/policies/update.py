@@ -79,7 +79,7 @@ class update_clip(Policy):
     A bound that binds on ``persist`` of the last ``persist_window`` steps (default 8 of 16) while
     the loss is not going down (the median of the later half of the last ``2 * persist_window``
     losses not below that of the earlier half) says the LR is above what the model tolerates, not
-    that one step went wrong: the next step is reported as an incident (``StepContext.anomaly``,
+    that one step went wrong: the next step is reported as an incident (``StepContext.unstable``,
     metric ``update_clip.unstable``), which ``lr_backoff`` after it in the chain counts; the count
     starts afresh either way. Bounded steps that do bring the loss down (a small net whose healthy
     steps are large) are left alone. The loss is the one given to ``guard.step(loss=...)``, read
@@ -177,7 +177,7 @@ class update_clip(Policy):
         (:meth:`decide_update`)."""
         if self.state["unstable"]:
             self.state["unstable"] = False
-            ctx.anomaly = True
+            ctx.unstable = True
             ctx.metrics["update_clip.unstable"] = 1.0
 
     # ----- before the step: how to measure ------------------------------------------------------------

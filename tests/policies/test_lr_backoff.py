@@ -1,0 +1,169 @@
+"""lr_backoff counts a clipped spike only where the loss is out of line too.
+
+A gradient spike a clip bounded while the loss is calm or falling (a network whose gradient norm
+rises as it starts to learn, one hard batch) is no reason to cut the LR; a skip, a rollback and a
+loss-tested instability always are. Checked against a readable twin of the loss test (median and
+median absolute deviation of the recent losses) and end to end on a Guard.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+import torch
+from torch import nn
+
+import gradguard
+from gradguard.errors import ConfigError, SpecError
+from gradguard.policies import lr_backoff
+from gradguard.policies.base import HostView, StepContext
+
+
+def out_of_line(past: list[float], loss: float, z: float) -> bool:
+    """The twin: above the median of ``past`` by more than z robust standard deviations."""
+    if z == 0 or len(past) < 8 or not math.isfinite(loss):
+        return True
+    med = statistics.median(past)
+    mad = statistics.median([abs(v - med) for v in past])
+    return loss > med + z * 1.4826 * mad
+
+
+def ctx_at(step: int, loss: float | None, **flags) -> StepContext:
+    host = HostView(norm=1.0, finite=True, loss=loss)
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    ctx = StepContext(step=step, stats=None, optimizer=opt, host=host)  # type: ignore[arg-type]
+    for k, v in flags.items():
+        setattr(ctx, k, v)
+    return ctx
+
+
+def test_the_loss_test_matches_its_twin():
+    rng = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        n = int(torch.randint(0, 40, (1,), generator=rng))
+        past = (2.0 + 0.3 * torch.randn(n, generator=rng)).tolist()
+        loss = float(2.0 + 1.5 * torch.randn(1, generator=rng))
+        z = [0.0, 1.0, 2.0, 3.5][trial % 4]
+        p = lr_backoff(loss_z=z, loss_window=64)
+        p.state["losses"] = list(past)
+        assert p.loss_out_of_line(loss) == out_of_line(past, loss, z), (past, loss, z)
+    p = lr_backoff()
+    p.state["losses"] = [1.0] * 10
+    assert p.loss_out_of_line(None)  # no loss given: it cannot be told, so it counts
+    assert p.loss_out_of_line(float("nan"))
+
+
+@pytest.mark.parametrize(
+    "flags, loss, counts",
+    [
+        ({"anomaly": True}, 1.0, False),  # a spike with a calm loss
+        ({"anomaly": True}, 5.0, True),  # a spike with the loss out of line
+        ({"anomaly": True}, None, True),  # no loss: every spike counts
+        ({"skip": True, "skip_reason": "nonfinite"}, 1.0, True),
+        ({"skip": True, "skip_reason": "amp_overflow"}, 1.0, False),  # the scaler's, not ours
+        ({"rollback": True}, 1.0, True),
+        ({"unstable": True}, 1.0, True),  # tested against the loss by the policy that saw it
+        ({}, 5.0, False),  # a high loss alone is no incident (that is rollback's runaway)
+    ],
+)
+def test_what_counts(flags, loss, counts):
+    p = lr_backoff()
+    p.state["losses"] = [1.0 + 0.01 * (i % 3) for i in range(32)]
+    assert p.counts(ctx_at(40, loss, **flags)) is counts
+
+
+def test_zero_z_counts_every_spike_and_too_few_losses_count_too():
+    p = lr_backoff(loss_z=0)
+    p.state["losses"] = [1.0] * 32
+    assert p.counts(ctx_at(40, 0.5, anomaly=True))
+    p = lr_backoff()
+    p.state["losses"] = [1.0] * 7
+    assert p.counts(ctx_at(40, 0.5, anomaly=True))
+
+
+def test_losses_are_kept_to_the_window_finite_only():
+    p = lr_backoff(loss_window=5)
+    for step, loss in enumerate([1.0, float("inf"), 2.0, 3.0, float("nan"), 4.0, 5.0, 6.0]):
+        p.apply(ctx_at(step, loss))
+    assert p.state["losses"] == [2.0, 3.0, 4.0, 5.0, 6.0]
+
+
+class Spiky(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def _run(losses: list[float], spikes: set[int]) -> list[float]:
+    """A Guard with adaptive_clip+lr_backoff over steps whose gradient is multiplied by 1e3 at
+    ``spikes`` (each one a clipped spike, an anomaly), with ``losses`` given as the step's loss."""
+    torch.manual_seed(0)
+    model = Spiky()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gradguard.Guard(model, opt, "adaptive_clip+lr_backoff")
+    x = torch.randn(16, 4)
+    scales = []
+    for step, loss in enumerate(losses):
+        opt.zero_grad()
+        (model(x) ** 2).mean().backward()
+        if step in spikes:
+            for p in model.parameters():
+                p.grad.mul_(1e3)
+        r = guard.step(loss=torch.tensor(loss))
+        assert (r.metrics.get("adaptive_clip.spike") == 1.0) == (step in spikes)
+        scales.append(r.lr_scale)
+    return scales
+
+
+def test_spikes_with_a_falling_loss_leave_the_lr_alone_and_with_a_loss_spike_cut_it():
+    spikes = {20, 30}
+    falling = [2.0 * 0.98**i for i in range(40)]
+    assert _run(falling, spikes) == [1.0] * 40
+    jumping = [v * (4.0 if i in spikes else 1.0) for i, v in enumerate(falling)]
+    scales = _run(jumping, spikes)
+    assert scales[:30] == [1.0] * 30 and scales[30] == 0.5  # the second incident cuts
+
+
+def test_state_round_trips_and_an_older_state_without_losses_loads():
+    p = lr_backoff()
+    for step in range(12):
+        p.apply(ctx_at(step, 1.0 + step))
+    sd = p.state_dict()
+    q = lr_backoff()
+    q.check_state(sd)
+    q.load_state_dict(sd)
+    assert q.state["losses"] == [1.0 + s for s in range(12)]
+    old = {k: v for k, v in sd.items() if k != "losses"}
+    q = lr_backoff()
+    q.check_state(old)
+    q.load_state_dict(old)
+    assert q.state["losses"] == []
+
+
+@pytest.mark.parametrize(
+    "losses, words", [([float("nan")], "losses"), ([1.0] * 33, "loss_window=32"), ("1", "losses")]
+)
+def test_bad_saved_losses_are_refused(losses, words):
+    p = lr_backoff()
+    sd = {**p.state_dict(), "losses": losses}
+    with pytest.raises(ConfigError, match=words):
+        p.check_state(sd)
+
+
+@pytest.mark.parametrize(
+    "spec, words",
+    [
+        ("lr_backoff:loss_z=-1", "loss_z"),
+        ("lr_backoff:loss_z=inf", "loss_z"),
+        ("lr_backoff:loss_z=true", "loss_z"),
+        ("lr_backoff:loss_window=0", "loss_window"),
+    ],
+)
+def test_bad_parameters_are_refused(spec, words):
+    with pytest.raises(SpecError, match=words):
+        gradguard.Guard(Spiky(), torch.optim.SGD(Spiky().parameters(), lr=0.1), spec)
