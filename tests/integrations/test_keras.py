@@ -152,6 +152,12 @@ def test_keras_default_is_the_torch_default_without_update_clip():
         parse_keras_spec("update_clip")
 
 
+def test_lr_backoff_loss_test_is_refused_in_keras_saying_why():
+    with pytest.raises(ConfigError, match=r"lr_backoff: loss_z=2.*Keras optimizer.*loss_z=0"):
+        parse_keras_spec("skip_nonfinite+lr_backoff:loss_z=2")
+    assert parse_keras_spec("lr_backoff:loss_z=0")[0].loss_z == 0
+
+
 def test_qk_clip_is_refused_in_keras_saying_why():
     with pytest.raises(ConfigError, match=r"qk_clip.*not available in Keras.*attention"):
         parse_keras_spec("skip_nonfinite+qk_clip:tau=50")

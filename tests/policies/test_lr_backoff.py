@@ -1,9 +1,11 @@
-"""lr_backoff counts a clipped spike only where the loss is out of line too.
+"""lr_backoff's incidents, and its optional loss test (``loss_z > 0``): a clipped spike counts
+only where the step's loss is out of line too.
 
-A gradient spike a clip bounded while the loss is calm or falling (a network whose gradient norm
-rises as it starts to learn, one hard batch) is no reason to cut the LR; a skip, a rollback and a
-loss-tested instability always are. Checked against a readable twin of the loss test (median and
-median absolute deviation of the recent losses) and end to end on a Guard.
+By default every spike counts (on a run whose LR is too high the gradient spikes come first:
+docs/policies.md#the-default); with ``loss_z`` a spike whose loss is calm or falling (a network
+whose gradient norm rises as it starts to learn, one hard batch) does not, while a skip, a
+rollback and a loss-tested instability always do. Checked against a readable twin of the loss
+test (median and median absolute deviation of the recent losses) and end to end on a Guard.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def test_the_loss_test_matches_its_twin():
         p = lr_backoff(loss_z=z, loss_window=64)
         p.state["losses"] = list(past)
         assert p.loss_out_of_line(loss) == out_of_line(past, loss, z), (past, loss, z)
-    p = lr_backoff()
+    p = lr_backoff(loss_z=2)
     p.state["losses"] = [1.0] * 10
     assert p.loss_out_of_line(None)  # no loss given: it cannot be told, so it counts
     assert p.loss_out_of_line(float("nan"))
@@ -69,16 +71,17 @@ def test_the_loss_test_matches_its_twin():
     ],
 )
 def test_what_counts(flags, loss, counts):
-    p = lr_backoff()
+    p = lr_backoff(loss_z=2)
     p.state["losses"] = [1.0 + 0.01 * (i % 3) for i in range(32)]
     assert p.counts(ctx_at(40, loss, **flags)) is counts
 
 
-def test_zero_z_counts_every_spike_and_too_few_losses_count_too():
-    p = lr_backoff(loss_z=0)
-    p.state["losses"] = [1.0] * 32
-    assert p.counts(ctx_at(40, 0.5, anomaly=True))
-    p = lr_backoff()
+def test_by_default_every_spike_counts_and_too_few_losses_count_too():
+    for p in (lr_backoff(), lr_backoff(loss_z=0)):
+        assert p.loss_z == 0
+        p.state["losses"] = [1.0] * 32
+        assert p.counts(ctx_at(40, 0.5, anomaly=True))
+    p = lr_backoff(loss_z=2)
     p.state["losses"] = [1.0] * 7
     assert p.counts(ctx_at(40, 0.5, anomaly=True))
 
@@ -99,13 +102,13 @@ class Spiky(nn.Module):
         return self.fc(x)
 
 
-def _run(losses: list[float], spikes: set[int]) -> list[float]:
+def _run(losses: list[float], spikes: set[int], spec: str) -> list[float]:
     """A Guard with adaptive_clip+lr_backoff over steps whose gradient is multiplied by 1e3 at
     ``spikes`` (each one a clipped spike, an anomaly), with ``losses`` given as the step's loss."""
     torch.manual_seed(0)
     model = Spiky()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    guard = gradguard.Guard(model, opt, "adaptive_clip+lr_backoff")
+    guard = gradguard.Guard(model, opt, spec)
     x = torch.randn(16, 4)
     scales = []
     for step, loss in enumerate(losses):
@@ -123,10 +126,14 @@ def _run(losses: list[float], spikes: set[int]) -> list[float]:
 def test_spikes_with_a_falling_loss_leave_the_lr_alone_and_with_a_loss_spike_cut_it():
     spikes = {20, 30}
     falling = [2.0 * 0.98**i for i in range(40)]
-    assert _run(falling, spikes) == [1.0] * 40
+    spec = "adaptive_clip+lr_backoff:loss_z=2"
+    assert _run(falling, spikes, spec) == [1.0] * 40
     jumping = [v * (4.0 if i in spikes else 1.0) for i, v in enumerate(falling)]
-    scales = _run(jumping, spikes)
+    scales = _run(jumping, spikes, spec)
     assert scales[:30] == [1.0] * 30 and scales[30] == 0.5  # the second incident cuts
+    # By default the loss is not asked: the second spike cuts whatever the loss does.
+    scales = _run(falling, spikes, "adaptive_clip+lr_backoff")
+    assert scales[:30] == [1.0] * 30 and scales[30] == 0.5
 
 
 def test_state_round_trips_and_an_older_state_without_losses_loads():

@@ -651,12 +651,20 @@ class lr_backoff(KerasPolicy):
     after ``window`` calm steps grow it back so one cut is undone over ``recover`` steps (never
     below ``min_scale``). Applied around the inner optimizer's step only.
 
-    The torch version counts a clipped spike only where the step's loss is out of line too
-    (``loss_z``); a Keras optimizer is never given the loss, so here every spike counts, as the
-    torch version does when ``guard.step()`` gets no loss."""
+    Every spike counts, as in the torch version by default; its ``loss_z`` (a spike counts only
+    with the step's loss out of line) needs the loss, which a Keras optimizer is never given, so
+    it is refused here."""
 
     reference = _lr_backoff
     metrics = ("lr_scale",)
+
+    def __init__(self, *args: Any, **params: Any):
+        super().__init__(*args, **params)
+        if self.twin.loss_z:
+            raise ConfigError(
+                f"lr_backoff: loss_z={self.twin.loss_z:g} tests each spike against the step's "
+                "loss, which a Keras optimizer is never given; use loss_z=0 (the default) in Keras"
+            )
 
     def build(self, optimizer: GuardedOptimizer, layout: VarLayout) -> None:
         self.scale = _var(optimizer, "lr_backoff_scale", value=1.0)
