@@ -18,6 +18,7 @@ from .errors import (
     StallError,
     TrainingHalted,
 )
+from .listeners import set_log_dir_listener
 
 if TYPE_CHECKING:  # loaded on first use, below: ``import gradguard`` does not import torch
     from .attention import record_attention_logits, register_attention
@@ -48,6 +49,17 @@ if TYPE_CHECKING:  # loaded on first use, below: ``import gradguard`` does not i
     from .report import StepReport
 
 __version__ = "0.1.0"
+
+
+def _telemetry(log_dir: Any) -> Any:
+    """``Guard(log_dir=...)``'s recorder: gradguard.diagnose's Telemetry, loaded when first asked
+    for (the core knows only the listener protocol, :mod:`gradguard.listeners`)."""
+    from .diagnose.telemetry import Telemetry
+
+    return Telemetry(log_dir)
+
+
+set_log_dir_listener(_telemetry)
 
 __all__ = [
     "DEFAULT_SPEC",

@@ -24,7 +24,7 @@ import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -38,14 +38,12 @@ from .integrity import (
     group_signature,
 )
 from .layout import ParamLayout
+from .listeners import StepListener, log_dir_listener
 from .policies import HostView, Policy, StepContext, parse_spec, skip_nonfinite
 from .policies.base import RowScale
 from .report import StepReport, Tally
 from .stats import GradStats, compute_grad_stats
 from .updates import UpdateProbe, UpdateStats
-
-if TYPE_CHECKING:
-    from .diagnose.telemetry import Telemetry
 
 _STATE_VERSION = 1
 _PHASES = {"clip": 0, "reset": 0, "skip": 0, "react": 1}
@@ -180,7 +178,7 @@ class Guard:
             folder as ``telemetry.jsonl`` and TensorBoard files; ``gradguard report DIR`` renders it.
             Call ``guard.close()`` at the end (or use the Guard as a context manager).
         telemetry: a :class:`gradguard.diagnose.Telemetry` with non-default settings, instead of
-            ``log_dir``.
+            ``log_dir``; or any :class:`~gradguard.listeners.StepListener`.
     """
 
     def __init__(
@@ -196,7 +194,7 @@ class Guard:
         max_consecutive_skips: int | None = 20,
         layer_stats: bool = False,
         log_dir: str | os.PathLike | None = None,
-        telemetry: Telemetry | None = None,
+        telemetry: StepListener | None = None,
     ):
         if model is not None and not isinstance(model, nn.Module):
             raise ConfigError(
@@ -273,9 +271,7 @@ class Guard:
                 "give log_dir or telemetry, not both (Telemetry(log_dir, ...) holds the folder)"
             )
         if log_dir is not None:
-            from .diagnose.telemetry import Telemetry
-
-            telemetry = Telemetry(log_dir)
+            telemetry = log_dir_listener(log_dir)
         self.telemetry = telemetry
         if telemetry is not None:
             telemetry.bind(self)
@@ -543,8 +539,8 @@ class Guard:
         non-finite step the same replay also gives where the NaN/Inf starts."""
         if self.model is None:
             return
-        from .diagnose.localize import attribute
-        from .diagnose.localize import replay as run_replay
+        from .replay import attribute
+        from .replay import replay as run_replay
 
         ctx = pending.ctx
         loc = run_replay(self.model, replay, measure=self.layout.params)
@@ -732,6 +728,11 @@ class Guard:
         )
 
     # ----- counters and state -------------------------------------------------------------------------
+    @property
+    def policy_kinds(self) -> dict[str, str]:
+        """Each policy of the chain by name, and its kind (``clip``, ``skip``, ``react`` ...)."""
+        return dict(self._kinds)
+
     @property
     def counters(self) -> dict[str, int]:
         """steps, clipped, skipped, rolled_back, amp_overflow, and per-policy action counts

@@ -154,7 +154,7 @@ class StepVector:
                 host_acted.append(name)
         self.fields["acted_names"] = names
         self.fields["host_acted"] = host_acted
-        self.fields["clip_kinds"] = {n for n, k in guard._kinds.items() if k == "clip"}
+        self.fields["clip_kinds"] = {n for n, k in guard.policy_kinds.items() if k == "clip"}
         self.parts.extend(flags)
 
     def add_layer_norms(self, stats: GradStats, stepped: bool) -> None:
