@@ -48,7 +48,7 @@ class lr_backoff(Policy):
         self.min_scale = float(min_scale)
         self.state = {"scale": 1.0, "recent": [], "last_event": None, "cuts": 0}
 
-    def check_state(self, state) -> None:
+    def check_state(self, state: Any) -> None:
         """``scale`` in (0, 1], ``recent`` and ``last_event`` step numbers (``last_event`` None
         before the first incident), ``cuts`` an integer >= 0."""
         check_keys(self.name, state, ("scale", "recent", "last_event", "cuts"))
