@@ -209,7 +209,8 @@ class GuardCallback(pl.Callback):
                 f"{prefix}grad_norm": report.grad_norm,
                 f"{prefix}skipped": float(report.skipped),
             }
-            if trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
+            # Lightning sets log_every_n_steps on the Trainer (its logger connector) undeclared.
+            if trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:  # type: ignore[attr-defined]
                 for key, value in slot.guard.counters.items():
                     metrics[f"{prefix}total_{key.replace('.', '_')}"] = float(value)
             pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
