@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 import torch
 import torch.nn.functional as F
@@ -207,10 +207,10 @@ def _site(name, m, heads, kv_heads, q, q_start, k, k_start, head_dim, qb, kb, ho
 def _find_one(name: str, m: nn.Module) -> AttentionSite | None:
     declared = getattr(m, _ATTR, None)
     if isinstance(declared, _Declared):
-        d = declared
+        dc = declared
         return _site(
-            name, m, d.heads, d.kv_heads, d.q, d.q_start, d.k, d.k_start, d.head_dim,
-            d.q_bias, d.k_bias, "registered",
+            name, m, dc.heads, dc.kv_heads, dc.q, dc.q_start, dc.k, dc.k_start, dc.head_dim,
+            dc.q_bias, dc.k_bias, "registered",
         )  # fmt: skip
     if isinstance(m, nn.MultiheadAttention):
         e, h = m.embed_dim, m.num_heads
@@ -272,6 +272,10 @@ def _per_head_max(scores: Tensor, head_dim: int) -> Tensor:
     return scores.amax(dim=dims)
 
 
+@overload
+def _blocked_of(mask: Tensor, allowed_is_true: bool) -> Tensor: ...
+@overload
+def _blocked_of(mask: None, allowed_is_true: bool) -> None: ...
 def _blocked_of(mask: Tensor | None, allowed_is_true: bool) -> Tensor | None:
     """A boolean mask, True where a position is excluded: a bool mask as its convention says,
     a float mask where it is -inf or the dtype's lowest value (what Hugging Face writes). A

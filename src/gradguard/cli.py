@@ -20,14 +20,14 @@ import inspect
 import sys
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from . import __version__
 from .errors import GradGuardError, Interrupted
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, status 2
+    def error(self, message: str) -> NoReturn:  # one line, status 2
         self.exit(2, f"gradguard: error: {message}\n")
 
 

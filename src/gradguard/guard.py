@@ -24,7 +24,7 @@ import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -44,6 +44,10 @@ from .policies.base import RowScale
 from .report import StepReport, Tally
 from .stats import GradStats, compute_grad_stats
 from .updates import UpdateProbe, UpdateStats
+
+if TYPE_CHECKING:
+    from .policies.rollback import rollback
+    from .updates import Mode
 
 _STATE_VERSION = 1
 _PHASES = {"clip": 0, "reset": 0, "skip": 0, "react": 1}
@@ -193,7 +197,7 @@ class Guard:
         check_state: bool = False,
         max_consecutive_skips: int | None = 20,
         layer_stats: bool = False,
-        log_dir: str | os.PathLike | None = None,
+        log_dir: str | os.PathLike[str] | None = None,
         telemetry: StepListener | None = None,
     ):
         if model is not None and not isinstance(model, nn.Module):
@@ -248,7 +252,9 @@ class Guard:
         self.check_state = bool(check_state)
         self.max_consecutive_skips = max_consecutive_skips
         self._groups = group_signature(optimizer)
-        self._rollback = next((p for p in chain if p.name == "rollback"), None)
+        self._rollback = cast(
+            "rollback | None", next((p for p in chain if p.name == "rollback"), None)
+        )
         self._update_policies = [p for p in chain if p.kind == "update"]
         self._update_measured = False  # this step's update is being measured (set before the step)
         # Built on the first step an update policy asks for a measurement (qk_clip never does).
@@ -264,7 +270,7 @@ class Guard:
         self._kinds = {p.name: p.kind for p in chain}
         self._step = 0
         self._tally = Tally(("steps", "skipped", "rolled_back", "amp_overflow", "clipped"))
-        self._last_grad: tuple[weakref.ref, int] | None = None
+        self._last_grad: tuple[weakref.ref[Tensor], int] | None = None
         self._pending: PendingStep | None = None
         if log_dir is not None and telemetry is not None:
             raise ConfigError(
@@ -402,7 +408,7 @@ class Guard:
         if not self._update_policies:
             return
         modes = {p.update_mode(ctx) for p in self._update_policies}
-        mode = "exact" if "exact" in modes else "sample" if "sample" in modes else None
+        mode: Mode | None = "exact" if "exact" in modes else "sample" if "sample" in modes else None
         self._update_measured = mode is not None
         if mode is not None:
             if self._probe is None:
@@ -670,7 +676,7 @@ class Guard:
             tally.add("skipped", 1)
         if ctx.rollback:
             tally.add("rolled_back", 1)
-        clip_flags = []
+        clip_flags: list[Tensor | bool] = []
         for name, acted in ctx.acted.items():
             tally.add(f"acted.{name}", acted)
             if self._kinds.get(name) == "clip" and acted is not False:
@@ -681,8 +687,8 @@ class Guard:
                 tally.add("clipped", 1)
             elif len(clip_flags) == 1:
                 tally.add("clipped", clip_flags[0])
-            elif clip_flags:
-                tally.add("clipped", torch.stack(clip_flags).any())
+            elif clip_flags:  # tensors only: a True is counted above, a False never kept
+                tally.add("clipped", torch.stack(cast("list[Tensor]", clip_flags)).any())
             g = stats.grads[0] if stats.grads else None
             self._last_grad = (weakref.ref(g), g._version) if g is not None else None
         else:
@@ -757,7 +763,7 @@ class Guard:
             "policies": [{"name": p.name, "state": p.state_dict()} for p in self.policies],
         }
 
-    def _fingerprint(self) -> dict[str, list]:
+    def _fingerprint(self) -> dict[str, list[Any]]:
         return {
             "names": list(self.layout.names),
             "shapes": [list(p.shape) for p in self.layout.params],
@@ -844,7 +850,7 @@ class Guard:
             min(len(here), len(there)),
         )
 
-        def show(pairs: list, i: int) -> str:
+        def show(pairs: list[Any], i: int) -> str:
             return f"{pairs[i][0]} {pairs[i][1]}" if i < len(pairs) else "nothing"
 
         raise ConfigError(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import fnmatch
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -31,7 +31,9 @@ class ParamLayout:
     module: nn.Module | None = None
     # Layers in the order their forward ran the first time (filled by `watch_forward_order`).
     forward_order: list[int] = field(default_factory=list)
-    _index_cache: dict = field(default_factory=dict, repr=False)
+    _index_cache: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = field(
+        default_factory=dict, repr=False
+    )
 
     @classmethod
     def build(cls, model: nn.Module | None, optimizer: torch.optim.Optimizer) -> ParamLayout:
@@ -50,7 +52,9 @@ class ParamLayout:
                     if id(p) not in owner:
                         full = f"{mod_name}.{p_name}" if mod_name else p_name
                         owner[id(p)] = (full, mod_name or "(root)")
-        names, layer_names, layer_of = [], [], []
+        names: list[str] = []
+        layer_names: list[str] = []
+        layer_of: list[int] = []
         layer_index: dict[str, int] = {}
         for i, p in enumerate(params):
             name, layer = owner.get(id(p), (f"param.{i}", f"param.{i}"))
@@ -92,7 +96,7 @@ class ParamLayout:
         handles: list[torch.utils.hooks.RemovableHandle] = []
         order: list[int] = []
 
-        def on_start(mod_name: str):
+        def on_start(mod_name: str) -> Callable[[nn.Module, object], None]:
             def hook(_module: nn.Module, _inp: object) -> None:
                 li = layer_index.get(mod_name)
                 if li is not None:

@@ -47,6 +47,8 @@ class GuardedOptimizer(torch.optim.Optimizer):
     ``last_report`` is the :class:`StepReport` of the last step; ``guard`` the Guard itself.
     """
 
+    optimizer: torch.optim.Optimizer  # the wrapped one (set in __dict__ by __init__)
+
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
@@ -66,7 +68,7 @@ class GuardedOptimizer(torch.optim.Optimizer):
     # write them through the wrapper act on the real optimizer, also after load_state_dict (which
     # replaces the wrapped optimizer's lists).
     @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
         return self.optimizer.param_groups
 
     @param_groups.setter
@@ -74,7 +76,7 @@ class GuardedOptimizer(torch.optim.Optimizer):
         self.optimizer.param_groups = value
 
     @property
-    def state(self) -> Any:  # type: ignore[override]
+    def state(self) -> Any:
         return self.optimizer.state
 
     @state.setter
@@ -82,7 +84,7 @@ class GuardedOptimizer(torch.optim.Optimizer):
         self.optimizer.state = value
 
     @property
-    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+    def defaults(self) -> dict[str, Any]:
         return self.optimizer.defaults
 
     @defaults.setter
@@ -104,7 +106,7 @@ class GuardedOptimizer(torch.optim.Optimizer):
 
     # ----- the step --------------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():

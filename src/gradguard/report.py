@@ -7,13 +7,15 @@ for it then.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor
 
 from .stats import NormSummary
+
+_T = TypeVar("_T")
 
 
 def _bool(v: Tensor | bool) -> bool:
@@ -102,10 +104,10 @@ class StepReport:
         self.rerun: str | None = None
         self.rerun_detail: dict[str, Any] | None = None
 
-    def _memo(self, key: str, fn):
+    def _memo(self, key: str, fn: Callable[[], _T]) -> _T:
         if key not in self._cache:
             self._cache[key] = fn()
-        return self._cache[key]
+        return cast(_T, self._cache[key])  # what fn() returned for this key
 
     @property
     def grad_norm(self) -> float:
@@ -133,7 +135,7 @@ class StepReport:
         """For each policy that acted and named layers: the layer names involved."""
 
         def build() -> dict[str, tuple[str, ...]]:
-            out = {}
+            out: dict[str, tuple[str, ...]] = {}
             for policy, spec in self._layers.items():
                 if policy not in self.actions:
                     continue

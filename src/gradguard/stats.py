@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 from ._lazy import torch
 from .errors import ConfigError
@@ -28,10 +28,12 @@ from .layout import ParamLayout
 
 if TYPE_CHECKING:
     from torch import Tensor
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor
 
 
 @functools.cache
-def _dtensor_type() -> type | None:
+def _dtensor_type() -> type[DTensor] | None:
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # torch built without distributed
@@ -53,7 +55,7 @@ class Sharding:
     factors.
     """
 
-    def __init__(self, mesh, weights: list[float]):
+    def __init__(self, mesh: DeviceMesh, weights: list[float]) -> None:
         self.mesh = mesh
         self.weights = weights
         self._weights_t: dict[torch.device, Tensor] = {}
@@ -64,7 +66,7 @@ class Sharding:
         dt = _dtensor_type()
         if dt is None or not any(isinstance(t, dt) for t in tensors):
             return tensors, None
-        mesh = None
+        mesh: DeviceMesh | None = None
         local: list[Tensor] = []
         weights: list[float | None] = []
         for t in tensors:
@@ -90,6 +92,7 @@ class Sharding:
                     replicas *= mesh.size(dim)
             local.append(t.to_local())
             weights.append(1.0 / replicas)
+        assert mesh is not None  # any() above found a DTensor
         size = mesh.size()
         return local, Sharding(mesh, [1.0 / size if w is None else w for w in weights])
 
@@ -153,7 +156,7 @@ def _norm_of_sparse(t: Tensor, ord: float) -> Tensor:
     # A COO tensor may hold an index more than once: its values add up before they are squared.
     values = (t.coalesce() if t.layout == torch.sparse_coo else t).values()
     dt = torch.float32 if t.dtype in _low_precision() else None
-    return torch.linalg.vector_norm(values, ord, dtype=dt)
+    return cast("Tensor", torch.linalg.vector_norm(values, ord, dtype=dt))
 
 
 def _group_norms(tensors: list[Tensor], ord: float) -> list[Tensor]:
@@ -175,9 +178,9 @@ def _group_norms(tensors: list[Tensor], ord: float) -> list[Tensor]:
     return [torch.linalg.vector_norm(t, ord, dtype=dt) for t in tensors]
 
 
-def group_by_kind(tensors: Sequence[Tensor]) -> dict[tuple, list[int]]:
+def group_by_kind(tensors: Sequence[Tensor]) -> dict[tuple[Any, ...], list[int]]:
     """Positions of ``tensors`` grouped by (device, dtype, layout): one foreach kernel a group."""
-    groups: dict[tuple, list[int]] = {}
+    groups: dict[tuple[Any, ...], list[int]] = {}
     for k, t in enumerate(tensors):
         groups.setdefault((t.device, t.dtype, t.layout), []).append(k)
     return groups
@@ -193,7 +196,7 @@ def foreach_norms(tensors: Sequence[Tensor], ord: float = 2.0) -> list[Tensor]:
     for idx in group_by_kind(tensors).values():
         for k, n in zip(idx, _group_norms([tensors[k] for k in idx], ord), strict=True):
             out[k] = n
-    return out  # type: ignore[return-value]
+    return cast("list[Tensor]", out)  # every position was filled: each is in one group
 
 
 def stacked_norms(
@@ -275,7 +278,7 @@ class NormSummary:
         if self._param_norms is self.raw_param_norms and self._scale is None:
             return self.norm
         pn = self._param_norms if self._scale is None else self._param_norms * self._scale
-        return torch.linalg.vector_norm(pn)
+        return cast("Tensor", torch.linalg.vector_norm(pn))
 
     def raw_layer_norms(self) -> Tensor:
         ids = _layer_ids(self._layout, self._param_index, self.norm.device)
@@ -315,7 +318,7 @@ def scaled_l2(norms: Tensor, ord: float = 2.0) -> Tensor:
     top = norms.abs().amax()
     if not bool(torch.isfinite(top)) or float(top) == 0.0:
         return top
-    return torch.linalg.vector_norm(norms / top, ord) * top
+    return cast("Tensor", torch.linalg.vector_norm(norms / top, ord) * top)
 
 
 class GradStats:
@@ -360,7 +363,7 @@ class GradStats:
         )
         if self.sharding is not None:
             self.raw_param_norms = self.sharding.all_reduce_sq(self.raw_param_norms.square()).sqrt()
-        self.norm = torch.linalg.vector_norm(self.raw_param_norms)
+        self.norm: Tensor = torch.linalg.vector_norm(self.raw_param_norms)
         self._param_norms = self.raw_param_norms
         self._scale: Tensor | float | None = (
             None  # a global factor not yet folded into _param_norms

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 from ._lazy import np, torch
 from .integrity import FIRST_MOMENTS
@@ -57,7 +57,8 @@ def _flat_view(p: Tensor) -> Tensor | None:
     t = p.detach()
     if t.is_contiguous():
         return t.view(-1)
-    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    # stride()[d], not stride(d): mypy types the lambda against stride's no-argument overload
+    order = sorted(range(t.dim()), key=lambda d: -t.stride()[d])
     q = t.permute(order)
     return q.view(-1) if q.is_contiguous() else None
 
@@ -182,7 +183,7 @@ class UpdateProbe:
             w = self._weights_t
             if self._fused:
                 assert isinstance(before, torch.Tensor)
-                d = self._take_sample() - before
+                d = cast("Tensor", self._take_sample()) - before  # fused: one flat tensor
                 upd = self._segment_sq(d) * w
                 if not full:
                     sample_w = self._segment_sq(before) * w

@@ -97,7 +97,7 @@ def advise(
 
     # ----- the plan (nothing is written before it fits: a bad budget leaves no trace) ---------------
     plan_dict, timing = state.get("plan"), state.get("timing")
-    fit_args = dict(
+    fit_args: dict[str, Any] = dict(
         max_steps=setting.max_steps, seeds=seeds, levels=levels, probe=factors, candidates=n_cands
     )
     if plan_dict is None and bud.kind == "steps":
@@ -286,7 +286,8 @@ def _refuse_all_failed(phase: str, rows) -> None:
 def _fit_seconds(room: float, timing, workers: int, phases: int, what: str, fit_args) -> B.Plan:
     """The richest plan within ``room`` seconds, the phases run in this process or over
     ``workers`` processes, whichever fits more."""
-    plans, error = [], None
+    plans: list[B.Plan] = []
+    error: ConfigError | None = None
     step_s = timing["step_s"] * B.GUARD_FACTOR if phases == 2 else timing["step_s"]
     for cost in B.phase_costs(timing["setup_s"], step_s, workers, phases):
         try:
@@ -294,6 +295,7 @@ def _fit_seconds(room: float, timing, workers: int, phases: int, what: str, fit_
         except ConfigError as e:
             error = error or e
     if not plans:
+        assert error is not None  # phase_costs gives at least one cost
         raise error
     return B.richest(plans)
 
@@ -323,7 +325,7 @@ def _replan(plan, bud, state, probe_rows, workers: int, notes: list[str]):
     if per_step:
         timing["step_s"] = max(timing.get("step_s", 0.0), statistics.median(per_step))
     room = bud.amount * B.SAFETY - float(phase1.get("spent", 0.0)) - REPORT_RESERVE_S
-    fit_args = dict(
+    fit_args: dict[str, Any] = dict(
         max_steps=plan.steps,
         seeds=plan.seeds,
         levels=plan.levels,

@@ -251,7 +251,7 @@ def fit(
         levels=tuple(levels),
         probe=tuple(probe),
         candidates=candidates,
-        probe_steps=probe_steps if probe_fixed else max_steps,
+        probe_steps=probe_steps if probe_steps is not None else max_steps,
     )
     ladder = _ladder(full, max_steps, probe_fixed)
     for plan, floor in ladder:

@@ -182,8 +182,8 @@ def analyze(
         # initialization, before it blew up), is the one measure of healthy norms there is.
         source = next((r for r in rows if r.status == "done" and norms_of.get(r.key)), None)
         if source is not None:
-            first = [s["grad_norm"] for s in steps_of(source.key)][:EARLY_STEPS]
-            norms = [x for x in first if x is not None and math.isfinite(x)]
+            early = [s["grad_norm"] for s in steps_of(source.key)][:EARLY_STEPS]
+            norms = [x for x in early if x is not None and math.isfinite(x)]
     if lr is None:
         lr = next((x for f, x, _ in entries if math.isclose(f, 1.0)), None)
     scale = source.lr / lr if source is not None and lr and source.lr < lr else 1.0

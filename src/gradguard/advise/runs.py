@@ -110,8 +110,12 @@ def _train_entry(
         lr = float(opt.param_groups[0]["lr"])
         if guard is not None:
             tg = time.perf_counter()
+
+            def replay(b: Any = batch) -> Any:
+                return setup.loss(model, b)
+
             try:
-                report = guard.step(loss=loss, replay=lambda b=batch: setup.loss(model, b))
+                report = guard.step(loss=loss, replay=replay)
             except TrainingHalted as e:  # the Guard stopped a run that cannot recover
                 diverged_reason = e.reason
                 break

@@ -10,9 +10,12 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..bench.tasks import Task
 
 #: Steps per probe run when nothing else says (the bench's RunConfig default, too).
 DEFAULT_STEPS = 300
@@ -56,10 +59,10 @@ class BenchSetting:
         self.threads = config.threads  # every run's intra-op threads (part of its identity)
         self.lr = float(config.lr)
         self.max_steps = int(steps if steps is not None else config.steps)
-        self._task = None
+        self._task: Task | None = None
 
     @property
-    def task(self):
+    def task(self) -> Task:
         if self._task is None:
             from ..bench.tasks import make_task
 
@@ -117,14 +120,14 @@ class BenchSetting:
         cfg = replace(self.config, steps=steps)
         res = resolve(cfg)
 
-        def build():
+        def build() -> tuple[Any, Any, Any, Any]:
             torch.manual_seed(0)
             task = make_task(cfg.task, **dict(cfg.task_options))
             model = build_model(cfg.model, task.input_shape, task.num_outputs, **res.model_options)
             opt = make_optimizer(res, model.parameters())
             return task, model, opt, task.batches(cfg.batch_size, torch.Generator().manual_seed(0))
 
-        def train(task, model, opt, batches, n):
+        def train(task: Any, model: Any, opt: Any, batches: Any, n: int) -> None:
             for _ in range(n):
                 x, y = next(batches)
                 opt.zero_grad(set_to_none=True)
@@ -198,11 +201,11 @@ class EntrySetting:
 
         fn = E.load_entry(self.entry)
 
-        def build():
+        def build() -> tuple[Any, Any, Any]:
             setup = E.build_setup(fn, 0, self.entry)
             return setup, E.make_optimizer(setup, self.entry), E.batches(setup.data, self.entry)
 
-        def train(setup, opt, data, n):
+        def train(setup: Any, opt: Any, data: Any, n: int) -> None:
             for _ in range(n):
                 batch = next(data)
                 opt.zero_grad(set_to_none=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -244,23 +245,23 @@ MAX_GRID_RUNS = 100_000
 
 def expand_grid(base: Mapping[str, Any], axes: Mapping[str, Iterable[Any]]) -> list[RunConfig]:
     """Every combination of the axes' values on top of ``base``, validated."""
-    axes = {k: list(v) if isinstance(v, (list, tuple)) else [v] for k, v in axes.items()}
+    lists = {k: list(v) if isinstance(v, (list, tuple)) else [v] for k, v in axes.items()}
     names = {f.name for f in fields(RunConfig)}
-    for k, v in axes.items():
+    for k, v in lists.items():
         if k not in names:
             raise ConfigError(
                 f"unknown grid axis {k!r}; valid settings: {', '.join(sorted(names))}"
             )
         if not v:
             raise ConfigError(f"grid axis {k!r} is empty")
-    n_runs = math.prod(len(v) for v in axes.values())
+    n_runs = math.prod(len(v) for v in lists.values())
     if n_runs > MAX_GRID_RUNS:
-        sizes = " x ".join(f"{len(v)} {k}" for k, v in axes.items())
+        sizes = " x ".join(f"{len(v)} {k}" for k, v in lists.items())
         raise ConfigError(f"grid of {n_runs} runs ({sizes}); at most {MAX_GRID_RUNS}")
     base_cfg = RunConfig.from_dict(dict(base))
-    keys = list(axes)
+    keys = list(lists)
     out = []
-    for values in itertools.product(*(axes[k] for k in keys)):
+    for values in itertools.product(*(lists[k] for k in keys)):
         cfg = replace(base_cfg, **dict(zip(keys, values, strict=True))) if keys else base_cfg
         out.append(cfg)
     # Fail before any run starts: check every config, resolve each distinct one.
@@ -618,9 +619,9 @@ def suite(name: str) -> list[RunConfig]:
 
 def load_toml_grid(path: str | Path) -> list[RunConfig]:
     """A grid from a TOML file: ``[base]`` settings and ``[grid]`` axes (lists)."""
-    try:
+    if sys.version_info >= (3, 11):
         import tomllib
-    except ModuleNotFoundError:  # Python 3.10
+    else:  # Python 3.10
         import tomli as tomllib
 
     p = Path(path)

@@ -52,7 +52,7 @@ def keras_mlp(
 #: The ``keras`` suite (``gradguard bench --suite keras``): the seed document's TensorFlow scenario,
 #: a deep MLP with Dropout(0.1) trained with SGD and momentum 0.9 on handwritten digits (the quick
 #: suite's net and LRs), unguarded (``none``) and with the Guard's policies on top.
-SUITE = [
+SUITE: list[tuple[dict[str, Any], dict[str, list[Any]]]] = [  # config.Grid
     (
         {
             "steps": 300,

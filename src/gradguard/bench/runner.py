@@ -32,7 +32,7 @@ import traceback
 from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ..errors import ConfigError, Interrupted
 from .config import RunConfig
@@ -416,8 +416,8 @@ def _run_ray(
                         store.release(key, owner=owner)
                         lost.append(f"{type(e).__name__}: {e}")
                         continue
-                    if ok:
-                        store.finish(key, *payload, owner=owner)
+                    if ok:  # payload: (result, steps)
+                        store.finish(key, *cast("tuple[Any, Any]", payload), owner=owner)
                     else:
                         store.fail(key, payload, owner=owner)
                     if bar is not None:

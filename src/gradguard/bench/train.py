@@ -14,7 +14,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -29,6 +29,9 @@ from .models import build_model
 from .outcome import AT_CHANCE, LOSS_BLOWUP, blowup_evidence, loss_levels
 from .parallel import check_divisible, current, from_main, mean_over_ranks, rank_slice
 from .tasks import Task, make_task
+
+if TYPE_CHECKING:
+    from ..policies.rollback import rollback as Rollback
 
 
 @contextmanager
@@ -236,9 +239,13 @@ def _train_torch(
         lr = opt.param_groups[0]["lr"]
         if guard is not None:
             tg = time.perf_counter()
+
             # The replay runs the unwrapped module: no DDP collective on a local re-run.
+            def replay(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
+                return task.loss(model(x), y)
+
             try:
-                report = guard.step(loss=loss, replay=lambda x=x, y=y: task.loss(model(x), y))
+                report = guard.step(loss=loss, replay=replay)
             except TrainingHalted as e:  # the Guard stopped a run that cannot recover
                 diverged_reason = e.reason
                 break
@@ -273,6 +280,7 @@ def _train_torch(
     if guard is not None:
         guard.close()
     if not main:
+        assert ranks is not None  # only a rank is not the main process
         return from_main(None, ranks), steps
 
     result = run_result(
@@ -290,7 +298,7 @@ def _train_torch(
         off_target=lambda metric: AT_CHANCE if at_chance(task, metric) else None,
     )
     policies = guard.policies if guard is not None else []
-    rollback = next((p for p in policies if p.name == "rollback"), None)
+    rollback = cast("Rollback | None", next((p for p in policies if p.name == "rollback"), None))
     if rollback is not None:
         # The steps rollbacks undid: the stream went on, so their batches were skipped.
         result["skipped_data"] = [list(r) for r in rollback.skipped_steps]

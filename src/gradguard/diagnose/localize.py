@@ -68,7 +68,9 @@ def _order(meta: Mapping[str, Any], extra: Sequence[int]) -> list[int]:
     return order
 
 
-def localize_static(step_record: Mapping[str, Any], meta: Mapping[str, Any]) -> dict | None:
+def localize_static(
+    step_record: Mapping[str, Any], meta: Mapping[str, Any]
+) -> dict[str, Any] | None:
     """A ``localization`` record (method ``static``) for a step with non-finite gradients.
 
     The origin is the non-finite layer last in forward order (first in backward order): a NaN

@@ -276,7 +276,7 @@ class Fault:
             return NotImplemented
         return (self.name, self.seed, self.values) == (other.name, other.seed, other.values)
 
-    __hash__ = None  # type: ignore[assignment]  (mutable: it records strikes)
+    __hash__ = None  # type: ignore[assignment]  # mutable: it records strikes
 
     def __repr__(self) -> str:
         return f"<fault {self.spec()} seed={self.seed}>"

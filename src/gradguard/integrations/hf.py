@@ -34,7 +34,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 from ..errors import ConfigError
 from ..optim import GuardedOptimizer, unwrap_guarded
@@ -60,7 +60,7 @@ def adopt_max_grad_norm(
         return chain
     for i, p in enumerate(chain):
         if p.name == "clip_norm":
-            chain[i] = clip_norm(max_grad_norm, norm_type=p.norm_type)
+            chain[i] = clip_norm(max_grad_norm, norm_type=cast(clip_norm, p).norm_type)
             return chain
     chain.append(clip_norm(max_grad_norm))
     return chain
@@ -142,7 +142,9 @@ class GuardedTrainer(transformers.Trainer):
         optimizer = super().create_optimizer(model)
         if unwrap_guarded(optimizer) is None:
             if self.args.world_size > 1 and self.guard_log_dir is not None:
-                log_dir = os.path.join(self.guard_log_dir, f"rank{self.args.process_index}")
+                log_dir: str | os.PathLike | None = os.path.join(
+                    self.guard_log_dir, f"rank{self.args.process_index}"
+                )
             else:
                 log_dir = self.guard_log_dir
             self.optimizer = GuardedOptimizer(

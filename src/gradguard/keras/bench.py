@@ -29,7 +29,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import keras
 import numpy as np
@@ -294,7 +294,11 @@ def train_run(
             x, y = plan.on_batch(step, x, y)
         burst = _lr_burst(plan, step) if plan is not None else 1.0
         inner.learning_rate.assign(cfg.lr * schedule(step) * burst)
-        mark, value, scale = grad_faults.at(step) if inject else (no_mark, no_value, no_scale)
+        mark, value, scale = (
+            cast(_GradFaults, grad_faults).at(step)  # inject: there are faults
+            if inject
+            else (no_mark, no_value, no_scale)
+        )
         loss_val = float(train_step(x.numpy(), y.numpy(), mark, value, scale))
         if first_loss is None and math.isfinite(loss_val):
             first_loss = loss_val

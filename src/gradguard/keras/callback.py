@@ -139,6 +139,7 @@ class GuardTelemetry(keras.callbacks.Callback):
         assert layout is not None
         if self._meta is None:
             self._start(opt)
+            assert self._meta is not None  # _start sets it
         n_layers = len(layout.layer_names)
         layer_norms = _per_layer(info["var_norms"], layout.layer_of, n_layers)
         stepped = not info["skipped"]

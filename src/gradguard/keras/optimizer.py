@@ -99,6 +99,8 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
     ``steps_per_execution > 1`` these describe the last step of each execution.
     """
 
+    built: bool  # Keras's flag (its Optimizer has no types)
+
     def __init__(
         self,
         optimizer: keras.optimizers.Optimizer,

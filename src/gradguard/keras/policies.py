@@ -286,6 +286,11 @@ class KerasPolicy:
     name: ClassVar[str] = ""
     kind: ClassVar[str] = "clip"
     metrics: ClassVar[tuple[str, ...]] = ()
+    twin: Policy  # the torch policy of the same name (a subclass names its class)
+
+    if TYPE_CHECKING:
+        # __init__ sets the twin's parameters as attributes (``self.max_norm``, ``self.window``).
+        def __getattr__(self, name: str) -> Any: ...
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -367,6 +372,7 @@ class RuleAdapter(KerasPolicy):
     for every registered rule policy that has no hand-written Keras class (``KERAS_POLICIES``)."""
 
     reference: ClassVar[type[RulePolicy]]
+    twin: RulePolicy
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -476,6 +482,7 @@ class agc(KerasPolicy):
     variable paths and layer names."""
 
     reference = _agc
+    twin: _agc
 
     def build(self, optimizer: GuardedOptimizer, layout: VarLayout) -> None:
         excluded = set(layout.select(self.exclude)) if self.exclude else set()
@@ -603,6 +610,7 @@ class skip_spike(KerasPolicy):
     (``skip_spike_outliers``, its first ``skip_spike_run`` slots, the rest 0)."""
 
     reference = _skip_spike
+    twin: _skip_spike
 
     def __init__(self, *args: Any, **params: Any):
         super().__init__(*args, **params)
@@ -656,6 +664,7 @@ class lr_backoff(KerasPolicy):
     it is refused here."""
 
     reference = _lr_backoff
+    twin: _lr_backoff
     metrics = ("lr_scale",)
 
     def __init__(self, *args: Any, **params: Any):

@@ -5,7 +5,7 @@ then a per-tensor clip relative to an EMA of each tensor's own clipped norm."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._lazy import torch
 from ..errors import SpecError
@@ -13,6 +13,9 @@ from ..stats import norm_dtype
 from .base import Policy, StepContext, check_keys, check_number, check_tensor, refuse_state
 from .clip import _check_positive
 from .registry import register
+
+if TYPE_CHECKING:
+    from ..layout import ParamLayout
 
 
 @register
@@ -95,7 +98,7 @@ class adagc(Policy):
         self.warmup_steps = warmup_steps
         self.eps = float(eps)
 
-    def bind(self, layout, optimizer) -> None:
+    def bind(self, layout: ParamLayout, optimizer: torch.optim.Optimizer) -> None:
         if "gamma" not in self.state:
             params = layout.params
             dev = params[0].device if params else torch.device("cpu")

@@ -155,11 +155,11 @@ class adaptive_clip(RulePolicy):
         return new, Decision(scale=coef, acted=clip, metrics=metrics, anomaly=spike)
 
     # ----- state: saved in the host form -----------------------------------------------------------
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         st = self._as_host_state()
         return {"buffer": list(st["buffer"]), "pos": st["pos"], "n": st["n"], "tight": st["tight"]}
 
-    def check_state(self, state) -> None:
+    def check_state(self, state: Any) -> None:
         """``buffer``: ``window`` finite log-norms; ``pos`` and ``n`` integers in ``[0, window)``
         and ``[0, window]``."""
         check_keys(self.name, state, ("buffer", "pos", "n", "tight"))
@@ -172,7 +172,7 @@ class adaptive_clip(RulePolicy):
                 self.name, "pos", (state["pos"], state["n"]), f"pos < {self.window}, n <= window"
             )
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         missing = {"buffer", "pos", "n", "tight"} - set(state)
         if missing:
             raise KeyError(f"adaptive_clip: state is missing {sorted(missing)}")

@@ -3,7 +3,7 @@ Without Normalization", NFNets)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .._lazy import torch
 from ..errors import ConfigError
@@ -12,6 +12,9 @@ from .base import Policy, StepContext
 from .clip import _check_positive
 from .registry import register
 from .xp import TORCH, ArrayNamespace
+
+if TYPE_CHECKING:
+    from ..layout import ParamLayout
 
 
 def unit_norms(t: torch.Tensor) -> torch.Tensor:
@@ -28,10 +31,16 @@ def unit_norms(t: torch.Tensor) -> torch.Tensor:
         rows = torch.zeros(t.shape[0], dtype=dt, device=t.device)
         return rows.index_add_(0, t._indices()[0], sq).sqrt()
     if t.ndim <= 1:
-        return torch.linalg.vector_norm(t, dtype=None if t.is_complex() else dt).reshape(1).to(dt)
-    return torch.linalg.vector_norm(
-        t, dim=tuple(range(1, t.ndim)), dtype=None if t.is_complex() else dt
-    ).to(dt)
+        return cast(
+            "torch.Tensor",
+            torch.linalg.vector_norm(t, dtype=None if t.is_complex() else dt).reshape(1).to(dt),
+        )
+    return cast(
+        "torch.Tensor",
+        torch.linalg.vector_norm(
+            t, dim=tuple(range(1, t.ndim)), dtype=None if t.is_complex() else dt
+        ).to(dt),
+    )
 
 
 def _scale_units_(g: torch.Tensor, factor: torch.Tensor) -> None:
@@ -86,9 +95,9 @@ class agc(Policy):
         self.exclude = tuple(exclude)
         self.exclude_head = bool(exclude_head)
         self._excluded: set[int] | None = None
-        self._layout = None
+        self._layout: ParamLayout | None = None
 
-    def bind(self, layout, optimizer) -> None:
+    def bind(self, layout: ParamLayout, optimizer: torch.optim.Optimizer) -> None:
         self._layout = layout
         if self.exclude_head:
             layout.watch_forward_order()
@@ -97,6 +106,7 @@ class agc(Policy):
         """Indices (in the layout) of the parameters AGC leaves alone."""
         if self._excluded is None:
             layout = self._layout
+            assert layout is not None  # set by bind()
             excl = set(layout.select(self.exclude)) if self.exclude else set()
             if self.exclude_head:
                 head = layout.head_layer()

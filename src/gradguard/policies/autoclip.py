@@ -4,7 +4,7 @@ Networks"; reference code pseeth/autoclip)."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .._lazy import torch
 from ..errors import SpecError
@@ -140,10 +140,10 @@ class autoclip(Policy):
         if need > ring.numel():  # grow geometrically up to the capacity
             cap = min(self.capacity, max(need, 2 * ring.numel()))
             st["ring"] = torch.cat([ring, ring.new_full((cap - ring.numel(),), math.inf)])
-            buf = st["sorted"]
+            buf = cast("Tensor", st["sorted"])  # filled above
             st["sorted"] = torch.cat([buf, buf.new_full((cap + 1 - buf.numel(),), math.inf)])
 
-    def check_state(self, state) -> None:
+    def check_state(self, state: Any) -> None:
         """The history must be one this AutoClip could have kept: norms >= 0 (+inf marks a slot
         without a finite norm, never NaN), ``ring`` no longer than the capacity, ``sorted`` exactly
         the ring's norms ascending (plus one +inf pad), ``n_valid`` the number of finite ones,
@@ -217,15 +217,18 @@ class autoclip(Policy):
 
     def threshold(self) -> Tensor:
         st = self.state
-        return percentile_sorted(TORCH, st["sorted"], st["n_valid"], self.percentile)
+        return cast(
+            "Tensor", percentile_sorted(TORCH, st["sorted"], st["n_valid"], self.percentile)
+        )
 
     def observe(self, x: Tensor) -> None:
         """Add one global norm to the history (a non-finite one is kept out of the statistics)."""
         st = self.state
-        count = st["count"]
+        count: int = st["count"]
         st["count"] = count + 1
+        slot: int | None
         if self.history is not None:
-            slot: int | None = count % self.history
+            slot = count % self.history
         else:
             slot = reservoir_slot(count, self.capacity)
             if slot is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._lazy import np, torch
 from ..errors import ConfigError, SpecError
@@ -13,6 +13,9 @@ from .base import Policy, StepContext
 from .registry import register
 from .rule import Decision, Field, RuleInputs, RulePolicy, initial_torch_state
 from .xp import ArrayNamespace
+
+if TYPE_CHECKING:
+    from ..layout import ParamLayout
 
 #: torch's clip_grad_norm_ adds this to the norm before dividing; kept identical for equivalence.
 NORM_EPS = 1e-6
@@ -63,7 +66,9 @@ class clip_norm(Policy):
             # untouched. The factor is computed in the norm's dtype exactly as torch computes it
             # (``max_norm * reciprocal(norm + 1e-6)``), so the result stays bit-identical.
             f = np.float64 if stats.dtype == torch.float64 else np.float32
-            coef = float(f(1.0) / (f(ctx.host.norm) + f(NORM_EPS)) * f(self.max_norm))
+            coef: torch.Tensor | float = float(
+                f(1.0) / (f(ctx.host.norm) + f(NORM_EPS)) * f(self.max_norm)
+            )
             if coef < 1.0:
                 stats.scale_(coef)
             ctx.record(self.name, coef < 1.0)
@@ -100,7 +105,7 @@ class clip_value(Policy):
         _check_positive(self.name, "limit", limit)
         self.limit = float(limit)
 
-    def bind(self, layout, optimizer) -> None:
+    def bind(self, layout: ParamLayout, optimizer: torch.optim.Optimizer) -> None:
         complex_ = [n for n, p in zip(layout.names, layout.params, strict=True) if p.is_complex()]
         if complex_:
             raise ConfigError(
@@ -159,7 +164,7 @@ class clip_layerwise(RulePolicy):
         self.beta = float(beta)
         self.warmup = int(warmup)
 
-    def bind(self, layout, optimizer) -> None:
+    def bind(self, layout: ParamLayout, optimizer: torch.optim.Optimizer) -> None:
         if "ema" not in self.state:
             dev = layout.params[0].device if layout.params else torch.device("cpu")
             self.state.update(initial_torch_state(self.fields(len(layout.layer_names)), dev))

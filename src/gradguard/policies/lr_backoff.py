@@ -78,7 +78,7 @@ class lr_backoff(Policy):
         self.loss_window = loss_window
         self.state = {"scale": 1.0, "recent": [], "last_event": None, "cuts": 0, "losses": []}
 
-    def check_state(self, state) -> None:
+    def check_state(self, state: Any) -> None:
         """``scale`` in (0, 1], ``recent`` and ``last_event`` step numbers (``last_event`` None
         before the first incident), ``cuts`` an integer >= 0, ``losses`` the recent finite losses
         (optional: a state saved before it existed loads with none)."""
@@ -117,14 +117,14 @@ class lr_backoff(Policy):
     def loss_out_of_line(self, loss: float | None) -> bool:
         """Whether ``loss`` is above the recent losses' median by more than ``loss_z`` robust
         standard deviations (True where that cannot be told: no loss, too few, ``loss_z=0``)."""
-        past = self.state["losses"]
+        past: list[float] = self.state["losses"]
         if self.loss_z == 0 or loss is None or len(past) < 8:
             return True
         if not math.isfinite(loss):
             return True
         med = statistics.median(past)
         mad = statistics.median(abs(v - med) for v in past)
-        return loss > med + self.loss_z * MAD_TO_STD * mad
+        return bool(loss > med + self.loss_z * MAD_TO_STD * mad)
 
     def apply(self, ctx: StepContext) -> None:
         st = self.state

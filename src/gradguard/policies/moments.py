@@ -3,11 +3,16 @@ spike out of the fresh moments (SPAM's momentum reset, Huang et al. 2025, made s
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from .._lazy import np, torch
 from ..errors import SpecError
 from .base import Policy, StepContext, check_keys, check_number, check_numbers
 from .clip import _check_positive
 from .registry import register
+
+if TYPE_CHECKING:
+    from ..layout import ParamLayout
 
 
 def reset_param_state_(
@@ -96,7 +101,7 @@ class reset_moments(Policy):
         self.reset_step = bool(reset_step)
         self.state = {"mean": None, "var": None, "count": None, "resets": 0}
 
-    def bind(self, layout, optimizer) -> None:
+    def bind(self, layout: ParamLayout, optimizer: torch.optim.Optimizer) -> None:
         if self.state["mean"] is None:
             n = len(layout)
             self.state.update(mean=np.zeros(n), var=np.zeros(n), count=np.zeros(n, dtype=np.int64))
@@ -151,7 +156,7 @@ class reset_moments(Policy):
         keep[torch.as_tensor(positions, device=stats.device)] = 0.0
         stats.set_param_norms(stats.param_norms * keep)
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         st = self.state
         return {
             "mean": np.asarray(st["mean"]).tolist(),
@@ -160,7 +165,7 @@ class reset_moments(Policy):
             "resets": st["resets"],
         }
 
-    def check_state(self, state) -> None:
+    def check_state(self, state: Any) -> None:
         """``mean``, ``var`` (>= 0, finite) and ``count`` (integers >= 0), one value per guarded
         parameter; ``resets`` an integer >= 0."""
         check_keys(self.name, state, ("mean", "var", "count", "resets"))
@@ -170,7 +175,7 @@ class reset_moments(Policy):
             n = len(state[key])  # the three agree with each other too
         check_number(self.name, "resets", state["resets"], integer=True, nonneg=True)
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.state = {
             "mean": np.asarray(state["mean"], dtype=np.float64),
             "var": np.asarray(state["var"], dtype=np.float64),

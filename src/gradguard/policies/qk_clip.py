@@ -15,6 +15,8 @@ from .registry import register
 
 if TYPE_CHECKING:
     from ..attention import AttentionSite, LogitMeter
+    from ..layout import ParamLayout
+    from ..updates import UpdateStats
 
 _FIX = (
     "qk_clip clips the query and key weights of attention heads it can find: "
@@ -94,7 +96,7 @@ class qk_clip(Policy):
         self._plan: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     # ----- finding the heads -------------------------------------------------------------------------
-    def bind(self, layout, optimizer) -> None:
+    def bind(self, layout: ParamLayout, optimizer: torch.optim.Optimizer) -> None:
         from ..attention import LogitMeter, find_attention  # torch's function modes: on use
 
         if self._meter is not None:
@@ -165,7 +167,7 @@ class qk_clip(Policy):
     def apply(self, ctx: StepContext) -> None:
         """Nothing before the step: the clip acts after it (:meth:`decide_update`)."""
 
-    def decide_update(self, ctx: StepContext, update) -> UpdateDecision | None:
+    def decide_update(self, ctx: StepContext, update: UpdateStats | None) -> UpdateDecision | None:
         sites = self._sites
         for s in sites:
             if s.ran and s.max_logit is None:
@@ -198,7 +200,7 @@ class qk_clip(Policy):
         st["max_logits"] = torch.where(torch.isfinite(maxima), maxima, st["max_logits"])
         st["clipped"] = st["clipped"] + scaled_q.long()
         st["steps"] += 1
-        metrics: dict = {
+        metrics: dict[str, float | torch.Tensor] = {
             "qk_clip.max_logit": maxima.max(),
             "qk_clip.clipped": scaled_q.sum().float(),
         }

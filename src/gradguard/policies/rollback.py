@@ -41,6 +41,8 @@ from .registry import register
 if TYPE_CHECKING:
     from torch import Tensor
 
+    from ..layout import ParamLayout
+
 #: The last bytes of a snapshot file: checksum (32), metadata length (8), magic (8).
 _MAGIC = b"GGSNAP1\n"
 _TAIL = struct.Struct("<32sQ8s")
@@ -78,7 +80,7 @@ def write_snapshot(obj: Any, meta: dict[str, Any], path: Path) -> None:
         with os.fdopen(fd, "wb") as f:
             w = _HashingWriter(f)
             try:
-                torch.save(obj, w)
+                torch.save(obj, w)  # type: ignore[arg-type]  # torch writes to any .write()/.flush()
             except Exception:
                 if w.error is not None:
                     raise w.error from None
@@ -445,7 +447,7 @@ class rollback(Policy):
         indices) to ``path`` (a ``.json`` file, or a folder); see :func:`write_skip_batches`."""
         return write_skip_batches(self.state["skipped"], path)
 
-    def bind(self, layout, optimizer) -> None:
+    def bind(self, layout: ParamLayout, optimizer: torch.optim.Optimizer) -> None:
         self._model = layout.module
         self._optimizer = optimizer
         self._params = layout.params
@@ -486,7 +488,7 @@ class rollback(Policy):
                 self._snaps, self.state["slots"] = [], []  # the files went with the folder
 
     # ----- fingerprint ----------------------------------------------------------------------------
-    def _fingerprint(self) -> list[list]:
+    def _fingerprint(self) -> list[list[Any]]:
         return [
             [n, list(p.shape), _dtype_name(p.dtype)]
             for n, p in zip(self._names, self._params, strict=True)
@@ -520,7 +522,7 @@ class rollback(Policy):
                 min(len(saved), len(mine)),
             )
 
-            def show(fp: list, i: int) -> str:
+            def show(fp: list[Any], i: int) -> str:
                 return " ".join(map(str, fp[i])) if i < len(fp) else "nothing"
 
             return (
@@ -674,7 +676,7 @@ class rollback(Policy):
         file = self._file if index == len(self._snaps) - 1 else self._prev_file()
         try:
             meta = verify_snapshot(file)
-            snap = torch.load(file, map_location="cpu", weights_only=True)
+            snap: dict[str, Any] = torch.load(file, map_location="cpu", weights_only=True)
         except _Unreadable as e:
             raise GradGuardError(
                 f"could not read the rollback snapshot {file}: {e}; nothing was restored"
@@ -929,7 +931,7 @@ class rollback(Policy):
             self.take_snapshot(ctx.step, begin=ctx.step + 1)
 
     # ----- state ----------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         sd = copy.deepcopy({k: v for k, v in self.state.items()})
         if self._snaps and not self._snaps[-1].get("on_disk"):
             sd["snapshot"] = self._snaps[-1]
@@ -949,7 +951,7 @@ class rollback(Policy):
                 f"drop its '{key}' entry to start without one"
             )
 
-    def check_state(self, state) -> None:
+    def check_state(self, state: Any) -> None:
         """Counters: integers >= 0 (``snapshot_step`` None before the first snapshot); ``run_id``
         a string (absent in a state saved before snapshots carried one); ``snapshot`` and
         ``previous`` (in-memory snapshots) this run's, of this model, every tensor finite. The
@@ -1036,13 +1038,13 @@ class rollback(Policy):
         for key in snaps:
             self._check_snapshot_entry(key, state[key], run_id)
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         state = dict(state)
         snap = state.pop("snapshot", None)
         prev = state.pop("previous", None)
         run_id = state.pop("run_id", None)
         slots = state.pop("slots", None)
-        fresh = {
+        fresh: dict[str, Any] = {
             "losses": [],
             "high": 0,
             "high_since": None,

@@ -208,7 +208,7 @@ class RulePolicy(Policy):
     def _as_host_state(self) -> dict[str, Any]:
         """The state as Python numbers (converted once when a device state meets the host path)."""
         if is_torch_state(self.state):
-            self.state = to_host(self.fields(), self.state)
+            self.state = to_host(self.fields(0), self.state)  # host path: scalar, no layers
         return self.state
 
     def spiked(self, ctx: StepContext) -> bool:

@@ -33,7 +33,9 @@ class skip_nonfinite(Policy):
         bad_loss = host.loss is not None and not math.isfinite(host.loss)
         if not host.finite or bad_loss:
             ctx.request_skip("nonfinite_grad" if not host.finite else "nonfinite_loss")
-            bad_layers = ~torch.isfinite(ctx.stats.raw_layer_norms) if ctx.stats.grads else []
+            bad_layers: torch.Tensor | list[int] = (
+                ~torch.isfinite(ctx.stats.raw_layer_norms) if ctx.stats.grads else []
+            )
             ctx.record(self.name, True, bad_layers)
 
 
@@ -102,7 +104,9 @@ class skip_spike(Policy):
         self.on = on
         self.admit = admit
         self.state = {"grad_norm": [], "loss": []}
-        self._windows = {k: deque(maxlen=window) for k in ("grad_norm", "loss")}
+        self._windows: dict[str, deque[float]] = {
+            k: deque(maxlen=window) for k in ("grad_norm", "loss")
+        }
         # The current run of consecutive finite outliers of each, oldest first (< admit values).
         self._outliers: dict[str, list[float]] = {k: [] for k in self._windows}
 
@@ -136,12 +140,12 @@ class skip_spike(Policy):
         """It skipped this step for a spike (a finite outlier, or a non-finite value)."""
         return ctx.acted.get(self.name) is True and (ctx.skip_reason or "").startswith("spike_")
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         state = {k: list(w) for k, w in self._windows.items()}
         state.update({f"{k}_outliers": list(run) for k, run in self._outliers.items()})
         return state
 
-    def check_state(self, state) -> None:
+    def check_state(self, state: Any) -> None:
         """Both windows (``grad_norm``, ``loss``): at most ``window`` finite values, the norms >= 0
         (a NaN in a window would make every later mean NaN: no spike detected again); both runs of
         outliers (``grad_norm_outliers``, ``loss_outliers``, absent in a state saved before
@@ -160,7 +164,7 @@ class skip_spike(Policy):
                     max_length=self.admit - 1,
                 )
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         for k in self._windows:
             self._windows[k] = deque((float(v) for v in state.get(k, [])), maxlen=self.window)
             self._outliers[k] = [float(v) for v in state.get(f"{k}_outliers", [])]

@@ -5,11 +5,16 @@ gradient entry is held to ``sqrt(theta * v)``, ``v`` the optimizer's own second 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .._lazy import torch
 from ..errors import ConfigError, SpecError
 from ..stats import stacked_norms
 from .base import Policy, StepContext
 from .registry import register
+
+if TYPE_CHECKING:
+    from ..layout import ParamLayout
 
 
 def _torch_with_v() -> tuple[type, ...]:
@@ -90,7 +95,7 @@ class spam_clip(Policy):
         self.theta = float(theta)
         self.warmup = warmup
 
-    def bind(self, layout, optimizer) -> None:
+    def bind(self, layout: ParamLayout, optimizer: torch.optim.Optimizer) -> None:
         complex_ = [n for n, p in zip(layout.names, layout.params, strict=True) if p.is_complex()]
         if complex_:
             raise ConfigError(

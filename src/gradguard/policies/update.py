@@ -21,7 +21,7 @@ from .clip import _check_positive
 from .registry import register
 
 if TYPE_CHECKING:
-    pass
+    from ..layout import ParamLayout
 
 #: The longest window of update ratios per layer.
 MAX_WINDOW = 10_000
@@ -166,7 +166,7 @@ class update_clip(Policy):
         }
         self._history: np.ndarray | None = None  # (layers, window) log-ratios, NaN where none
 
-    def bind(self, layout, optimizer) -> None:
+    def bind(self, layout: ParamLayout, optimizer: torch.optim.Optimizer) -> None:
         n = len(layout.layer_names)
         if self._history is None or self._history.shape[0] != n:
             self._history = np.full((n, self.window), np.nan)
@@ -219,7 +219,7 @@ class update_clip(Policy):
                 st["losses"] = [*st["losses"], float(loss)][-2 * self.persist_window :]
         n_over = int(over.sum())
         finite = ratio[~np.isnan(ratio)]
-        metrics = {
+        metrics: dict[str, float | torch.Tensor] = {
             "update_clip.max_ratio": float(finite.max()) if finite.size else 0.0,
             "update_clip.capped": 0.0,
             "update_clip.exact": 1.0 if update.exact else 0.0,
@@ -250,7 +250,7 @@ class update_clip(Policy):
         )
 
     # ----- state ----------------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         sd = dict(self.state)
         sd["lrs"] = list(sd["lrs"])
         sd["bound_at"] = list(sd["bound_at"])
@@ -258,7 +258,7 @@ class update_clip(Policy):
         sd["history"] = [] if self._history is None else self._history.tolist()
         return sd
 
-    def check_state(self, state) -> None:
+    def check_state(self, state: Any) -> None:
         """``history``: one row of ``window`` log-ratios per layer (NaN where none); ``pos`` in
         ``[0, window)``; ``steps``, ``hold`` integers >= 0; ``lrs`` the last LR of each group;
         ``bound_at`` the recent steps (<= ``steps``) a layer went over its bound; ``unstable`` a
@@ -302,7 +302,7 @@ class update_clip(Policy):
         if not isinstance(state["unstable"], bool):
             refuse_state(self.name, "unstable", state["unstable"], "it must be true or false")
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         keys = {"history", "pos", "steps", "hold", "lrs", "bound_at", "losses", "unstable"}
         missing = keys - set(state)
         if missing:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from .._lazy import torch
 
@@ -146,7 +146,7 @@ class _Host:
 
     @staticmethod
     def power(base: float, exponent: float) -> float:
-        return base**exponent
+        return cast(float, base**exponent)  # typeshed: float ** float may be complex
 
     @staticmethod
     def minimum(a: float, b: float) -> float:

@@ -131,11 +131,11 @@ class zclip(RulePolicy):
             "initialized": init,
         }
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         # Saved in the host form: portable across devices and between the two paths.
         return self._saved()
 
-    def check_state(self, state) -> None:
+    def check_state(self, state: Any) -> None:
         """The host form: ``mean`` and ``var`` finite and >= 0 (a NaN mean would let every spike
         through unclipped), ``initialized`` a bool, ``buffer`` fewer than ``warmup`` finite norms
         (none once initialized)."""
@@ -154,7 +154,7 @@ class zclip(RulePolicy):
                 "the warmup buffer must be empty once initialized=True",
             )
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         missing = {"buffer", "mean", "var", "initialized"} - set(state)
         if missing:
             raise KeyError(f"zclip: state is missing {sorted(missing)}")

@@ -33,7 +33,7 @@ def _image_shape(shape: tuple[int, ...]) -> tuple[int, int, int]:
     if len(shape) == 2:
         return (1, *shape)
     if len(shape) == 3:
-        return shape  # type: ignore[return-value]
+        return shape
     raise ConfigError(f"input_shape must be (C, H, W) or (H, W) for images, got {shape}")
 
 

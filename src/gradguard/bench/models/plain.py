@@ -5,7 +5,7 @@ depth when ``init_scale`` moves off 1."""
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import nn
@@ -72,7 +72,11 @@ def _init_weights(
     N(0, 0.02) of GPT-2/BERT; ``default`` keeps PyTorch's own init. The three non-default inits
     zero the biases.
     """
-    nonlinearity = "relu" if activation == "gelu" else activation
+    # _activation builds no other: relu, tanh, sigmoid, leaky_relu (and gelu, given relu's gain)
+    nonlinearity = cast(
+        Literal["relu", "tanh", "sigmoid", "leaky_relu"],
+        "relu" if activation == "gelu" else activation,
+    )
     gain = nn.init.calculate_gain(nonlinearity, leak)
     for m in model.modules():
         if not isinstance(m, (nn.Linear, nn.Conv2d)):

@@ -26,7 +26,7 @@ class RecurrentNet(nn.Module):
 
 
 def _recurrent(
-    cls: type[nn.RNNBase],
+    cls: type[nn.RNN | nn.LSTM | nn.GRU],
     input_shape: tuple[int, ...],
     num_outputs: int,
     hidden: int,

@@ -4,7 +4,7 @@ design that residuals and BatchNorm keep stable."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import nn
@@ -153,7 +153,9 @@ def _stages(
 def _init_resnet(model: nn.Module, activation: str, leak: float, zero_init_residual: bool) -> None:
     """torchvision's init: He (fan-out) convs, BN scale 1 and shift 0; optionally each block's
     last BN scale 0."""
-    nonlinearity = "leaky_relu" if activation == "leaky_relu" else "relu"
+    nonlinearity: Literal["leaky_relu", "relu"] = (
+        "leaky_relu" if activation == "leaky_relu" else "relu"
+    )
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, a=leak, mode="fan_out", nonlinearity=nonlinearity)
@@ -163,7 +165,7 @@ def _init_resnet(model: nn.Module, activation: str, leak: float, zero_init_resid
     if zero_init_residual:  # each block starts as the identity (Goyal et al. 2017)
         for m in model.modules():
             if isinstance(m, (BasicBlock, Bottleneck)):
-                nn.init.zeros_(m.last_bn().weight)
+                nn.init.zeros_(cast(torch.Tensor, m.last_bn().weight))  # a norm layer's scale
 
 
 def _resnet(

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -95,7 +96,7 @@ class GPT(nn.Module):
                     std /= math.sqrt(2 * n_layers)
                 nn.init.normal_(m.weight, 0.0, std)
                 if getattr(m, "bias", None) is not None:
-                    nn.init.zeros_(m.bias)
+                    nn.init.zeros_(cast(torch.Tensor, m.bias))  # a Linear's (Embedding has none)
         if tied_embeddings:  # Press & Wolf 2017, as GPT-2 does
             self.head.weight = self.tok_emb.weight
 

@@ -172,6 +172,7 @@ class Task:
         if self.kind == "regress":
             err = _as_predictions(out, targets) - targets
             # `<=` is false for NaN, so a non-finite prediction counts as an error
+            assert self.tolerance is not None  # a regress task has one
             return (err.abs() <= self.tolerance).sum()
         finite = torch.isfinite(out).all(dim=-1)
         return ((out.argmax(dim=-1) == targets) & finite).sum()

@@ -7,7 +7,7 @@ import math
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from ..records import RunLog
 from .base import Finding, _forward_order, _g, _layer, _list, _num, _step
@@ -58,7 +58,7 @@ def fp16_overflow(run: RunLog) -> Finding | None:
         return None
     culprits = _culprits(run, steps, ov.over)
     layer = culprits.most_common(1)[0][0] if culprits else None
-    low = sc.low
+    low = cast("tuple[int, float]", sc.low)  # read only if below_one, which needs a low
     return Finding(
         cause="fp16_overflow",
         title="fp16 overflow",

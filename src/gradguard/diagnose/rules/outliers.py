@@ -159,9 +159,10 @@ def _scores(
     # Batch-size factors: a batch of n < usual has a mean and a std noisier by about
     # sqrt(usual / n) (one heavy-tailed value inflates the std of 3 samples, not of 64); a batch of
     # n > usual has a larger max from its size alone, so its max is not scored.
-    sizes_differ = usual_n is not None and n is not None and n != usual_n
-    widen = math.sqrt(usual_n / n) if sizes_differ and n < usual_n else 1.0
-    skip_absmax = sizes_differ and n > usual_n
+    widen, skip_absmax = 1.0, False
+    if usual_n is not None and n is not None and n != usual_n:
+        widen = math.sqrt(usual_n / n) if n < usual_n else 1.0
+        skip_absmax = n > usual_n
     scores = []
     for key in ("absmax", "std"):
         if key == "absmax" and skip_absmax:

@@ -37,6 +37,7 @@ def recurrent_explosion(run: RunLog) -> Finding | None:
     ]
     grew = first_sample is not None and first_sample[1] < r
     if grew:
+        assert first_sample is not None  # grew says so
         evidence.append(
             f"{layer}'s radius was {_g(first_sample[1])} at step {first_sample[0]}: training "
             "pushed it up"

@@ -43,6 +43,7 @@ def spectral_radius(module: nn.RNNBase) -> float:
     (each gate's ``hidden x hidden`` block separately; the largest is returned). For a vanilla RNN
     a radius above 1 is necessary for the gradient to explode (Pascanu et al. 2013)."""
     worst = 0.0
+    w: Tensor  # a Parameter, then its detached float copy
     for name, w in module.named_parameters(recurse=False):
         if not name.startswith("weight_hh"):
             continue
@@ -210,7 +211,7 @@ class _Pending:
             # Into pinned memory: a copy to pageable memory would block until the GPU is done.
             self.host = torch.empty(vector.shape, dtype=vector.dtype, pin_memory=True)
             self.host.copy_(vector, non_blocking=True)
-            self.event = torch.cuda.Event()
+            self.event: torch.cuda.Event | None = torch.cuda.Event()
             self.event.record()
         else:
             self.host = vector if vector.device.type == "cpu" else vector.cpu()

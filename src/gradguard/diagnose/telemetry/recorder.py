@@ -18,6 +18,8 @@ from .sampling import ContextWindow
 from .tensorboard import open_tensorboard, tb_event, tb_step
 
 if TYPE_CHECKING:
+    from torch.utils.hooks import RemovableHandle
+
     from ...guard import Guard
     from ...policies.base import StepContext
     from ...report import StepReport
@@ -70,7 +72,7 @@ class Telemetry:
         self._window = ContextWindow(every, context)
         self._input: Tensor | None = None
         self._input_batch: int | None = None
-        self._hook = None
+        self._hook: RemovableHandle | None = None
         self._before: list[Tensor] | None = None
         self._recurrent: list[tuple[int, nn.RNNBase]] = []
         self.events: list[dict[str, Any]] = []
@@ -191,7 +193,7 @@ class Telemetry:
             self._write_step(rec)
         self._window.tick(incident)
 
-    def _localize(self, rec: dict[str, Any]) -> dict[str, Any]:
+    def _localize(self, rec: dict[str, Any]) -> dict[str, Any] | None:
         """Where a non-finite gradient starts, from the step alone (no replay)."""
         assert self.detector is not None
         guard = self._guard() if self._guard is not None else None
