@@ -12,12 +12,7 @@ import gradguard
 from gradguard import GradGuardError
 from gradguard.policies import reset_param_state_
 
-from conftest import TinyNet, assert_same, snapshot, train_step
-
-
-def data(seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(16, 6, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+from tests.helpers import TinyNet, assert_same, data, snapshot, train_step
 
 
 def skip_spike_reference(

@@ -9,13 +9,8 @@ from torch import nn
 
 import gradguard
 
-from conftest import TinyNet, train_step
-from reference.olmo_skip_reference import olmo_skips
-
-
-def data(seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(16, 6, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+from tests.helpers import TinyNet, data, train_step
+from tests.reference.olmo_skip_reference import olmo_skips
 
 
 def spam_reset_steps(n_steps: int, delta_t: int) -> list[int]:

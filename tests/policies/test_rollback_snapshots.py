@@ -8,9 +8,6 @@ import gc
 import os
 import sys
 import warnings
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import pytest
@@ -19,15 +16,10 @@ import torch
 import gradguard
 from gradguard import ConfigError, GradGuardError, SnapshotError
 
-from conftest import TinyNet, train_step
+from tests.helpers import TinyNet, data, train_step
 
 #: The module (``gradguard.policies.rollback`` is the policy class).
 rb = sys.modules["gradguard.policies.rollback"]
-
-
-def data(seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(16, 6, generator=gen), torch.randint(0, 3, (16,), generator=gen)
 
 
 def run(spec: str, steps: int = 3, model: TinyNet | None = None, seed: int = 0):
