@@ -1,5 +1,5 @@
-"""reset_moments and skip_spike against the rules they name: SPAM's periodic reset schedule,
-OLMo-core's skip-step warmup, and the promise that a reset keeps the spike out of the moments."""
+"""reset_moments: it zeroes only the spiked parameter's optimizer state (and leaves state it does
+not know alone), follows SPAM's periodic reset schedule, and keeps the spike out of the moments."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 import gradguard
+from gradguard.policies import reset_param_state_
 
 from tests.helpers import TinyNet, data, train_step
-from tests.reference.olmo_skip_reference import olmo_skips
 
 
 def spam_reset_steps(n_steps: int, delta_t: int) -> list[int]:
@@ -40,51 +40,6 @@ def test_periodic_reset_follows_spams_schedule(every):
     assert got == [s for s in spam_reset_steps(25, every) if s > 0]
 
 
-def calm_then_spike(n: int, at: int, seed: int = 0) -> list[float]:
-    gen = torch.Generator().manual_seed(seed)
-    values = (torch.rand(n, generator=gen) * 0.2 + 1.0).tolist()
-    values[at] = 1e3
-    return values
-
-
-@pytest.mark.parametrize("window", [16, 128])
-def test_skip_spike_starts_checking_when_olmo_core_does(window):
-    """A spike at each step around the end of the warmup is skipped exactly when OLMo-core's
-    SkipStepOptimizer would skip it (before the first skip both rules see the same values)."""
-    first = max(2, window // 2) - 1  # 0-based index of the first checked step
-    for at in range(first - 3, first + 4):
-        values = calm_then_spike(at + 2, at)
-        model = nn.Linear(1, 1, bias=False)
-        guard = gradguard.Guard(
-            model, torch.optim.SGD(model.parameters(), lr=0.0), f"skip_spike:window={window}"
-        )
-        ours = []
-        for v in values:
-            model.weight.grad = torch.full((1, 1), v)
-            ours.append(guard.step(loss=torch.tensor(1.0)).skipped)
-        theirs = olmo_skips(values, window=window)
-        assert ours[: at + 1] == theirs[: at + 1], at
-        assert ours[at] == (at >= first)
-
-
-def test_after_a_spike_we_differ_from_olmo_core_on_purpose():
-    """OLMo-core keeps the spike in its window, so a second spike right after passes; ours does
-    not let the first spike widen the deviation."""
-    values = calm_then_spike(40, 20)
-    values[21] = 1e3
-    theirs = olmo_skips(values, window=16)
-    model = nn.Linear(1, 1, bias=False)
-    guard = gradguard.Guard(
-        model, torch.optim.SGD(model.parameters(), lr=0.0), "skip_spike:window=16,on=grad_norm"
-    )
-    ours = []
-    for v in values:
-        model.weight.grad = torch.full((1, 1), v)
-        ours.append(guard.step().skipped)
-    assert theirs[20] and not theirs[21]
-    assert ours[20] and ours[21]
-
-
 def second_moment_after_spike(policy: str, spike: bool) -> tuple[float, float]:
     """(raw, bias-corrected) Adam second moment of the spiked element 10 steps after the spike."""
     torch.manual_seed(0)
@@ -108,3 +63,56 @@ def test_reset_moments_keeps_a_spike_out_of_the_second_moment():
     assert bare_raw > 1000 * clean_raw  # the control: without the policy the spike lingers
     assert clean_hat / 10 < hat < 10 * clean_hat  # the estimate Adam divides by: as if no spike
     assert raw < 10 * clean_raw
+
+
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda ps: torch.optim.Adam(ps, lr=1e-3),
+        lambda ps: torch.optim.AdamW(ps, lr=1e-3, amsgrad=True),
+        lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9),
+    ],
+)
+def test_reset_moments_zeroes_only_the_spiked_parameter(make_opt):
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = make_opt(model.parameters())
+    guard = gradguard.Guard(model, opt, "reset_moments:z=6,warmup=10")
+    for step in range(30):
+        train_step(model, opt, *data(step))
+        assert "reset_moments" not in guard.step().actions
+    train_step(model, opt, *data(30))
+    model.fc2.weight.grad.mul_(1e3)
+    before = model.fc2.weight.detach().clone()
+    r = guard.step()
+    assert r.actions == ("reset_moments",) and r.layers["reset_moments"] == ("fc2",)
+    # The spiked weight did not move, and its spiking gradient is in none of its moments.
+    assert torch.equal(model.fc2.weight, before)
+    names = [n for n, _ in model.named_parameters()]
+    for name, p in zip(names, model.parameters(), strict=True):
+        st = opt.state[p]
+        for k, v in st.items():
+            if not isinstance(v, torch.Tensor) or v.shape != p.shape:
+                continue
+            if name == "fc2.weight":
+                assert torch.equal(v, torch.zeros_like(v)), k
+            else:
+                assert not torch.equal(v, torch.zeros_like(v))
+    if "step" in opt.state[model.fc2.weight]:
+        assert float(opt.state[model.fc2.weight]["step"]) == 0.0
+        assert float(opt.state[model.fc1.weight]["step"]) == 31.0
+    # The next step is an ordinary first step for fc2.weight.
+    train_step(model, opt, *data(31))
+    guard.step()
+    assert not torch.equal(model.fc2.weight, before)
+
+
+def test_reset_param_state_helper_leaves_unknown_state_alone():
+    p = nn.Parameter(torch.ones(3))
+    opt = torch.optim.Adam([p])
+    p.grad = torch.ones(3)
+    opt.step()
+    opt.state[p]["custom"] = "keep"
+    assert sorted(reset_param_state_(opt, p)) == ["exp_avg", "exp_avg_sq", "step"]
+    assert opt.state[p]["custom"] == "keep"
+    assert reset_param_state_(opt, nn.Parameter(torch.ones(2))) == []
