@@ -6,7 +6,7 @@ What is measured
     ``--help``, ``policies``, ``check SPEC``. In the same run: ``python -c pass`` (the interpreter
     and site start, which no command can go below) and ``python -c "import torch"`` (what each
     path cost when it imported torch). Target: every quick path <= 0.5 s on 2 cores, i.e. no
-    torch import on those paths (tests/test_cli_startup.py asserts that; the time is here).
+    torch import on those paths (tests/cli/test_cli_startup.py asserts that; the time is here).
 
 Run
     python benchmarks/bench_cli_start.py             # ~30 s on 2 cores

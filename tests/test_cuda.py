@@ -13,7 +13,7 @@ from torch import nn
 
 import gradguard
 
-from conftest import assert_same, snapshot
+from tests.helpers import assert_same, snapshot
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

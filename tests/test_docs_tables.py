@@ -136,8 +136,7 @@ def test_every_stored_bench_summary_has_the_split():
 
 
 def test_the_stability_table_applies_the_promise():
-    sys.path.insert(0, str(SCRIPT.parent))
-    import docs_tables as dt
+    dt = load_script()
 
     def row(mitigation, score, lr=0.1, faults="none", diverged=0, task="digits"):
         return {

@@ -22,7 +22,7 @@ from gradguard.bench.store import ResultStore
 from gradguard.cli import main
 from gradguard.policies import parse_spec
 
-from conftest import KILL_MID_RUN
+from tests.helpers import KILL_MID_RUN
 
 ROOT = Path(__file__).resolve().parents[2]
 #: A small bench setting that trains in a fraction of a second per run.
@@ -40,9 +40,9 @@ SMALL_ARGS += ["--batch-size", "32", "--model-option", "depth=4", "--model-optio
 
 @pytest.fixture
 def repo_cwd(monkeypatch):
-    """Run from the repository root, where ``examples`` is importable (as the example says)."""
+    """Run from the repository root, where ``examples`` is importable (as the example says; the
+    root is on the path because ``tests`` is a package in it)."""
     monkeypatch.chdir(ROOT)
-    monkeypatch.syspath_prepend(str(ROOT))
 
 
 def db_runs(out: Path) -> list[dict]:

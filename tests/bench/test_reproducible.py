@@ -96,11 +96,10 @@ def test_a_bad_thread_count_is_refused_before_any_run(bad):
         pass
 
 
-def test_an_entry_run_trains_with_its_own_threads(monkeypatch):
+def test_an_entry_run_trains_with_its_own_threads():
     """``gradguard advise --entry`` runs too: the same figures whatever the caller's count."""
     from gradguard.advise.runs import EntryRun
 
-    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).resolve().parents[2]))
     cfg = EntryRun("examples.advise_entry:build", "", 0.05, "zclip", 0, 15).as_dict()
     assert cfg["threads"] == 1
     out = []

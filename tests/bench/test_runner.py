@@ -20,7 +20,7 @@ from gradguard.bench.summary import summarize
 from gradguard.bench.train import train_run
 from gradguard.cli import main
 
-from conftest import KILL_MID_RUN
+from tests.helpers import KILL_MID_RUN
 
 pytestmark = pytest.mark.slow
 

@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from matplotlib.image import imread
-from test_report import FINDINGS, HOSTILE, write_run
 
 from gradguard.diagnose import html as report
 from gradguard.diagnose import plots
+
+from tests.diagnose.test_report import FINDINGS, HOSTILE, write_run
 
 WIDTH, HEIGHT = 1200, 2400
 

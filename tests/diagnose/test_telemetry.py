@@ -17,16 +17,7 @@ import gradguard
 from gradguard.diagnose import load_run
 from gradguard.diagnose.telemetry import Telemetry, _keep_auto, spectral_radius
 
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(6, 16)
-        self.fc2 = nn.Linear(16, 16)
-        self.head = nn.Linear(16, 3)
-
-    def forward(self, x):
-        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+from tests.helpers import TinyNet
 
 
 def batch(step):
@@ -51,7 +42,7 @@ def layer_norm_ref(model):
 
 def test_recorded_norms_and_update_ratios_match_references(tmp_path):
     torch.manual_seed(0)
-    model = Net()
+    model = TinyNet(width=16)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     tel = Telemetry(tmp_path, update_every=3, tensorboard=False)
     guard = gradguard.Guard(model, opt, "clip_norm:0.3", telemetry=tel)
@@ -104,7 +95,7 @@ def test_recorded_norms_and_update_ratios_match_references(tmp_path):
 
 def test_sampling_keeps_exact_context_around_an_event(tmp_path):
     torch.manual_seed(0)
-    model = Net()
+    model = TinyNet(width=16)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     tel = Telemetry(tmp_path, every=10, context=4, tensorboard=False)
     with gradguard.Guard(model, opt, "default", telemetry=tel) as guard:
@@ -131,7 +122,7 @@ def test_auto_sampling_grows_with_log_steps():
 
 def test_events_are_on_disk_before_close(tmp_path):
     torch.manual_seed(0)
-    model = Net()
+    model = TinyNet(width=16)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     guard = gradguard.Guard(model, opt, "default", log_dir=tmp_path)
     for step in range(40):
@@ -163,7 +154,7 @@ def test_replay_localizes_a_backward_nan_to_its_module(tmp_path):
             return g * float("nan")
 
     torch.manual_seed(0)
-    model = Net()
+    model = TinyNet(width=16)
     poison = {"on": False}
     model.fc2.register_forward_hook(lambda m, i, o: NanGrad.apply(o) if poison["on"] else o)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -189,7 +180,7 @@ def test_tensorboard_files_hold_the_kept_steps(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     torch.manual_seed(0)
-    model = Net()
+    model = TinyNet(width=16)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     with gradguard.Guard(model, opt, "clip_norm:0.5", log_dir=tmp_path) as guard:
         for step in range(15):
@@ -246,7 +237,7 @@ def test_spectral_radius_of_recurrent_weights_is_recorded(tmp_path):
 
 
 def test_bad_settings_fail_clearly(tmp_path):
-    model = Net()
+    model = TinyNet(width=16)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     f = tmp_path / "file"
     f.write_text("x")
@@ -263,7 +254,7 @@ def test_bad_settings_fail_clearly(tmp_path):
 @pytest.mark.parametrize("layer", ["fc1", "fc2", "head"])
 def test_a_spike_injected_into_a_layer_is_ranked_first(tmp_path, layer):
     torch.manual_seed(0)
-    model = Net()
+    model = TinyNet(width=16)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     with gradguard.Guard(model, opt, "clip_norm:10", log_dir=tmp_path) as guard:
         for step in range(60):

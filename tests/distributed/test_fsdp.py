@@ -16,6 +16,8 @@ from torch import nn
 
 import gradguard
 
+from tests.helpers import TinyNet
+
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch without distributed")
 
 WORLD = 2
@@ -28,17 +30,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(6, 16)
-        self.fc2 = nn.Linear(16, 16)
-        self.head = nn.Linear(16, 3)
-
-    def forward(self, x):
-        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
-
-
 def batch(step: int, poison: bool = False):
     gen = torch.Generator().manual_seed(step)
     x = torch.randn(GLOBAL_BATCH, 6, generator=gen)
@@ -49,7 +40,7 @@ def batch(step: int, poison: bool = False):
 def reference(spec: str, steps: int) -> list[dict]:
     """One process, unsharded, on the global batch: norms before the step and the weights after."""
     torch.manual_seed(0)
-    model = Net()
+    model = TinyNet(width=16)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     guard = gradguard.Guard(model, opt, spec, layer_stats=True)
     out = []
@@ -76,7 +67,7 @@ def _worker(rank: int, port: int, scenario: str, out_dir: str) -> None:
         from torch.distributed.fsdp import fully_shard
 
         torch.manual_seed(0)
-        model = Net()
+        model = TinyNet(width=16)
         mesh = init_device_mesh("cpu", (WORLD,))
         for m in (model.fc1, model.fc2, model.head):
             fully_shard(m, mesh=mesh)
@@ -187,7 +178,7 @@ def test_fsdp1_is_refused_clearly():
         "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
     )
     try:
-        model = FullyShardedDataParallel(Net(), device_id=torch.device("cpu"))
+        model = FullyShardedDataParallel(TinyNet(width=16), device_id=torch.device("cpu"))
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         with pytest.raises(gradguard.ConfigError, match="FSDP2"):
             gradguard.Guard(model, opt)

@@ -13,25 +13,10 @@ import gradguard
 import gradguard.faults as faults
 from gradguard.errors import ConfigError, SpecError
 
+from tests.helpers import TinyNet
 
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(6, 16)
-        self.fc2 = nn.Linear(16, 16)
-        self.head = nn.Linear(16, 3)
-
-    def forward(self, x):
-        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models train fastest on one thread, and on shared cores torch's extra threads spin."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+#: Tiny models train fastest on one thread (the fixture in tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 LAYERS = ("fc1", "fc2", "head")
@@ -63,7 +48,7 @@ P_BASED = ("nan", "inf", "spike", "poison", "fp16_overflow")
 def drive(spec, seed, steps=150):
     """Run every hook of a plan over ``steps`` steps on fixed gradients and a fixed batch."""
     plan = faults.parse(spec, seed=seed)
-    model = Net()
+    model = TinyNet(width=16)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = batch(0)
     for step in range(steps):
@@ -98,7 +83,7 @@ def test_none_is_the_empty_plan_and_does_nothing():
 def test_the_docstring_training_loop_runs():
     lines = faults.__doc__.split("\n\n")[1].splitlines()
     code = "\n".join(line[4:].split("  #")[0] for line in lines)
-    model = Net()
+    model = TinyNet(width=16)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     env = {
         "gradguard": gradguard,
@@ -163,7 +148,7 @@ def test_strikes_are_ordered_by_step_then_by_hook():
 # ----- gradient faults ----------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["nan", "inf"])
 def test_nonfinite_strikes_the_named_layer_at_the_step_and_nothing_else(kind):
-    model = Net()
+    model = TinyNet(width=16)
     plan = faults.parse(f"{kind}:at=3,layer=fc2", seed=0)
     for step in range(6):
         clean = fixed_grads(model, seed=step)
@@ -179,7 +164,7 @@ def test_nonfinite_strikes_the_named_layer_at_the_step_and_nothing_else(kind):
 
 
 def test_nan_in_every_layer_with_a_star():
-    model = Net()
+    model = TinyNet(width=16)
     fixed_grads(model)
     plan = faults.parse("nan:at=0,layer=*", seed=0)
     plan.on_gradients(0, model)
@@ -189,7 +174,7 @@ def test_nan_in_every_layer_with_a_star():
 
 
 def test_spike_scales_one_layer_or_all():
-    model = Net()
+    model = TinyNet(width=16)
     clean = fixed_grads(model)
     plan = faults.parse("spike:at=0,layer=head,scale=1e3", seed=0)
     plan.on_gradients(0, model)
@@ -205,7 +190,7 @@ def test_spike_scales_one_layer_or_all():
 
 
 def test_a_layer_that_matches_nothing_is_a_clear_error():
-    model = Net()
+    model = TinyNet(width=16)
     fixed_grads(model)
     with pytest.raises(SpecError, match=r"layer='decoder\*' matches no module.*fc1, fc2, head"):
         faults.parse("spike:at=0,layer=decoder*", seed=0).on_gradients(0, model)
@@ -214,7 +199,7 @@ def test_a_layer_that_matches_nothing_is_a_clear_error():
 def test_hooks_refuse_a_bad_step_or_model():
     plan = faults.parse("nan:at=0", seed=0)
     with pytest.raises(ConfigError, match="int >= 0"):
-        plan.on_gradients(-1, Net())
+        plan.on_gradients(-1, TinyNet(width=16))
     with pytest.raises(ConfigError, match=r"nn\.Module"):
         plan.on_gradients(0, object())
 
@@ -244,7 +229,7 @@ def test_poison_refuses_to_scale_token_ids():
 
 
 def test_lr_burst_multiplies_for_exactly_k_steps_and_restores_exactly():
-    model = Net()
+    model = TinyNet(width=16)
     opt = torch.optim.SGD(
         [{"params": model.fc1.parameters(), "lr": 0.1}, {"params": model.head.parameters()}],
         lr=0.03,
@@ -264,7 +249,7 @@ def test_lr_burst_multiplies_for_exactly_k_steps_and_restores_exactly():
 
 
 def test_lr_burst_never_compounds_and_keeps_a_schedulers_change():
-    model = Net()
+    model = TinyNet(width=16)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     plan = faults.parse("lr_burst:factor=10,steps=5,at=0", seed=0)
     plan.on_optimizer(0, opt)
@@ -277,7 +262,7 @@ def test_lr_burst_never_compounds_and_keeps_a_schedulers_change():
 
 def test_fp16_overflow_makes_the_scaler_skip_and_the_guard_report_it():
     torch.manual_seed(0)
-    model = Net()
+    model = TinyNet(width=16)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     guard = gradguard.Guard(model, opt, "default", scaler=scaler)
@@ -305,7 +290,7 @@ def test_fp16_overflow_makes_the_scaler_skip_and_the_guard_report_it():
 @pytest.mark.parametrize("legacy", [False, True])
 def test_corrupt_checkpoint_always_fails_to_load(tmp_path, mode, legacy):
     path = tmp_path / "ckpt.pt"
-    state = {"model": Net().state_dict(), "big": torch.randn(64, 64), "step": 3}
+    state = {"model": TinyNet(width=16).state_dict(), "big": torch.randn(64, 64), "step": 3}
     for seed in range(8):
         torch.save(state, path, _use_new_zipfile_serialization=not legacy)
         size = path.stat().st_size
@@ -319,7 +304,7 @@ def test_corrupt_checkpoint_always_fails_to_load(tmp_path, mode, legacy):
 def test_corrupt_checkpoint_is_deterministic_and_checks_its_mode(tmp_path):
     def damaged(seed):
         path = tmp_path / f"{seed}.pt"
-        torch.save(Net().state_dict(), path)
+        torch.save(TinyNet(width=16).state_dict(), path)
         faults.corrupt_checkpoint(path, mode="garbage", seed=seed)
         return path.read_bytes()
 
@@ -336,7 +321,7 @@ def test_corrupt_checkpoint_is_deterministic_and_checks_its_mode(tmp_path):
 # ----- end to end ---------------------------------------------------------------------------------
 def train(spec, guarded, steps=40):
     torch.manual_seed(0)
-    model = Net()
+    model = TinyNet(width=16)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     guard = gradguard.Guard(model, opt, "default") if guarded else None
     plan = faults.parse(spec, seed=0)
@@ -405,7 +390,7 @@ def test_unguarded_run_is_harmed_and_the_default_guard_holds(spec):
 def test_the_default_guard_keeps_accuracy_within_a_point_of_the_clean_run(spec):
     def accuracy(fault_spec):
         torch.manual_seed(0)
-        model = Net()
+        model = TinyNet(width=16)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         guard = gradguard.Guard(model, opt, "default")
         plan = faults.parse(fault_spec, seed=0)

@@ -8,11 +8,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
 
 import gradguard.faults as faults
 from gradguard.errors import SpecError
 from gradguard.faults import FaultPlan, FaultSpecError, fault_class
+
+from tests.helpers import TinyNet
 
 FAULTS = sorted(faults.available_faults())
 LAYERS = ["fc1", "fc2", "head", "fc*", "*", "f?2", "[fh]*"]
@@ -148,13 +149,7 @@ def valid_plan(draw):
     ]
 
 
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc2, self.head = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)
-
-
-_NET = Net()
+_NET = TinyNet(d_in=3, width=4, d_out=2)
 for _p in _NET.parameters():
     _p.grad = torch.zeros_like(_p)
 

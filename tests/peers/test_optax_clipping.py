@@ -30,10 +30,6 @@ Guard takes any rank).
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pytest
 import torch
@@ -41,17 +37,7 @@ from torch import nn
 
 import gradguard
 
-from reference.harness import Recorder
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread is ~100x faster than two on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+from tests.reference.harness import Recorder
 
 STEPS = 50  # optax's STEPS
 EPS = 1e-6  # torch's (and the Guard's) clip_grad_norm_ epsilon

@@ -30,10 +30,6 @@ rule, ``g * min(1, max_norm / (||g||_p + 1e-6))``, recomputed below in float64 w
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pytest
 import torch
@@ -42,17 +38,7 @@ from torch.nn.utils import clip_grad_norm_, clip_grad_value_, get_total_norm
 
 import gradguard
 
-from reference.harness import Recorder
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread is ~100x faster than two on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+from tests.reference.harness import Recorder
 
 INF = math.inf
 NORM_TYPES = [0.5, 1.5, 2.0, 4.0, INF]  # test_clip_grad_norm's parametrization

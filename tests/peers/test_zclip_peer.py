@@ -16,10 +16,6 @@ reads the norm for its non-finite check) and device tensors (``check_finite=Fals
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pytest
 import torch
@@ -27,17 +23,7 @@ from torch import nn
 
 import gradguard
 
-from reference.harness import Recorder
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread is ~100x faster than two on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+from tests.reference.harness import Recorder
 
 PATHS = {"host": True, "device": False}
 

@@ -15,7 +15,7 @@ import gradguard
 from gradguard import ConfigError, SpecError
 from gradguard.policies import parse_spec
 
-from conftest import set_grads
+from tests.helpers import set_grads
 
 #: Steps of the runs below; warmup short enough that most of them are past it.
 STEPS, WARMUP = 30, 5

@@ -6,10 +6,6 @@ from __future__ import annotations
 
 import math
 import random
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pytest
 import torch
@@ -20,8 +16,8 @@ from gradguard.policies import adaptive_clip
 from gradguard.policies.rule import HostInputs, to_torch
 from gradguard.policies.xp import HOST, TORCH
 
-from reference.adaptive_clip_reference import AdaptiveClipReference
-from reference.harness import Recorder, global_norm, set_grads_to_norm
+from tests.reference.adaptive_clip_reference import AdaptiveClipReference
+from tests.reference.harness import Recorder, global_norm, set_grads_to_norm
 
 PATHS = pytest.mark.parametrize("check_finite", [True, False], ids=["host_path", "device_path"])
 

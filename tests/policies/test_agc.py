@@ -3,11 +3,7 @@ and its choice of which parameters to leave alone (the output head, ``exclude`` 
 
 from __future__ import annotations
 
-import sys
 import warnings
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import pytest
@@ -18,8 +14,8 @@ from torch import nn
 
 import gradguard
 
-from reference.agc_reference import agc_clip, agc_reference
-from reference.harness import Recorder
+from tests.reference.agc_reference import agc_clip, agc_reference
+from tests.reference.harness import Recorder
 
 RTOL = 1e-5
 

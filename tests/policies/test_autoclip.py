@@ -7,10 +7,6 @@ Also: property tests for ``clip_norm``, the fixed-threshold clip AutoClip genera
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import pytest
@@ -21,8 +17,8 @@ from torch import nn
 
 import gradguard
 
-from reference.autoclip_reference import AutoClipReference
-from reference.harness import Recorder, global_norm, set_grads_to_norm, spiky_norms
+from tests.reference.autoclip_reference import AutoClipReference
+from tests.reference.harness import Recorder, global_norm, set_grads_to_norm, spiky_norms
 
 RTOL = 1e-5
 

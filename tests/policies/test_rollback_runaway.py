@@ -11,9 +11,6 @@ import json
 import math
 import shutil
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pytest
 import torch
@@ -22,7 +19,7 @@ import gradguard
 from gradguard import TrainingHalted
 from gradguard.policies import Policy, StepContext
 
-from conftest import TinyNet, assert_same, set_grads, snapshot
+from tests.helpers import TinyNet, assert_same, set_grads, snapshot
 
 rb = sys.modules["gradguard.policies.rollback"]
 #: High losses in a row that make a runaway (the default patience).

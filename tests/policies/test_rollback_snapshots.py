@@ -1,6 +1,8 @@
-"""Rollback snapshots are validated whole before a single tensor is restored (issue 13, item 7):
-checksum (disk), run identity, parameter fingerprint, finite tensors; the folder is checked
-writable up front; a failed write names the folder; a temp folder goes at close()."""
+"""Rollback snapshots: a restore brings back the last good state bit-identically (weights,
+optimizer and BatchNorm state, from memory or disk), never a bad one, and gives up clearly when
+training cannot recover; snapshots are validated whole before a single tensor is restored (issue
+13, item 7): checksum (disk), run identity, parameter fingerprint, finite tensors; the folder is
+checked writable up front; a failed write names the folder; a temp folder goes at close()."""
 
 from __future__ import annotations
 
@@ -8,26 +10,19 @@ import gc
 import os
 import sys
 import warnings
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import gradguard
 from gradguard import ConfigError, GradGuardError, SnapshotError
 
-from conftest import TinyNet, train_step
+from tests.helpers import TinyNet, assert_same, data, snapshot, train_step
 
 #: The module (``gradguard.policies.rollback`` is the policy class).
 rb = sys.modules["gradguard.policies.rollback"]
-
-
-def data(seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(16, 6, generator=gen), torch.randint(0, 3, (16,), generator=gen)
 
 
 def run(spec: str, steps: int = 3, model: TinyNet | None = None, seed: int = 0):
@@ -365,3 +360,157 @@ def test_a_resumed_run_accepts_its_own_memory_snapshot():
     nan_step(model, opt, guard2)
     assert guard2.step().rolled_back
     assert unchanged(model, good)
+
+
+# ----- restoring the last good state --------------------------------------------------------------
+class BNNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 8)
+        self.bn = nn.BatchNorm1d(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.fc(x))))
+
+
+@pytest.mark.parametrize("to", ["memory", "disk"])
+def test_rollback_restores_the_last_good_state_bit_identically(to, tmp_path):
+    torch.manual_seed(0)
+    model = BNNet()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    spec = f"rollback:every=5,to={to}" + (f",path={tmp_path}" if to == "disk" else "")
+    guard = gradguard.Guard(model, opt, spec)
+    good = None
+    for step in range(12):
+        train_step(model, opt, *data(step))
+        guard.step()
+        if step == 9:  # snapshots after applied steps 5 and 10 (step index 4 and 9)
+            good = (snapshot(model, opt), {k: v.clone() for k, v in model.state_dict().items()})
+    # Poison the weights (and BatchNorm statistics) as a bad update would, then the next loss is NaN.
+    with torch.no_grad():
+        model.fc.weight[0, 0] = float("inf")
+        model.bn.running_mean.fill_(float("nan"))
+    loss = train_step(model, opt, *data(12))
+    r = guard.step(loss=loss)
+    assert r.rolled_back and r.skipped and r.skip_reason == "rollback"
+    assert_same(good[0], snapshot(model, opt))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, good[1][k]), k
+    assert guard.counters["rolled_back"] == 1
+    # Training goes on from the restored state.
+    for step in range(13, 20):
+        assert not guard.step(loss=train_step(model, opt, *data(step))).skipped
+    if to == "disk":
+        assert (tmp_path / "last_good.pt").exists()
+
+
+def test_rollback_never_snapshots_bad_weights():
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gradguard.Guard(model, opt, "rollback:every=2")
+    train_step(model, opt, *data(0))
+    first = snapshot(model, opt)  # the first snapshot is taken before the first step
+    guard.step()
+    train_step(model, opt, *data(1))
+    with torch.no_grad():
+        model.head.bias[0] = float("nan")  # corrupted outside the Guard's view before the snapshot
+    guard.step()
+    assert guard.policies[0].state["snapshot_step"] == 0
+    train_step(model, opt, *data(2))
+    model.head.bias.grad[0] = float("nan")
+    assert guard.step().rolled_back
+    assert torch.equal(model.fc1.weight, first["params"][0])
+
+
+def test_rollback_gives_up_clearly_when_training_cannot_recover():
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gradguard.Guard(model, opt, "rollback:max_consecutive=2")
+    train_step(model, opt, *data(0))
+    guard.step()
+    for _ in range(2):
+        train_step(model, opt, *data(1))
+        model.fc1.weight.grad.fill_(float("nan"))
+        assert guard.step().rolled_back
+    train_step(model, opt, *data(1))
+    model.fc1.weight.grad.fill_(float("nan"))
+    with pytest.raises(GradGuardError, match="lower the learning rate"):
+        guard.step()
+
+
+def test_corrupt_disk_snapshot_is_named(tmp_path):
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gradguard.Guard(model, opt, f"rollback:to=disk,path={tmp_path}")
+    train_step(model, opt, *data(0))
+    guard.step()
+    (tmp_path / "last_good.pt").write_bytes(b"not a checkpoint")
+    train_step(model, opt, *data(1))
+    model.fc1.weight.grad.fill_(float("nan"))
+    with pytest.raises(GradGuardError, match=r"last_good\.pt"):
+        guard.step()
+
+
+def test_restored_state_is_a_copy_of_the_snapshot():
+    """Restoring into an optimizer whose state was dropped must not hand it the snapshot's own
+    tensors: the next steps would update the snapshot in place."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    guard = gradguard.Guard(model, opt, "rollback:every=2")
+    for step in range(2):
+        guard.step(loss=train_step(model, opt, *data(step)))
+    saved = snapshot(model, opt)  # the snapshot taken after the second applied step
+    for rollback_round in range(2):
+        opt.state.clear()  # e.g. state dropped by user code
+        train_step(model, opt, *data(10 + rollback_round))
+        model.fc1.weight.grad.fill_(float("nan"))
+        assert guard.step().rolled_back
+        assert_same(saved, snapshot(model, opt))
+        guard.step(loss=train_step(model, opt, *data(20 + rollback_round)))  # a good step after it
+
+
+@pytest.mark.parametrize("mode", ["truncate", "garbage"])
+def test_a_corrupted_snapshot_is_a_clear_error_naming_the_file(tmp_path, mode):
+    from gradguard.faults import corrupt_checkpoint
+
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gradguard.Guard(model, opt, f"rollback:to=disk,path={tmp_path}")
+    guard.step(loss=train_step(model, opt, *data(0)))
+    corrupt_checkpoint(tmp_path / "last_good.pt", mode=mode, seed=1)
+    train_step(model, opt, *data(1))
+    model.fc1.weight.grad.fill_(float("nan"))
+    with pytest.raises(
+        GradGuardError, match=r"could not read the rollback snapshot .*last_good\.pt"
+    ):
+        guard.step()
+
+
+def test_a_crash_while_writing_a_snapshot_keeps_the_previous_good_one(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gradguard.Guard(model, opt, f"rollback:every=1,to=disk,path={tmp_path}")
+    guard.step(loss=train_step(model, opt, *data(0)))
+    good = torch.load(tmp_path / "last_good.pt", weights_only=True)
+    real_save = torch.save
+
+    def dies_halfway(obj, f, *a, **kw):
+        real_save(obj, f, *a, **kw)
+        raise OSError("disk full")  # after writing the temp file, before the rename
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(OSError, match="disk full"):
+        guard.step(loss=train_step(model, opt, *data(1)))
+    monkeypatch.setattr(torch, "save", real_save)
+    kept = torch.load(tmp_path / "last_good.pt", weights_only=True)  # still loads, still the old
+    for k, v in good["model"].items():
+        assert torch.equal(kept["model"][k], v)
+    # No temp file left behind: only the two snapshots kept (the newest and the one before it).
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last_good.prev.pt", "last_good.pt"]

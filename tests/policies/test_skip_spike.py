@@ -1,7 +1,9 @@
-"""skip_spike's level shift (``admit``): a sustained move to a new level is admitted after ``admit``
-finite outliers in a row (the window restarts from them), where a spike, a shorter burst or a run
-broken by a NaN is skipped and kept out of the window. Before ``admit``, every skipped value stayed
-out of the window for good, so a shift was skipped until the Guard stopped the run."""
+"""skip_spike: the same skips as a written-out reference of its rule on long sequences (and on the
+loss), OLMo-core's warmup, and its level shift (``admit``): a sustained move to a new level is
+admitted after ``admit`` finite outliers in a row (the window restarts from them), where a spike,
+a shorter burst or a run broken by a NaN is skipped and kept out of the window. Before ``admit``,
+every skipped value stayed out of the window for good, so a shift was skipped until the Guard
+stopped the run."""
 
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import gradguard
 from gradguard import ConfigError, SpecError
 from gradguard.policies.skip import is_outlier, is_spike, outlier_run
 from gradguard.policies.xp import HOST, TORCH
+
+from tests.reference.olmo_skip_reference import olmo_skips
 
 
 def level(n: int, at: float = 1.0, seed: int = 0) -> list[float]:
@@ -203,3 +207,131 @@ def test_the_rules_agree_on_host_and_torch():
         assert outlier_run(HOST, p, outlier, run) == want
         shifted, n = outlier_run(TORCH, p, torch.tensor(outlier), torch.tensor(run))
         assert (bool(shifted), int(n)) == want
+
+
+# ----- against the reference rule and OLMo-core's -------------------------------------------------
+def skip_spike_reference(
+    values: list[float], z: float, window: int, warmup: int, admit: int = 8
+) -> list[bool]:
+    """OLMo-core's rule (sample std over a rolling window; checks once ``warmup`` values counting
+    the current one are in), except skipped values stay out, two earlier values are needed, and
+    ``admit`` finite outliers in a row replace the window (a shift of level)."""
+    hist: list[float] = []
+    run: list[float] = []  # the finite outliers in a row so far
+    out = []
+    for v in values:
+        skip = outlier = False
+        if not math.isfinite(v):
+            skip = True
+        elif len(hist) + 1 >= warmup and len(hist) >= 2:
+            mean = sum(hist) / len(hist)
+            std = math.sqrt(sum((h - mean) ** 2 for h in hist) / (len(hist) - 1))
+            skip = outlier = v - mean > z * std
+        out.append(skip)
+        run = [*run, v] if outlier else []
+        if len(run) == admit:
+            hist, run = run[-window:], []
+        elif not skip:
+            hist = [*hist, v][-window:]
+    return out
+
+
+def _reference_run(norms: list[float], spec: str) -> list[bool]:
+    model = nn.Linear(1, 1, bias=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    guard = gradguard.Guard(model, opt, spec, max_consecutive_skips=None)
+    got = []
+    for n in norms:
+        model.weight.grad = torch.full((1, 1), n)
+        got.append(guard.step().skipped)
+    return got
+
+
+def test_skip_spike_matches_reference_on_a_long_sequence():
+    gen = torch.Generator().manual_seed(3)
+    norms = (torch.rand(400, generator=gen) * 0.5 + 1.0).tolist()
+    for i, f in [(50, 20.0), (51, 30.0), (120, 5.0), (300, 1e4), (301, float("inf"))]:
+        norms[i] *= f
+    got = _reference_run(norms, "skip_spike:z=4,window=32,warmup=8,on=grad_norm")
+    want = skip_spike_reference(norms, 4.0, 32, 8)
+    assert got == want
+    assert want[50] and want[51] and want[300] and want[301] and sum(want) < 10
+
+
+@pytest.mark.parametrize(("admit", "window"), [(2, 32), (3, 32), (8, 32), (8, 5)])
+def test_skip_spike_matches_reference_through_shifts_of_level(admit, window):
+    """Levels that move up 10x and back, bursts of every length around ``admit``, NaN and Inf
+    inside runs of outliers, a run longer than the window: the same skips as the reference, step
+    by step."""
+    gen = torch.Generator().manual_seed(4)
+    norms = (torch.rand(900, generator=gen) * 0.5 + 1.0).tolist()
+    for lo, hi, f in [(100, 400, 10.0), (600, 900, 0.3)]:
+        norms[lo:hi] = [v * f for v in norms[lo:hi]]
+    for start, length in [(40, 1), (60, 2), (70, 3), (80, 7), (450, 8), (500, 9)]:
+        for i in range(start, start + length):
+            norms[i] *= 50.0
+    norms[102], norms[455], norms[456] = float("nan"), float("inf"), float("nan")
+    warmup = min(8, window)
+    spec = f"skip_spike:z=4,window={window},warmup={warmup},on=grad_norm,admit={admit}"
+    got = _reference_run(norms, spec)
+    want = skip_spike_reference(norms, 4.0, window, warmup, admit)
+    assert got == want
+    if window == 32:  # every new level was admitted (a 5-value window is noisier than that)
+        assert not any(want[420:440]) and not any(want[880:])
+
+
+def test_skip_spike_on_loss():
+    model = nn.Linear(1, 1, bias=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gradguard.Guard(model, opt, "skip_spike:on=loss,window=16")
+    skipped = []
+    for step in range(40):
+        model.weight.grad = torch.ones(1, 1)
+        loss = 100.0 if step == 30 else 1.0 + 0.01 * (step % 3)
+        skipped.append(guard.step(loss=torch.tensor(loss)).skipped)
+    assert skipped == [s == 30 for s in range(40)]
+
+
+def calm_then_spike(n: int, at: int, seed: int = 0) -> list[float]:
+    gen = torch.Generator().manual_seed(seed)
+    values = (torch.rand(n, generator=gen) * 0.2 + 1.0).tolist()
+    values[at] = 1e3
+    return values
+
+
+@pytest.mark.parametrize("window", [16, 128])
+def test_skip_spike_starts_checking_when_olmo_core_does(window):
+    """A spike at each step around the end of the warmup is skipped exactly when OLMo-core's
+    SkipStepOptimizer would skip it (before the first skip both rules see the same values)."""
+    first = max(2, window // 2) - 1  # 0-based index of the first checked step
+    for at in range(first - 3, first + 4):
+        values = calm_then_spike(at + 2, at)
+        model = nn.Linear(1, 1, bias=False)
+        guard = gradguard.Guard(
+            model, torch.optim.SGD(model.parameters(), lr=0.0), f"skip_spike:window={window}"
+        )
+        ours = []
+        for v in values:
+            model.weight.grad = torch.full((1, 1), v)
+            ours.append(guard.step(loss=torch.tensor(1.0)).skipped)
+        theirs = olmo_skips(values, window=window)
+        assert ours[: at + 1] == theirs[: at + 1], at
+        assert ours[at] == (at >= first)
+
+
+def test_after_a_spike_we_differ_from_olmo_core_on_purpose():
+    """OLMo-core keeps the spike in its window, so a second spike right after passes; ours does
+    not let the first spike widen the deviation."""
+    values = calm_then_spike(40, 20)
+    values[21] = 1e3
+    theirs = olmo_skips(values, window=16)
+    model = nn.Linear(1, 1, bias=False)
+    guard = gradguard.Guard(
+        model, torch.optim.SGD(model.parameters(), lr=0.0), "skip_spike:window=16,on=grad_norm"
+    )
+    ours = []
+    for v in values:
+        model.weight.grad = torch.full((1, 1), v)
+        ours.append(guard.step().skipped)
+    assert theirs[20] and not theirs[21]
+    assert ours[20] and ours[21]

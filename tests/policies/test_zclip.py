@@ -9,10 +9,6 @@ norm to the host for its non-finite check) and the device-tensor path (``check_f
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import pytest
@@ -23,8 +19,8 @@ from torch import nn
 
 import gradguard
 
-from reference.harness import Recorder, global_norm, set_grads_to_norm, spiky_norms
-from reference.zclip_reference import ZClipReference
+from tests.reference.harness import Recorder, global_norm, set_grads_to_norm, spiky_norms
+from tests.reference.zclip_reference import ZClipReference
 
 RTOL = 1e-5
 

@@ -15,12 +15,7 @@ from torch import nn
 from gradguard import ConfigError, GradGuardError, Guard
 from gradguard.errors import IntegrityError, StallError, TrainingHalted
 
-from conftest import TinyNet
-
-
-def data(seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(16, 6, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+from tests.helpers import TinyNet, data
 
 
 def backward(model: nn.Module, opt: torch.optim.Optimizer, scale: float = 1.0) -> torch.Tensor:

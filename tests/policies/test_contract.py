@@ -11,7 +11,7 @@ import torch
 import gradguard
 from gradguard.policies import policy_class
 
-from conftest import MODEL_FOR, TinyNet, train_step
+from tests.helpers import MODEL_FOR, TinyNet, train_step
 
 #: Parameters a policy cannot do without (everything else has a default).
 REQUIRED = {"clip_layerwise": {"factor": 3.0}}

@@ -9,7 +9,7 @@ import torch
 
 import gradguard
 
-from conftest import TinyNet, set_grads
+from tests.helpers import TinyNet, set_grads
 
 
 class Recorder(torch.optim.SGD):

@@ -14,13 +14,7 @@ from torch import nn
 import gradguard
 from gradguard import ConfigError
 
-from conftest import TinyNet, assert_same, set_grads, snapshot, train_step
-
-
-def data(seed: int, n: int = 16):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 6, generator=gen), torch.randint(0, 3, (n,), generator=gen)
-
+from tests.helpers import TinyNet, assert_same, data, set_grads, snapshot, train_step
 
 OPTIMIZERS = {
     "adam": lambda ps: torch.optim.Adam(ps, lr=1e-2),

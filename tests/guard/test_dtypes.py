@@ -15,7 +15,7 @@ from torch import nn
 from gradguard import ConfigError, Guard, available_policies
 from gradguard.stats import foreach_norms
 
-from conftest import AttnNet
+from tests.helpers import AttnNet
 
 ALL_POLICIES = [*available_policies(), "default"]
 # Policies whose every parameter has a default (clip_layerwise needs a threshold).

@@ -10,7 +10,7 @@ import torch
 
 import gradguard
 
-from conftest import TinyNet, train_step
+from tests.helpers import TinyNet, data, train_step
 
 READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy")
 
@@ -36,11 +36,6 @@ def host_reads(monkeypatch):
 
     monkeypatch.setattr(torch, "tensor", counted_tensor)
     return counts
-
-
-def data(seed):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(16, 6, generator=gen), torch.randint(0, 3, (16,), generator=gen)
 
 
 def steady_state_reads(spec: str, counts: dict, **guard_kw) -> tuple[list[str], int]:

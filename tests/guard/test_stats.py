@@ -11,7 +11,7 @@ from torch import nn
 from gradguard.layout import ParamLayout
 from gradguard.stats import compute_grad_stats
 
-from conftest import TinyNet, set_grads
+from tests.helpers import TinyNet, set_grads
 
 
 def layout_of(model: nn.Module, **opt_kw) -> ParamLayout:

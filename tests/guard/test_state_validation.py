@@ -18,12 +18,7 @@ import torch
 import gradguard
 from gradguard import ConfigError, GuardedOptimizer
 
-from conftest import MODEL_FOR, TinyNet, set_grads, train_step
-
-
-def data(seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(16, 6, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+from tests.helpers import MODEL_FOR, TinyNet, data, set_grads, train_step
 
 
 def same(a, b) -> bool:
