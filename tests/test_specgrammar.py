@@ -258,7 +258,7 @@ def _parse_or_none(spec: str):
         ("clip_norm:1e+27", "max_norm", 1e27),
         ("clip_value:limit=1e-300", "limit", 1e-300),
         ("zclip:eps=1e-300,max_norm=1e+300", "max_norm", 1e300),
-        ("skip_spike:window=9007199254740993", "window", 9007199254740993),
+        ("lr_backoff:recover=9007199254740993", "recover", 9007199254740993),
         ("lr_backoff:min_scale=1e-300", "min_scale", 1e-300),
     ],
 )

@@ -141,6 +141,10 @@ EQUIVALENT_SPECS = [
     "skip_nonfinite+zclip:warmup=3+lr_backoff:events=1,window=3,recover=2",
     "default",
 ]
+#: Every Keras policy the list does not name, at its defaults: a new one is compared at once.
+EQUIVALENT_SPECS += [
+    n for n in sorted(KERAS_POLICIES) if not any(s.split(":")[0] == n for s in EQUIVALENT_SPECS)
+]
 
 
 def test_keras_default_is_the_torch_default_without_update_clip():
@@ -297,6 +301,25 @@ def _torch_and_keras_skips(spec: str, norms: list[float], graph: bool):
         apply(grads) if graph else apply(grads, variables)
         keras_skips.append(opt.last_step()["skipped"])
     return torch_skips, keras_skips, guard, opt
+
+
+def test_rule_policies_have_no_keras_code():
+    """Every registered rule policy runs in Keras through the generic adapter (adding one touches
+    nothing in the Keras package); skip_spike, a rule, keeps no state for the loss Keras never
+    gives (its Keras state is the gradient norm's ring, count and run of outliers only)."""
+    from gradguard.policies import policy_class
+    from gradguard.policies.rule import RulePolicy
+
+    rules = [n for n in KERAS_POLICIES if issubclass(policy_class(n), RulePolicy)]
+    assert {"skip_spike", "zclip", "adaptive_clip", "clip_layerwise"} <= set(rules)
+    for name in rules:
+        assert issubclass(KERAS_POLICIES[name], RuleAdapter), name
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    opt = GuardedOptimizer(
+        keras.optimizers.SGD(0.1), "skip_spike:on=both,window=8", check_finite=False
+    )
+    opt.build(model.trainable_variables)
+    assert set(opt.policies[0].state_vars) == {"values", "count", "outliers", "run"}
 
 
 @pytest.mark.parametrize("graph", [False, True])

@@ -110,8 +110,8 @@ def test_exponents_are_not_chain_separators():
 
 
 def test_integers_are_exact_past_float_precision():
-    (p,) = parse_spec("skip_spike:window=9007199254740993")
-    assert p.window == 9007199254740993
+    (p,) = parse_spec("lr_backoff:recover=9007199254740993")
+    assert p.recover == 9007199254740993
 
 
 @settings(max_examples=300, deadline=None)

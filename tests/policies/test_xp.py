@@ -56,6 +56,12 @@ def test_buffer_ops_agree():
         for right in (False, True):
             assert HOST.searchsorted(asc, x, right) == int(TORCH.searchsorted(T(asc), T(x), right))
     assert HOST.take(asc, 3.0) == float(TORCH.take(T(asc), T(3.0))) == 3.0
+    for a in (0, 5, 6, 13):
+        assert HOST.mod(a, 6) == int(TORCH.mod(T(a), 6)) == a % 6
+    for n in (0, 2, 4):
+        kept = HOST.keep_first(buf, n)
+        assert kept == [*buf[:n], *[0.0] * (4 - n)] and len(buf) == 4
+        assert TORCH.keep_first(tbuf, T(n)).tolist() == kept
 
 
 norm_seq = st.lists(

@@ -11,10 +11,10 @@ decision is a tensor (``ops.where``), never a Python ``if`` on a value, so a pol
 The arithmetic is not written here: each policy's rule is written once in its torch module against
 an array namespace (:mod:`gradguard.policies.xp`) and called here with ``keras.ops``
 (:data:`gradguard.keras.xp.KERAS`). A :class:`~gradguard.policies.rule.RulePolicy` (zclip,
-clip_layerwise) needs nothing in this module: :class:`RuleAdapter` builds its variables from its
+adaptive_clip, clip_layerwise, skip_spike) needs nothing in this module: :class:`RuleAdapter` builds its variables from its
 fields and applies its decision. The classes still written here keep only the state layout Keras
 needs where the torch one differs (AutoClip's growing history and host-side reservoir draw,
-skip_spike's deque, lr_backoff's list of steps) and the gradient plumbing (AGC's unit axes,
+lr_backoff's list of steps) and the gradient plumbing (AGC's unit axes,
 clip_value, clip_norm's p-norms).
 
 Some policies are not portable (or not ported) and are refused with a
@@ -42,14 +42,12 @@ from ..policies import clip_norm as _clip_norm
 from ..policies import clip_value as _clip_value
 from ..policies import lr_backoff as _lr_backoff
 from ..policies import skip_nonfinite as _skip_nonfinite
-from ..policies import skip_spike as _skip_spike
 from ..policies.agc import unit_factors
 from ..policies.autoclip import autoclip_factor, percentile_sorted, sorted_insert, sorted_remove
 from ..policies.clip import NORM_EPS
 from ..policies.lr_backoff import backoff_scale
 from ..policies.registry import NAMED_CHAINS
 from ..policies.rule import RulePolicy
-from ..policies.skip import is_outlier, outlier_run
 from ..specgrammar import split_chain, split_term
 from .xp import KERAS
 
@@ -355,6 +353,13 @@ class KerasInputs:
     def norm(self) -> Any:
         return self.ctx.norm_after
 
+    @property
+    def raw_norm(self) -> Any:
+        return self.ctx.norm
+
+    #: A Keras optimizer never sees the loss (:attr:`RulePolicy.given_loss`).
+    loss = None
+
     @cached_property
     def layer_norms(self) -> Any:
         return self.ctx.layer_norms()
@@ -379,6 +384,16 @@ class RuleAdapter(KerasPolicy):
         if "reference" in vars(cls):
             cls.metrics = tuple(cls.reference.metrics)
 
+    def __init__(self, *args: Any, **params: Any):
+        super().__init__(*args, **params)
+        why = self.twin.without_loss()
+        if why is not None:
+            raise ConfigError(
+                f"{self.twin.spec()} is not available in Keras: an optimizer never sees the "
+                f"loss ({why})"
+            )
+        self.twin.given_loss = False  # no state kept for a loss that never comes
+
     def build(self, optimizer: GuardedOptimizer, layout: VarLayout) -> None:
         self._fields = self.twin.fields(len(layout.layer_names))
         self.state_vars = {
@@ -399,6 +414,8 @@ class RuleAdapter(KerasPolicy):
         new, decision = self.twin.decide(KERAS, state, KerasInputs(ctx))
         for k, v in self.state_vars.items():
             ctx.assign(v, new[k])
+        if decision.skip is not False:
+            ctx.request_skip(decision.skip, decision.skip_reason or self.name)
         if decision.scale is not None:
             ctx.scale(decision.scale)
         if decision.layer_scale is not None:
@@ -597,62 +614,6 @@ class skip_nonfinite(KerasPolicy):
         ctx.record(self.name, bad)
 
 
-class skip_spike(KerasPolicy):
-    """Skip a step whose global gradient norm is more than ``z`` standard deviations above the
-    mean of a rolling window of recent norms (OLMo-core's rule); skipped norms stay out of the
-    window, until ``admit`` finite outliers in a row restart it from them (a shift of level). The
-    tests (:func:`~gradguard.policies.skip.is_outlier`, :func:`~gradguard.policies.skip.outlier_run`)
-    are the torch policy's own. Keras optimizers do not see the loss, so only ``on=grad_norm``
-    (and ``both``, which then means the gradient norm) is available.
-
-    State: the window as a ring (``skip_spike_window``, its first ``min(count, window)`` slots in
-    use) and the count of values it took (``skip_spike_count``); the current run of outliers
-    (``skip_spike_outliers``, its first ``skip_spike_run`` slots, the rest 0)."""
-
-    reference = _skip_spike
-    twin: _skip_spike
-
-    def __init__(self, *args: Any, **params: Any):
-        super().__init__(*args, **params)
-        if self.on == "loss":
-            raise ConfigError(
-                "skip_spike:on=loss is not available in Keras: an optimizer never sees the loss; "
-                "use skip_spike:on=grad_norm"
-            )
-
-    def build(self, optimizer: GuardedOptimizer, layout: VarLayout) -> None:
-        self.values = _var(optimizer, "skip_spike_window", (self.window,))
-        self.count = _var(optimizer, "skip_spike_count", dtype="int32")
-        self.outliers = _var(optimizer, "skip_spike_outliers", (self.admit,))
-        self.run = _var(optimizer, "skip_spike_run", dtype="int32")
-
-    def apply(self, ctx: KerasStep) -> None:
-        x = ctx.norm
-        count = ops.convert_to_tensor(self.count)
-        w = ops.convert_to_tensor(self.values)
-        # The ring's first `filled` slots hold the window (in another order than torch's deque).
-        outlier = is_outlier(KERAS, self.twin, w, x, filled=ops.minimum(count, self.window))
-        spiked = ops.logical_or(ops.logical_not(ops.isfinite(x)), outlier)
-        ctx.request_skip(spiked, "spike_grad_norm")
-        ctx.record(self.name, spiked)
-        keep = ops.logical_not(spiked)
-        at = ops.arange(self.window, dtype="int32") == ops.mod(count, self.window)
-        new_w = ops.where(ops.logical_and(keep, at), x, w)
-        new_count = count + ops.cast(keep, "int32")
-        # The run of outliers: this one goes to slot `run`; the `admit`-th fills the last slot and
-        # the window restarts from the run's last `window` values, oldest first (ring slots 0..).
-        run = ops.convert_to_tensor(self.run)
-        shifted, new_run = outlier_run(KERAS, self.twin, outlier, run)
-        pending = KERAS.put(ops.convert_to_tensor(self.outliers), run, x, outlier)
-        kept = min(self.admit, self.window)
-        seed = ops.concatenate([pending[self.admit - kept :], ops.zeros((self.window - kept,))])
-        ctx.assign(self.values, ops.where(shifted, seed, new_w))
-        ctx.assign(self.count, ops.where(shifted, kept, new_count))
-        in_run = ops.arange(self.admit, dtype="int32") < new_run
-        ctx.assign(self.outliers, ops.where(in_run, pending, 0.0))
-        ctx.assign(self.run, new_run)
-
-
 class lr_backoff(KerasPolicy):
     """Multiply the LR by ``factor`` when ``events`` incidents (skipped steps, spikes a clip
     mitigated) happen within ``window`` steps;
@@ -714,7 +675,6 @@ _WRITTEN: tuple[type[KerasPolicy], ...] = (
     clip_value,
     lr_backoff,
     skip_nonfinite,
-    skip_spike,
 )
 
 #: Every Keras policy by spec name: the classes written here, and an adapter for every other rule

@@ -118,6 +118,14 @@ class _Keras:
         return ops.floor(x)
 
     @staticmethod
+    def mod(a: Any, n: int) -> Any:
+        return ops.mod(a, n)
+
+    @staticmethod
+    def keep_first(buf: Any, n: Any) -> Any:
+        return ops.where(ops.arange(buf.shape[0], dtype="int32") < n, buf, 0.0)
+
+    @staticmethod
     def arange_like(buf: Any) -> Any:
         return ops.arange(buf.shape[0], dtype="int32")
 

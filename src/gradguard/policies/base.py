@@ -113,15 +113,16 @@ class StepContext:
             self.rollback_request = reason
 
     @property
+    def hard_incident(self) -> bool:
+        """A rollback, a skip or an instability: an incident whatever the loss shows (an AMP
+        overflow is the scaler's normal operation, not one)."""
+        return self.rollback or self.unstable or (self.skip and self.skip_reason != "amp_overflow")
+
+    @property
     def event(self) -> bool:
-        """Whether this step already counts as an incident (a skip, a rollback, an anomaly or an
-        instability; an AMP overflow is the scaler's normal operation, not one)."""
-        return (
-            self.rollback
-            or self.anomaly
-            or self.unstable
-            or (self.skip and self.skip_reason != "amp_overflow")
-        )
+        """Whether this step already counts as an incident: a hard one (:attr:`hard_incident`) or
+        a finite anomaly a policy mitigated."""
+        return self.hard_incident or self.anomaly
 
 
 @dataclass(eq=False)

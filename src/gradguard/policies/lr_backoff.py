@@ -109,9 +109,8 @@ class lr_backoff(Policy):
 
     def counts(self, ctx: StepContext) -> bool:
         """Whether this step is an incident for the backoff (see the class docstring)."""
-        hard = ctx.rollback or ctx.unstable or (ctx.skip and ctx.skip_reason != "amp_overflow")
-        if hard or not ctx.anomaly:
-            return hard
+        if ctx.hard_incident or not ctx.anomaly:
+            return ctx.hard_incident
         return self.loss_out_of_line(None if ctx.host is None else ctx.host.loss)
 
     def loss_out_of_line(self, loss: float | None) -> bool:

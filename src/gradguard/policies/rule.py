@@ -45,15 +45,20 @@ class Decision:
     """What a rule decided for one step; the framework applies it.
 
     ``scale``: one factor for every gradient; ``layer_scale``: one factor per layer (the layout's
-    layers); ``acted``: whether the policy acted (a bool or a 0-dim bool array); ``acted_layers``:
-    a bool mask over the layers (or None); ``metrics``: named numbers for telemetry, the same keys
-    on every path (the policy's ``metrics``); ``anomaly``: a spike the rule mitigated, an incident
+    layers); ``skip``: cancel the step (a bool or a 0-dim bool array; a rule that skips declares
+    ``needs_host``, so that the torch Guard runs it on the values it read: the skip must be known
+    there), with ``skip_reason`` (e.g. ``"spike_grad_norm"``) as the step's skip reason;
+    ``acted``: whether the policy acted (a bool or a 0-dim bool array); ``acted_layers``: a bool
+    mask over the layers (or None); ``metrics``: named numbers for telemetry, the same keys on
+    every path (the policy's ``metrics``); ``anomaly``: a spike the rule mitigated, an incident
     for ``lr_backoff`` (read on the host path and in Keras; on the sync-free device path no
     reacting policy runs, since they read the host).
     """
 
     scale: Any = None
     layer_scale: Any = None
+    skip: Any = False
+    skip_reason: str | None = None
     acted: Any = False
     acted_layers: Any = None
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -70,6 +75,17 @@ class RuleInputs(Protocol):
         ...
 
     @property
+    def raw_norm(self) -> Any:
+        """The global L2 gradient norm as the backward pass left it (before any policy)."""
+        ...
+
+    @property
+    def loss(self) -> Any:
+        """The step's loss, or None where it is not given (a step without ``loss=``; Keras, whose
+        optimizer never sees it: see :attr:`RulePolicy.given_loss`)."""
+        ...
+
+    @property
     def layer_norms(self) -> Any:
         """The L2 norm of each layer's gradient (0 for a layer without one)."""
         ...
@@ -80,11 +96,26 @@ class RuleInputs(Protocol):
         ...
 
 
-@dataclass(frozen=True)
 class HostInputs:
-    """The host path's one statistic: the global norm the Guard read."""
+    """The host path's statistics: the global norm the Guard read, and the loss.
 
-    norm: float
+    ``norm`` is the norm after the earlier policies, known on the host only while none of them
+    changed the gradients (None otherwise: reading it then is an error, since it would be a
+    second host sync); ``raw_norm`` (by default ``norm``) is the norm the Guard read."""
+
+    def __init__(self, norm: Any, *, raw_norm: Any = None, loss: Any = None):
+        self._norm = norm
+        self.raw_norm = norm if raw_norm is None else raw_norm
+        self.loss = loss
+
+    @property
+    def norm(self) -> Any:
+        if self._norm is None:
+            raise RuntimeError(
+                "the norm after the earlier policies is not on the host (they changed the "
+                "gradients): a host rule reads raw_norm"
+            )
+        return self._norm
 
     @property
     def layer_norms(self) -> Any:  # pragma: no cover - no host rule reads it
@@ -96,7 +127,10 @@ class HostInputs:
 
 
 class TorchInputs:
-    """A :class:`~gradguard.stats.GradStats` seen as rule inputs (each computed when first read)."""
+    """A :class:`~gradguard.stats.GradStats` seen as rule inputs (each computed when first read).
+    The device path gives no loss (a rule that reads it declares ``needs_host``)."""
+
+    loss = None
 
     def __init__(self, stats: GradStats):
         self.stats = stats
@@ -104,6 +138,10 @@ class TorchInputs:
     @cached_property
     def norm(self) -> Tensor:
         return self.stats.norm_after
+
+    @cached_property
+    def raw_norm(self) -> Tensor:
+        return self.stats.norm
 
     @cached_property
     def layer_norms(self) -> Tensor:
@@ -205,6 +243,16 @@ class RulePolicy(Policy):
     #: the Guard has already read the raw norm to the host (the host path of :meth:`apply`).
     host_path: ClassVar[bool] = False
 
+    #: Whether the framework running the rule gives it the step's loss: the torch Guard does (when
+    #: the step has ``loss=``); the Keras adapter sets it False on its twin before reading the
+    #: fields, since a Keras optimizer never sees the loss (a rule then keeps no state for it).
+    given_loss: bool = True
+
+    def without_loss(self) -> str | None:
+        """Why this configuration cannot run where the loss is never given (Keras), naming what to
+        use instead; None when it can (the default)."""
+        return None
+
     def _as_host_state(self) -> dict[str, Any]:
         """The state as Python numbers (converted once when a device state meets the host path)."""
         if is_torch_state(self.state):
@@ -219,19 +267,22 @@ class RulePolicy(Policy):
 
     def apply(self, ctx: StepContext) -> None:
         stats = ctx.stats
+        if self.needs_host:
+            # A rule whose decision the Guard must know on the host (a skip): it runs on the
+            # values of the Guard's one read, whatever the earlier policies did.
+            host = ctx.host
+            assert host is not None
+            inputs = HostInputs(
+                None if stats.modified else host.norm, raw_norm=host.norm, loss=host.loss
+            )
+            self._decide_on_host(ctx, inputs)
+            return
         if not stats.grads:
             return
         if self.host_path and ctx.host is not None and not stats.modified:
             # The Guard already read the raw norm: the rule on Python floats, and the gradients
             # touched only when there is something to clip.
-            norm = ctx.host.norm
-            self.state, decision = self.decide(HOST, self._as_host_state(), HostInputs(norm))
-            if math.isfinite(norm) and decision.acted:
-                stats.scale_(decision.scale)
-                ctx.record(self.name, True)
-            if decision.anomaly:
-                ctx.anomaly = True
-            ctx.metrics.update(decision.metrics)
+            self._decide_on_host(ctx, HostInputs(ctx.host.norm, loss=ctx.host.loss))
             return
         # The device path: the same rule on tensors, sync-free.
         fields = self.fields(stats.num_layers)
@@ -239,9 +290,27 @@ class RulePolicy(Policy):
         self.state, decision = self.decide(TORCH, state, TorchInputs(stats))
         apply_decision(ctx, self.name, decision)
 
+    def _decide_on_host(self, ctx: StepContext, inputs: HostInputs) -> None:
+        """The rule on Python numbers, and its decision applied: a skip requested, the gradients
+        scaled only when there is something to clip (and never a non-finite gradient)."""
+        self.state, decision = self.decide(HOST, self._as_host_state(), inputs)
+        if decision.skip:
+            ctx.request_skip(decision.skip_reason or self.name)
+            ctx.record(self.name, True)
+        elif decision.acted and math.isfinite(inputs.raw_norm):
+            if decision.scale is not None:
+                ctx.stats.scale_(decision.scale)
+            ctx.record(self.name, True)
+        if decision.anomaly:
+            ctx.anomaly = True
+        ctx.metrics.update(decision.metrics)
+
 
 def apply_decision(ctx: StepContext, name: str, decision: Decision) -> None:
-    """Apply a decision on torch tensors: scale the gradients, record the action, the metrics."""
+    """Apply a decision on torch tensors: scale the gradients, record the action, the metrics.
+    (A skip is decided on the host only: a rule that skips declares ``needs_host``.)"""
+    if decision.skip is not False:
+        raise TypeError(f"{name}: a rule that skips must declare needs_host (decided on the host)")
     stats = ctx.stats
     if decision.scale is not None:
         stats.scale_(decision.scale)

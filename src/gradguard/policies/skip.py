@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections.abc import Mapping
 from typing import Any
 
 from .._lazy import torch
@@ -11,7 +11,11 @@ from ..errors import SpecError
 from .base import Policy, StepContext, check_keys, check_numbers
 from .clip import _check_positive
 from .registry import register
-from .xp import HOST, ArrayNamespace
+from .rule import Decision, Field, RuleInputs, RulePolicy, initial_host_state
+from .xp import ArrayNamespace
+
+#: The longest window (and run of outliers): each is held in a ring of that many slots.
+MAX_WINDOW = 1_000_000
 
 
 @register
@@ -40,7 +44,7 @@ class skip_nonfinite(Policy):
 
 
 @register
-class skip_spike(Policy):
+class skip_spike(RulePolicy):
     """Skip a step whose gradient norm (or loss) is a finite outlier.
 
     OLMo-core's ``SkipStepOptimizer`` rule: over a rolling window of the previous ``window``
@@ -79,6 +83,7 @@ class skip_spike(Policy):
     name = "skip_spike"
     needs_host = True
     kind = "skip"
+    metrics = ("skip_spike.on",)
 
     def __init__(
         self,
@@ -90,60 +95,121 @@ class skip_spike(Policy):
     ):
         super().__init__()
         _check_positive(self.name, "z", z)
-        if not isinstance(window, int) or window < 2:
-            raise SpecError(f"window must be an integer >= 2, got {window!r}")
+        if not isinstance(window, int) or isinstance(window, bool) or not 2 <= window <= MAX_WINDOW:
+            raise SpecError(
+                f"window must be an integer in [2, {MAX_WINDOW}], got {window!r} (the window is "
+                "held in a ring of that many slots; OLMo-core uses 128)"
+            )
         if warmup is not None and (not isinstance(warmup, int) or not 2 <= warmup <= window):
             raise SpecError(f"warmup must be an integer in [2, window={window}], got {warmup!r}")
         if on not in ("grad_norm", "loss", "both"):
             raise SpecError(f"on must be one of grad_norm, loss, both; got {on!r}")
-        if not isinstance(admit, int) or isinstance(admit, bool) or admit < 2:
-            raise SpecError(f"admit must be an integer >= 2, got {admit!r}")
+        if not isinstance(admit, int) or isinstance(admit, bool) or not 2 <= admit <= MAX_WINDOW:
+            raise SpecError(f"admit must be an integer in [2, {MAX_WINDOW}], got {admit!r}")
         self.z = float(z)
         self.window = window
         self.warmup = warmup
         self.on = on
         self.admit = admit
-        self.state = {"grad_norm": [], "loss": []}
-        self._windows: dict[str, deque[float]] = {
-            k: deque(maxlen=window) for k in ("grad_norm", "loss")
-        }
-        # The current run of consecutive finite outliers of each, oldest first (< admit values).
-        self._outliers: dict[str, list[float]] = {k: [] for k in self._windows}
+        self.state = initial_host_state(self.fields())
 
-    def apply(self, ctx: StepContext) -> None:
-        host = ctx.host
-        assert host is not None
-        values = {}
-        if self.on in ("grad_norm", "both"):
-            values["grad_norm"] = host.norm
-        if self.on in ("loss", "both") and host.loss is not None:
-            values["loss"] = host.loss
-        spiked = []
-        for k, v in values.items():
-            outlier = is_outlier(HOST, self, self._windows[k], v)
-            if outlier or not math.isfinite(v):
-                spiked.append(k)
-            run = self._outliers[k]
-            shifted, n = outlier_run(HOST, self, outlier, len(run))
-            if shifted:  # the level has moved: the window restarts from the run, v included
-                self._windows[k] = deque([*run, v], maxlen=self.window)
-            self._outliers[k] = [*run, v][-n:] if n else []
-        if spiked:
-            ctx.request_skip("spike_" + "_".join(spiked))
-            ctx.record(self.name, True)
-            ctx.metrics["skip_spike.on"] = float(len(spiked))
-            return
-        for k, v in values.items():
-            self._windows[k].append(v)
+    # ----- the rule, written once (host floats, keras.ops) ---------------------------------------
+    @property
+    def channels(self) -> tuple[str, ...]:
+        """The values watched: the gradient norm and/or the loss (none where it is never given)."""
+        out: tuple[str, ...] = ("grad_norm",) if self.on in ("grad_norm", "both") else ()
+        if self.on in ("loss", "both") and self.given_loss:
+            out += ("loss",)
+        return out
+
+    def without_loss(self) -> str | None:
+        if self.on == "loss":
+            return "skip_spike:on=loss watches the loss alone; use skip_spike:on=grad_norm"
+        return None
+
+    def fields(self, n_layers: int = 0) -> dict[str, Field]:
+        # Per channel (the loss's prefixed ``loss_``): the window as a ring (``values``, its first
+        # ``min(count, window)`` slots in use), the count of values it took, and the current run
+        # of outliers (``outliers``, its first ``run`` slots, the rest 0).
+        out = {}
+        for ch in self.channels:
+            pre = "" if ch == "grad_norm" else "loss_"
+            out[pre + "values"] = Field((self.window,))
+            out[pre + "count"] = Field(kind="int")
+            out[pre + "outliers"] = Field((self.admit,))
+            out[pre + "run"] = Field(kind="int")
+        return out
+
+    def decide(
+        self, xp: ArrayNamespace, state: Mapping[str, Any], inputs: RuleInputs
+    ) -> tuple[dict[str, Any], Decision]:
+        values = {"grad_norm": inputs.raw_norm, "loss": inputs.loss}
+        watched = [ch for ch in self.channels if values[ch] is not None]
+        new = dict(state)
+        fired: dict[str, Any] = {}
+        outlier: dict[str, Any] = {}
+        for ch in watched:
+            pre, x = ("" if ch == "grad_norm" else "loss_"), values[ch]
+            count = state[pre + "count"]
+            filled = xp.minimum(count, self.window)
+            outlier[ch] = is_outlier(xp, self, state[pre + "values"], x, filled=filled)
+            fired[ch] = xp.logical_or(xp.logical_not(xp.isfinite(x)), outlier[ch])
+        spiked: Any = False
+        for f in fired.values():
+            spiked = xp.logical_or(spiked, f)
+        keep = xp.logical_not(spiked)  # a step skipped for either value enters neither window
+        for ch in watched:
+            pre, x = ("" if ch == "grad_norm" else "loss_"), values[ch]
+            count, ring = state[pre + "count"], state[pre + "values"]
+            taken = xp.put(ring, xp.mod(count, self.window), x, keep)
+            # The run of outliers: this one goes to slot ``run``; the ``admit``-th restarts the
+            # window from the run's last ``window`` values, oldest first (ring slots 0..).
+            run = state[pre + "run"]
+            shifted, new_run = outlier_run(xp, self, outlier[ch], run)
+            pending = xp.put(state[pre + "outliers"], run, x, outlier[ch])
+            kept = min(self.admit, self.window)
+            seed = xp.concat([pending[self.admit - kept :], xp.full_like(ring, 0.0)[kept:]])
+            new[pre + "values"] = xp.where(shifted, seed, taken)
+            new[pre + "count"] = xp.where(shifted, kept, count + xp.as_int(keep))
+            new[pre + "outliers"] = xp.keep_first(pending, new_run)
+            new[pre + "run"] = new_run
+        # The reason names the values that fired where that is known (the host); elsewhere
+        # (Keras, whose one value is the gradient norm) every value watched.
+        names = [ch for ch, f in fired.items() if f is True] or watched
+        on: Any = 0.0
+        for f in fired.values():
+            on = on + xp.as_float(f)
+        return new, Decision(
+            skip=spiked,
+            skip_reason="spike_" + "_".join(names),
+            acted=spiked,
+            metrics={"skip_spike.on": on},
+        )
 
     def spiked(self, ctx: StepContext) -> bool:
         """It skipped this step for a spike (a finite outlier, or a non-finite value)."""
         return ctx.acted.get(self.name) is True and (ctx.skip_reason or "").startswith("spike_")
 
+    # ----- state representation -----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        state = {k: list(w) for k, w in self._windows.items()}
-        state.update({f"{k}_outliers": list(run) for k, run in self._outliers.items()})
-        return state
+        """The saved form: each window oldest first, each run of outliers (the loss's empty when
+        it is not watched)."""
+        st = self.state
+        out: dict[str, Any] = {}
+        for ch in ("grad_norm", "loss"):
+            pre = "" if ch == "grad_norm" else "loss_"
+            if pre + "values" not in st:
+                out[ch], out[f"{ch}_outliers"] = [], []
+                continue
+            ring, count = list(st[pre + "values"]), int(st[pre + "count"])
+            if count <= self.window:
+                window = ring[:count]
+            else:
+                at = count % self.window
+                window = ring[at:] + ring[:at]
+            out[ch] = window
+            out[f"{ch}_outliers"] = list(st[pre + "outliers"])[: int(st[pre + "run"])]
+        return out
 
     def check_state(self, state: Any) -> None:
         """Both windows (``grad_norm``, ``loss``): at most ``window`` finite values, the norms >= 0
@@ -151,9 +217,10 @@ class skip_spike(Policy):
         outliers (``grad_norm_outliers``, ``loss_outliers``, absent in a state saved before
         ``admit`` existed): fewer than ``admit`` finite values (``admit`` in a row restart the
         window at once), the norms >= 0."""
-        runs = [f"{k}_outliers" for k in self._windows]
-        check_keys(self.name, state, [*self._windows, *runs], optional=runs)
-        for k in self._windows:
+        chans = ("grad_norm", "loss")
+        runs = [f"{k}_outliers" for k in chans]
+        check_keys(self.name, state, [*chans, *runs], optional=runs)
+        for k in chans:
             check_numbers(self.name, k, state[k], nonneg=k == "grad_norm", max_length=self.window)
             if f"{k}_outliers" in state:
                 check_numbers(
@@ -165,9 +232,16 @@ class skip_spike(Policy):
                 )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for k in self._windows:
-            self._windows[k] = deque((float(v) for v in state.get(k, [])), maxlen=self.window)
-            self._outliers[k] = [float(v) for v in state.get(f"{k}_outliers", [])]
+        st = initial_host_state(self.fields())
+        for ch in self.channels:
+            pre = "" if ch == "grad_norm" else "loss_"
+            window = [float(v) for v in state.get(ch, [])][-self.window :]
+            run = [float(v) for v in state.get(f"{ch}_outliers", [])][: self.admit - 1]
+            st[pre + "values"] = window + [0.0] * (self.window - len(window))
+            st[pre + "count"] = len(window)
+            st[pre + "outliers"] = run + [0.0] * (self.admit - len(run))
+            st[pre + "run"] = len(run)
+        self.state = st
 
 
 def is_outlier(xp: ArrayNamespace, p: skip_spike, window: Any, x: Any, filled: Any = None) -> Any:

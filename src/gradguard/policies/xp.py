@@ -111,6 +111,15 @@ class ArrayNamespace(Protocol):
 
     def floor(self, x: Any) -> Any: ...
 
+    def mod(self, a: Any, n: int) -> Any:
+        """``a`` modulo a positive Python int ``n`` (for integers: a ring's next slot)."""
+        ...
+
+    def keep_first(self, buf: Any, n: Any) -> Any:
+        """``buf`` with its first ``n`` entries kept and the rest set to 0 (a buffer whose first
+        ``n`` slots are in use, the others cleared)."""
+        ...
+
     def arange_like(self, buf: Any) -> Any:
         """The positions of ``buf``'s elements, ``0 .. len(buf) - 1`` (integers)."""
         ...
@@ -227,6 +236,15 @@ class _Host:
     @staticmethod
     def floor(x: float) -> float:
         return float(math.floor(x))
+
+    @staticmethod
+    def mod(a: int, n: int) -> int:
+        return a % n
+
+    @staticmethod
+    def keep_first(buf: Sequence[float], n: int) -> list[float]:
+        n = max(0, min(int(n), len(buf)))
+        return [*buf[:n], *([0.0] * (len(buf) - n))]
 
     @staticmethod
     def arange_like(buf: Sequence[float]) -> list[int]:
@@ -353,6 +371,14 @@ class _Torch:
     @staticmethod
     def floor(x: Tensor) -> Tensor:
         return x.floor()
+
+    @staticmethod
+    def mod(a: Tensor, n: int) -> Tensor:
+        return torch.remainder(a, n)
+
+    @staticmethod
+    def keep_first(buf: Tensor, n: Tensor) -> Tensor:
+        return torch.where(torch.arange(buf.numel(), device=buf.device) < n, buf, 0.0)
 
     @staticmethod
     def arange_like(buf: Tensor) -> Tensor:
