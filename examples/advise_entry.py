@@ -2,7 +2,7 @@
 
 ``build`` returns one fresh setup; ``gradguard advise`` calls it once per probe run (in worker
 processes), after seeding torch, numpy and random with the run's seed, which it also passes as
-``seed``. The contract (:mod:`gradguard.advise.entry`):
+``seed``. The contract (:mod:`gradguard.advice.entry`):
 
 - ``model``: the ``nn.Module`` to train, freshly initialized;
 - ``optimizer``: ``optimizer(model) -> torch.optim.Optimizer`` at the LR you train with (the probe
@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from gradguard.advise import Setup
+from gradguard.advice import Setup
 
 LR = 0.05
 BATCH_SIZE = 64

@@ -34,7 +34,7 @@ CORE = [
     *sorted(str(p.relative_to(PACKAGE)) for p in (PACKAGE / "policies").glob("*.py")),
 ]
 #: What is built on the core.
-USERS = ("diagnose", "bench", "advise", "keras", "integrations", "faults", "cli")
+USERS = ("diagnose", "bench", "advice", "keras", "integrations", "faults", "cli")
 
 
 def imported_modules(path: Path) -> set[str]:

@@ -8,7 +8,7 @@ report = guard.step(loss=loss)     # replaces optimizer.step()
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from . import advise  # a callable package: gradguard.advise(...); its work loads when called
+from .advice import advise  # a plain function; gradguard.advice's work loads when it is called
 from .errors import (
     ConfigError,
     GradGuardError,

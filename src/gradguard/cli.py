@@ -314,8 +314,8 @@ _THREADS_HELP = (
 
 
 def _cmd_advise(args: argparse.Namespace) -> int:
-    from .advise import advise
-    from .advise.advisor import ProbeFailed
+    from .advice import advise
+    from .advice.advisor import ProbeFailed
 
     settings = {k: getattr(args, k) for k in _ADVISE_BENCH_FLAGS if getattr(args, k) is not None}
     task_options = _key_values(args.task_option, "--task-option")

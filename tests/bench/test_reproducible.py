@@ -98,7 +98,7 @@ def test_a_bad_thread_count_is_refused_before_any_run(bad):
 
 def test_an_entry_run_trains_with_its_own_threads():
     """``gradguard advise --entry`` runs too: the same figures whatever the caller's count."""
-    from gradguard.advise.runs import EntryRun
+    from gradguard.advice.runs import EntryRun
 
     cfg = EntryRun("examples.advise_entry:build", "", 0.05, "zclip", 0, 15).as_dict()
     assert cfg["threads"] == 1

@@ -7,7 +7,13 @@ from __future__ import annotations
 import re
 
 from gradguard.bench.config import RunConfig
-from gradguard.bench.runner import NAME_HASH, run_dir_name, run_grid, telemetry_dir
+from gradguard.bench.runner import (
+    NAME_HASH,
+    run_dir_name,
+    run_grid,
+    telemetry_dir,
+    train_stored,
+)
 from gradguard.bench.store import run_key
 from gradguard.diagnose import load_run
 
@@ -51,11 +57,21 @@ def test_runs_that_read_alike_get_apart_by_the_hash():
 
 
 def test_an_entry_point_run_is_named_by_its_function():
-    from gradguard.advise.runs import EntryRun
+    from gradguard.advice.runs import EntryRun
 
     cfg = EntryRun("examples.advise_entry:setup", "d1", 0.1, "zclip", 1, 50).as_dict()
     key = run_key(cfg)
     assert run_dir_name(cfg, key) == f"setup-zclip-lr0.1-seed1-{key[:NAME_HASH]}"
+
+
+def test_an_entry_run_stored_under_the_old_package_name_still_trains(monkeypatch):
+    """gradguard 0.1.0 stored its entry-point runs' trainer as ``gradguard.advise.runs:...``; the
+    package is ``gradguard.advice`` now (``gradguard.advise`` is a function)."""
+    from gradguard.advice import runs
+
+    monkeypatch.setattr(runs, "train_entry", lambda cfg, log_dir=None: (cfg, [log_dir]))
+    old = {"trainer": "gradguard.advise.runs:train_entry", "entry": "examples.advise_entry:build"}
+    assert train_stored(old, log_dir="d") == (old, ["d"])
 
 
 CFG = RunConfig(

@@ -50,6 +50,11 @@ def _error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=5)}"
 
 
+#: Trainer modules renamed since a database could store them: its rows still train (0.1.0 stored
+#: gradguard.advise.runs; gradguard.advise is a function now, the package gradguard.advice).
+_RENAMED = {"gradguard.advise.runs": "gradguard.advice.runs"}
+
+
 def train_stored(
     cfg: dict[str, Any], log_dir: str | Path | None = None
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -64,6 +69,7 @@ def train_stored(
     if trainer is None:
         return train_run(RunConfig.from_dict(cfg), log_dir=log_dir)
     module, _, name = str(trainer).partition(":")
+    module = _RENAMED.get(module, module)
     # Only gradguard's own trainers: a results database names code to run, not any code.
     if not (module == "gradguard" or module.startswith("gradguard.")) or not name:
         raise ConfigError(

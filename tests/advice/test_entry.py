@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import torch
 
-from gradguard.advise import entry as E
+from gradguard.advice import entry as E
 from gradguard.errors import ConfigError
 
 GOOD = """
@@ -100,7 +100,7 @@ def test_an_attribute_that_is_not_a_function(module):
 @pytest.mark.parametrize(
     ("body", "fragment"),
     [
-        ("def build(seed=0):\n    return 3\n", "returned int; return a gradguard.advise.Setup"),
+        ("def build(seed=0):\n    return 3\n", "returned int; return a gradguard.advice.Setup"),
         ("def build(seed=0):\n    return (1, 2, 3)\n", "returned a tuple of 3"),
         (
             "def build(seed=0):\n    return {'model': 1}\n",

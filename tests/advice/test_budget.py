@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from gradguard.advise.budget import (
+from gradguard.advice.budget import (
     MIN_STEPS,
     Budget,
     Cost,

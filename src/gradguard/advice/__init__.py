@@ -17,15 +17,14 @@ then the widest stability margin, then low overhead (:mod:`.recommend`), with th
 rules run on the probe's telemetry (:mod:`.diagnosis`). A user's own setup is an entry point
 (:mod:`.entry`, trained by :mod:`.runs`).
 
-This package is callable: ``gradguard.advise(...)`` is :func:`advise`. Only this file loads with
-``import gradguard``; the rest loads when ``advise`` runs, so importing gradguard stays fast.
+``gradguard.advise`` is this package's :func:`advise`, a plain function. Only this file loads with
+``import gradguard``; the rest loads when ``advise`` runs (and :class:`Advice`, :class:`Budget`,
+:class:`Setup`, :func:`parse_budget` on first use), so importing gradguard stays fast.
 """
 
 from __future__ import annotations
 
 import os
-import sys
-import types
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -56,7 +55,7 @@ def advise(
     The setup is a bench configuration (``config``: a :class:`~gradguard.bench.config.RunConfig`
     or a dict of its settings, and/or its settings as keywords: ``task="digits", model="mlp",
     optimizer="momentum", lr=0.1, model_options={"depth": 12}``) or a user's own ``entry`` point,
-    ``"package.module:function"`` (the contract: :mod:`gradguard.advise.entry`;
+    ``"package.module:function"`` (the contract: :mod:`gradguard.advice.entry`;
     ``examples/advise_entry.py``); ``lr`` then overrides the LR its optimizer is built with.
 
     ``budget``: ``"300s"``, ``"5min"`` or ``"2000steps"`` (training steps of all runs together,
@@ -67,7 +66,7 @@ def advise(
     (default: the config's ``steps``, or 300); the budget may shorten them. ``percentile``: of the
     healthy run's gradient norms, the clip threshold. ``progress``: progress bars.
 
-    Returns an :class:`~gradguard.advise.result.Advice` (``.spec``, ``.code``, ``.table``,
+    Returns an :class:`~gradguard.advice.result.Advice` (``.spec``, ``.code``, ``.table``,
     ``.diagnosis``; ``print(advice)`` renders it), also written to ``OUT/advice.json`` and
     ``OUT/advice.md``. Bad input raises :class:`~gradguard.ConfigError` before any run starts.
     """
@@ -104,14 +103,3 @@ def __getattr__(name: str) -> Any:
 
         return Setup
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-class _CallableModule(types.ModuleType):
-    """``gradguard.advise`` is this package and the function at once: ``import gradguard.advise``
-    binds the package to the name, so the package itself answers ``gradguard.advise(...)``."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Advice:
-        return advise(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from gradguard.advise.candidates import Candidate
-from gradguard.advise.recommend import choose, gather
+from gradguard.advice.candidates import Candidate
+from gradguard.advice.recommend import choose, gather
 
 
 def row(spec, level, seed, *, diverged=False, metric=0.9, loss=0.1, share=0.1, failed=False):
@@ -201,7 +201,7 @@ def test_when_the_runs_only_fail_to_learn_the_answer_says_they_are_too_short(
     that needs more steps than the probe ran): the advice is longer runs, not a lower LR."""
     from types import SimpleNamespace
 
-    from gradguard.advise.advisor import _reason
+    from gradguard.advice.advisor import _reason
 
     rows, chosen, trains = evidence(
         {"none": {1.0: bad()}, "clip_norm:1": {1.0: at_chance(2, stored_before_outcomes)}}

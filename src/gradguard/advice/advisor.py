@@ -55,7 +55,7 @@ def advise(
     **settings: Any,
 ) -> Advice:
     """The probe and the answer; the public entry point (arguments, return) is
-    :func:`gradguard.advise.advise`."""
+    :func:`gradguard.advice.advise`."""
     from ..bench.runner import DB_NAME, run_grid
     from ..bench.store import ResultStore, run_key
 
@@ -302,7 +302,7 @@ def _fit_seconds(room: float, timing, workers: int, phases: int, what: str, fit_
 
 def _phase_workers(asked: int | None, n_workers: int, runs: int, steps: int, timing) -> int:
     """The processes a phase runs on: the ones asked for; else a pool of ``n_workers`` when it
-    ends sooner than running here (see :func:`gradguard.advise.budget.pool_pays`)."""
+    ends sooner than running here (see :func:`gradguard.advice.budget.pool_pays`)."""
     if asked is not None:
         return asked
     pays = B.pool_pays(runs, steps, timing["setup_s"], timing["step_s"], n_workers)

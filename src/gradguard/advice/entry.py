@@ -181,7 +181,7 @@ def as_setup(obj: Any, text: str = "the entry point") -> Setup:
     import torch
 
     shape = (
-        "a gradguard.advise.Setup, a dict with keys model, optimizer, loss, data (optional: "
+        "a gradguard.advice.Setup, a dict with keys model, optimizer, loss, data (optional: "
         "evaluate, higher_is_better), or a tuple (model, optimizer, loss, data[, evaluate])"
     )
     if isinstance(obj, Setup):

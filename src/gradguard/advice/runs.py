@@ -1,7 +1,7 @@
 """One probe run of a user's entry point, trained the way the bench trains its own runs.
 
 The bench runner calls :func:`train_entry` for stored configs whose ``trainer`` is
-``gradguard.advise.runs:train_entry`` (see :func:`gradguard.bench.runner.train_stored`), so entry
+``gradguard.advice.runs:train_entry`` (see :func:`gradguard.bench.runner.train_stored`), so entry
 runs share the bench's SQLite rows, workers, resume and progress bar. It returns what
 :func:`gradguard.bench.train.train_run` returns: the same result keys (those that need a bench task,
 such as the time to its success criterion, are None) and the same per-step metrics.
@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import ConfigError, TrainingHalted
 
-TRAINER = "gradguard.advise.runs:train_entry"
+TRAINER = "gradguard.advice.runs:train_entry"
 
 
 @dataclass(frozen=True)

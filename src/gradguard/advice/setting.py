@@ -148,8 +148,8 @@ class BenchSetting:
 
 
 class EntrySetting:
-    """A user's entry point (see :mod:`gradguard.advise.entry`): its runs are
-    :class:`~gradguard.advise.runs.EntryRun` s trained by :func:`~gradguard.advise.runs.train_entry`."""
+    """A user's entry point (see :mod:`gradguard.advice.entry`): its runs are
+    :class:`~gradguard.advice.runs.EntryRun` s trained by :func:`~gradguard.advice.runs.train_entry`."""
 
     kind = "entry"
 

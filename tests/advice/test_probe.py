@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from gradguard.advise.candidates import candidates, threshold_text
-from gradguard.advise.probe import PROBE_FACTORS, analyze, probe_factors
+from gradguard.advice.candidates import candidates, threshold_text
+from gradguard.advice.probe import PROBE_FACTORS, analyze, probe_factors
 from gradguard.policies import parse_spec
 
 RNG = np.random.default_rng(0)
