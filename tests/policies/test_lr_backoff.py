@@ -32,6 +32,12 @@ def out_of_line(past: list[float], loss: float, z: float) -> bool:
     return loss > med + z * 1.4826 * mad
 
 
+def with_losses(p: lr_backoff, past: list[float]) -> lr_backoff:
+    """``p`` with ``past`` as its recent losses (loaded as a saved state would be)."""
+    p.load_state_dict({**p.state_dict(), "losses": list(past)})
+    return p
+
+
 def ctx_at(step: int, loss: float | None, **flags) -> StepContext:
     host = HostView(norm=1.0, finite=True, loss=loss)
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
@@ -48,11 +54,9 @@ def test_the_loss_test_matches_its_twin():
         past = (2.0 + 0.3 * torch.randn(n, generator=rng)).tolist()
         loss = float(2.0 + 1.5 * torch.randn(1, generator=rng))
         z = [0.0, 1.0, 2.0, 3.5][trial % 4]
-        p = lr_backoff(loss_z=z, loss_window=64)
-        p.state["losses"] = list(past)
+        p = with_losses(lr_backoff(loss_z=z, loss_window=64), past)
         assert p.loss_out_of_line(loss) == out_of_line(past, loss, z), (past, loss, z)
-    p = lr_backoff(loss_z=2)
-    p.state["losses"] = [1.0] * 10
+    p = with_losses(lr_backoff(loss_z=2), [1.0] * 10)
     assert p.loss_out_of_line(None)  # no loss given: it cannot be told, so it counts
     assert p.loss_out_of_line(float("nan"))
 
@@ -71,18 +75,16 @@ def test_the_loss_test_matches_its_twin():
     ],
 )
 def test_what_counts(flags, loss, counts):
-    p = lr_backoff(loss_z=2)
-    p.state["losses"] = [1.0 + 0.01 * (i % 3) for i in range(32)]
+    p = with_losses(lr_backoff(loss_z=2), [1.0 + 0.01 * (i % 3) for i in range(32)])
     assert p.counts(ctx_at(40, loss, **flags)) is counts
 
 
 def test_by_default_every_spike_counts_and_too_few_losses_count_too():
     for p in (lr_backoff(), lr_backoff(loss_z=0)):
         assert p.loss_z == 0
-        p.state["losses"] = [1.0] * 32
+        with_losses(p, [1.0] * 32)
         assert p.counts(ctx_at(40, 0.5, anomaly=True))
-    p = lr_backoff(loss_z=2)
-    p.state["losses"] = [1.0] * 7
+    p = with_losses(lr_backoff(loss_z=2), [1.0] * 7)
     assert p.counts(ctx_at(40, 0.5, anomaly=True))
 
 
@@ -90,7 +92,7 @@ def test_losses_are_kept_to_the_window_finite_only():
     p = lr_backoff(loss_window=5)
     for step, loss in enumerate([1.0, float("inf"), 2.0, 3.0, float("nan"), 4.0, 5.0, 6.0]):
         p.apply(ctx_at(step, loss))
-    assert p.state["losses"] == [2.0, 3.0, 4.0, 5.0, 6.0]
+    assert p.state_dict()["losses"] == [2.0, 3.0, 4.0, 5.0, 6.0]
 
 
 class Spiky(nn.Module):
@@ -144,12 +146,12 @@ def test_state_round_trips_and_an_older_state_without_losses_loads():
     q = lr_backoff()
     q.check_state(sd)
     q.load_state_dict(sd)
-    assert q.state["losses"] == [1.0 + s for s in range(12)]
+    assert q.state_dict() == sd and sd["losses"] == [1.0 + s for s in range(12)]
     old = {k: v for k, v in sd.items() if k != "losses"}
     q = lr_backoff()
     q.check_state(old)
     q.load_state_dict(old)
-    assert q.state["losses"] == []
+    assert q.state_dict()["losses"] == []
 
 
 @pytest.mark.parametrize(
@@ -174,3 +176,62 @@ def test_bad_saved_losses_are_refused(losses, words):
 def test_bad_parameters_are_refused(spec, words):
     with pytest.raises(SpecError, match=words):
         gradguard.Guard(Spiky(), torch.optim.SGD(Spiky().parameters(), lr=0.1), spec)
+
+
+class Twin:
+    """The backoff as it reads in plain Python: the steps of the recent incidents in a list."""
+
+    def __init__(self, factor, events, window, recover, min_scale, loss_z, loss_window):
+        self.factor, self.events, self.window, self.recover = factor, events, window, recover
+        self.min_scale, self.loss_z, self.loss_window = min_scale, loss_z, loss_window
+        self.scale, self.recent, self.last, self.cuts, self.losses = 1.0, [], None, 0, []
+
+    def step(self, step, hard, anomaly, loss):
+        recent = [s for s in self.recent if step - s < self.window]
+        event = hard or (anomaly and (loss is None or out_of_line(self.losses, loss, self.loss_z)))
+        if loss is not None and math.isfinite(loss):
+            self.losses = [*self.losses, loss][-self.loss_window :]
+        if event:
+            recent.append(step)
+            self.last = step
+            if len(recent) >= self.events:
+                self.scale = max(self.scale * self.factor, self.min_scale)
+                self.cuts += 1
+                recent = []
+        elif self.scale < 1.0 and (self.last is None or step - self.last >= self.window):
+            self.scale = min(self.scale * (1 / self.factor) ** (1 / self.recover), 1.0)
+        self.recent = recent
+        return self.scale
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"events": 1, "window": 3, "recover": 4},
+        {"events": 3, "window": 7, "recover": 5, "factor": 0.3, "min_scale": 0.05},
+        {"loss_z": 2.0, "loss_window": 12, "events": 2, "window": 10, "recover": 6},
+    ],
+)
+def test_the_rule_backs_off_as_its_twin(kw):
+    """The rule (a ring of incident steps, written once for the host and Keras) against the list
+    twin, over long random sequences of skips, spikes and losses: the same LR scale at every step
+    and the same saved state."""
+    p = lr_backoff(**kw)
+    twin = Twin(p.factor, p.events, p.window, p.recover, p.min_scale, p.loss_z, p.loss_window)
+    rng = torch.Generator().manual_seed(len(kw))
+    for step in range(600):
+        u = torch.rand(3, generator=rng).tolist()
+        hard, anomaly = u[0] < 0.04, u[1] < 0.08
+        loss = None if u[2] < 0.05 else (float("nan") if u[2] > 0.98 else 1.0 + u[2])
+        if loss is not None and anomaly and u[2] > 0.6:
+            loss = 10.0  # a spike whose loss is out of line
+        ctx = ctx_at(step, loss, skip=hard, skip_reason="spike_grad_norm" if hard else None)
+        ctx.anomaly = anomaly
+        p.apply(ctx)
+        assert ctx.lr_scale == pytest.approx(twin.step(step, hard, anomaly, loss), rel=1e-12)
+        assert ctx.metrics["lr_scale"] == ctx.lr_scale
+        sd = p.state_dict()
+        assert sd["recent"] == twin.recent and sd["cuts"] == twin.cuts
+        assert sd["last_event"] == twin.last and sd["losses"] == twin.losses
+    assert twin.cuts > 3

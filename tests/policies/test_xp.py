@@ -58,6 +58,13 @@ def test_buffer_ops_agree():
     assert HOST.take(asc, 3.0) == float(TORCH.take(T(asc), T(3.0))) == 3.0
     for a in (0, 5, 6, 13):
         assert HOST.mod(a, 6) == int(TORCH.mod(T(a), 6)) == a % 6
+    steps = [7, -1, 3, 12]
+    for x in (-5, 0, 3, 8, 13):
+        masked = HOST.mask_below(steps, x, -1)
+        assert masked == [v if v >= x else -1 for v in steps]
+        assert TORCH.mask_below(T(steps), x, -1).tolist() == masked
+        assert HOST.count_at_least(steps, x) == int(TORCH.count_at_least(T(steps), T(x)))
+        assert HOST.count_at_least(steps, x) == sum(v >= x for v in steps)
     for n in (0, 2, 4):
         kept = HOST.keep_first(buf, n)
         assert kept == [*buf[:n], *[0.0] * (4 - n)] and len(buf) == 4

@@ -11,10 +11,9 @@ decision is a tensor (``ops.where``), never a Python ``if`` on a value, so a pol
 The arithmetic is not written here: each policy's rule is written once in its torch module against
 an array namespace (:mod:`gradguard.policies.xp`) and called here with ``keras.ops``
 (:data:`gradguard.keras.xp.KERAS`). A :class:`~gradguard.policies.rule.RulePolicy` (zclip,
-adaptive_clip, clip_layerwise, skip_spike) needs nothing in this module: :class:`RuleAdapter` builds its variables from its
-fields and applies its decision. The classes still written here keep only the state layout Keras
-needs where the torch one differs (AutoClip's growing history and host-side reservoir draw,
-lr_backoff's list of steps) and the gradient plumbing (AGC's unit axes,
+adaptive_clip, clip_layerwise, skip_spike, lr_backoff) needs nothing in this module:
+:class:`RuleAdapter` builds its variables from its fields and applies its decision. The classes still written here keep only the state layout Keras
+needs where the torch one differs (AutoClip's growing history and host-side reservoir draw) and the gradient plumbing (AGC's unit axes,
 clip_value, clip_norm's p-norms).
 
 Some policies are not portable (or not ported) and are refused with a
@@ -40,12 +39,10 @@ from ..policies import autoclip as _autoclip
 from ..policies import available_policies as _torch_policies
 from ..policies import clip_norm as _clip_norm
 from ..policies import clip_value as _clip_value
-from ..policies import lr_backoff as _lr_backoff
 from ..policies import skip_nonfinite as _skip_nonfinite
 from ..policies.agc import unit_factors
 from ..policies.autoclip import autoclip_factor, percentile_sorted, sorted_insert, sorted_remove
 from ..policies.clip import NORM_EPS
-from ..policies.lr_backoff import backoff_scale
 from ..policies.registry import NAMED_CHAINS
 from ..policies.rule import RulePolicy
 from ..specgrammar import split_chain, split_term
@@ -357,6 +354,18 @@ class KerasInputs:
     def raw_norm(self) -> Any:
         return self.ctx.norm
 
+    @property
+    def step(self) -> Any:
+        return ops.cast(self.ctx.step, "int32")
+
+    @property
+    def incident(self) -> Any:
+        return self.ctx.skip  # Keras has no rollback and no update bound: a skip is the one
+
+    @property
+    def anomaly(self) -> Any:
+        return self.ctx.anomaly
+
     #: A Keras optimizer never sees the loss (:attr:`RulePolicy.given_loss`).
     loss = None
 
@@ -389,8 +398,8 @@ class RuleAdapter(KerasPolicy):
         why = self.twin.without_loss()
         if why is not None:
             raise ConfigError(
-                f"{self.twin.spec()} is not available in Keras: an optimizer never sees the "
-                f"loss ({why})"
+                f"{self.name}: not available in Keras as configured, since a Keras optimizer "
+                f"never sees the loss: {why}"
             )
         self.twin.given_loss = False  # no state kept for a loss that never comes
 
@@ -421,6 +430,8 @@ class RuleAdapter(KerasPolicy):
         if decision.layer_scale is not None:
             coef = decision.layer_scale
             ctx.scale_each(ops.stack([coef[li] for li in ctx.layer_ids]))
+        if decision.lr_scale is not None:
+            ctx.lr_scale = ctx.lr_scale * ops.cast(decision.lr_scale, "float32")
         ctx.record(self.name, decision.acted)
         if decision.anomaly is not False:
             ctx.anomaly = ops.logical_or(ctx.anomaly, ctx._gated(decision.anomaly, False))
@@ -614,66 +625,11 @@ class skip_nonfinite(KerasPolicy):
         ctx.record(self.name, bad)
 
 
-class lr_backoff(KerasPolicy):
-    """Multiply the LR by ``factor`` when ``events`` incidents (skipped steps, spikes a clip
-    mitigated) happen within ``window`` steps;
-    after ``window`` calm steps grow it back so one cut is undone over ``recover`` steps (never
-    below ``min_scale``). Applied around the inner optimizer's step only.
-
-    Every spike counts, as in the torch version by default; its ``loss_z`` (a spike counts only
-    with the step's loss out of line) needs the loss, which a Keras optimizer is never given, so
-    it is refused here."""
-
-    reference = _lr_backoff
-    twin: _lr_backoff
-    metrics = ("lr_scale",)
-
-    def __init__(self, *args: Any, **params: Any):
-        super().__init__(*args, **params)
-        if self.twin.loss_z:
-            raise ConfigError(
-                f"lr_backoff: loss_z={self.twin.loss_z:g} tests each spike against the step's "
-                "loss, which a Keras optimizer is never given; use loss_z=0 (the default) in Keras"
-            )
-
-    def build(self, optimizer: GuardedOptimizer, layout: VarLayout) -> None:
-        self.scale = _var(optimizer, "lr_backoff_scale", value=1.0)
-        # The steps of the recent events (-1: empty). Fewer than `events` are ever kept: reaching
-        # `events` cuts the LR and clears them.
-        self.recent = _var(optimizer, "lr_backoff_recent", (self.events,), dtype="int32", value=-1)
-        self.last_event = _var(optimizer, "lr_backoff_last_event", dtype="int32", value=-1)
-        self.cuts = _var(optimizer, "lr_backoff_cuts", dtype="int32")
-
-    def apply(self, ctx: KerasStep) -> None:
-        step = ops.cast(ctx.step, "int32")
-        recent = ops.convert_to_tensor(self.recent)
-        scale = ops.convert_to_tensor(self.scale)
-        last = ops.convert_to_tensor(self.last_event)
-        live = ops.logical_and(recent >= 0, step - recent < self.window)
-        recent = ops.where(live, recent, -1)
-        event = ops.logical_or(ctx.skip, ctx.anomaly)
-        free = ops.argmax(ops.cast(ops.logical_not(live), "int32"))  # first empty slot
-        added = ops.where(
-            ops.arange(self.events, dtype="int32") == ops.cast(free, "int32"), step, recent
-        )
-        n_events = ops.sum(ops.cast(live, "int32")) + 1
-        new_scale, cut = backoff_scale(KERAS, self.twin, scale, event, n_events, last, step)
-        new_recent = ops.where(event, ops.where(cut, ops.full_like(recent, -1), added), recent)
-        ctx.assign(self.scale, new_scale)
-        ctx.assign(self.recent, new_recent)
-        ctx.assign(self.last_event, ops.where(event, step, last))
-        ctx.assign(self.cuts, ops.convert_to_tensor(self.cuts) + ops.cast(cut, "int32"))
-        ctx.record(self.name, cut)
-        ctx.lr_scale = ctx.lr_scale * new_scale
-        ctx.metric("lr_scale", new_scale)
-
-
 _WRITTEN: tuple[type[KerasPolicy], ...] = (
     agc,
     autoclip,
     clip_norm,
     clip_value,
-    lr_backoff,
     skip_nonfinite,
 )
 

@@ -122,6 +122,14 @@ class _Keras:
         return ops.mod(a, n)
 
     @staticmethod
+    def mask_below(buf: Any, x: Any, fill: float) -> Any:
+        return ops.where(buf >= x, buf, ops.cast(fill, buf.dtype))
+
+    @staticmethod
+    def count_at_least(buf: Any, x: Any) -> Any:
+        return ops.sum(ops.cast(buf >= x, "int32"))
+
+    @staticmethod
     def keep_first(buf: Any, n: Any) -> Any:
         return ops.where(ops.arange(buf.shape[0], dtype="int32") < n, buf, 0.0)
 

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import math
-import statistics
+from collections.abc import Mapping
 from typing import Any
 
 from ..errors import SpecError
-from .base import Policy, StepContext, check_keys, check_number, check_numbers, refuse_state
+from .base import StepContext, check_keys, check_number, check_numbers, refuse_state
 from .registry import register
+from .rule import Decision, Field, RuleInputs, RulePolicy, initial_host_state
 from .xp import HOST, ArrayNamespace
 
 #: MAD to standard deviation for a normal distribution.
 MAD_TO_STD = 1.4826
+#: The most incidents (``events``) and losses (``loss_window``) held: each is a buffer of slots.
+MAX_SLOTS = 1_000_000
 
 
 @register
-class lr_backoff(Policy):
+class lr_backoff(RulePolicy):
     """Multiply the LR by ``factor`` when ``events`` incidents (skipped or rolled-back steps, from
     the policies before it in the chain) happen within ``window`` steps; after ``window`` calm
     steps, grow it back geometrically so that one cut is undone over ``recover`` steps. The scale
@@ -37,10 +40,17 @@ class lr_backoff(Policy):
     The scale is applied only around the optimizer step (the param groups' ``lr`` is restored right
     after), so LR schedulers see and set their own values untouched and compose with it.
     Runs after the detecting policies whatever its position in the chain.
+
+    A rule written once (:meth:`decide`, for the torch Guard's host numbers and Keras's
+    ``keras.ops``). State: the LR ``scale``, the steps of the ``recent`` incidents (a ring of
+    ``events`` slots), ``last_event``, the ``cuts`` so far and the recent finite losses; saved as
+    plain numbers and lists (``recent`` ascending, ``losses`` oldest first).
     """
 
     name = "lr_backoff"
     kind = "react"
+    host_only = True
+    metrics = ("lr_scale",)
 
     def __init__(
         self,
@@ -63,6 +73,12 @@ class lr_backoff(Policy):
         ):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise SpecError(f"{n} must be an integer >= 1, got {v!r}")
+        for n, v in (("events", events), ("loss_window", loss_window)):
+            if v > MAX_SLOTS:
+                raise SpecError(
+                    f"{n} must be at most {MAX_SLOTS}, got {v!r} (held in a buffer of that many "
+                    "slots)"
+                )
         if not 0.0 < min_scale <= 1.0:
             raise SpecError(f"min_scale must be in (0, 1], got {min_scale!r}")
         if not isinstance(loss_z, (int, float)) or isinstance(loss_z, bool):
@@ -76,12 +92,102 @@ class lr_backoff(Policy):
         self.min_scale = float(min_scale)
         self.loss_z = float(loss_z)
         self.loss_window = loss_window
-        self.state = {"scale": 1.0, "recent": [], "last_event": None, "cuts": 0, "losses": []}
+        self.state = initial_host_state(self.fields())
+
+    # ----- the rule, written once (host numbers, keras.ops) --------------------------------------
+    def without_loss(self) -> str | None:
+        if self.loss_z:
+            return (
+                f"loss_z={self.loss_z:g} tests each clipped spike against the step's loss; use "
+                "loss_z=0 (the default)"
+            )
+        return None
+
+    def fields(self, n_layers: int = 0) -> dict[str, Field]:
+        # ``recent``: the steps of the incidents within the window, a ring written at
+        # ``incidents % events`` (-1: empty; fewer than ``events`` are ever live, since reaching
+        # ``events`` cuts the LR and clears them); ``last_event`` -1 before the first; the recent
+        # finite losses as a ring (``losses``, ``losses_count`` taken), where a loss is given.
+        out = {
+            "scale": Field(init=1.0),
+            "recent": Field((self.events,), kind="int", init=-1),
+            "incidents": Field(kind="int"),
+            "last_event": Field(kind="int", init=-1),
+            "cuts": Field(kind="int"),
+        }
+        if self.given_loss:
+            out["losses"] = Field((self.loss_window,))
+            out["losses_count"] = Field(kind="int")
+        return out
+
+    def decide(
+        self, xp: ArrayNamespace, state: Mapping[str, Any], inputs: RuleInputs
+    ) -> tuple[dict[str, Any], Decision]:
+        new = dict(state)
+        step = inputs.step
+        loss = inputs.loss
+        out_of_line: Any = True
+        if loss is not None and "losses" in state:
+            n = xp.minimum(state["losses_count"], self.loss_window)
+            if self.loss_z:
+                out_of_line = loss_out_of_line(xp, self, state["losses"], n, loss)
+            finite = xp.isfinite(loss)
+            slot = xp.mod(state["losses_count"], self.loss_window)
+            new["losses"] = xp.put(state["losses"], slot, loss, finite)
+            new["losses_count"] = state["losses_count"] + xp.as_int(finite)
+        # A hard incident counts as it is; a spike a clip mitigated, where the loss is out of line.
+        event = xp.logical_or(inputs.incident, xp.logical_and(inputs.anomaly, out_of_line))
+        first = xp.maximum(step - self.window + 1, 0)  # the window's first step
+        recent = xp.mask_below(state["recent"], first, -1)
+        n_events = xp.count_at_least(recent, first) + 1
+        last = state["last_event"]
+        scale, cut = backoff_scale(xp, self, state["scale"], event, n_events, last, step)
+        added = xp.put(recent, xp.mod(state["incidents"], self.events), step, event)
+        new["recent"] = xp.where(cut, xp.full_like(recent, -1), added)
+        new["incidents"] = state["incidents"] + xp.as_int(event)
+        new["last_event"] = xp.where(event, step, last)
+        new["cuts"] = state["cuts"] + xp.as_int(cut)
+        new["scale"] = scale
+        return new, Decision(lr_scale=scale, acted=cut, metrics={"lr_scale": scale})
+
+    def counts(self, ctx: StepContext) -> bool:
+        """Whether this step is an incident for the backoff (see the class docstring)."""
+        if ctx.hard_incident or not ctx.anomaly:
+            return ctx.hard_incident
+        return self.loss_out_of_line(None if ctx.host is None else ctx.host.loss)
+
+    def loss_out_of_line(self, loss: float | None) -> bool:
+        """Whether ``loss`` is above the recent losses' median by more than ``loss_z`` robust
+        standard deviations (True where that cannot be told: no loss, too few, ``loss_z=0``)."""
+        if self.loss_z == 0 or loss is None:
+            return True
+        st = self.state
+        n = min(st["losses_count"], self.loss_window)
+        return bool(loss_out_of_line(HOST, self, st["losses"], n, loss))
+
+    # ----- state representation -----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The saved form: ``scale``, ``recent`` (the incidents' steps, ascending),
+        ``last_event`` (None before the first), ``cuts``, ``losses`` (oldest first)."""
+        st = self.state
+        losses: list[float] = []
+        if "losses" in st:
+            ring, count = list(st["losses"]), int(st["losses_count"])
+            at = count % self.loss_window
+            losses = ring[:count] if count <= self.loss_window else ring[at:] + ring[:at]
+        last = int(st["last_event"])
+        return {
+            "scale": float(st["scale"]),
+            "recent": sorted(int(s) for s in st["recent"] if s >= 0),
+            "last_event": None if last < 0 else last,
+            "cuts": int(st["cuts"]),
+            "losses": losses,
+        }
 
     def check_state(self, state: Any) -> None:
-        """``scale`` in (0, 1], ``recent`` and ``last_event`` step numbers (``last_event`` None
-        before the first incident), ``cuts`` an integer >= 0, ``losses`` the recent finite losses
-        (optional: a state saved before it existed loads with none)."""
+        """``scale`` in (0, 1], ``recent`` fewer than ``events`` step numbers, ``last_event`` a
+        step number (None before the first incident), ``cuts`` an integer >= 0, ``losses`` the
+        recent finite losses (optional: a state saved before it existed loads with none)."""
         check_keys(
             self.name, state, ("scale", "recent", "last_event", "cuts"), optional=("losses",)
         )
@@ -98,55 +204,45 @@ class lr_backoff(Policy):
         check_number(self.name, "scale", state["scale"])
         if not 0.0 < state["scale"] <= 1.0:
             refuse_state(self.name, "scale", state["scale"], "the LR scale must be in (0, 1]")
-        check_numbers(self.name, "recent", state["recent"], integer=True, nonneg=True)
+        check_numbers(
+            self.name,
+            "recent",
+            state["recent"],
+            integer=True,
+            nonneg=True,
+            max_length=self.events - 1,
+        )
         check_number(
             self.name, "last_event", state["last_event"], integer=True, nonneg=True, nullable=True
         )
         check_number(self.name, "cuts", state["cuts"], integer=True, nonneg=True)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict({"losses": [], **state})
+        st = initial_host_state(self.fields())
+        recent = sorted(int(s) for s in state.get("recent", []))
+        recent = recent[len(recent) - self.events + 1 :] if self.events > 1 else []
+        st["recent"] = recent + [-1] * (self.events - len(recent))
+        st["incidents"] = len(recent)
+        last = state.get("last_event")
+        st["last_event"] = -1 if last is None else int(last)
+        st["scale"] = float(state["scale"])
+        st["cuts"] = int(state["cuts"])
+        if "losses" in st:
+            losses = [float(v) for v in state.get("losses", [])][-self.loss_window :]
+            st["losses"] = losses + [0.0] * (self.loss_window - len(losses))
+            st["losses_count"] = len(losses)
+        self.state = st
 
-    def counts(self, ctx: StepContext) -> bool:
-        """Whether this step is an incident for the backoff (see the class docstring)."""
-        if ctx.hard_incident or not ctx.anomaly:
-            return ctx.hard_incident
-        return self.loss_out_of_line(None if ctx.host is None else ctx.host.loss)
 
-    def loss_out_of_line(self, loss: float | None) -> bool:
-        """Whether ``loss`` is above the recent losses' median by more than ``loss_z`` robust
-        standard deviations (True where that cannot be told: no loss, too few, ``loss_z=0``)."""
-        past: list[float] = self.state["losses"]
-        if self.loss_z == 0 or loss is None or len(past) < 8:
-            return True
-        if not math.isfinite(loss):
-            return True
-        med = statistics.median(past)
-        mad = statistics.median(abs(v - med) for v in past)
-        return bool(loss > med + self.loss_z * MAD_TO_STD * mad)
-
-    def apply(self, ctx: StepContext) -> None:
-        st = self.state
-        step = ctx.step
-        recent = [s for s in st["recent"] if step - s < self.window]
-        last = -1 if st["last_event"] is None else st["last_event"]
-        event = self.counts(ctx)
-        loss = None if ctx.host is None else ctx.host.loss
-        if loss is not None and math.isfinite(loss):
-            st["losses"] = [*st["losses"], float(loss)][-self.loss_window :]
-        st["scale"], cut = backoff_scale(
-            HOST, self, st["scale"], event, len(recent) + 1, last, step
-        )
-        if event:
-            recent.append(step)
-            st["last_event"] = step
-            if cut:
-                st["cuts"] += 1
-                recent = []
-                ctx.record(self.name, True)
-        st["recent"] = recent
-        ctx.lr_scale *= st["scale"]
-        ctx.metrics["lr_scale"] = st["scale"]
+def loss_out_of_line(xp: ArrayNamespace, p: lr_backoff, losses: Any, n: Any, loss: Any) -> Any:
+    """lr_backoff's loss test, written once: whether ``loss`` is above the median of the first
+    ``n`` of ``losses`` by more than ``p.loss_z`` robust standard deviations (1.4826 x their
+    median absolute deviation); True where that cannot be told (fewer than 8 losses, a
+    non-finite loss)."""
+    med, mad = xp.window_median_mad(losses, n)
+    unknown = xp.logical_or(n < 8, xp.logical_not(xp.isfinite(loss)))
+    above = loss > med + p.loss_z * MAD_TO_STD * mad
+    return xp.logical_or(unknown, above)
 
 
 def backoff_scale(

@@ -57,6 +57,9 @@ class Decision:
 
     scale: Any = None
     layer_scale: Any = None
+    #: A factor on the LR of this step's update (``lr_backoff``): the framework multiplies it into
+    #: the step's LR scale, applied around the optimizer's step only.
+    lr_scale: Any = None
     skip: Any = False
     skip_reason: str | None = None
     acted: Any = False
@@ -86,6 +89,22 @@ class RuleInputs(Protocol):
         ...
 
     @property
+    def step(self) -> Any:
+        """The step's number (the Guard's count of steps, from 0)."""
+        ...
+
+    @property
+    def incident(self) -> Any:
+        """The policies before this one made the step a hard incident: a skip (not an AMP
+        overflow), a rollback, an instability (``StepContext.hard_incident``)."""
+        ...
+
+    @property
+    def anomaly(self) -> Any:
+        """A policy before this one mitigated a finite spike (``StepContext.anomaly``)."""
+        ...
+
+    @property
     def layer_norms(self) -> Any:
         """The L2 norm of each layer's gradient (0 for a layer without one)."""
         ...
@@ -103,10 +122,38 @@ class HostInputs:
     changed the gradients (None otherwise: reading it then is an error, since it would be a
     second host sync); ``raw_norm`` (by default ``norm``) is the norm the Guard read."""
 
-    def __init__(self, norm: Any, *, raw_norm: Any = None, loss: Any = None):
+    def __init__(
+        self,
+        norm: Any,
+        *,
+        raw_norm: Any = None,
+        loss: Any = None,
+        step: int = 0,
+        incident: bool = False,
+        anomaly: bool = False,
+    ):
         self._norm = norm
         self.raw_norm = norm if raw_norm is None else raw_norm
         self.loss = loss
+        self.step = step
+        self.incident = incident
+        self.anomaly = anomaly
+
+    @classmethod
+    def of(cls, ctx: StepContext) -> HostInputs:
+        """The host values of a step: the Guard's one read (when it made one: ``raw_norm`` and
+        ``loss`` are None otherwise), the step, and the incidents of the policies so far."""
+        host = ctx.host
+        modified = ctx.stats is not None and ctx.stats.modified
+        norm = None if host is None or modified else host.norm
+        return cls(
+            norm,
+            raw_norm=None if host is None else host.norm,
+            loss=None if host is None else host.loss,
+            step=ctx.step,
+            incident=ctx.hard_incident,
+            anomaly=ctx.anomaly,
+        )
 
     @property
     def norm(self) -> Any:
@@ -132,8 +179,11 @@ class TorchInputs:
 
     loss = None
 
-    def __init__(self, stats: GradStats):
+    def __init__(self, stats: GradStats, ctx: StepContext | None = None):
         self.stats = stats
+        self.step = 0 if ctx is None else ctx.step
+        self.incident = False if ctx is None else ctx.hard_incident
+        self.anomaly = False if ctx is None else ctx.anomaly
 
     @cached_property
     def norm(self) -> Tensor:
@@ -243,6 +293,11 @@ class RulePolicy(Policy):
     #: the Guard has already read the raw norm to the host (the host path of :meth:`apply`).
     host_path: ClassVar[bool] = False
 
+    #: The rule reads only what the Guard knows on the host without a read of its own (the step,
+    #: the incidents of the policies before it, the loss where it was read): it always runs on
+    #: Python numbers (``lr_backoff``), even in a sync-free chain.
+    host_only: ClassVar[bool] = False
+
     #: Whether the framework running the rule gives it the step's loss: the torch Guard does (when
     #: the step has ``loss=``); the Keras adapter sets it False on its twin before reading the
     #: fields, since a Keras optimizer never sees the loss (a rule then keeps no state for it).
@@ -267,27 +322,23 @@ class RulePolicy(Policy):
 
     def apply(self, ctx: StepContext) -> None:
         stats = ctx.stats
-        if self.needs_host:
-            # A rule whose decision the Guard must know on the host (a skip): it runs on the
-            # values of the Guard's one read, whatever the earlier policies did.
-            host = ctx.host
-            assert host is not None
-            inputs = HostInputs(
-                None if stats.modified else host.norm, raw_norm=host.norm, loss=host.loss
-            )
-            self._decide_on_host(ctx, inputs)
+        if self.needs_host or self.host_only:
+            # A rule whose decision the Guard must know on the host (a skip, an LR scale): it
+            # runs on the values of the Guard's one read, whatever the earlier policies did.
+            assert ctx.host is not None or not self.needs_host
+            self._decide_on_host(ctx, HostInputs.of(ctx))
             return
         if not stats.grads:
             return
         if self.host_path and ctx.host is not None and not stats.modified:
             # The Guard already read the raw norm: the rule on Python floats, and the gradients
             # touched only when there is something to clip.
-            self._decide_on_host(ctx, HostInputs(ctx.host.norm, loss=ctx.host.loss))
+            self._decide_on_host(ctx, HostInputs.of(ctx))
             return
         # The device path: the same rule on tensors, sync-free.
         fields = self.fields(stats.num_layers)
         state = to_torch(fields, self.state, stats.device)
-        self.state, decision = self.decide(TORCH, state, TorchInputs(stats))
+        self.state, decision = self.decide(TORCH, state, TorchInputs(stats, ctx))
         apply_decision(ctx, self.name, decision)
 
     def _decide_on_host(self, ctx: StepContext, inputs: HostInputs) -> None:
@@ -297,10 +348,13 @@ class RulePolicy(Policy):
         if decision.skip:
             ctx.request_skip(decision.skip_reason or self.name)
             ctx.record(self.name, True)
-        elif decision.acted and math.isfinite(inputs.raw_norm):
-            if decision.scale is not None:
-                ctx.stats.scale_(decision.scale)
+        elif decision.acted and decision.scale is None:
             ctx.record(self.name, True)
+        elif decision.acted and math.isfinite(inputs.raw_norm):
+            ctx.stats.scale_(decision.scale)
+            ctx.record(self.name, True)
+        if decision.lr_scale is not None:
+            ctx.lr_scale *= decision.lr_scale
         if decision.anomaly:
             ctx.anomaly = True
         ctx.metrics.update(decision.metrics)
@@ -309,8 +363,11 @@ class RulePolicy(Policy):
 def apply_decision(ctx: StepContext, name: str, decision: Decision) -> None:
     """Apply a decision on torch tensors: scale the gradients, record the action, the metrics.
     (A skip is decided on the host only: a rule that skips declares ``needs_host``.)"""
-    if decision.skip is not False:
-        raise TypeError(f"{name}: a rule that skips must declare needs_host (decided on the host)")
+    if decision.skip is not False or decision.lr_scale is not None:
+        raise TypeError(
+            f"{name}: a rule that skips or scales the LR must declare needs_host or host_only "
+            "(decided on the host)"
+        )
     stats = ctx.stats
     if decision.scale is not None:
         stats.scale_(decision.scale)

@@ -124,7 +124,7 @@ class skip_spike(RulePolicy):
 
     def without_loss(self) -> str | None:
         if self.on == "loss":
-            return "skip_spike:on=loss watches the loss alone; use skip_spike:on=grad_norm"
+            return "on=loss watches the loss alone; use skip_spike:on=grad_norm"
         return None
 
     def fields(self, n_layers: int = 0) -> dict[str, Field]:

@@ -115,6 +115,14 @@ class ArrayNamespace(Protocol):
         """``a`` modulo a positive Python int ``n`` (for integers: a ring's next slot)."""
         ...
 
+    def mask_below(self, buf: Any, x: Any, fill: float) -> Any:
+        """``buf`` with every entry below ``x`` replaced by ``fill``."""
+        ...
+
+    def count_at_least(self, buf: Any, x: Any) -> Any:
+        """How many entries of ``buf`` are ``>= x`` (an integer)."""
+        ...
+
     def keep_first(self, buf: Any, n: Any) -> Any:
         """``buf`` with its first ``n`` entries kept and the rest set to 0 (a buffer whose first
         ``n`` slots are in use, the others cleared)."""
@@ -240,6 +248,14 @@ class _Host:
     @staticmethod
     def mod(a: int, n: int) -> int:
         return a % n
+
+    @staticmethod
+    def mask_below(buf: Sequence[Any], x: Any, fill: Any) -> list[Any]:
+        return [v if v >= x else fill for v in buf]
+
+    @staticmethod
+    def count_at_least(buf: Sequence[Any], x: Any) -> int:
+        return sum(1 for v in buf if v >= x)
 
     @staticmethod
     def keep_first(buf: Sequence[float], n: int) -> list[float]:
@@ -375,6 +391,15 @@ class _Torch:
     @staticmethod
     def mod(a: Tensor, n: int) -> Tensor:
         return torch.remainder(a, n)
+
+    @staticmethod
+    def mask_below(buf: Tensor, x: Any, fill: float) -> Tensor:
+        return torch.where(buf >= x, buf, fill)
+
+    @staticmethod
+    def count_at_least(buf: Tensor, x: Any) -> Tensor:
+        at_least: Tensor = buf >= x
+        return at_least.sum()
 
     @staticmethod
     def keep_first(buf: Tensor, n: Tensor) -> Tensor:
