@@ -31,6 +31,7 @@ CORE = [
     "guard.py",
     "optim.py",
     "_lazy.py",
+    "registries.py",
     *sorted(str(p.relative_to(PACKAGE)) for p in (PACKAGE / "policies").glob("*.py")),
 ]
 #: What is built on the core.

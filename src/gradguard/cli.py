@@ -16,7 +16,6 @@ traceback from this process or its workers.
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
 import typing
 from pathlib import Path
@@ -45,16 +44,11 @@ def _out_folder(path: str, flag: str) -> Path:
 
 
 def _cmd_policies(_args: argparse.Namespace) -> int:
-    from .policies import available_policies, policy_class
+    from .policies import policy_infos
 
-    for name in available_policies():
-        cls = policy_class(name)
-        sig = inspect.signature(cls.__init__)
-        params = ", ".join(
-            f"{p.name}={p.default!r}" for p in sig.parameters.values() if p.name != "self"
-        )
-        summary = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
-        print(f"{name}({params})\n    {summary}")
+    for name, info in policy_infos().items():
+        params = ", ".join(f"{o.name}={o.default!r}" for o in info.options)
+        print(f"{name}({params})\n    {info.summary}")
     return 0
 
 

@@ -1,5 +1,5 @@
-"""What the bench's two registries (models and tasks) share: a builder's options read from its
-signature, the check of an option's value against its annotation, and a docstring's summary.
+"""What the bench's two registries (models and tasks) share beyond every registry's record
+shape (:mod:`gradguard.registries`): the check of an option's value against its annotation.
 
 A registered builder declares its options as keyword parameters with a default and an annotation
 (``int``, ``float``, ``bool`` or a ``Literal`` of choices); :func:`options_of` reads them into
@@ -8,40 +8,13 @@ A registered builder declares its options as keyword parameters with a default a
 
 from __future__ import annotations
 
-import inspect
 import typing
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..errors import ConfigError
+from ..registries import OptionInfo, options_of, summary_of
 
 __all__ = ["OptionInfo", "check_type", "options_of", "summary_of"]
-
-
-@dataclass(frozen=True)
-class OptionInfo:
-    """One option of a model family or a task: its name, default and type (the annotation)."""
-
-    name: str
-    default: Any
-    type: Any
-
-
-def options_of(fn: Callable[..., Any], *, keyword_only: bool) -> tuple[OptionInfo, ...]:
-    """The options of builder ``fn`` in declaration order: its keyword-only parameters
-    (``keyword_only``) or all of them, with their defaults and resolved annotations."""
-    hints = typing.get_type_hints(fn)
-    return tuple(
-        OptionInfo(p.name, p.default, hints.get(p.name, Any))
-        for p in inspect.signature(fn).parameters.values()
-        if not keyword_only or p.kind is inspect.Parameter.KEYWORD_ONLY
-    )
-
-
-def summary_of(doc: str | None) -> str:
-    """A docstring's first paragraph on one line (its first line when that is the paragraph)."""
-    return " ".join(inspect.cleandoc(doc or "").split("\n\n")[0].split())
 
 
 def check_type(where: str, key: str, value: Any, hint: Any) -> Any:

@@ -9,7 +9,7 @@ gradguard.diagnose.write_report("runs/x")                             # or: grad
 from .events import EventDetector
 from .localize import Localization, localize_static, replay
 from .records import RunLog, load_run
-from .rules import RULES, Finding, diagnose, list_rules
+from .rules import RULES, Finding, diagnose, list_rules, rule_info, rule_infos
 from .telemetry import Telemetry
 
 __all__ = [
@@ -24,6 +24,8 @@ __all__ = [
     "load_run",
     "localize_static",
     "replay",
+    "rule_info",
+    "rule_infos",
     "terminal_summary",
     "write_report",
 ]

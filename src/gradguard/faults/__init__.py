@@ -54,7 +54,17 @@ from .injectors import (
     SpikeGrad,
     corrupt_checkpoint,
 )
-from .spec import FaultInfo, available_faults, fault_class, parse, parse_fault, register
+from .spec import (
+    FaultInfo,
+    available_faults,
+    fault_class,
+    fault_info,
+    fault_infos,
+    list_faults,
+    parse,
+    parse_fault,
+    register,
+)
 
 __all__ = [
     "CHECKPOINT_MODES",
@@ -74,6 +84,9 @@ __all__ = [
     "available_faults",
     "corrupt_checkpoint",
     "fault_class",
+    "fault_info",
+    "fault_infos",
+    "list_faults",
     "parse",
     "parse_fault",
     "register",

@@ -15,11 +15,11 @@ specs' own.
 from __future__ import annotations
 
 import difflib
-import inspect
 import re
 from dataclasses import dataclass
 from typing import Any
 
+from ..registries import summary_of
 from ..specgrammar import split_chain, split_term
 from .base import Fault, FaultPlan, FaultSpecError, Option, check_seed
 
@@ -57,15 +57,24 @@ def register(cls: type[Fault]) -> type[Fault]:
 def available_faults() -> dict[str, FaultInfo]:
     """Every registered fault by name (sorted), with its summary and options (for ``--help``,
     a CLI listing, and the contract test that runs over every fault)."""
-    return {
-        name: FaultInfo(
-            name,
-            cls,
-            " ".join(inspect.cleandoc(cls.__doc__ or "").split("\n\n")[0].split()),
-            cls.options,
-        )
-        for name, cls in sorted(_REGISTRY.items())
-    }
+    return {name: fault_info(name) for name in list_faults()}
+
+
+def list_faults() -> list[str]:
+    """Names of every registered fault, sorted."""
+    return sorted(_REGISTRY)
+
+
+def fault_infos() -> dict[str, FaultInfo]:
+    """Every registered fault's record by name, sorted by name (``available_faults()``)."""
+    return available_faults()
+
+
+def fault_info(name: str) -> FaultInfo:
+    """The record of fault ``name``; an unknown name raises ``FaultSpecError`` (a ``SpecError``)
+    naming the valid ones."""
+    cls = fault_class(name)
+    return FaultInfo(name, cls, summary_of(cls.__doc__), cls.options)
 
 
 def _unknown_fault(name: str) -> FaultSpecError:

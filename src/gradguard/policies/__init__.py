@@ -14,10 +14,14 @@ from .moments import reset_moments, reset_param_state_
 from .qk_clip import qk_clip
 from .registry import (
     DEFAULT_SPEC,
+    PolicyInfo,
     available_policies,
+    list_policies,
     make_policy,
     parse_spec,
     policy_class,
+    policy_info,
+    policy_infos,
     register,
 )
 from .rollback import rollback
@@ -30,6 +34,7 @@ __all__ = [
     "DEFAULT_SPEC",
     "HostView",
     "Policy",
+    "PolicyInfo",
     "StepContext",
     "adagc",
     "adaptive_clip",
@@ -39,10 +44,13 @@ __all__ = [
     "clip_layerwise",
     "clip_norm",
     "clip_value",
+    "list_policies",
     "lr_backoff",
     "make_policy",
     "parse_spec",
     "policy_class",
+    "policy_info",
+    "policy_infos",
     "qk_clip",
     "register",
     "reset_moments",

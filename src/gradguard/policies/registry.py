@@ -12,9 +12,11 @@ from __future__ import annotations
 import inspect
 import typing
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import SpecError
+from ..registries import OptionInfo, options_of, summary_of
 from ..specgrammar import Where, coerce, split_chain, split_term
 from .base import Policy
 
@@ -43,9 +45,44 @@ def register(cls: type[Policy]) -> type[Policy]:
     return cls
 
 
+@dataclass(frozen=True)
+class PolicyInfo:
+    """One registered policy: its spec name, its class, its one-line summary (the docstring's
+    first paragraph), its options (the constructor's parameters, with defaults and types) and
+    its kind (``clip``, ``skip``, ``reset``, ``react``, ``update``, ``recover``)."""
+
+    name: str
+    cls: type[Policy]
+    summary: str
+    options: tuple[OptionInfo, ...]
+    kind: str
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """Each option's default, in declaration order."""
+        return {o.name: o.default for o in self.options}
+
+
 def available_policies() -> list[str]:
     """Names of every registered policy, sorted."""
     return sorted(_REGISTRY)
+
+
+def list_policies() -> list[str]:
+    """Names of every registered policy, sorted (the same as ``available_policies()``)."""
+    return available_policies()
+
+
+def policy_infos() -> dict[str, PolicyInfo]:
+    """Every registered policy's record by name, sorted by name."""
+    return {name: policy_info(name) for name in available_policies()}
+
+
+def policy_info(name: str) -> PolicyInfo:
+    """The record of policy ``name``; an unknown name raises ``SpecError`` naming the valid ones."""
+    cls = policy_class(name)
+    options = options_of(cls.__init__, keyword_only=False, skip=("self",))
+    return PolicyInfo(name, cls, summary_of(cls.__doc__), options, cls.kind)
 
 
 def policy_class(name: str) -> type[Policy]:

@@ -7,13 +7,13 @@ per rule (name, rule, summary, options), ``list_rules()`` for the names (the ``c
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from ...errors import ConfigError
+from ...registries import summary_of
 from ..records import RunLog
 from .base import SEVERITIES, Finding, Rule
 
@@ -50,12 +50,7 @@ def list_rules() -> list[str]:
 
 def rule_infos() -> dict[str, RuleInfo]:
     """Every registered rule's record by name, in report order."""
-    return {
-        r.__name__: RuleInfo(
-            r.__name__, r, " ".join(inspect.cleandoc(r.__doc__ or "").split("\n\n")[0].split())
-        )
-        for r in RULES
-    }
+    return {r.__name__: RuleInfo(r.__name__, r, summary_of(r.__doc__)) for r in RULES}
 
 
 def rule_info(name: str) -> RuleInfo:
