@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["OptionInfo", "options_of", "summary_of"]
+__all__ = ["InfoRecord", "OptionInfo", "options_of", "summary_of"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,18 @@ class OptionInfo:
     name: str
     default: Any
     type: Any
+
+
+class InfoRecord:
+    """What every registry's record adds to its fields (``name``, ``summary``, ``options``): the
+    options' defaults by name. A record is a frozen dataclass deriving from this."""
+
+    options: tuple[Any, ...]
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """Each option's default, in declaration order."""
+        return {o.name: o.default for o in self.options}
 
 
 def options_of(

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from ..registries import summary_of
+from ..registries import InfoRecord, summary_of
 from ..specgrammar import split_chain, split_term
 from .base import Fault, FaultPlan, FaultSpecError, Option, check_seed
 
@@ -28,18 +28,13 @@ _NAME = re.compile(r"[a-z][a-z0-9_]*")
 
 
 @dataclass(frozen=True)
-class FaultInfo:
+class FaultInfo(InfoRecord):
     """What the registry knows of a fault: its name, class, one-line summary and options."""
 
     name: str
     cls: type[Fault]
     summary: str
     options: tuple[Option, ...]
-
-    @property
-    def defaults(self) -> dict[str, Any]:
-        """Each option's default (``None``: not set; ``p`` then defaults to 0.01 unless ``at``)."""
-        return {o.name: o.default for o in self.options}
 
 
 def register(cls: type[Fault]) -> type[Fault]:

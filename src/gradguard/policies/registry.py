@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import SpecError
-from ..registries import OptionInfo, options_of, summary_of
+from ..registries import InfoRecord, OptionInfo, options_of, summary_of
 from ..specgrammar import Where, coerce, split_chain, split_term
 from .base import Policy
 
@@ -46,7 +46,7 @@ def register(cls: type[Policy]) -> type[Policy]:
 
 
 @dataclass(frozen=True)
-class PolicyInfo:
+class PolicyInfo(InfoRecord):
     """One registered policy: its spec name, its class, its one-line summary (the docstring's
     first paragraph), its options (the constructor's parameters, with defaults and types) and
     its kind (``clip``, ``skip``, ``reset``, ``react``, ``update``, ``recover``)."""
@@ -56,11 +56,6 @@ class PolicyInfo:
     summary: str
     options: tuple[OptionInfo, ...]
     kind: str
-
-    @property
-    def defaults(self) -> dict[str, Any]:
-        """Each option's default, in declaration order."""
-        return {o.name: o.default for o in self.options}
 
 
 def available_policies() -> list[str]:

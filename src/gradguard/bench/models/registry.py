@@ -14,6 +14,7 @@ from typing import Any, Literal
 from torch import nn
 
 from ...errors import ConfigError
+from ...registries import InfoRecord
 from ..options import OptionInfo, check_type, options_of, summary_of
 
 #: What a family's ``input_shape`` describes (tests and the bench pick inputs from it).
@@ -21,7 +22,7 @@ Inputs = Literal["any", "image", "sequence", "tokens"]
 
 
 @dataclass(frozen=True)
-class ModelInfo:
+class ModelInfo(InfoRecord):
     """One registered family: its name, its builder, its one-line summary (the builder's
     docstring's first line), its options (the builder's keyword-only parameters, with defaults
     and types) and the kind of input it takes."""
@@ -31,11 +32,6 @@ class ModelInfo:
     summary: str
     options: tuple[OptionInfo, ...]
     inputs: str
-
-    @property
-    def defaults(self) -> dict[str, Any]:
-        """Each option's default, in declaration order."""
-        return {o.name: o.default for o in self.options}
 
 
 _REGISTRY: dict[str, ModelInfo] = {}

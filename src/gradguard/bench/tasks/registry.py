@@ -11,12 +11,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ...errors import ConfigError
+from ...registries import InfoRecord
 from ..options import OptionInfo, options_of, summary_of
 from .base import Task
 
 
 @dataclass(frozen=True)
-class TaskInfo:
+class TaskInfo(InfoRecord):
     """One registered task: its name, its builder, its summary (the first paragraph of the
     builder's docstring) and its options (the builder's parameters, with defaults and types)."""
 
@@ -24,11 +25,6 @@ class TaskInfo:
     build: Callable[..., Task]
     summary: str
     options: tuple[OptionInfo, ...]
-
-    @property
-    def defaults(self) -> dict[str, object]:
-        """Each option's default, in declaration order."""
-        return {o.name: o.default for o in self.options}
 
 
 _REGISTRY: dict[str, TaskInfo] = {}

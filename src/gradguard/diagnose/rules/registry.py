@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...errors import ConfigError
-from ...registries import summary_of
+from ...registries import InfoRecord, summary_of
 from ..records import RunLog
 from .base import SEVERITIES, Finding, Rule
 
@@ -22,7 +22,7 @@ RULES: list[Rule] = []
 
 
 @dataclass(frozen=True)
-class RuleInfo:
+class RuleInfo(InfoRecord):
     """One registered rule: its name (the ``cause`` id of its findings), the rule itself, its
     one-line summary (its docstring's first line) and its options: none, since a rule's thresholds
     are constants of its module, so always ``()``."""
@@ -31,11 +31,6 @@ class RuleInfo:
     rule: Rule
     summary: str
     options: tuple[Any, ...] = ()
-
-    @property
-    def defaults(self) -> dict[str, Any]:
-        """Each option's default: empty, as a rule takes no options."""
-        return {o.name: o.default for o in self.options}
 
 
 def register(rule: Rule) -> Rule:
