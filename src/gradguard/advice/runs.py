@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import math
 import os
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ConfigError, TrainingHalted
+from ..errors import ConfigError
 
 TRAINER = "gradguard.advice.runs:train_entry"
 
@@ -68,8 +68,8 @@ def _train_entry(
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     import torch
 
-    from ..bench.train import params_finite, run_result, step_row
-    from ..guard import Guard
+    from ..bench.loop import make_guard, train_loop
+    from ..bench.train import run_result
     from . import entry as E
 
     text = cfg["entry"]
@@ -84,73 +84,44 @@ def _train_entry(
     opt = E.make_optimizer(setup, text)
     E.set_lr(opt, float(cfg["lr"]))
     policy = None if cfg["mitigation"] == "none" else cfg["mitigation"]
-    if policy is not None:
-        guard = Guard(model, opt, policy, log_dir=log_dir)
-    elif log_dir is not None:
-        guard = Guard(model, opt, "none", check_finite=False, log_dir=log_dir)
-    else:
-        guard = None
-    params = [p for g in opt.param_groups for p in g["params"]]
+    guard = make_guard(model, opt, policy, log_dir)
     data = E.batches(setup.data, text)
 
-    steps: list[dict[str, Any]] = []
-    first_loss: float | None = None
-    diverged_reason: str | None = None
-    guard_seconds = 0.0
-    t0 = time.perf_counter()
-    for step in range(int(cfg["steps"])):
+    def forward(step: int) -> tuple[torch.Tensor, Callable[[], torch.Tensor]]:
         model.train()
         batch = next(data)
         opt.zero_grad(set_to_none=True)
         loss = E.loss_value(setup, model, batch, text)
         loss.backward()
-        loss_val = float(loss.detach())
-        if first_loss is None and math.isfinite(loss_val):
-            first_loss = loss_val
-        lr = float(opt.param_groups[0]["lr"])
-        if guard is not None:
-            tg = time.perf_counter()
 
-            def replay(b: Any = batch) -> Any:
-                return setup.loss(model, b)
+        def replay(b: Any = batch) -> Any:
+            return setup.loss(model, b)
 
-            try:
-                report = guard.step(loss=loss, replay=replay)
-            except TrainingHalted as e:  # the Guard stopped a run that cannot recover
-                diverged_reason = e.reason
-                break
-            guard_seconds += time.perf_counter() - tg
-            row = step_row(step, loss_val, lr, report=report)
-        else:
-            grads = [p.grad for p in params if p.grad is not None]
-            norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-            opt.step()
-            row = step_row(step, loss_val, lr, norm=norm)
-        steps.append(row)
-        if not params_finite(model):
-            diverged_reason = "nonfinite_weights"
-            break
-        if policy is None and not math.isfinite(loss_val):
-            diverged_reason = "nonfinite_loss"
-            break
-    wall = time.perf_counter() - t0
-    counters = guard.counters if guard is not None and policy is not None else {}
-    if guard is not None:
-        guard.close()
-    metric = E.evaluate(setup, model, text) if diverged_reason is None else math.nan
+        return loss, replay
+
+    run = train_loop(
+        model,
+        opt,
+        guard,
+        int(cfg["steps"]),
+        forward,
+        guarded=policy is not None,
+        params=[p for g in opt.param_groups for p in g["params"]],
+    )
+    metric = E.evaluate(setup, model, text) if run.diverged_reason is None else math.nan
     result = run_result(
-        steps,
+        run.steps,
         {"loss": math.nan, "metric": metric, "success": False},
-        first_loss=first_loss,
-        diverged_reason=diverged_reason,
+        first_loss=run.first_loss,
+        diverged_reason=run.diverged_reason,
         steps_to_target=None,
         seconds_to_target=None,
-        wall=wall,
-        counters=counters,
-        guard_seconds=guard_seconds,
+        wall=run.wall,
+        counters=run.counters,
+        guard_seconds=run.guard_seconds,
         policy=policy,
         off_target=lambda m: (
             "nonfinite_metric" if setup.evaluate is not None and not math.isfinite(m) else None
         ),
     )
-    return result, steps
+    return result, run.steps

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 import statistics
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, cast
@@ -20,11 +19,10 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..errors import ConfigError, TrainingHalted
-from ..guard import Guard
-from ..stats import all_finite
+from ..errors import ConfigError
 from . import keras_train
 from .config import Resolved, RunConfig, resolve
+from .loop import make_guard, train_loop
 from .models import build_model
 from .outcome import AT_CHANCE, LOSS_BLOWUP, blowup_evidence, loss_levels
 from .parallel import check_divisible, current, from_main, mean_over_ranks, rank_slice
@@ -94,12 +92,6 @@ def at_chance(task: Task, metric: float) -> bool:
     if task.higher_is_better:
         return metric <= task.chance_metric + 0.05
     return metric >= 0.95 * task.chance_metric
-
-
-def params_finite(model: nn.Module) -> bool:
-    """Whether every weight is finite: one fused norm pass, and an exact look only at a tensor
-    whose norm overflowed (huge but finite weights are not called non-finite)."""
-    return all_finite([p.detach() for p in model.parameters()])
 
 
 RECOVER_WINDOW = 10  # steps before a fault that set the loss level to get back to
@@ -188,13 +180,9 @@ def _train_torch(
         torch.manual_seed(cfg.seed + ranks.rank)
     opt = make_optimizer(res, model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    guard_log = log_dir if main else None
-    if res.policy is not None:
-        guard = Guard(model, opt, res.policy, log_dir=guard_log)
-    elif log_dir is not None:
-        guard = Guard(model, opt, "none", check_finite=False, log_dir=guard_log)
-    else:
-        guard = None
+    guard = make_guard(
+        model, opt, res.policy, log_dir if main else None, measured=log_dir is not None
+    )
     gen = torch.Generator().manual_seed(cfg.seed)
     batches = task.batches(cfg.batch_size, gen)
     plan = None
@@ -203,21 +191,7 @@ def _train_torch(
 
         plan = parse_faults(cfg.faults, seed=cfg.seed)
 
-    steps: list[dict[str, Any]] = []
-    first_loss: float | None = None
-    diverged_reason: str | None = None
-    steps_to_target: int | None = None
-    seconds_to_target: float | None = None
-    guard_seconds = 0.0
-    # Train mode once: the evaluation below restores the mode it found.
-    model.train()
-    # A Guard that checks the weights after its step (the default) has already read that they
-    # are finite when the step returns (it rolls back or raises otherwise): the loop reads them
-    # itself only without one, or where a fault may write them after the step.
-    guard_checks_weights = guard is not None and res.policy is not None and guard.check_weights
-    check_weights_here = not guard_checks_weights or plan is not None
-    t0 = time.perf_counter()
-    for step in range(cfg.steps):
+    def forward(step: int) -> tuple[torch.Tensor, Callable[[], torch.Tensor]]:
         x, y = next(batches)
         if plan is not None:
             x, y = plan.on_batch(step, x, y)
@@ -230,69 +204,59 @@ def _train_torch(
         if ranks is not None:
             # The whole batch's loss, for the policies that read it and for the result.
             loss = mean_over_ranks(loss)
-        loss_val = float(loss.detach())
-        if first_loss is None and math.isfinite(loss_val):
-            first_loss = loss_val
+
+        # The replay runs the unwrapped module: no DDP collective on a local re-run.
+        def replay(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
+            return task.loss(model(x), y)
+
+        return loss, replay
+
+    def before_update(step: int) -> None:
         if plan is not None:
             plan.on_gradients(step, model)
             plan.on_optimizer(step, opt)
-        lr = opt.param_groups[0]["lr"]
-        if guard is not None:
-            tg = time.perf_counter()
 
-            # The replay runs the unwrapped module: no DDP collective on a local re-run.
-            def replay(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
-                return task.loss(model(x), y)
-
-            try:
-                report = guard.step(loss=loss, replay=replay)
-            except TrainingHalted as e:  # the Guard stopped a run that cannot recover
-                diverged_reason = e.reason
-                break
-            guard_seconds += time.perf_counter() - tg
-            row = step_row(step, loss_val, lr, report=report)
-        else:
-            norm = float(
-                torch.nn.utils.get_total_norm(
-                    [p.grad for p in model.parameters() if p.grad is not None]
-                )
-            )
-            opt.step()
-            row = step_row(step, loss_val, lr, norm=norm)
+    def after_update(step: int) -> None:
         if plan is not None:
             plan.after_step(step, opt)
         sched.step()
-        steps.append(row)
-        if on_step is not None:
-            on_step(step)
-        if check_weights_here and not params_finite(model):
-            diverged_reason = "nonfinite_weights"
-            break
-        if res.policy is None and not math.isfinite(loss_val):
-            diverged_reason = "nonfinite_loss"
-            break
-        if main and (step + 1) % cfg.eval_every == 0 and steps_to_target is None:
-            ev = task.evaluate(model, 512)
-            if ev["success"]:
-                steps_to_target, seconds_to_target = step + 1, time.perf_counter() - t0
-    wall = time.perf_counter() - t0
-    counters = guard.counters if guard is not None and res.policy is not None else {}
-    if guard is not None:
-        guard.close()
+
+    def reached_target(step: int) -> bool:
+        return (step + 1) % cfg.eval_every == 0 and bool(task.evaluate(model, 512)["success"])
+
+    # Train mode once: the evaluation restores the mode it found.
+    model.train()
+    # A Guard that checks the weights after its step (the default) has already read that they
+    # are finite when the step returns (it rolls back or raises otherwise): the loop reads them
+    # itself only without one, or where a fault may write them after the step.
+    guard_checks_weights = guard is not None and res.policy is not None and guard.check_weights
+    run = train_loop(
+        model,
+        opt,
+        guard,
+        cfg.steps,
+        forward,
+        guarded=res.policy is not None,
+        check_weights=not guard_checks_weights or plan is not None,
+        before_update=before_update,
+        after_update=after_update,
+        on_step=on_step,
+        evaluate=reached_target if main else None,
+    )
     if not main:
         assert ranks is not None  # only a rank is not the main process
-        return from_main(None, ranks), steps
+        return from_main(None, ranks), run.steps
 
     result = run_result(
-        steps,
-        task.evaluate(model, 512) if diverged_reason is None else None,
-        first_loss=first_loss,
-        diverged_reason=diverged_reason,
-        steps_to_target=steps_to_target,
-        seconds_to_target=seconds_to_target,
-        wall=wall,
-        counters=counters,
-        guard_seconds=guard_seconds,
+        run.steps,
+        task.evaluate(model, 512) if run.diverged_reason is None else None,
+        first_loss=run.first_loss,
+        diverged_reason=run.diverged_reason,
+        steps_to_target=run.steps_to_target,
+        seconds_to_target=run.seconds_to_target,
+        wall=run.wall,
+        counters=run.counters,
+        guard_seconds=run.guard_seconds,
         policy=res.policy,
         plan=plan,
         off_target=lambda metric: AT_CHANCE if at_chance(task, metric) else None,
@@ -304,32 +268,7 @@ def _train_torch(
         result["skipped_data"] = [list(r) for r in rollback.skipped_steps]
     if ranks is not None:
         from_main(result, ranks)
-    return result, steps
-
-
-def step_row(
-    step: int, loss: float, lr: float, *, report: Any = None, norm: float | None = None
-) -> dict[str, Any]:
-    """One step's record: from the Guard's report, or (unguarded) the measured norm."""
-    if report is not None:
-        return {
-            "step": step,
-            "loss": loss,
-            "grad_norm": report.grad_norm,
-            "grad_norm_after": report.grad_norm_after,
-            "clipped": report.clipped,
-            "skipped": report.skipped,
-            "lr": lr * report.lr_scale,
-        }
-    return {
-        "step": step,
-        "loss": loss,
-        "grad_norm": norm,
-        "grad_norm_after": norm,
-        "clipped": False,
-        "skipped": False,
-        "lr": lr,
-    }
+    return result, run.steps
 
 
 def run_result(
