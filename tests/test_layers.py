@@ -75,6 +75,73 @@ def test_the_import_scan_sees_imports_inside_functions(tmp_path):
         fake.unlink()
 
 
+def runtime_imports(path: Path) -> set[str]:
+    """The gradguard modules ``path`` imports when it runs (anywhere, functions included; not
+    what a ``TYPE_CHECKING`` block names for the type checker only), as absolute names."""
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    package = list(rel.parts[:-1])  # a module's package; a package's __init__: the package
+    out: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            mod = ".".join([*base, *(node.module.split(".") if node.module else [])])
+            out.add(mod)
+            if not node.module:  # from . import name: a submodule
+                out.update(f"{mod}.{a.name}" for a in node.names)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text()))
+    return {m for m in out if m == "gradguard" or m.startswith("gradguard.")}
+
+
+def _unit(module: str) -> str:
+    """The top-level module or subpackage a module belongs to (``gradguard`` for the root)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "gradguard"
+
+
+def test_no_import_cycle_between_the_packages_modules_and_subpackages():
+    """The graph of runtime imports between gradguard's top-level modules and subpackages has no
+    cycle, and nothing imports the package's top level (the facade that loads the rest) but
+    ``__main__``; a cycle found is printed as a path."""
+    edges: dict[str, set[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        rel = path.relative_to(PACKAGE.parent).with_suffix("")
+        src = _unit(".".join(p for p in rel.parts if p != "__init__"))
+        for target in runtime_imports(path):
+            dst = _unit(target)
+            if dst != src:
+                edges.setdefault(src, set()).add(dst)
+    into_root = sorted(u for u, ts in edges.items() if "gradguard" in ts and u != "__main__")
+    assert into_root == [], f"{into_root} import the package's top level"
+    graph = {u: ts - {"gradguard"} for u, ts in edges.items() if u != "gradguard"}
+    state: dict[str, int] = {}
+
+    def cycle_from(u: str, path: list[str]) -> list[str] | None:
+        state[u] = 1
+        for v in sorted(graph.get(u, ())):
+            if state.get(v) == 1:
+                return [*path, u, v]
+            if v not in state and (found := cycle_from(v, [*path, u])):
+                return found
+        state[u] = 2
+        return None
+
+    for u in sorted(graph):
+        if u not in state:
+            found = cycle_from(u, [])
+            assert found is None, "import cycle: " + " -> ".join(found)
+    assert {"guard", "policies", "bench", "keras"} <= set(graph)
+
+
 class Recorder:
     """A listener of one's own: what the Guard tells it, in order."""
 

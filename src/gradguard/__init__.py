@@ -8,6 +8,7 @@ report = guard.step(loss=loss)     # replaces optimizer.step()
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from ._version import __version__
 from .advice import advise  # a plain function; gradguard.advice's work loads when it is called
 from .errors import (
     ConfigError,
@@ -47,8 +48,6 @@ if TYPE_CHECKING:  # loaded on first use, below: ``import gradguard`` does not i
         zclip,
     )
     from .report import StepReport
-
-__version__ = "0.1.0"
 
 
 def _telemetry(log_dir: Any) -> Any:

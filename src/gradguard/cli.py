@@ -21,7 +21,7 @@ import typing
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import __version__
+from ._version import __version__
 from .errors import GradGuardError, Interrupted
 
 

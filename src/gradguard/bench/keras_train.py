@@ -1,5 +1,5 @@
 """The bench's Keras variant: model names that train with Keras 3 (TensorFlow backend) instead of
-torch, validated here without importing Keras, trained by :mod:`gradguard.keras.bench`.
+torch, validated here without importing Keras, trained by :mod:`gradguard.bench.keras_loop`.
 
 ``keras_mlp`` is the torch ``mlp`` in Keras, on the same tasks, splits and batches; the ``keras``
 suite (:data:`SUITE`) is the seed document's TensorFlow scenario with it: Dropout, SGD with
@@ -161,9 +161,9 @@ def train_run(
     on_step: Callable[[int], None] | None = None,
     log_dir: str | os.PathLike | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Train one Keras configuration (see :func:`gradguard.keras.bench.train_run`)."""
+    """Train one Keras configuration (see :func:`gradguard.bench.keras_loop.train_run`)."""
     try:
-        from ..keras.bench import train_run as keras_train_run
+        from .keras_loop import train_run as keras_train_run
     except ImportError as e:
         raise ConfigError(
             f"model {cfg.model} trains with Keras, which is not installed: "

@@ -8,7 +8,7 @@ entry point: the user's loss); ``before_update`` and ``after_update`` run around
 has reached its target. The loop owns the rest, once: the Guard's step (or the bare optimizer's,
 measured), the per-step record, what stops a run (the Guard halting it, non-finite weights, an
 unguarded non-finite loss), and the time spent in the Guard. The Keras bench has its own trainer
-(:mod:`gradguard.keras.bench`) behind the same ``train_run`` interface and result
+(:mod:`gradguard.bench.keras_loop`) behind the same ``train_run`` interface and result
 (:func:`gradguard.bench.train.run_result`).
 """
 

@@ -249,7 +249,7 @@ def report_html(
 
 
 def _version() -> str:
-    from .. import __version__
+    from .._version import __version__
 
     return __version__
 

@@ -264,7 +264,7 @@ class GuardTelemetry(keras.callbacks.Callback):
         # forward order; a subclassed model's order is its creation order: unknown.
         ordered = type(model).__name__ in ("Sequential", "Functional")
         forward_order = list(range(len(layout.layer_names))) if ordered else []
-        from .. import __version__
+        from .._version import __version__
 
         self._meta = meta = {
             "type": "meta",

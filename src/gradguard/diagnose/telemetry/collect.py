@@ -227,6 +227,6 @@ class _Pending:
 
 
 def _version() -> str:
-    from ... import __version__
+    from ..._version import __version__
 
     return __version__

@@ -35,15 +35,15 @@ import keras
 import numpy as np
 import torch
 
-from ..bench import keras_train
-from ..bench.config import Resolved, RunConfig, resolve
-from ..bench.tasks import Task, make_task
-from ..bench.train import at_chance, lr_lambda, run_result
 from ..errors import ConfigError
 from ..faults import parse as parse_faults
 from ..faults.base import FaultSpecError, Strike, uniform
-from .callback import GuardTelemetry
-from .optimizer import GuardedOptimizer, _np
+from ..keras.callback import GuardTelemetry
+from ..keras.optimizer import GuardedOptimizer, _np
+from . import keras_train
+from .config import Resolved, RunConfig, resolve
+from .tasks import Task, make_task
+from .train import at_chance, lr_lambda, run_result
 
 _GAINS = {"relu": math.sqrt(2.0), "tanh": 5.0 / 3.0}
 
