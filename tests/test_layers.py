@@ -38,13 +38,23 @@ CORE = [
 USERS = ("diagnose", "bench", "advice", "keras", "integrations", "faults", "cli")
 
 
-def imported_modules(path: Path) -> set[str]:
-    """Every module ``path`` imports, anywhere in the file (functions and TYPE_CHECKING blocks
-    too), as absolute names."""
+def imported_modules(path: Path, *, type_checking: bool = True) -> set[str]:
+    """Every module ``path`` imports, anywhere in the file (functions too; ``TYPE_CHECKING``
+    blocks unless ``type_checking=False``), as absolute names: for ``from m import a``, ``m`` and
+    ``m.a``."""
     rel = path.relative_to(PACKAGE.parent).with_suffix("")
-    package = list(rel.parts[:-1])
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    package = list(rel.parts[:-1])  # a module's package; a package's __init__: the package
+    out: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if (
+            not type_checking
+            and isinstance(node, ast.If)
+            and "TYPE_CHECKING" in ast.unparse(node.test)
+        ):
+            for child in node.orelse:
+                visit(child)
+            return
         if isinstance(node, ast.Import):
             out.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -52,6 +62,10 @@ def imported_modules(path: Path) -> set[str]:
             mod = ".".join([*base, *(node.module.split(".") if node.module else [])])
             out.add(mod)
             out.update(f"{mod}.{a.name}" for a in node.names)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text()))
     return out
 
 
@@ -75,31 +89,10 @@ def test_the_import_scan_sees_imports_inside_functions(tmp_path):
         fake.unlink()
 
 
-def runtime_imports(path: Path) -> set[str]:
-    """The gradguard modules ``path`` imports when it runs (anywhere, functions included; not
-    what a ``TYPE_CHECKING`` block names for the type checker only), as absolute names."""
-    rel = path.relative_to(PACKAGE.parent).with_suffix("")
-    package = list(rel.parts[:-1])  # a module's package; a package's __init__: the package
-    out: set[str] = set()
-
-    def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            for child in node.orelse:
-                visit(child)
-            return
-        if isinstance(node, ast.Import):
-            out.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = package[: len(package) - node.level + 1] if node.level else []
-            mod = ".".join([*base, *(node.module.split(".") if node.module else [])])
-            out.add(mod)
-            if not node.module:  # from . import name: a submodule
-                out.update(f"{mod}.{a.name}" for a in node.names)
-        for child in ast.iter_child_nodes(node):
-            visit(child)
-
-    visit(ast.parse(path.read_text()))
-    return {m for m in out if m == "gradguard" or m.startswith("gradguard.")}
+def _is_module(name: str) -> bool:
+    """Whether ``gradguard.x`` names a module or subpackage (not a name defined in the root)."""
+    leaf = name.split(".")[1]
+    return (PACKAGE / f"{leaf}.py").exists() or (PACKAGE / leaf / "__init__.py").exists()
 
 
 def _unit(module: str) -> str:
@@ -116,7 +109,11 @@ def test_no_import_cycle_between_the_packages_modules_and_subpackages():
     for path in PACKAGE.rglob("*.py"):
         rel = path.relative_to(PACKAGE.parent).with_suffix("")
         src = _unit(".".join(p for p in rel.parts if p != "__init__"))
-        for target in runtime_imports(path):
+        for target in imported_modules(path, type_checking=False):
+            if not target.startswith("gradguard."):
+                continue  # the package itself is imported before any of its modules anyway
+            if target.count(".") == 1 and not _is_module(target):
+                target = "gradguard"  # a name from the top level (``from .. import x``)
             dst = _unit(target)
             if dst != src:
                 edges.setdefault(src, set()).add(dst)
