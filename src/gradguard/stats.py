@@ -505,12 +505,64 @@ class GradStats:
         if self.grads:
             self.set_param_norms(stacked_norms(self.grads, self.device, self.dtype))
 
+    def scale_units_(self, factors: dict[int, Tensor], unit_norms: dict[int, Tensor]) -> None:
+        """Multiply each row (output unit) of gradient ``k`` by ``factors[k]``, one factor per
+        row (one for a tensor of ndim <= 1), ``k`` a position in ``grads``; ``unit_norms[k]``:
+        that gradient's row norms before (:func:`unit_norms`), from which its new norm is exact.
+        Sparse gradients are scaled through the rows they hold."""
+        ks = list(factors)
+        sq = self.param_norms.square()
+        for k in ks:
+            scale_units_(self.grads[k], factors[k])
+        new_sq = torch.stack([(unit_norms[k] * factors[k]).square().sum() for k in ks])
+        idx = self.layout.index_tensor(ks, self.device)
+        self.set_param_norms(sq.index_put((idx,), new_sq.to(self.device, sq.dtype)).sqrt())
+
     def set_param_norms(self, norms: Tensor) -> None:
         """For policies that changed gradients themselves and know the resulting norms exactly."""
         self._param_norms = norms
         self._scale = None
         self.modified = True
         self._norm_after = None
+
+
+def unit_norms(t: Tensor) -> Tensor:
+    """Norm per output unit (row): reduce over every dim but 0; tensors of ndim <= 1 as a whole.
+
+    Held in :func:`~gradguard.stats.norm_dtype` (float64 for float64 tensors). A sparse COO
+    tensor (coalesced) is reduced over the entries of each row it holds; rows it does not hold
+    have norm 0.
+    """
+    dt = norm_dtype(t.dtype)
+    if t.is_sparse:
+        vals = t._values()
+        sq = vals.abs().to(dt).square().reshape(vals.shape[0], -1).sum(1)
+        rows = torch.zeros(t.shape[0], dtype=dt, device=t.device)
+        return rows.index_add_(0, t._indices()[0], sq).sqrt()
+    if t.ndim <= 1:
+        return cast(
+            "Tensor",
+            torch.linalg.vector_norm(t, dtype=None if t.is_complex() else dt).reshape(1).to(dt),
+        )
+    return cast(
+        "Tensor",
+        torch.linalg.vector_norm(
+            t, dim=tuple(range(1, t.ndim)), dtype=None if t.is_complex() else dt
+        ).to(dt),
+    )
+
+
+def scale_units_(g: Tensor, factor: Tensor) -> None:
+    """``g[row] *= factor[row]`` in place (one factor for a tensor of ndim <= 1)."""
+    fdt = g.real.dtype if g.is_complex() else g.dtype
+    if g.is_sparse:
+        vals = g._values()
+        f = factor.to(fdt).index_select(0, g._indices()[0])
+        vals.mul_(f.reshape((-1,) + (1,) * (vals.ndim - 1)))
+    elif g.ndim > 1:
+        g.mul_(factor.to(fdt).reshape((-1,) + (1,) * (g.ndim - 1)))
+    else:
+        g.mul_(factor[0].to(fdt))
 
 
 def collect_grads(layout: ParamLayout) -> tuple[list[Tensor], list[int]]:

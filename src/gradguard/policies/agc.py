@@ -3,11 +3,11 @@ Without Normalization", NFNets)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from .._lazy import torch
 from ..errors import ConfigError
-from ..stats import norm_dtype
+from ..stats import unit_norms
 from .base import Policy, StepContext
 from .clip import _check_positive
 from .registry import register
@@ -15,45 +15,6 @@ from .xp import TORCH, ArrayNamespace
 
 if TYPE_CHECKING:
     from ..layout import ParamLayout
-
-
-def unit_norms(t: torch.Tensor) -> torch.Tensor:
-    """Norm per output unit (row): reduce over every dim but 0; tensors of ndim <= 1 as a whole.
-
-    Held in :func:`~gradguard.stats.norm_dtype` (float64 for float64 tensors). A sparse COO
-    tensor (coalesced) is reduced over the entries of each row it holds; rows it does not hold
-    have norm 0.
-    """
-    dt = norm_dtype(t.dtype)
-    if t.is_sparse:
-        vals = t._values()
-        sq = vals.abs().to(dt).square().reshape(vals.shape[0], -1).sum(1)
-        rows = torch.zeros(t.shape[0], dtype=dt, device=t.device)
-        return rows.index_add_(0, t._indices()[0], sq).sqrt()
-    if t.ndim <= 1:
-        return cast(
-            "torch.Tensor",
-            torch.linalg.vector_norm(t, dtype=None if t.is_complex() else dt).reshape(1).to(dt),
-        )
-    return cast(
-        "torch.Tensor",
-        torch.linalg.vector_norm(
-            t, dim=tuple(range(1, t.ndim)), dtype=None if t.is_complex() else dt
-        ).to(dt),
-    )
-
-
-def _scale_units_(g: torch.Tensor, factor: torch.Tensor) -> None:
-    """``g[row] *= factor[row]`` in place (one factor for a tensor of ndim <= 1)."""
-    fdt = g.real.dtype if g.is_complex() else g.dtype
-    if g.is_sparse:
-        vals = g._values()
-        f = factor.to(fdt).index_select(0, g._indices()[0])
-        vals.mul_(f.reshape((-1,) + (1,) * (vals.ndim - 1)))
-    elif g.ndim > 1:
-        g.mul_(factor.to(fdt).reshape((-1,) + (1,) * (g.ndim - 1)))
-    else:
-        g.mul_(factor[0].to(fdt))
 
 
 def unit_factors(xp: ArrayNamespace, p: agc, w_norm: Any, g_norm: Any) -> tuple[Any, Any]:
@@ -124,28 +85,25 @@ class agc(Policy):
                 "agc needs each unit's whole row of weights and gradient; with sharded (FSDP2/DTensor) "
                 "parameters use clip_norm, zclip or autoclip, which are exact across shards"
             )
+        # The decision: one factor per unit (row) of each gradient AGC clips; the stats apply it.
         excluded = self.excluded_params()
-        sq = stats.param_norms.square()
-        new_sq: list[torch.Tensor] = []
+        factors: dict[int, torch.Tensor] = {}
+        g_norms: dict[int, torch.Tensor] = {}
         acted: list[torch.Tensor] = []
-        ks: list[int] = []
         for k, (g, i) in enumerate(zip(stats.grads, stats.param_index, strict=True)):
             if i in excluded:
                 continue
-            w = stats.layout.params[i].detach()
-            g_norm = unit_norms(g)
-            factor, clip = unit_factors(TORCH, self, unit_norms(w), g_norm)
-            _scale_units_(g, factor)
-            new_sq.append((g_norm * factor).square().sum())
+            g_norms[k] = unit_norms(g)
+            factors[k], clip = unit_factors(
+                TORCH, self, unit_norms(stats.layout.params[i].detach()), g_norms[k]
+            )
             acted.append(clip.any())
-            ks.append(k)
-        if not ks:
+        if not factors:
             return
-        idx = stats.layout.index_tensor(ks, stats.device)
-        sq = sq.index_put((idx,), torch.stack(new_sq).to(stats.device, sq.dtype))
-        stats.set_param_norms(sq.sqrt())
+        stats.scale_units_(factors, g_norms)
+        ks = stats.layout.index_tensor(list(factors), stats.device)
         mask = torch.zeros(len(stats.grads), dtype=torch.bool, device=stats.device).index_put(
-            (idx,), torch.stack(acted).to(stats.device)
+            (ks,), torch.stack(acted).to(stats.device)
         )
         layer_mask = (
             torch.zeros(stats.num_layers, device=stats.device).index_add_(
