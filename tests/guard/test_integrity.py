@@ -245,7 +245,7 @@ def test_any_corruption_ends_finite_or_in_the_guards_own_error(how, value, polic
 def test_huge_but_finite_weights_are_finite_for_the_bench_and_rollback():
     """A float32 norm of 1e30-sized weights overflows; neither the bench's divergence check nor
     rollback's snapshot rule may take that for a NaN."""
-    from gradguard.bench.train import params_finite
+    from gradguard.bench.loop import params_finite
 
     model, _opt, guard = setup(policy="rollback:every=1")
     with torch.no_grad():

@@ -53,7 +53,8 @@ def make_guard(
 
 
 def params_finite(model: nn.Module) -> bool:
-    """Whether every parameter of ``model`` is finite (one fused check, one host read)."""
+    """Whether every weight is finite: one fused norm pass, and an exact look only at a tensor
+    whose norm overflowed (huge but finite weights are not called non-finite)."""
     return all_finite([p.detach() for p in model.parameters()])
 
 
