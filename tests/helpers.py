@@ -4,6 +4,7 @@ bit-identical snapshots, and a command line that kills a bench mid-run. The fixt
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -89,6 +90,22 @@ def assert_same(a: dict, b: dict) -> None:
                 assert torch.equal(sa[k], sb[k]), k
             else:
                 assert sa[k] == sb[k], k
+
+
+def slow_except(cases: list, *fast) -> list:
+    """``cases`` for ``pytest.mark.parametrize`` with every case but ``fast`` marked ``slow``: the
+    full suite runs them all, the fast one (``-m "not slow"``) the few that take distinct paths.
+    The test ids are those of the plain cases. A fast case that is not among ``cases`` is an
+    error, not a silent loss of the fast suite's coverage."""
+    missing = [f for f in fast if f not in cases]
+    if missing:
+        raise ValueError(f"slow_except: fast cases not among the cases: {missing}")
+    return [
+        c
+        if c in fast
+        else pytest.param(*(c if isinstance(c, tuple) else (c,)), marks=pytest.mark.slow)
+        for c in cases
+    ]
 
 
 #: ``python -c KILL_MID_RUN N K gradguard-args...``: the gradguard command line, in a process that

@@ -109,12 +109,12 @@ def test_a_seconds_budget_is_respected_within_a_margin(tmp_path):
 @pytest.mark.slow
 def test_a_killed_probe_resumes_without_recomputing(tmp_path, monkeypatch):
     out = tmp_path / "adv"
-    argv = ["advise", *SMALL_ARGS, "--budget", "6000steps", "--steps", "150", "--workers", "1"]
+    argv = ["advise", *SMALL_ARGS, "--budget", "2400steps", "--steps", "60", "--workers", "1"]
     argv += ["--out", str(out), "--no-progress"]
-    # kill -9 mid-probe: at step 50 of the 9th run, after exactly 8 finished, however slow the
+    # kill -9 mid-probe: at step 20 of the 9th run, after exactly 8 finished, however slow the
     # machine (no deadline, no polling).
     proc = subprocess.run(
-        [sys.executable, "-c", KILL_MID_RUN, "8", "50", *argv],
+        [sys.executable, "-c", KILL_MID_RUN, "8", "20", *argv],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         timeout=900,  # a hang guard only

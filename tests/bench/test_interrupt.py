@@ -97,7 +97,7 @@ def test_ctrl_c_during_bench_prints_one_line_and_resumes(tmp_path, group, worker
     db = out / DB_NAME
     args = _cli(
         *("bench", "--lr", "0.01", "--mitigation", "none", "zclip", "--seeds", "4"),
-        *("--steps", "200", "--workers", workers, "--out", str(out), "--no-progress"),
+        *("--steps", "50", "--workers", workers, "--out", str(out), "--no-progress"),
     )
     status, err = _interrupt_after_a_run(args, db, group)
     done, total = map(int, _assert_one_line(status, err).groups())
@@ -119,7 +119,10 @@ def test_ctrl_c_during_advise_prints_one_line_and_resumes(tmp_path):
     out = tmp_path / "advise"
     db = out / DB_NAME
     args = _cli(
-        *("advise", "--budget", "2000steps", "--workers", "2", "--steps", "100"),
+        # 18 runs of 50 steps (plenty left to interrupt after the first), in two phases, trained
+        # in the command's own process: Ctrl-C to a group with workers is the bench test's case,
+        # the advise phases are this one's (each spawned worker would start torch again).
+        *("advise", "--budget", "1000steps", "--workers", "1", "--steps", "50"),
         *("--out", str(out), "--no-progress"),
     )
     status, err = _interrupt_after_a_run(args, db, group=True)

@@ -17,6 +17,8 @@ from gradguard.diagnose import plots
 from gradguard.diagnose.records import FILENAME, RecordWriter, load_run
 from gradguard.diagnose.rules import Finding
 
+from tests.helpers import slow_except
+
 HOSTILE = "<script>alert(1)</script>"
 LAYERS = ["head", "embed", "block0.attn", "block0.mlp", "block1.attn", "block1.mlp"]
 FORWARD = [1, 2, 3, 4, 5, 0]  # the record order is not the forward order: head is listed first
@@ -463,7 +465,7 @@ def test_started_in_says_when_the_replay_did_not_reproduce(tmp_path):
     assert "(not reproduced)" in page and "did not reproduce the NaN/Inf" in page
 
 
-@pytest.mark.parametrize("odd", ["$x^{$", "$\\frac{a}{$", "cost $5", "a$b$c"])
+@pytest.mark.parametrize("odd", slow_except(["$x^{$", "$\\frac{a}{$", "cost $5", "a$b$c"], "$x^{$"))
 def test_dollar_signs_in_event_kinds_and_layer_names_do_not_break_the_plots(tmp_path, odd):
     run = load_run(write_run(tmp_path))
     run.meta["layers"] = [odd + n for n in run.meta["layers"]]

@@ -17,6 +17,8 @@ from gradguard.diagnose import plots
 
 from tests.diagnose.test_report import FINDINGS, HOSTILE, write_run
 
+pytestmark = pytest.mark.slow  # two headless Chromium starts
+
 WIDTH, HEIGHT = 1200, 2400
 
 

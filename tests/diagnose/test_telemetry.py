@@ -301,6 +301,7 @@ def test_bench_runs_record_telemetry_that_the_report_reads(tmp_path):
         run_grid([cfg], tmp_path / "r", executor="ray", telemetry=True)
 
 
+@pytest.mark.slow  # a fresh process (the fast suite's TensorBoard files: the test above)
 def test_tensorboard_files_without_importing_tensorflow(tmp_path):
     """Where TensorFlow is installed, torch's TensorBoard writer would import all of it (seconds
     and a page of logs in every bench worker); the Guard's writer uses TensorBoard's stub."""

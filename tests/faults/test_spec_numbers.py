@@ -13,6 +13,8 @@ import gradguard.faults as faults
 from gradguard.errors import SpecError
 from gradguard.faults import FaultPlan, FaultSpecError, LrBurst, SpikeGrad
 
+from tests.helpers import slow_except
+
 DETERMINISTIC = settings(derandomize=True, deadline=None, max_examples=60)
 
 FLOATS = st.floats(allow_nan=False, allow_infinity=False) | st.builds(
@@ -46,7 +48,10 @@ def test_every_fault_with_a_number_is_covered():
     assert ("lr_burst", "factor") in NUMERIC_OPTIONS and ("nan", "at") in NUMERIC_OPTIONS
 
 
-@pytest.mark.parametrize(("fault", "option"), NUMERIC_OPTIONS)
+# Fast: a float option and an int list option; slow: the others (the same grammar).
+@pytest.mark.parametrize(
+    ("fault", "option"), slow_except(NUMERIC_OPTIONS, ("lr_burst", "factor"), ("nan", "at"))
+)
 @DETERMINISTIC
 @given(NUMBER_TEXT | AT_TEXT)
 @example("1e+27")

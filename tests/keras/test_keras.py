@@ -36,22 +36,40 @@ from gradguard.keras.policies import KERAS_DEFAULT_SPEC, RuleAdapter, parse_kera
 from gradguard.policies import available_policies, policy_class  # noqa: E402
 from gradguard.policies.rule import Decision, Field, RulePolicy, initial_host_state  # noqa: E402
 
+from tests.helpers import slow_except  # noqa: E402
+
 SRC = os.path.join(os.path.dirname(__file__), "..", "..", "src")
+
+
+def _start_python(code: str, env: dict[str, str] | None = None, timeout: int = 120):
+    """Start ``code`` in a fresh interpreter (with gradguard's sources on the path); return a
+    function that waits for it and returns its stdout (failing the test if it failed)."""
+    full_env = {**os.environ, "PYTHONPATH": os.path.abspath(SRC), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    full_env.update(env or {})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=full_env,
+    )
+
+    def result() -> str:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise
+        assert proc.returncode == 0, err[-3000:]
+        return out
+
+    return result
 
 
 def _run_python(code: str, env: dict[str, str] | None = None, timeout: int = 120) -> str:
     """Run ``code`` in a fresh interpreter (with gradguard's sources on the path); its stdout."""
-    full_env = {**os.environ, "PYTHONPATH": os.path.abspath(SRC), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    full_env.update(env or {})
-    out = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        env=full_env,
-        timeout=timeout,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout
+    return _start_python(code, env, timeout)()
 
 
 # ----- the same numbers as the torch Guard -------------------------------------------------------
@@ -147,6 +165,28 @@ EQUIVALENT_SPECS += [
 ]
 
 
+#: The fast suite's specs: one of each policy (those at their defaults above included), and every
+#: option that takes a path of its own in the Keras classes (clip_norm's inf and p norms, agc's
+#: exclude by layer name, autoclip's window); the options of the shared rules (clip_layerwise's
+#: max_norm, zclip's) only in the full suite.
+FAST_SPECS = {s for s in EQUIVALENT_SPECS if s in KERAS_POLICIES} | {
+    "none",
+    "clip_norm:0.5",
+    "clip_norm:max_norm=0.5,norm_type=inf",
+    "clip_norm:max_norm=2,norm_type=1",
+    "clip_value:0.05",
+    "clip_layerwise:factor=1.5,warmup=3",
+    "agc:0.05",
+    "agc:clipping=0.05,exclude_head=false,exclude=fc2",
+    "autoclip:10",
+    "autoclip:percentile=50,history=4",
+    "zclip:warmup=4",
+    "skip_spike:window=6,z=3",
+    "skip_nonfinite+zclip:warmup=3+lr_backoff:events=1,window=3,recover=2",
+    "default",
+}
+
+
 def test_keras_default_is_the_torch_default_without_update_clip():
     torch_default = [p.name for p in gradguard.policies.parse_spec("default")]
     keras_default = [p.name for p in parse_keras_spec("default")]
@@ -172,12 +212,18 @@ def test_qk_clip_is_refused_in_keras_saying_why():
 
 @pytest.mark.parametrize(
     ("spec", "graph"),
-    [(s, False) for s in EQUIVALENT_SPECS]
-    + [
+    # Fast: FAST_SPECS eager, and the default compiled; slow: the other options of clip_layerwise
+    # and zclip, and two more compiled.
+    slow_except(
+        [
+            *[(s, False) for s in EQUIVALENT_SPECS],
+            ("default", True),
+            ("autoclip:percentile=50,history=4", True),
+            ("clip_layerwise:factor=1.5,warmup=3", True),
+        ],
+        *[(s, False) for s in FAST_SPECS],
         ("default", True),
-        ("autoclip:percentile=50,history=4", True),
-        ("clip_layerwise:factor=1.5,warmup=3", True),
-    ],
+    ),
 )
 def test_keras_policies_give_the_torch_guards_gradients(spec, graph):
     """Every step of a sequence with a NaN and a spike: the same skips, the same mitigated
@@ -325,8 +371,16 @@ def test_rule_policies_have_no_keras_code():
     assert set(opt.policies[0].state_vars) == {"values", "count", "outliers", "run"}
 
 
-@pytest.mark.parametrize("graph", [False, True])
-@pytest.mark.parametrize("window", [16, 3])
+@pytest.mark.parametrize(
+    ("window", "graph"),
+    # Eager with the full window and compiled with the short one in the fast suite.
+    [
+        (16, False),
+        pytest.param(16, True, marks=pytest.mark.slow),
+        (3, True),
+        pytest.param(3, False, marks=pytest.mark.slow),
+    ],
+)
 def test_skip_spike_admits_a_shift_as_the_torch_guard(window, graph):
     """A burst shorter than ``admit`` skipped and kept out, a NaN ending a run of outliers, then a
     shift admitted after ``admit`` outliers (window=3: a run longer than the window): the same
@@ -552,7 +606,7 @@ class _Snapshots(keras.callbacks.Callback):
         self.iterations.append(int(opt.iterations.numpy()))
 
 
-@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("jit_compile", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_fit_skips_the_nan_batch_and_leaves_the_inner_optimizer_alone(jit_compile):
     x, y = _digits_like()
     model = _mlp()
@@ -625,6 +679,7 @@ def test_custom_loop_and_save_load_keep_the_policy_state(tmp_path):
 
 
 # ----- telemetry -> report -------------------------------------------------------------------------
+@pytest.mark.slow  # a `gradguard report` process
 def test_telemetry_callback_feeds_gradguard_report(tmp_path):
     x, y = _digits_like()
     model = _mlp()
@@ -680,6 +735,7 @@ def test_telemetry_callback_feeds_gradguard_report(tmp_path):
 
 
 # ----- the bench variant ---------------------------------------------------------------------------
+@pytest.mark.slow  # a fresh worker process starts TensorFlow
 def test_keras_bench_variant_runs_end_to_end_into_the_results_database(tmp_path):
     from gradguard.bench.config import RunConfig, expand_grid
     from gradguard.bench.runner import run_grid, telemetry_dir
@@ -719,6 +775,7 @@ def test_keras_bench_variant_runs_end_to_end_into_the_results_database(tmp_path)
     assert [e["step"] for e in log.events if e["kind"] == "nonfinite_grad"] == [5]
 
 
+@pytest.mark.slow  # three processes start TensorFlow
 def test_keras_bench_runs_train_with_their_threads_even_where_tensorflow_already_runs(tmp_path):
     """TensorFlow fixes its intra-op pool when its runtime starts. A process where it already runs
     with 2 threads refuses to train a threads=1 run itself, and its bench trains the run in a
@@ -741,6 +798,15 @@ def test_keras_bench_runs_train_with_their_threads_even_where_tensorflow_already
             drop = {timing!r}
             return canonical_json([{{k: v for k, v in result.items() if k not in drop}}, steps])
         """
+    # The reference, from a fresh process, trains meanwhile (the figures do not depend on it).
+    fresh = _start_python(
+        figures
+        + f"""
+        from gradguard.bench.config import RunConfig
+        from gradguard.bench.train import train_run
+        print(figures(*train_run(RunConfig.from_dict({cfg!r}))))
+        """
+    )
     started = _run_python(
         figures
         + f"""
@@ -765,15 +831,7 @@ def test_keras_bench_runs_train_with_their_threads_even_where_tensorflow_already
         """,
         timeout=300,
     )
-    fresh = _run_python(
-        figures
-        + f"""
-        from gradguard.bench.config import RunConfig
-        from gradguard.bench.train import train_run
-        print(figures(*train_run(RunConfig.from_dict({cfg!r}))))
-        """
-    )
-    assert started.strip().splitlines()[-1] == fresh.strip().splitlines()[-1]
+    assert started.strip().splitlines()[-1] == fresh().strip().splitlines()[-1]
 
 
 def test_the_keras_suite_is_the_seed_scenario_and_validates():
@@ -872,6 +930,7 @@ def test_gradguard_imports_no_keras_and_a_missing_keras_says_what_to_install():
     assert "pip install gradguard[keras]" in message
 
 
+@pytest.mark.slow  # a process starts Keras on torch
 def test_torch_backend_fit_and_stateless_apply():
     out = _run_python(
         """

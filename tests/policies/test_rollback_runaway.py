@@ -19,7 +19,7 @@ import gradguard
 from gradguard import TrainingHalted
 from gradguard.policies import Policy, StepContext
 
-from tests.helpers import TinyNet, assert_same, set_grads, snapshot
+from tests.helpers import TinyNet, assert_same, set_grads, slow_except, snapshot
 
 rb = sys.modules["gradguard.policies.rollback"]
 #: High losses in a row that make a runaway (the default patience).
@@ -90,7 +90,9 @@ def test_isolated_spikes_and_short_bursts_are_left_alone():
     assert run.pol.skipped_steps == []
 
 
-@pytest.mark.parametrize("seed", range(5))
+# Fast: seeds 0 and 3, the two that catch the slackest triggers tried (no reset of the high
+# count on a calm loss: seed 0 alone; patience=2,z=4: seed 3 alone).
+@pytest.mark.parametrize("seed", slow_except(list(range(5)), 0, 3))
 def test_a_healthy_noisy_loss_never_triggers(seed):
     """A decaying loss with heavy-tailed noise (log-normal, sigma 0.4: a step at 2x its level is
     common), and isolated 5x spikes."""
