@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import gradguard
@@ -90,6 +90,7 @@ norm_seq = st.lists(
         ]
     ),
 )
+@example(norms=[683.2901503759398] * 3, kw={"warmup": 3})  # float32 variance: 3.7e-9, not 0
 def test_zclip_rule_host_and_torch_agree(norms, kw):
     """The one rule on Python floats and on tensors: the same spikes, thresholds and state."""
     pol = gradguard.zclip(**kw)
@@ -105,7 +106,11 @@ def test_zclip_rule_host_and_torch_agree(norms, kw):
         back = to_host(fields, dev)
         assert back["initialized"] == host["initialized"] and back["n"] == host["n"]
         assert back["mean"] == pytest.approx(host["mean"], rel=1e-5)
-        assert back["var"] == pytest.approx(host["var"], rel=1e-4, abs=1e-9)
+        # float32 holds the device state: a variance of values near m is off by ~m^2 * 2^-24
+        # (identical norms of 683 give 3.7e-9 where the host has 0).
+        assert back["var"] == pytest.approx(
+            host["var"], rel=1e-4, abs=1e-6 * (1 + host["mean"] ** 2)
+        )
 
 
 def test_skip_spike_and_lr_backoff_rules_agree():
