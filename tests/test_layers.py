@@ -24,6 +24,8 @@ CORE = [
     "specgrammar.py",
     "integrity.py",
     "updates.py",
+    "snapshot.py",
+    "actions.py",
     "replay.py",
     "listeners.py",
     "attention.py",

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import Tensor, nn
 
+from .actions import drop_grads_, reset_param_state_, scale_rows_
 from .errors import ConfigError, GradGuardError, IntegrityError, StallError
 from .integrity import (
     check_groups,
@@ -40,8 +41,8 @@ from .integrity import (
 from .layout import ParamLayout
 from .listeners import StepListener, log_dir_listener
 from .policies import HostView, Policy, StepContext, parse_spec, skip_nonfinite
-from .policies.base import RowScale
 from .report import StepReport, Tally
+from .snapshot import load_snapshot_
 from .stats import GradStats, compute_grad_stats
 from .updates import UpdateProbe, UpdateStats
 
@@ -105,16 +106,6 @@ def _check_params(layout: ParamLayout) -> None:
                 "can update; keep integer and bool tensors out of the optimizer (register them as "
                 "buffers)"
             )
-
-
-def _scale_rows_(scales: Iterable[RowScale]) -> None:
-    """Apply post-step row scalings in place (``qk_clip``'s per-head factors): each parameter's
-    rows times their factors, computed in the factors' precision and stored in the parameter's."""
-    with torch.no_grad():
-        for rs in scales:
-            p = rs.param
-            f = rs.factors.to(device=p.device)
-            p.mul_(f.view(-1, *([1] * (p.dim() - 1))))
 
 
 @dataclass(eq=False)
@@ -395,6 +386,7 @@ class Guard:
         reason, why = explain_nonfinite(self.layout, self.optimizer)
         ctx = pending.ctx
         if self._rollback is not None and self._rollback.recover(ctx, why):
+            self._carry_out(ctx)
             ctx.skip_reason = "rollback"
             return
         raise IntegrityError(
@@ -445,7 +437,7 @@ class Guard:
                 if decision.scale_moments:
                     self._probe.scale_moments_(self.optimizer, scale)
             if decision.row_scale:
-                _scale_rows_(decision.row_scale)
+                scale_rows_(decision.row_scale)
 
     def _decide(
         self, loss: Tensor | float | None, replay: Callable[[], Tensor] | None, stacklevel: int
@@ -489,6 +481,7 @@ class Guard:
             if ctx.amp_overflow and policy.kind != "react":
                 continue
             policy.apply(ctx)
+            self._carry_out(ctx)
             if replay is not None and self._spiked(ctx, policy) and self._spike_reruns():
                 # A spike is known only once its detector has run: rerun right after it, so the
                 # policies after it in the chain see the attribution.
@@ -496,7 +489,23 @@ class Guard:
         if ctx.rollback_request is not None and self._rollback is not None and not ctx.rollback:
             # Asked by a policy after rollback in the chain: honoured before the update all the same.
             self._rollback.honour_request(ctx)
+            self._carry_out(ctx)
         return pending
+
+    def _carry_out(self, ctx: StepContext) -> None:
+        """Do what the policy that just ran asked of the model and the optimizer (a policy
+        decides, the Guard acts): load the snapshot it picked, zero the moments, drop the
+        gradients (:mod:`gradguard.actions`)."""
+        if ctx.restore is not None:
+            snap, ctx.restore = ctx.restore, None
+            load_snapshot_(self.layout, self.optimizer, snap)
+        if ctx.reset:
+            for i in ctx.reset:
+                reset_param_state_(self.optimizer, self.layout.params[i], ctx.reset_step)
+            ctx.reset = []
+        if ctx.drop:
+            drop_grads_(ctx.stats, ctx.drop)
+            ctx.drop = []
 
     def _conclude(self, pending: PendingStep) -> StepReport:
         ctx, stats, stepped = pending.ctx, pending.stats, pending.stepped

@@ -246,12 +246,15 @@ def test_huge_but_finite_weights_are_finite_for_the_bench_and_rollback():
     """A float32 norm of 1e30-sized weights overflows; neither the bench's divergence check nor
     rollback's snapshot rule may take that for a NaN."""
     from gradguard.bench.loop import params_finite
+    from gradguard.snapshot import capture
+    from gradguard.snapshot import params_finite as snapshot_params_finite
 
-    model, _opt, guard = setup(policy="rollback:every=1")
+    model, opt, guard = setup(policy="rollback:every=1")
     with torch.no_grad():
         model.fc1.weight.fill_(1e30)
     assert params_finite(model)
-    assert guard.policies[0]._params_finite()
+    assert snapshot_params_finite(guard.layout) and capture(guard.layout, opt) is not None
     with torch.no_grad():
         model.fc1.weight[0, 0] = math.nan
-    assert not params_finite(model) and not guard.policies[0]._params_finite()
+    assert not params_finite(model) and not snapshot_params_finite(guard.layout)
+    assert capture(guard.layout, opt) is None

@@ -82,6 +82,63 @@ def test_no_nan_reaches_the_weights(name):
     assert guard.counters["steps"] == 60
 
 
+def _held(model, opt):
+    """What a policy must leave alone: the weights, the buffers, the optimizer's state, and which
+    parameters have a gradient (their values are the stats' to change)."""
+    tensors = [t.detach().clone() for t in (*model.parameters(), *model.buffers())]
+    state = [
+        {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in st.items()}
+        for st in (opt.state.get(p, {}) for p in model.parameters())
+    ]
+    return tensors, state, [p.grad is None for p in model.parameters()]
+
+
+def _same_held(a, b) -> bool:
+    (ta, sa, ga), (tb, sb, gb) = a, b
+    return (
+        ga == gb
+        and all(torch.equal(x, y) for x, y in zip(ta, tb, strict=True))
+        and all(
+            x.keys() == y.keys()
+            and all(
+                torch.equal(x[k], y[k]) if isinstance(x[k], torch.Tensor) else x[k] == y[k]
+                for k in x
+            )
+            for x, y in zip(sa, sb, strict=True)
+        )
+    )
+
+
+@pytest.mark.parametrize("name", gradguard.available_policies())
+def test_a_policy_decides_and_the_guard_acts(name, monkeypatch):
+    """No policy touches the model or the optimizer itself: across every ``apply`` (on steps with
+    a NaN and a spike, where rollback restores and reset_moments resets) the weights, buffers,
+    optimizer state and the set of gradients are as they were; the Guard does what it decided."""
+    torch.manual_seed(0)
+    model = model_for(name)
+    policy = make(name)
+    seen: dict[str, object] = {}
+    real_apply = type(policy).apply
+
+    def watched(self, ctx):
+        before = _held(model, ctx.optimizer)
+        real_apply(self, ctx)
+        after = _held(model, ctx.optimizer)
+        assert _same_held(before, after), f"{name}.apply changed the model or the optimizer"
+        seen["asked"] = seen.get("asked", False) or bool(ctx.restore or ctx.reset or ctx.drop)
+
+    monkeypatch.setattr(type(policy), "apply", watched)
+    guard, _, reports = run(model, policy, inject=faults)
+    assert guard.counters["steps"] == 60
+    if name in ("rollback", "reset_moments"):
+        # The two that change model or optimizer state did ask, and the Guard carried it out.
+        assert seen["asked"]
+        if name == "rollback":
+            assert reports[30].rolled_back
+        else:
+            assert policy.state["resets"] >= 1 and "reset_moments" in reports[45].actions
+
+
 @pytest.mark.parametrize("name", gradguard.available_policies())
 def test_state_round_trips_through_weights_only_load(name):
     torch.manual_seed(0)

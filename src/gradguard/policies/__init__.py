@@ -3,6 +3,7 @@
 Importing this package registers every built-in policy.
 """
 
+from ..actions import reset_param_state_
 from .adagc import adagc
 from .adaptive import adaptive_clip
 from .agc import agc
@@ -10,7 +11,7 @@ from .autoclip import autoclip
 from .base import HostView, Policy, StepContext
 from .clip import clip_layerwise, clip_norm, clip_value
 from .lr_backoff import lr_backoff
-from .moments import reset_moments, reset_param_state_
+from .moments import reset_moments
 from .qk_clip import qk_clip
 from .registry import (
     DEFAULT_SPEC,

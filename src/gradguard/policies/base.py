@@ -1,10 +1,12 @@
 """What a policy is: state plus one ``apply`` per optimizer step.
 
 A policy reads the step's :class:`~gradguard.stats.GradStats` (and, when it declares
-``needs_host``, the few host-side values the Guard reads in its single sync), mutates the gradients
-only through the stats' in-place operations, and records what it did on the :class:`StepContext`:
+``needs_host``, the few host-side values the Guard reads in its single sync), changes the gradients
+only through the stats' in-place operations, and records its decision on the :class:`StepContext`:
 whether it acted (a bool or a 0-dim bool tensor, so clipping stays sync-free), the layers involved,
-a few named metrics, and requests to skip the step, roll back, or scale the LR.
+a few named metrics, and requests to skip the step, roll back, scale the LR, load a snapshot, reset
+moments or drop gradients. It never changes the model or the optimizer itself: the Guard carries
+out its requests right after it (:mod:`gradguard.actions`).
 
 Policies compose in a chain, in order: each sees the gradients as the previous ones left them.
 State is plain data (floats, ints, tensors, lists) and round-trips through ``state_dict``; a saved
@@ -74,6 +76,15 @@ class StepContext:
     #: What made the Guard rerun the step: ``"nonfinite"`` or ``"spike"`` (None: no rerun).
     rerun_trigger: str | None = None
     lr_scale: float = 1.0
+    #: What the Guard does to the model and the optimizer right after the policy that asked (a
+    #: policy decides, the Guard acts): a validated snapshot to load (``rollback``), the
+    #: parameters (layout indices) whose optimizer moments to zero and whether their step counts
+    #: restart too, the gradients (positions in ``stats.grads``) to drop for this step
+    #: (``reset_moments``). The Guard empties each once it is done.
+    restore: dict[str, Any] | None = None
+    reset: list[int] = field(default_factory=list)
+    reset_step: bool = True
+    drop: list[int] = field(default_factory=list)
     acted: dict[str, Tensor | bool] = field(default_factory=dict)
     layers: dict[str, Tensor | list[int]] = field(default_factory=dict)
     metrics: dict[str, Tensor | float] = field(default_factory=dict)
@@ -111,6 +122,23 @@ class StepContext:
         ignores it (request a skip as well if the step must not be applied then)."""
         if self.rollback_request is None:
             self.rollback_request = reason
+
+    def request_restore(self, snapshot: dict[str, Any]) -> None:
+        """Ask the Guard to load ``snapshot`` (validated whole: :func:`gradguard.snapshot.content_problem`)
+        into the model and the optimizer before anything else happens to this step."""
+        self.restore = snapshot
+
+    def request_reset(self, params: Iterable[int], *, step: bool = True) -> None:
+        """Ask the Guard to zero the optimizer's moment buffers of ``params`` (layout indices)
+        and, with ``step``, their step counts (:func:`gradguard.actions.reset_param_state_`)."""
+        self.reset.extend(params)
+        self.reset_step = step
+
+    def request_drop(self, positions: Iterable[int]) -> None:
+        """Ask the Guard to leave the gradients at ``positions`` (in ``stats.grads``) out of this
+        step: dropped (``None``), so every torch optimizer leaves those parameters, their state
+        and their step counts alone, and counted as zero in the norms the later policies read."""
+        self.drop.extend(positions)
 
     @property
     def hard_incident(self) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .._lazy import np, torch
+from ..actions import moment_keys
 from ..errors import SpecError
 from .base import Policy, StepContext, check_keys, check_number, check_numbers
 from .clip import _check_positive
@@ -13,35 +14,6 @@ from .registry import register
 
 if TYPE_CHECKING:
     from ..layout import ParamLayout
-
-
-def reset_param_state_(
-    optimizer: torch.optim.Optimizer, param: torch.Tensor, reset_step: bool = True
-) -> list[str]:
-    """Zero every moment buffer the optimizer keeps for ``param``, in place; return the keys reset.
-
-    A moment buffer is any state tensor shaped like the parameter (Adam/AdamW ``exp_avg``,
-    ``exp_avg_sq``, ``max_exp_avg_sq``; SGD ``momentum_buffer``; RMSprop ``square_avg``; ...). With
-    ``reset_step``, a ``step`` counter is zeroed too, so Adam's bias correction restarts and the
-    first update after the reset is an ordinary first Adam step, not one inflated by the stale
-    correction (SPAM keeps the step and ramps the LR back instead). Tensors are zeroed in place, so
-    fused/capturable optimizers keep their buffers.
-    """
-    state = optimizer.state.get(param)
-    if not state:
-        return []
-    done = []
-    for key, val in state.items():
-        if isinstance(val, torch.Tensor) and val.shape == param.shape and val.is_floating_point():
-            val.zero_()
-            done.append(key)
-        elif key == "step" and reset_step:
-            if isinstance(val, torch.Tensor):
-                val.zero_()
-            else:
-                state[key] = 0
-            done.append(key)
-    return done
 
 
 @register
@@ -119,12 +91,12 @@ class reset_moments(Policy):
         periodic = self.every is not None and (ctx.step + 1) % self.every == 0
         targets = idx if periodic else idx[affected]
         if len(targets) and host.finite:
-            reset_layers: set[int] = set()
-            for i in targets.tolist():
-                if reset_param_state_(ctx.optimizer, stats.layout.params[i], self.reset_step):
-                    reset_layers.add(stats.layout.layer_of[i])
+            # The Guard zeroes the moments and drops the spiking gradients (a policy decides).
+            reset = [i for i in targets.tolist() if self._has_moments(ctx, stats.layout.params[i])]
+            reset_layers = {stats.layout.layer_of[i] for i in reset}
+            ctx.request_reset(reset, step=self.reset_step)
             if affected.any():
-                self._drop_spiking_grads(ctx, np.flatnonzero(affected))
+                ctx.request_drop(np.flatnonzero(affected).tolist())
                 reset_layers.update(stats.layout.layer_of[i] for i in idx[affected].tolist())
             if reset_layers:
                 self.state["resets"] += 1
@@ -146,15 +118,8 @@ class reset_moments(Policy):
         var[idx] = np.where(upd, new_v, v)
         count[idx] = c + upd
 
-    @staticmethod
-    def _drop_spiking_grads(ctx: StepContext, positions: np.ndarray) -> None:
-        """This step leaves the spiking parameters out: their gradients are dropped (``None``)."""
-        stats = ctx.stats
-        for k in positions.tolist():
-            stats.layout.params[stats.param_index[k]].grad = None
-        keep = torch.ones(len(stats.grads), dtype=stats.dtype, device=stats.device)
-        keep[torch.as_tensor(positions, device=stats.device)] = 0.0
-        stats.set_param_norms(stats.param_norms * keep)
+    def _has_moments(self, ctx: StepContext, param: torch.Tensor) -> bool:
+        return bool(moment_keys(ctx.optimizer, param, self.reset_step))
 
     def state_dict(self) -> dict[str, Any]:
         st = self.state

@@ -1,33 +1,39 @@
 """Roll back to the last good model and optimizer state when training goes non-finite or the loss
 runs away while the weights stay finite.
 
-A snapshot carries a fingerprint of the parameters (names, shapes, dtypes) and the identity of the
-run that took it (a random id made at bind and kept in the policy's state, so a resumed run knows
-its own snapshots). On disk it is the ``torch.save`` archive followed by a trailer: the metadata as
-JSON, a BLAKE2b checksum of everything before it, the metadata's length and a magic tag
-(``torch.load`` ignores bytes after the archive, so the file still loads with it). A snapshot is
-validated whole before a single tensor is restored.
+The policy decides: when to take a snapshot, which kept one to go back to, what was undone and
+how the LR is cut. The snapshots themselves (what they hold, their file format, their checks) are
+:mod:`gradguard.snapshot`'s, and the Guard loads the one rollback picks
+(:meth:`StepContext.request_restore`).
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import os
 import shutil
-import struct
 import tempfile
 import uuid
 import warnings
 import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .._lazy import torch
 from ..errors import ConfigError, GradGuardError, SnapshotError, SpecError, TrainingHalted
-from ..stats import all_finite
+from ..snapshot import (
+    UnreadableSnapshot,
+    capture,
+    check_writable,
+    content_problem,
+    fingerprint,
+    meta_problem,
+    read_snapshot_meta,
+    verify_snapshot,
+    write_snapshot,
+)
 from .base import (
     Policy,
     StepContext,
@@ -39,186 +45,7 @@ from .base import (
 from .registry import register
 
 if TYPE_CHECKING:
-    from torch import Tensor
-
     from ..layout import ParamLayout
-
-#: The last bytes of a snapshot file: checksum (32), metadata length (8), magic (8).
-_MAGIC = b"GGSNAP1\n"
-_TAIL = struct.Struct("<32sQ8s")
-_CHUNK = 1 << 20
-
-
-class _HashingWriter:
-    """A write-only file wrapper that hashes what passes through it (``torch.save`` streams into
-    it) and keeps the first OSError (torch turns it into an opaque RuntimeError)."""
-
-    def __init__(self, f: BinaryIO):
-        self.f = f
-        self.hash = hashlib.blake2b(digest_size=32)
-        self.error: OSError | None = None
-
-    def write(self, b: bytes) -> int:
-        try:
-            n = self.f.write(b)
-        except OSError as e:
-            self.error = self.error or e
-            raise
-        self.hash.update(b)
-        return n
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
-def write_snapshot(obj: Any, meta: dict[str, Any], path: Path) -> None:
-    """``torch.save(obj)`` plus the checksummed metadata trailer, atomically: written to a temp file
-    in the same folder, fsynced, then renamed over ``path``. An OSError is the disk's own."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            w = _HashingWriter(f)
-            try:
-                torch.save(obj, w)  # type: ignore[arg-type]  # torch writes to any .write()/.flush()
-            except Exception:
-                if w.error is not None:
-                    raise w.error from None
-                raise
-            meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
-            w.write(meta_bytes)
-            f.write(_TAIL.pack(w.hash.digest(), len(meta_bytes), _MAGIC))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-class _Unreadable(Exception):
-    """What is wrong with a snapshot file (the caller names the file)."""
-
-
-def _read_trailer(f: BinaryIO, size: int) -> tuple[bytes, int, dict[str, Any]]:
-    """(checksum, length of the archive, metadata) from an open snapshot file."""
-    if size < _TAIL.size:
-        raise _Unreadable(f"it is {size} bytes, too short to be a snapshot (truncated?)")
-    f.seek(size - _TAIL.size)
-    digest, meta_len, magic = _TAIL.unpack(f.read(_TAIL.size))
-    payload = size - _TAIL.size - meta_len
-    if magic != _MAGIC or payload <= 0:
-        raise _Unreadable(
-            "it does not end with gradguard's checksum trailer: the file was truncated, "
-            "overwritten by something else, or written by an older gradguard"
-        )
-    f.seek(payload)
-    try:
-        meta = json.loads(f.read(meta_len))
-    except ValueError as e:
-        raise _Unreadable(f"its metadata is damaged ({e})") from None
-    if not isinstance(meta, dict):
-        raise _Unreadable("its metadata is damaged (not a JSON object)")
-    return digest, payload, meta
-
-
-def read_snapshot_meta(path: Path) -> dict[str, Any]:
-    """The metadata of a snapshot file (run id, step, fingerprint), read from its trailer only:
-    cheap, but the checksum is not verified (:func:`verify_snapshot` does)."""
-    with open(path, "rb") as f:
-        return _read_trailer(f, os.fstat(f.fileno()).st_size)[2]
-
-
-def verify_snapshot(path: Path) -> dict[str, Any]:
-    """Check a snapshot file's checksum (streamed, in 1 MiB chunks); return its metadata.
-    Raises :class:`_Unreadable` saying what is wrong."""
-    with open(path, "rb") as f:
-        digest, _, meta = _read_trailer(f, os.fstat(f.fileno()).st_size)
-        h = hashlib.blake2b(digest_size=32)
-        f.seek(0)
-        left = os.fstat(f.fileno()).st_size - _TAIL.size
-        while left > 0:
-            chunk = f.read(min(_CHUNK, left))
-            if not chunk:
-                break
-            h.update(chunk)
-            left -= len(chunk)
-    if h.digest() != digest:
-        raise _Unreadable(
-            "its checksum does not match its bytes: the file was damaged after it was written "
-            "(a bad disk, or another process writing to it)"
-        )
-    return meta
-
-
-def _check_writable(folder: Path) -> None:
-    """Create ``folder`` if needed and write and delete a probe file in it; ConfigError if not."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".gradguard-probe-", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise ConfigError(
-            f"rollback cannot write its snapshots to {folder}: {e.strerror or e}. Give it a folder "
-            "this process can write (rollback:to=disk,path=...), or fix the folder's permissions"
-        ) from e
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _local(t: Tensor) -> Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-def _first_nonfinite(t: Tensor) -> int | None:
-    t = _local(t).detach()
-    if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
-        return None
-    bad = ~torch.isfinite(t)
-    if not bool(bad.any()):
-        return None
-    return int(bad.reshape(-1).nonzero()[0])
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _snapshot_finite(snap: dict[str, Any]) -> str | None:
-    """Where the first non-finite value of a snapshot is (``model[name]`` or ``optim[i][key]``)."""
-    for k, v in snap["model"].items():
-        if isinstance(v, torch.Tensor) and _first_nonfinite(v) is not None:
-            return f"model[{k}] element {_first_nonfinite(v)}"
-    for i, saved in enumerate(snap["optim"]):
-        for k, v in saved.items():
-            if isinstance(v, torch.Tensor) and _first_nonfinite(v) is not None:
-                return f"optimizer state[{i}][{k}] element {_first_nonfinite(v)}"
-    return None
-
-
-def _clone_to(obj: Any, device: torch.device | None) -> Any:
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach()
-        return t.to(device, copy=True) if device is not None else t.clone()
-    if isinstance(obj, dict):
-        return {k: _clone_to(v, device) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_clone_to(v, device) for v in obj)
-
 
 #: The LR scale a run of runaways can cut rollback's LR to, at the lowest.
 MIN_LR_SCALE = 1e-3
@@ -416,10 +243,8 @@ class rollback(Policy):
         #: in memory, ``{"on_disk": True}`` on disk.
         self._snaps: list[dict[str, Any]] = []
         self._calm_loss: float | None = None
-        self._model: torch.nn.Module | None = None
+        self._layout: ParamLayout | None = None
         self._optimizer: torch.optim.Optimizer | None = None
-        self._params: list[Tensor] = []
-        self._names: list[str] = []
         self._file: Path | None = None
         self._tmpdir: Path | None = None
         self._cleanup: weakref.finalize | None = None
@@ -448,10 +273,8 @@ class rollback(Policy):
         return write_skip_batches(self.state["skipped"], path)
 
     def bind(self, layout: ParamLayout, optimizer: torch.optim.Optimizer) -> None:
-        self._model = layout.module
+        self._layout = layout
         self._optimizer = optimizer
-        self._params = layout.params
-        self._names = layout.names
         if self.state["run_id"] is None:
             self.state["run_id"] = uuid.uuid4().hex
         if self.to == "disk":
@@ -466,7 +289,7 @@ class rollback(Policy):
                 raise ConfigError(
                     f"rollback path {folder} exists and is not a folder; give a folder path"
                 )
-            _check_writable(folder)
+            check_writable(folder)
             # Under torch.distributed every rank snapshots its own (possibly sharded) state.
             dist = torch.distributed
             if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -489,10 +312,8 @@ class rollback(Policy):
 
     # ----- fingerprint ----------------------------------------------------------------------------
     def _fingerprint(self) -> list[list[Any]]:
-        return [
-            [n, list(p.shape), _dtype_name(p.dtype)]
-            for n, p in zip(self._names, self._params, strict=True)
-        ]
+        assert self._layout is not None
+        return fingerprint(self._layout)
 
     def _meta(self, step: int) -> dict[str, Any]:
         return {
@@ -504,105 +325,14 @@ class rollback(Policy):
 
     def _meta_problem(self, meta: Any, run_id: str | None) -> str | None:
         """What makes a snapshot's metadata not this run's, or None."""
-        if not isinstance(meta, dict):
-            return "its metadata is malformed"
-        theirs = meta.get("run_id")
-        if run_id is not None and theirs is not None and theirs != run_id:
-            return (
-                f"it was taken by another run (run id {theirs}, this run's is {run_id}): do two "
-                "runs share the folder? Give each run its own rollback path"
-            )
-        saved = meta.get("fingerprint")
-        mine = self._fingerprint()
-        if saved is not None and saved != mine:
-            if not isinstance(saved, list):
-                return "its parameter fingerprint is malformed"
-            i = next(
-                (i for i, (a, b) in enumerate(zip(saved, mine, strict=False)) if a != b),
-                min(len(saved), len(mine)),
-            )
-
-            def show(fp: list[Any], i: int) -> str:
-                return " ".join(map(str, fp[i])) if i < len(fp) else "nothing"
-
-            return (
-                f"it is a snapshot of another model ({len(saved)} parameters where this one has "
-                f"{len(mine)}; parameter {i} is {show(saved, i)} in it but {show(mine, i)} here)"
-            )
-        return None
+        return meta_problem(meta, run_id, self._fingerprint())
 
     def _content_problem(self, snap: Any) -> str | None:
-        """What makes a snapshot's tensors unfit to restore into this model and optimizer: a
-        missing or extra entry, another shape or dtype, a non-finite value. None if fit."""
-        if not (
-            isinstance(snap, dict)
-            and isinstance(snap.get("model"), dict)
-            and isinstance(snap.get("optim"), (list, tuple))
-        ):
-            return "it is not a rollback snapshot (a dict of model and optim)"
-        if self._model is not None:
-            current: dict[str, Any] = self._model.state_dict()
-        else:
-            current = {str(i): p for i, p in enumerate(self._params)}
-        saved = snap["model"]
-        missing = [k for k in current if k not in saved]
-        extra = [k for k in saved if k not in current]
-        if missing or extra:
-            return (
-                f"its model state does not match this model's (missing {missing[:3]}, "
-                f"unexpected {extra[:3]})"
-            )
-        for k, cur in current.items():
-            v = saved[k]
-            if not isinstance(cur, torch.Tensor):
-                continue
-            if not isinstance(v, torch.Tensor):
-                return f"model[{k}] is {type(v).__name__}, not a tensor"
-            if tuple(v.shape) != tuple(cur.shape) or v.dtype != cur.dtype:
-                return (
-                    f"model[{k}] is {_dtype_name(v.dtype)} {tuple(v.shape)} in it but "
-                    f"{_dtype_name(cur.dtype)} {tuple(cur.shape)} here"
-                )
-        optim = snap["optim"]
-        if len(optim) != len(self._params):
-            return f"it holds optimizer state for {len(optim)} parameters, this optimizer has {len(self._params)}"
-        opt = self._optimizer
-        for i, (p, st) in enumerate(zip(self._params, optim, strict=True)):
-            if not isinstance(st, dict):
-                return f"optimizer state[{i}] is {type(st).__name__}, not a dict"
-            cur_st = opt.state.get(p, {}) if opt is not None else {}
-            for k, v in st.items():
-                cur = cur_st.get(k)
-                if (
-                    isinstance(v, torch.Tensor)
-                    and isinstance(cur, torch.Tensor)
-                    and (tuple(v.shape) != tuple(cur.shape) or v.dtype != cur.dtype)
-                ):
-                    return (
-                        f"optimizer state[{i}][{k}] is {_dtype_name(v.dtype)} {tuple(v.shape)} "
-                        f"in it but {_dtype_name(cur.dtype)} {tuple(cur.shape)} here"
-                    )
-        where = _snapshot_finite(snap)
-        if where is not None:
-            return f"{where} is not finite: it was damaged after it was taken"
-        return None
+        """What makes a snapshot's tensors unfit to restore into this model and optimizer."""
+        assert self._layout is not None
+        return content_problem(snap, self._layout, self._optimizer)
 
     # ----- snapshot -------------------------------------------------------------------------------
-    def _capture(self) -> dict[str, Any]:
-        opt = self._optimizer
-        assert opt is not None
-        model_sd = (
-            self._model.state_dict()
-            if self._model is not None
-            else {str(i): p for i, p in enumerate(self._params)}
-        )
-        optim = [opt.state.get(p, {}) for p in self._params]
-        return {"model": model_sd, "optim": optim}
-
-    def _params_finite(self) -> bool:
-        # stats.all_finite: one fused pass, exact where a norm overflowed (huge weights are finite)
-        return all_finite([p.detach() for p in self._params])
-
     def _prev_file(self) -> Path:
         """The older of the two snapshot files (``last_good.pt`` is the newest)."""
         assert self._file is not None
@@ -617,11 +347,10 @@ class rollback(Policy):
 
         On disk, a failed write raises :class:`~gradguard.errors.SnapshotError` naming the folder;
         the previous snapshot files and this policy's state are left as they were."""
-        if not self._params_finite():
-            return False
-        snap = _clone_to(self._capture(), torch.device("cpu"))
-        if _snapshot_finite(snap) is not None:
-            return False  # a non-finite buffer or optimizer state: not a good state to go back to
+        assert self._layout is not None and self._optimizer is not None
+        snap = capture(self._layout, self._optimizer)
+        if snap is None:
+            return False  # a non-finite weight, buffer or optimizer state: not a good state
         begin = step if begin is None else begin
         meta = self._meta(step)
         meta["begin"] = begin
@@ -677,7 +406,7 @@ class rollback(Policy):
         try:
             meta = verify_snapshot(file)
             snap: dict[str, Any] = torch.load(file, map_location="cpu", weights_only=True)
-        except _Unreadable as e:
+        except UnreadableSnapshot as e:
             raise GradGuardError(
                 f"could not read the rollback snapshot {file}: {e}; nothing was restored"
             ) from None
@@ -689,41 +418,6 @@ class rollback(Policy):
                 f"refused to restore the rollback snapshot {file}: {problem}; nothing was restored"
             )
         return snap
-
-    def restore(self, index: int = -1) -> None:
-        """Load the kept snapshot ``index`` (-1: the newest) into the model and optimizer."""
-        snap = self._load_checked(index)
-        with torch.no_grad():
-            if self._model is not None:
-                self._model.load_state_dict(snap["model"])
-            else:
-                for i, p in enumerate(self._params):
-                    p.copy_(snap["model"][str(i)])
-            opt = self._optimizer
-            assert opt is not None
-            for p, saved in zip(self._params, snap["optim"], strict=True):
-                cur = opt.state.get(p)
-                if not saved:
-                    # The optimizer re-initializes it lazily, as at the start.
-                    opt.state.pop(p, None)
-                    continue
-                if cur is None:
-                    opt.state[p] = cur = {}
-                for k, v in saved.items():
-                    old = cur.get(k)
-                    if (
-                        isinstance(v, torch.Tensor)
-                        and isinstance(old, torch.Tensor)
-                        and old.shape == v.shape
-                    ):
-                        old.copy_(v)  # in place: fused/capturable optimizers keep their buffers
-                    elif isinstance(v, torch.Tensor):
-                        # A copy: the optimizer updates it in place, the snapshot must stay intact.
-                        cur[k] = v.clone() if k == "step" else v.to(p.device, copy=True)
-                    else:
-                        cur[k] = v
-                for k in [k for k in cur if k not in saved]:
-                    del cur[k]
 
     # ----- the runaway trigger --------------------------------------------------------------------
     def threshold(self) -> float | None:
@@ -879,9 +573,12 @@ class rollback(Policy):
         return True
 
     def _roll_back(self, ctx: StepContext, index: int, reason: str) -> None:
-        """Restore kept snapshot ``index``, drop the newer one, record the undone steps as
-        skipped, put the loss window back as it was then, and cancel this step."""
-        self.restore(index)  # validated whole first: raises with nothing changed
+        """Go back to kept snapshot ``index`` (the Guard loads it: :meth:`StepContext.request_restore`),
+        drop the newer one, record the undone steps as skipped, put the loss window back as it
+        was then, and cancel this step."""
+        ctx.request_restore(
+            self._load_checked(index)
+        )  # validated whole first: raises, nothing changed
         st = self.state
         index %= len(self._snaps)
         if index < len(self._snaps) - 1:
@@ -1088,7 +785,7 @@ class rollback(Policy):
             try:
                 meta = read_snapshot_meta(file)
                 problem = self._meta_problem(meta, run_id)
-            except (OSError, _Unreadable) as e:
+            except (OSError, UnreadableSnapshot) as e:
                 meta, problem = {}, str(e)
             if problem is not None:
                 if j == 0:
