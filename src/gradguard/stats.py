@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from ._lazy import torch
@@ -504,6 +504,17 @@ class GradStats:
             torch._foreach_clamp_max_(grp.grads, limit)
         if self.grads:
             self.set_param_norms(stacked_norms(self.grads, self.device, self.dtype))
+
+    def replace_entries_(self, entries: Mapping[int, tuple[Tensor, Tensor]]) -> None:
+        """Where ``mask`` holds, set gradient ``k``'s entries to ``value`` (both shaped like it),
+        for each ``k -> (mask, value)`` (``k`` a position in ``grads``; dense gradients); the
+        norms are re-measured (``spam_clip``'s element clip)."""
+        if not entries:
+            return
+        for k, (mask, value) in entries.items():
+            g = self.grads[k]
+            g.copy_(torch.where(mask, value, g))
+        self.set_param_norms(stacked_norms(self.grads, self.device, self.dtype))
 
     def scale_units_(self, factors: dict[int, Tensor], unit_norms: dict[int, Tensor]) -> None:
         """Multiply each row (output unit) of gradient ``k`` by ``factors[k]``, one factor per

@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING
 
 from .._lazy import torch
 from ..errors import ConfigError, SpecError
-from ..stats import stacked_norms
 from .base import Policy, StepContext
 from .registry import register
 
@@ -127,8 +126,9 @@ class spam_clip(Policy):
         params = stats.layout.params
         lo = self.warmup - 1  # the optimizer's step count (before this step) from which it clips
         clipped: list[torch.Tensor] = []
+        entries: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for grp in stats.groups:
-            gs, vs, gates = [], [], []
+            gs, vs, gates, ks = [], [], [], []
             for g, k in zip(grp.grads, grp.index, strict=True):
                 st = opt_state.get(params[stats.param_index[k]])
                 if not st:
@@ -151,23 +151,26 @@ class spam_clip(Policy):
                 gs.append(g)
                 vs.append(v.to(g.dtype) if v.dtype != g.dtype else v)
                 gates.append(gate)
+                ks.append(k)
             if not gs:
                 continue
             limits = torch._foreach_mul(vs, self.theta)  # theta * v, as SPAM computes it
             bounds = torch._foreach_sqrt(limits)
             squares = torch._foreach_mul(gs, gs)
             torch._foreach_mul_(bounds, torch._foreach_sign(gs))  # sign(g) * sqrt(theta * v)
-            for g, v, lim, sq, b, gate in zip(gs, vs, limits, squares, bounds, gates, strict=True):
+            for k, v, lim, sq, b, gate in zip(ks, vs, limits, squares, bounds, gates, strict=True):
                 hit = (sq > lim) & (v > 0)
                 if gate is not None:
                     hit &= gate
-                g.copy_(torch.where(hit, b, g))
+                entries[k] = (hit, b)
                 clipped.append(hit.sum())
         if not clipped:
             ctx.metrics["spam_clip.clipped"] = 0.0
             return
         before = stats.param_norms
-        stats.set_param_norms(stacked_norms(stats.grads, stats.device, stats.dtype))
+        stats.replace_entries_(
+            entries
+        )  # the clipped entries set to their bounds, norms re-measured
         changed = stats.param_norms < before
         ctx.record(self.name, changed.any(), stats.layer_norms(changed.float()) > 0)
         ctx.metrics["spam_clip.clipped"] = torch.stack([c.to(stats.device) for c in clipped]).sum()
