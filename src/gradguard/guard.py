@@ -108,6 +108,62 @@ def _check_params(layout: ParamLayout) -> None:
             )
 
 
+def _build_chain(
+    policy: str | Policy | Iterable[str | Policy] | None, check_finite: bool
+) -> list[Policy]:
+    """The chain a Guard runs: the spec parsed, ``skip_nonfinite`` first where the finite check
+    needs it, each policy once, reacting policies after the rest."""
+    chain = parse_spec(policy)
+    if check_finite and not any(p.name in ("skip_nonfinite", "rollback") for p in chain):
+        chain.insert(0, skip_nonfinite())
+    names = [p.name for p in chain]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(
+            f"policy {', '.join(dupes)} appears twice in the chain; give each policy once"
+        )
+    # Detect/clip/skip policies run in the order given; reacting ones (lr_backoff) after them.
+    chain.sort(key=lambda p: _PHASES.get(p.kind, 0))
+    return chain
+
+
+def _check_skip_limit(chain: list[Policy], max_consecutive_skips: int | None) -> None:
+    """``max_consecutive_skips``: an integer >= 1 or None, above ``skip_spike``'s ``admit``."""
+    if max_consecutive_skips is None:
+        return
+    if (
+        not isinstance(max_consecutive_skips, int)
+        or isinstance(max_consecutive_skips, bool)
+        or max_consecutive_skips < 1
+    ):
+        raise ConfigError(
+            f"max_consecutive_skips must be an integer >= 1 or None, got {max_consecutive_skips!r}"
+        )
+    spike = next((p for p in chain if p.name == "skip_spike"), None)
+    admit = getattr(spike, "admit", None)
+    if admit is not None and admit >= max_consecutive_skips:
+        # skip_spike skips `admit` outliers in a row before it takes them for a new level: the
+        # Guard would stop the run first.
+        raise ConfigError(
+            f"skip_spike:admit={admit} must be below max_consecutive_skips="
+            f"{max_consecutive_skips}: a sustained shift in the gradient norm or loss is "
+            f"skipped {admit} times before skip_spike admits it, and the Guard stops the run "
+            f"after {max_consecutive_skips} skips in a row; lower admit or raise "
+            "max_consecutive_skips"
+        )
+
+
+def _listener(
+    log_dir: str | os.PathLike[str] | None, telemetry: StepListener | None
+) -> StepListener | None:
+    """The Guard's listener: the one given, or the telemetry ``log_dir`` asks for."""
+    if log_dir is not None and telemetry is not None:
+        raise ConfigError(
+            "give log_dir or telemetry, not both (Telemetry(log_dir, ...) holds the folder)"
+        )
+    return log_dir_listener(log_dir) if log_dir is not None else telemetry
+
+
 @dataclass(eq=False)
 class PendingStep:
     """A step measured and decided by :meth:`Guard.before_step`, awaiting :meth:`Guard.after_step`."""
@@ -197,17 +253,7 @@ class Guard:
             )
         _check_optimizer(optimizer)
         _refuse_fsdp1(model, optimizer)
-        chain = parse_spec(policy)
-        if check_finite and not any(p.name in ("skip_nonfinite", "rollback") for p in chain):
-            chain.insert(0, skip_nonfinite())
-        names = [p.name for p in chain]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ConfigError(
-                f"policy {', '.join(dupes)} appears twice in the chain; give each policy once"
-            )
-        # Detect/clip/skip policies run in the order given; reacting ones (lr_backoff) after them.
-        chain.sort(key=lambda p: _PHASES.get(p.kind, 0))
+        chain = _build_chain(policy, check_finite)
         self.model = model
         self.optimizer = optimizer
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
@@ -215,30 +261,7 @@ class Guard:
         _check_params(self.layout)
         self.policies: list[Policy] = chain
         self.check_finite = check_finite
-        if max_consecutive_skips is not None and (
-            not isinstance(max_consecutive_skips, int)
-            or isinstance(max_consecutive_skips, bool)
-            or max_consecutive_skips < 1
-        ):
-            raise ConfigError(
-                f"max_consecutive_skips must be an integer >= 1 or None, got {max_consecutive_skips!r}"
-            )
-        spike = next((p for p in chain if p.name == "skip_spike"), None)
-        admit = getattr(spike, "admit", None)
-        if (
-            max_consecutive_skips is not None
-            and admit is not None
-            and admit >= max_consecutive_skips
-        ):
-            # skip_spike skips `admit` outliers in a row before it takes them for a new level: the
-            # Guard would stop the run first.
-            raise ConfigError(
-                f"skip_spike:admit={admit} must be below max_consecutive_skips="
-                f"{max_consecutive_skips}: a sustained shift in the gradient norm or loss is "
-                f"skipped {admit} times before skip_spike admits it, and the Guard stops the run "
-                f"after {max_consecutive_skips} skips in a row; lower admit or raise "
-                "max_consecutive_skips"
-            )
+        _check_skip_limit(chain, max_consecutive_skips)
         self.check_weights = check_finite if check_weights is None else bool(check_weights)
         self.check_state = bool(check_state)
         self.max_consecutive_skips = max_consecutive_skips
@@ -263,15 +286,9 @@ class Guard:
         self._tally = Tally(("steps", "skipped", "rolled_back", "amp_overflow", "clipped"))
         self._last_grad: tuple[weakref.ref[Tensor], int] | None = None
         self._pending: PendingStep | None = None
-        if log_dir is not None and telemetry is not None:
-            raise ConfigError(
-                "give log_dir or telemetry, not both (Telemetry(log_dir, ...) holds the folder)"
-            )
-        if log_dir is not None:
-            telemetry = log_dir_listener(log_dir)
-        self.telemetry = telemetry
-        if telemetry is not None:
-            telemetry.bind(self)
+        self.telemetry = _listener(log_dir, telemetry)
+        if self.telemetry is not None:
+            self.telemetry.bind(self)
 
     # ----- the step ---------------------------------------------------------------------------------
     def step(

@@ -4,6 +4,7 @@ Networks"; reference code pseeth/autoclip)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, cast
 
 from .._lazy import torch
@@ -169,6 +170,12 @@ class autoclip(Policy):
                     name, "sorted", st["sorted"], "sorted, ring and n_valid are made together", fix
                 )
             return
+        self._check_history(st, size, fix)
+
+    def _check_history(self, st: Mapping[str, Any], size: int, fix: str) -> None:
+        """``ring``, ``sorted`` and ``n_valid``: the ``size`` norms kept, the same norms sorted
+        (plus one +inf pad) and the count of finite ones."""
+        name = self.name
         ring = st["ring"]
         check_tensor(name, "ring", ring, nonneg=True, allow_inf=True)
         if not ring.is_floating_point():

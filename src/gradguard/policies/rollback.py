@@ -83,6 +83,54 @@ def _median(sorted_values: list[float]) -> float:
     return sorted_values[mid] if n % 2 else 0.5 * (sorted_values[mid - 1] + sorted_values[mid])
 
 
+def _count(name: str, v: Any, low: int) -> int:
+    """An integer option >= ``low``, or a SpecError naming it."""
+    if not isinstance(v, int) or isinstance(v, bool) or v < low:
+        raise SpecError(f"{name} must be an integer >= {low}, got {v!r}")
+    return v
+
+
+def _real(name: str, v: Any) -> float:
+    """A finite number option, or a SpecError naming it."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise SpecError(f"{name} must be a finite number, got {v!r}")
+    return float(v)
+
+
+def _initial_state() -> dict[str, Any]:
+    """rollback's state before its first step."""
+    return {
+        "snapshot_step": None,
+        "since_snapshot": 0,
+        "consecutive": 0,
+        "rollbacks": 0,
+        "run_id": None,
+        # the runaway trigger
+        "losses": [],
+        "high": 0,
+        "high_since": None,
+        "runaways": 0,
+        "retries": 0,
+        "lr_scale": 1.0,
+        # what was undone: inclusive step ranges, and what each kept snapshot is
+        "skipped": [],
+        "slots": [],
+    }
+
+
+def _check_skipped(state: Any) -> None:
+    """``skipped``: ``[start, end]`` step pairs with start <= end."""
+    if "skipped" not in state:
+        return
+    ranges = state["skipped"]
+    if not isinstance(ranges, (list, tuple)):
+        refuse_state("rollback", "skipped", ranges, "it must be a list of [start, end] steps")
+    for i, r in enumerate(ranges):
+        check_numbers("rollback", f"skipped[{i}]", r, integer=True, nonneg=True, length=2)
+        if r[0] > r[1]:
+            refuse_state("rollback", f"skipped[{i}]", r, "its start must be <= its end")
+
+
 @register
 class rollback(Policy):
     """Keep the last good model + optimizer state; restore it when training goes non-finite, or
@@ -182,17 +230,7 @@ class rollback(Policy):
         on: Literal["any", "reproducible"] = "any",
     ):
         super().__init__()
-
-        def count(name: str, v: Any, low: int) -> int:
-            if not isinstance(v, int) or isinstance(v, bool) or v < low:
-                raise SpecError(f"{name} must be an integer >= {low}, got {v!r}")
-            return v
-
-        def real(name: str, v: Any) -> float:
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise SpecError(f"{name} must be a finite number, got {v!r}")
-            return float(v)
-
+        count, real = _count, _real
         self.every = count("every", every, 1)
         if to not in ("memory", "disk"):
             raise SpecError(f"to must be 'memory' or 'disk', got {to!r}")
@@ -222,23 +260,7 @@ class rollback(Policy):
                 f"when the step's rerun reproduced it; needs guard.step(replay=...)), got {on!r}"
             )
         self.on = on
-        self.state = {
-            "snapshot_step": None,
-            "since_snapshot": 0,
-            "consecutive": 0,
-            "rollbacks": 0,
-            "run_id": None,
-            # the runaway trigger
-            "losses": [],
-            "high": 0,
-            "high_since": None,
-            "runaways": 0,
-            "retries": 0,
-            "lr_scale": 1.0,
-            # what was undone: inclusive step ranges, and what each kept snapshot is
-            "skipped": [],
-            "slots": [],
-        }
+        self.state = _initial_state()
         #: The kept snapshots, oldest first, as ``state["slots"]`` describes them: a snapshot dict
         #: in memory, ``{"on_disk": True}`` on disk.
         self._snaps: list[dict[str, Any]] = []
@@ -657,6 +679,27 @@ class rollback(Policy):
         ``high_since`` a step or None, ``lr_scale`` in (0, 1], ``skipped`` ``[start, end]`` step
         pairs with start <= end, ``slots`` at most 2 ``{step, begin, losses}`` records, as many
         as the in-memory snapshots saved with them."""
+        self._check_counters(state)
+        _check_skipped(state)
+        snaps = [k for k in ("previous", "snapshot") if state.get(k) is not None]
+        if "slots" in state:
+            self._check_slots(state["slots"], len(snaps))
+        name = self.name
+        if state.get("previous") is not None and state.get("snapshot") is None:
+            refuse_state(
+                name,
+                "previous",
+                state["previous"],
+                "an older snapshot needs a newest one beside it",
+            )
+        run_id = state.get("run_id")
+        if run_id is not None and (not isinstance(run_id, str) or not run_id):
+            refuse_state(name, "run_id", run_id, "it must be the run id string rollback made")
+        for key in snaps:
+            self._check_snapshot_entry(key, state[key], run_id)
+
+    def _check_counters(self, state: Any) -> None:
+        """The state's keys, its counters, the loss window and the LR scale."""
         name = self.name
         check_keys(
             name,
@@ -694,46 +737,25 @@ class rollback(Policy):
             check_number(name, "lr_scale", state["lr_scale"])
             if not 0.0 < state["lr_scale"] <= 1.0:
                 refuse_state(name, "lr_scale", state["lr_scale"], "the LR scale must be in (0, 1]")
-        if "skipped" in state:
-            ranges = state["skipped"]
-            if not isinstance(ranges, (list, tuple)):
-                refuse_state(name, "skipped", ranges, "it must be a list of [start, end] steps")
-            for i, r in enumerate(ranges):
-                check_numbers(name, f"skipped[{i}]", r, integer=True, nonneg=True, length=2)
-                if r[0] > r[1]:
-                    refuse_state(name, f"skipped[{i}]", r, "its start must be <= its end")
-        snaps = [k for k in ("previous", "snapshot") if state.get(k) is not None]
-        if "slots" in state:
-            slots = state["slots"]
-            if not isinstance(slots, (list, tuple)) or len(slots) > 2:
-                refuse_state(
-                    name, "slots", slots, "it must be a list of at most 2 snapshot records"
-                )
-            for i, slot in enumerate(slots):
-                key = f"slots[{i}]"
-                check_keys(f"{name} {key}", slot, ("step", "begin", "losses"))
-                check_number(name, f"{key}.step", slot["step"], integer=True, nonneg=True)
-                check_number(name, f"{key}.begin", slot["begin"], integer=True, nonneg=True)
-                check_numbers(name, f"{key}.losses", slot["losses"], max_length=self.window)
-            if snaps and len(slots) != len(snaps):
-                refuse_state(
-                    name,
-                    "slots",
-                    slots,
-                    f"it describes {len(slots)} snapshots where the state holds {len(snaps)}",
-                )
-        if state.get("previous") is not None and state.get("snapshot") is None:
+
+    def _check_slots(self, slots: Any, n_snaps: int) -> None:
+        """At most 2 ``{step, begin, losses}`` records, one per in-memory snapshot saved."""
+        name = self.name
+        if not isinstance(slots, (list, tuple)) or len(slots) > 2:
+            refuse_state(name, "slots", slots, "it must be a list of at most 2 snapshot records")
+        for i, slot in enumerate(slots):
+            key = f"slots[{i}]"
+            check_keys(f"{name} {key}", slot, ("step", "begin", "losses"))
+            check_number(name, f"{key}.step", slot["step"], integer=True, nonneg=True)
+            check_number(name, f"{key}.begin", slot["begin"], integer=True, nonneg=True)
+            check_numbers(name, f"{key}.losses", slot["losses"], max_length=self.window)
+        if n_snaps and len(slots) != n_snaps:
             refuse_state(
                 name,
-                "previous",
-                state["previous"],
-                "an older snapshot needs a newest one beside it",
+                "slots",
+                slots,
+                f"it describes {len(slots)} snapshots where the state holds {n_snaps}",
             )
-        run_id = state.get("run_id")
-        if run_id is not None and (not isinstance(run_id, str) or not run_id):
-            refuse_state(name, "run_id", run_id, "it must be the run id string rollback made")
-        for key in snaps:
-            self._check_snapshot_entry(key, state[key], run_id)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         state = dict(state)
@@ -774,7 +796,12 @@ class rollback(Policy):
             # Saved before snapshots carried a run id: whose the file is cannot be told. A fresh
             # snapshot is taken at the next step instead.
             return
-        slots = list(slots or [])
+        self._adopt_files(run_id, list(slots or []))
+
+    def _adopt_files(self, run_id: str, slots: list[dict[str, Any]]) -> None:
+        """Resume from the snapshot files on disk that are this run's (the newest first; the
+        first one that is not ends the search, with a warning if it is the newest)."""
+        assert self._file is not None
         files = [self._file]
         if self.keep == 2 and len(slots) == 2:
             files.append(self._prev_file())
@@ -792,7 +819,7 @@ class rollback(Policy):
                     warnings.warn(
                         f"rollback: the snapshot {file} is not used ({problem}); a fresh one is "
                         "taken at the next step, replacing it",
-                        stacklevel=3,
+                        stacklevel=4,
                     )
                 break
             slot = slots[-1 - j] if len(slots) > j else None
