@@ -41,6 +41,7 @@ from .integrity import (
 from .layout import ParamLayout
 from .listeners import StepListener, log_dir_listener
 from .policies import HostView, Policy, StepContext, parse_spec, skip_nonfinite
+from .policies.registry import order_chain
 from .report import StepReport, Tally
 from .snapshot import load_snapshot_
 from .stats import GradStats, compute_grad_stats
@@ -51,7 +52,6 @@ if TYPE_CHECKING:
     from .updates import Mode
 
 _STATE_VERSION = 1
-_PHASES = {"clip": 0, "reset": 0, "skip": 0, "react": 1}
 
 
 def _is_count(v: Any) -> bool:
@@ -116,15 +116,7 @@ def _build_chain(
     chain = parse_spec(policy)
     if check_finite and not any(p.name in ("skip_nonfinite", "rollback") for p in chain):
         chain.insert(0, skip_nonfinite())
-    names = [p.name for p in chain]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ConfigError(
-            f"policy {', '.join(dupes)} appears twice in the chain; give each policy once"
-        )
-    # Detect/clip/skip policies run in the order given; reacting ones (lr_backoff) after them.
-    chain.sort(key=lambda p: _PHASES.get(p.kind, 0))
-    return chain
+    return order_chain(chain)
 
 
 def _check_skip_limit(chain: list[Policy], max_consecutive_skips: int | None) -> None:

@@ -29,9 +29,9 @@ import numpy as np
 from keras import ops
 
 from ..errors import ConfigError
+from ..policies.registry import order_chain
 from .policies import SKIP_REASONS, KerasPolicy, KerasStep, VarLayout, parse_keras_spec
 
-_PHASES = {"clip": 0, "reset": 0, "skip": 0, "react": 1}
 _BASE_ARGS = (
     "learning_rate",
     "weight_decay",
@@ -60,19 +60,11 @@ def build_chain(policy: Any, check_finite: bool) -> list[KerasPolicy]:
     """The chain as the torch Guard builds it: parsed, ``skip_nonfinite`` first when
     ``check_finite`` and absent, no duplicates, reacting policies (``lr_backoff``) last."""
     chain = parse_keras_spec(policy)
-    names = [p.name for p in chain]
-    if check_finite and "skip_nonfinite" not in names:
+    if check_finite and not any(p.name == "skip_nonfinite" for p in chain):
         from .policies import skip_nonfinite
 
         chain.insert(0, skip_nonfinite())
-        names.insert(0, "skip_nonfinite")
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ConfigError(
-            f"policy {', '.join(dupes)} appears twice in the chain; give each policy once"
-        )
-    chain.sort(key=lambda p: _PHASES.get(p.kind, 0))
-    return chain
+    return order_chain(chain)
 
 
 @keras.saving.register_keras_serializable(package="gradguard")

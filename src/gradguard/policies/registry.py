@@ -13,9 +13,9 @@ import inspect
 import typing
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
-from ..errors import SpecError
+from ..errors import ConfigError, SpecError
 from ..registries import InfoRecord, OptionInfo, options_of, summary_of
 from ..specgrammar import Where, coerce, split_chain, split_term
 from .base import Policy
@@ -194,3 +194,29 @@ def parse_spec(spec: str | Policy | Iterable[str | Policy] | None) -> list[Polic
                 f"policy list items must be spec strings or Policy objects, not {type(item).__name__}"
             )
     return out
+
+
+class _Kinded(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def kind(self) -> str: ...
+
+
+_Named = TypeVar("_Named", bound=_Kinded)
+
+#: When each kind of policy runs: detecting, clipping and skipping ones in the order given, the
+#: reacting ones (``lr_backoff``) after all of them.
+_PHASES = {"clip": 0, "reset": 0, "skip": 0, "react": 1}
+
+
+def order_chain(chain: list[_Named]) -> list[_Named]:
+    """A chain as a Guard runs it (torch's or Keras's): each policy once (a ConfigError names
+    the duplicates), reacting policies after the rest, the order given otherwise."""
+    names = [p.name for p in chain]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(
+            f"policy {', '.join(dupes)} appears twice in the chain; give each policy once"
+        )
+    return sorted(chain, key=lambda p: _PHASES.get(p.kind, 0))

@@ -763,15 +763,8 @@ class rollback(Policy):
         prev = state.pop("previous", None)
         run_id = state.pop("run_id", None)
         slots = state.pop("slots", None)
-        fresh: dict[str, Any] = {
-            "losses": [],
-            "high": 0,
-            "high_since": None,
-            "runaways": 0,
-            "retries": 0,
-            "lr_scale": 1.0,
-            "skipped": [],
-        }
+        # A state saved before the runaway trigger existed lacks its keys: they start afresh.
+        fresh = {k: v for k, v in _initial_state().items() if k not in ("run_id", "slots")}
         fresh.update({k: copy.deepcopy(v) for k, v in state.items()})
         fresh["losses"] = [float(v) for v in fresh["losses"]]
         fresh["skipped"] = [[int(a), int(b)] for a, b in fresh["skipped"]]
