@@ -59,11 +59,15 @@ def test_clip_norm_gives_torchs_clip_grad_norm_bit_for_bit():
         assert torch.equal(a, b)
 
 
-def _steady_state_syncs(spec: str, **guard_kw) -> tuple[list[int], set[str]]:
+def _steady_state_syncs(
+    spec: str, opt_kw: dict | None = None, nan_at: int | None = None, **guard_kw
+) -> tuple[list[int], set[str]]:
     """Synchronizing CUDA calls inside each ``guard.step()`` after warmup, as CUDA reports them
-    (``set_sync_debug_mode("warn")``), and the lines of Python that made them."""
+    (``set_sync_debug_mode("warn")``), and the lines of Python that made them. ``opt_kw``: the
+    SGD's options (default momentum 0.9, foreach); ``nan_at``: a step whose gradient gets a NaN."""
     model = net()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, foreach=True)
+    opt_kw = opt_kw or {"momentum": 0.9, "foreach": True}
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, **opt_kw)
     guard = gradguard.Guard(model, opt, spec, **guard_kw)
     # Toggle the debug mode once first: its first use warns that it is a prototype feature.
     torch.cuda.set_sync_debug_mode("warn")
@@ -73,6 +77,8 @@ def _steady_state_syncs(spec: str, **guard_kw) -> tuple[list[int], set[str]]:
         loss = backward(model, step)
         if step == 45:
             model[0].weight.grad.mul_(1e3)  # a spike, so the adaptive clippers engage
+        if step == nan_at:
+            model[0].weight.grad[0, 0] = float("nan")
         torch.cuda.synchronize()
         if step < 40:
             guard.step(loss=loss)
@@ -107,6 +113,14 @@ def test_a_chain_that_can_skip_synchronizes_once_per_step():
     for spec in ("default", "skip_spike+reset_moments", "rollback:every=1000+lr_backoff"):
         counts, sites = _steady_state_syncs(spec, check_weights=False)
         assert counts == [1] * 10, (spec, sorted(sites))
+
+
+def test_a_sync_free_guard_never_synchronizes_even_when_it_skips():
+    for spec in ("skip_nonfinite+clip_norm:1.0", "skip_nonfinite+zclip"):
+        counts, sites = _steady_state_syncs(
+            spec, opt_kw={"momentum": 0.9, "fused": True}, nan_at=47, sync_free=True
+        )
+        assert counts == [0] * 10, (spec, sorted(sites))
 
 
 def test_the_weight_check_is_one_more_sync_per_step():

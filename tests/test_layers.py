@@ -26,6 +26,7 @@ CORE = [
     "updates.py",
     "snapshot.py",
     "actions.py",
+    "skipstep.py",
     "replay.py",
     "listeners.py",
     "attention.py",

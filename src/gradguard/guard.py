@@ -43,6 +43,7 @@ from .listeners import StepListener, log_dir_listener
 from .policies import HostView, Policy, StepContext, parse_spec, skip_nonfinite
 from .policies.registry import order_chain
 from .report import StepReport, Tally
+from .skipstep import check_factor_optimizer, states_ready, step_with_skip_flag
 from .snapshot import load_snapshot_
 from .stats import GradStats, compute_grad_stats
 from .updates import UpdateProbe, UpdateStats
@@ -156,6 +157,51 @@ def _listener(
     return log_dir_listener(log_dir) if log_dir is not None else telemetry
 
 
+def _check_sync_free(
+    chain: list[Policy],
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    check_weights: bool | None,
+) -> None:
+    """``sync_free``: a fused optimizer that takes a device skip flag, and nothing that needs the
+    host read it avoids."""
+    check_factor_optimizer(optimizer)
+    if scaler is not None:
+        raise ConfigError(
+            "sync_free cannot be combined with a GradScaler, which passes its own overflow flag to "
+            "the fused step; train in bf16 without a scaler, or drop sync_free"
+        )
+    if check_weights:
+        raise ConfigError(
+            "check_weights reads every step's weight check to the host, which sync_free avoids; "
+            "drop one of them (a sync_free step whose gradient is non-finite is still skipped)"
+        )
+    host = [
+        p.name
+        for p in chain
+        if p.name != "skip_nonfinite"
+        and (p.kind != "clip" or p.needs_host or getattr(p, "host_only", False))
+    ]
+    if host:
+        raise ConfigError(
+            f"sync_free needs every policy to decide on the device, and {', '.join(host)} "
+            "decide(s) on host values (a skip, an LR change, a rollback or an update bound is "
+            "read to the host); use skip_nonfinite and clipping policies (e.g. "
+            "'skip_nonfinite+clip_norm:1.0' or 'skip_nonfinite+zclip'), or drop sync_free"
+        )
+
+
+def _check_loss(loss: Tensor | float | None) -> None:
+    """A loss given to a step: a scalar tensor or a number."""
+    if isinstance(loss, Tensor):
+        if loss.numel() != 1:
+            raise ConfigError(
+                f"loss must be a scalar tensor, got shape {tuple(loss.shape)}; pass loss.mean() or loss.sum()"
+            )
+    elif loss is not None and not isinstance(loss, (int, float)):
+        raise ConfigError(f"loss must be a tensor or a number, got {type(loss).__name__}")
+
+
 @dataclass(eq=False)
 class PendingStep:
     """A step measured and decided by :meth:`Guard.before_step`, awaiting :meth:`Guard.after_step`."""
@@ -222,6 +268,15 @@ class Guard:
             Call ``guard.close()`` at the end (or use the Guard as a context manager).
         telemetry: a :class:`gradguard.diagnose.Telemetry` with non-default settings, instead of
             ``log_dir``; or any :class:`~gradguard.listeners.StepListener`.
+        sync_free: decide the non-finite skip on the device and pass it to the optimizer as a
+            0/1 flag (:mod:`gradguard.skipstep`), so that a step reads nothing to the host. Needs
+            a fused ``Adam``, ``AdamW``, ``SGD`` or ``Adagrad`` and a chain of ``skip_nonfinite``
+            and clipping policies (e.g. ``"skip_nonfinite+clip_norm:1.0"``); no ``scaler``, no
+            ``check_weights``. A skipped step leaves the weights, moments and step counts
+            bit-identical; a taken one is the optimizer's own. ``report.skipped`` and the counters
+            are read when asked for; a stall (``max_consecutive_skips``) is checked every
+            ``max_consecutive_skips`` steps, in one read. The first step decides on the host (the
+            optimizer has no state yet to leave untouched).
     """
 
     def __init__(
@@ -238,6 +293,7 @@ class Guard:
         layer_stats: bool = False,
         log_dir: str | os.PathLike[str] | None = None,
         telemetry: StepListener | None = None,
+        sync_free: bool = False,
     ):
         if model is not None and not isinstance(model, nn.Module):
             raise ConfigError(
@@ -254,6 +310,10 @@ class Guard:
         self.policies: list[Policy] = chain
         self.check_finite = check_finite
         _check_skip_limit(chain, max_consecutive_skips)
+        self.sync_free = bool(sync_free)
+        if self.sync_free:
+            _check_sync_free(chain, optimizer, self.scaler, check_weights)
+            check_weights = False
         self.check_weights = check_finite if check_weights is None else bool(check_weights)
         self.check_state = bool(check_state)
         self.max_consecutive_skips = max_consecutive_skips
@@ -266,6 +326,9 @@ class Guard:
         # Built on the first step an update policy asks for a measurement (qk_clip never does).
         self._probe: UpdateProbe | None = None
         self._streak: Counter[str] = Counter()
+        #: sync_free: skips in a row so far, on the device; whether every parameter has state.
+        self._flag_streak: Tensor | None = None
+        self._states_ready = False
         self.layer_stats = layer_stats
         for p in chain:
             p.bind(self.layout, optimizer)
@@ -316,7 +379,10 @@ class Guard:
                 self.telemetry.before_update(pending.stats)
             check_hyperparameters(self.optimizer, ctx.lr_scale)
             self._before_update(ctx)
-            self._apply_step(ctx.lr_scale)
+            if ctx.skip_flag is not None:
+                step_with_skip_flag(self.optimizer, ctx.skip_flag)
+            else:
+                self._apply_step(ctx.lr_scale)
             self._after_update(pending)
         elif not pending.stale:
             if self.scaler is not None:
@@ -344,6 +410,11 @@ class Guard:
             raise GradGuardError(
                 "before_step() was called twice without after_step() in between; call "
                 "guard.after_step(pending) once the optimizer has stepped"
+            )
+        if self.sync_free:
+            raise GradGuardError(
+                "a sync_free Guard hands its skip flag to the optimizer's own step, so it steps "
+                "itself: call guard.step() (or use GuardedOptimizer), not before_step/after_step"
             )
         pending = self._decide(loss, replay, stacklevel=3)
         ctx = pending.ctx
@@ -468,7 +539,15 @@ class Guard:
         ctx = StepContext(
             self._step, stats, self.optimizer, loss=loss if isinstance(loss, Tensor) else None
         )
-        if self._needs_host:
+        if replay is not None and self.sync_free:
+            raise ConfigError(
+                "replay= reruns a failing step, which needs the host read sync_free avoids; "
+                "drop replay, or build the Guard without sync_free"
+            )
+        if self._flag_path():
+            _check_loss(loss)
+            ctx.device_skip = True  # skip_nonfinite decides on the device: ctx.skip_flag
+        elif self._needs_host:
             ctx.host = self._read_host(stats, loss)
             if self.scaler is not None and not ctx.host.finite:
                 # An fp16 overflow: the scaler skips the step and backs its scale off. That is its
@@ -500,6 +579,13 @@ class Guard:
             self._rollback.honour_request(ctx)
             self._carry_out(ctx)
         return pending
+
+    def _flag_path(self) -> bool:
+        """This step skips through the optimizer's device flag (``sync_free``, once every
+        parameter has optimizer state)."""
+        if self.sync_free and not self._states_ready:
+            self._states_ready = states_ready(self.optimizer, self.layout.params)
+        return self.sync_free and self._states_ready
 
     def _carry_out(self, ctx: StepContext) -> None:
         """Do what the policy that just ran asked of the model and the optimizer (a policy
@@ -533,6 +619,8 @@ class Guard:
         report.rerun = ctx.rerun
         report.rerun_detail = pending.rerun
         if self.telemetry is not None:
+            if ctx.skip_flag is not None:
+                stepped = not report.skipped  # the telemetry reads it anyway: one read
             self.telemetry.after_step(self, ctx, stats, report, stepped, pending.localization)
         return report
 
@@ -686,40 +774,18 @@ class Guard:
         return ref() is stats.grads[0] and stats.grads[0]._version == version
 
     def _finish(self, ctx: StepContext, stats: GradStats, stepped: bool) -> StepReport:
-        tally = self._tally
-        tally.add("steps", 1)
-        if ctx.skip_reason == "amp_overflow":
-            tally.add("amp_overflow", 1)
-        elif ctx.skip:
-            tally.add("skipped", 1)
-        if ctx.rollback:
-            tally.add("rolled_back", 1)
-        clip_flags: list[Tensor | bool] = []
-        for name, acted in ctx.acted.items():
-            tally.add(f"acted.{name}", acted)
-            if self._kinds.get(name) == "clip" and acted is not False:
-                clip_flags.append(acted)
+        flag = ctx.skip_flag  # sync_free: the skip is a device flag, the optimizer stepped with it
+        self._count(ctx, stepped)
         if stepped:
-            # One flag per step however many clipping policies acted.
-            if any(f is True for f in clip_flags):
-                tally.add("clipped", 1)
-            elif len(clip_flags) == 1:
-                tally.add("clipped", clip_flags[0])
-            elif clip_flags:  # tensors only: a True is counted above, a False never kept
-                tally.add("clipped", torch.stack(cast("list[Tensor]", clip_flags)).any())
             g = stats.grads[0] if stats.grads else None
             self._last_grad = (weakref.ref(g), g._version) if g is not None else None
         else:
             self._last_grad = None
-        if stepped:
-            self._streak.clear()
-        elif ctx.skip_reason not in ("amp_overflow", "stale_grads"):
-            self._streak[ctx.skip_reason or "skipped"] += 1
         report = StepReport(
             step=ctx.step,
             norms=stats.summary(),
-            skipped=not stepped,
-            skip_reason=ctx.skip_reason,
+            skipped=flag if flag is not None else not stepped,
+            skip_reason=ctx.flag_reasons if flag is not None else ctx.skip_reason,
             rolled_back=ctx.rollback,
             lr_scale=ctx.lr_scale,
             acted=ctx.acted,
@@ -730,10 +796,62 @@ class Guard:
             layer_stats=self.layer_stats and bool(stats.grads),
         )
         self._step += 1
+        if flag is not None:
+            self._check_flag_streak(ctx, flag)
+            return report
+        if stepped:
+            self._streak.clear()
+        elif ctx.skip_reason not in ("amp_overflow", "stale_grads"):
+            self._streak[ctx.skip_reason or "skipped"] += 1
         streak = sum(self._streak.values())
         if self.max_consecutive_skips is not None and streak >= self.max_consecutive_skips:
             self._raise_stall(ctx, streak)
         return report
+
+    def _count(self, ctx: StepContext, stepped: bool) -> None:
+        """The step in the counters: taken, skipped (a device flag with ``sync_free``), rolled
+        back, clipped (once however many clipping policies acted), each policy's action."""
+        tally, flag = self._tally, ctx.skip_flag
+        tally.add("steps", 1)
+        if flag is not None:
+            tally.add("skipped", flag)
+        elif ctx.skip_reason == "amp_overflow":
+            tally.add("amp_overflow", 1)
+        elif ctx.skip:
+            tally.add("skipped", 1)
+        if ctx.rollback:
+            tally.add("rolled_back", 1)
+        clip_flags: list[Tensor | bool] = []
+        for name, acted in ctx.acted.items():
+            tally.add(f"acted.{name}", acted)
+            if self._kinds.get(name) == "clip" and acted is not False:
+                clip_flags.append(acted)
+        if not stepped or not clip_flags:
+            return
+        if flag is not None:
+            clipped = torch.stack([torch.as_tensor(f, device=flag.device) for f in clip_flags])
+            tally.add("clipped", clipped.any() & ~flag)
+        elif any(f is True for f in clip_flags):
+            tally.add("clipped", 1)
+        elif len(clip_flags) == 1:
+            tally.add("clipped", clip_flags[0])
+        else:  # tensors only: a True is counted above, a False never kept
+            tally.add("clipped", torch.stack(cast("list[Tensor]", clip_flags)).any())
+
+    def _check_flag_streak(self, ctx: StepContext, flag: Tensor) -> None:
+        """``sync_free``: count skips in a row on the device; read the count every
+        ``max_consecutive_skips`` steps (the only host read) and raise on a stall."""
+        limit = self.max_consecutive_skips
+        if limit is None:
+            return
+        prev = self._flag_streak
+        one = flag.to(torch.int64)
+        self._flag_streak = one if prev is None else (prev + 1) * one
+        if self._step % limit == 0:
+            streak = int(self._flag_streak.item())
+            if streak >= limit:
+                self._streak = Counter({"nonfinite (sync_free)": streak})
+                self._raise_stall(ctx, streak)
 
     def _raise_stall(self, ctx: StepContext, streak: int) -> None:
         reasons = ", ".join(f"{r} x{n}" for r, n in self._streak.most_common())

@@ -46,7 +46,8 @@ class StepReport:
             did: the data or the model), or None (no rerun: a healthy step, or no ``replay``).
         rerun_detail: the rerun's ``result``, ``trigger`` (``nonfinite``/``spike``), ``grad_norm``
             and ``loss`` (and ``origin`` when it found one), or None.
-    Lazy properties (host sync on first access): ``grad_norm`` (global L2 norm before mitigation),
+    Lazy properties (host sync on first access): ``skipped`` and ``skip_reason`` of a
+    ``sync_free`` Guard, ``grad_norm`` (global L2 norm before mitigation),
     ``grad_norm_after``, ``clipped``, ``actions`` (policies that acted), ``layers`` (per policy, the
     layer names involved), ``metrics``.
     """
@@ -60,13 +61,13 @@ class StepReport:
         "_metrics",
         "_norms",
         "_policy_kinds",
+        "_skip_reason",
+        "_skipped",
         "localization",
         "lr_scale",
         "rerun",
         "rerun_detail",
         "rolled_back",
-        "skip_reason",
-        "skipped",
         "step",
     )
 
@@ -74,8 +75,8 @@ class StepReport:
         self,
         step: int,
         norms: NormSummary,
-        skipped: bool,
-        skip_reason: str | None,
+        skipped: bool | Tensor,
+        skip_reason: str | list[tuple[Tensor, str]] | None,
         rolled_back: bool,
         lr_scale: float,
         acted: Mapping[str, Tensor | bool],
@@ -87,8 +88,8 @@ class StepReport:
     ):
         self.step = step
         self._norms = norms
-        self.skipped = skipped
-        self.skip_reason = skip_reason
+        self._skipped = skipped
+        self._skip_reason = skip_reason
         self.rolled_back = rolled_back
         self.lr_scale = lr_scale
         self._acted = dict(acted)
@@ -103,6 +104,21 @@ class StepReport:
         # The rerun attribution, when a failing step had a replay (see the class docstring).
         self.rerun: str | None = None
         self.rerun_detail: dict[str, Any] | None = None
+
+    @property
+    def skipped(self) -> bool:
+        """The optimizer step did not happen. (A ``sync_free`` Guard's skip is a device flag, read
+        here on first access.)"""
+        return self._memo("skipped", lambda: _bool(self._skipped))
+
+    @property
+    def skip_reason(self) -> str | None:
+        """Why the step was skipped, or None. (A ``sync_free`` Guard's: the first of its
+        ``(flag, reason)`` pairs whose flag is set.)"""
+        reason = self._skip_reason
+        if not isinstance(reason, list):
+            return reason
+        return self._memo("skip_reason", lambda: next((r for f, r in reason if _bool(f)), None))
 
     def _memo(self, key: str, fn: Callable[[], _T]) -> _T:
         if key not in self._cache:

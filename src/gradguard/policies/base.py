@@ -76,6 +76,12 @@ class StepContext:
     #: What made the Guard rerun the step: ``"nonfinite"`` or ``"spike"`` (None: no rerun).
     rerun_trigger: str | None = None
     lr_scale: float = 1.0
+    #: ``Guard(sync_free=True)``: no host read this step; a skip is decided on the device, as
+    #: ``skip_flag`` (a 0-dim bool tensor the Guard hands to the optimizer's fused step), with
+    #: ``flag_reasons`` ``(flag, reason)`` saying why, read only when the report is.
+    device_skip: bool = False
+    skip_flag: Tensor | None = None
+    flag_reasons: list[tuple[Tensor, str]] = field(default_factory=list)
     #: What the Guard does to the model and the optimizer right after the policy that asked (a
     #: policy decides, the Guard acts): a validated snapshot to load (``rollback``), the
     #: parameters (layout indices) whose optimizer moments to zero and whether their step counts
@@ -139,6 +145,12 @@ class StepContext:
         step: dropped (``None``), so every torch optimizer leaves those parameters, their state
         and their step counts alone, and counted as zero in the norms the later policies read."""
         self.drop.extend(positions)
+
+    def request_skip_if(self, flag: Tensor, reason: str) -> None:
+        """On a ``device_skip`` step: skip where the 0-dim bool ``flag`` holds, decided on the
+        device (the Guard passes the flags, or-ed, to the optimizer's fused step)."""
+        self.skip_flag = flag if self.skip_flag is None else self.skip_flag | flag
+        self.flag_reasons.append((flag, reason))
 
     @property
     def hard_incident(self) -> bool:

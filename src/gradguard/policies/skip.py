@@ -32,6 +32,9 @@ class skip_nonfinite(Policy):
     kind = "skip"
 
     def apply(self, ctx: StepContext) -> None:
+        if ctx.device_skip:
+            self._apply_on_device(ctx)
+            return
         host = ctx.host
         assert host is not None
         bad_loss = host.loss is not None and not math.isfinite(host.loss)
@@ -41,6 +44,19 @@ class skip_nonfinite(Policy):
                 ~torch.isfinite(ctx.stats.raw_layer_norms) if ctx.stats.grads else []
             )
             ctx.record(self.name, True, bad_layers)
+
+    def _apply_on_device(self, ctx: StepContext) -> None:
+        """``Guard(sync_free=True)``: the same test on the device, as the step's skip flag."""
+        stats = ctx.stats
+        bad_grad = ~stats.finite  # a norm that overflows float32 counts too (no rescue read)
+        ctx.request_skip_if(bad_grad, "nonfinite_grad")
+        bad = bad_grad
+        if ctx.loss is not None:
+            bad_loss = ~torch.isfinite(ctx.loss.detach().to(bad_grad.device).reshape(()))
+            ctx.request_skip_if(bad_loss, "nonfinite_loss")
+            bad = bad | bad_loss
+        layers = ~torch.isfinite(stats.raw_layer_norms) if stats.grads else None
+        ctx.record(self.name, bad, layers)
 
 
 @register
