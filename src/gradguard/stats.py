@@ -282,7 +282,7 @@ class NormSummary:
 
     def raw_layer_norms(self) -> Tensor:
         ids = _layer_ids(self._layout, self._param_index, self.norm.device)
-        return _layer_norms(self.raw_param_norms, ids, len(self._layout.layer_names))
+        return layer_norms_from(self.raw_param_norms, ids, len(self._layout.layer_names))
 
 
 def _layer_ids(layout: ParamLayout, param_index: list[int], device: torch.device) -> Tensor:
@@ -291,7 +291,7 @@ def _layer_ids(layout: ParamLayout, param_index: list[int], device: torch.device
     return layout.index_tensor(ids, device)
 
 
-def _layer_norms(param_norms: Tensor, layer_ids: Tensor, num_layers: int) -> Tensor:
+def layer_norms_from(param_norms: Tensor, layer_ids: Tensor, num_layers: int) -> Tensor:
     """Per-layer L2 norms from per-parameter norms, in the norms' dtype, never overflowing.
 
     float32 norms are squared in float64 (no float32 norm's square overflows it); float64 norms
@@ -436,7 +436,7 @@ class GradStats:
     def layer_norms(self, param_norms: Tensor | None = None) -> Tensor:
         """Per-layer L2 norms (a layer = the params one module owns); 0 for layers without grads."""
         pn = self.param_norms if param_norms is None else param_norms
-        return _layer_norms(pn, self.layer_ids, self.num_layers)
+        return layer_norms_from(pn, self.layer_ids, self.num_layers)
 
     @property
     def raw_layer_norms(self) -> Tensor:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from ...stats import foreach_norms
+from ...stats import foreach_norms, layer_norms_from
 from ..records import VERSION
 
 if TYPE_CHECKING:
@@ -174,8 +174,9 @@ class StepVector:
             d_norms = torch.stack([n.to(device) for n in foreach_norms(delta)])
             w_norms = torch.stack([n.to(device) for n in foreach_norms(before)])
         ids = stats.layout.index_tensor(stats.layout.layer_of, device)
-        d_layer = torch.zeros(n_layers, device=device).index_add_(0, ids, d_norms.square()).sqrt()
-        w_layer = torch.zeros(n_layers, device=device).index_add_(0, ids, w_norms.square()).sqrt()
+        # Summed per layer as the gradients' are: no square overflows, however large the weights.
+        d_layer = layer_norms_from(d_norms.float(), ids, n_layers)
+        w_layer = layer_norms_from(w_norms.float(), ids, n_layers)
         self.parts.extend([d_layer, w_layer])
         self.fields["has_update"] = True
 
