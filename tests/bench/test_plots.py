@@ -126,3 +126,15 @@ def test_write_outputs_plots_12_mitigations(tmp_path):
     ]
     for name in pngs:
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("name", ["zclip+$x$", "a$b", "C:\\runs", "a\\$b$"])
+def test_mitigation_names_are_shown_as_written(name):
+    """matplotlib's own reading of the escaped text (no mathtext, escapes resolved) is the name;
+    a wrapped chain keeps its line breaks."""
+    from matplotlib.text import Text
+
+    from gradguard.bench import plots as bench_plots
+
+    for escaped in (bench_plots._literal(name), bench_plots._wrap(name, width=100)):
+        assert Text()._preprocess_math(escaped) == (name, False)

@@ -465,6 +465,21 @@ def test_started_in_says_when_the_replay_did_not_reproduce(tmp_path):
     assert "(not reproduced)" in page and "did not reproduce the NaN/Inf" in page
 
 
+#: Labels matplotlib would misread: mathtext pairs, an odd dollar, backslashes (alone, doubled,
+#: before a dollar), a trailing backslash.
+ODD_LABELS = ["$x^{$", "cost $5", "a$b$c", "C:\\runs\\x", "a\\\\b", "a\\$b$", "end\\"]
+
+
+@pytest.mark.parametrize("text", ODD_LABELS)
+def test_a_label_is_shown_as_the_run_wrote_it(text):
+    """What matplotlib draws for the escaped label (its own reading: no mathtext, escapes
+    resolved) is the text itself."""
+    from matplotlib.text import Text
+
+    shown, is_math = Text()._preprocess_math(plots._label(text))
+    assert (shown, is_math) == (text, False)
+
+
 @pytest.mark.parametrize("odd", slow_except(["$x^{$", "$\\frac{a}{$", "cost $5", "a$b$c"], "$x^{$"))
 def test_dollar_signs_in_event_kinds_and_layer_names_do_not_break_the_plots(tmp_path, odd):
     run = load_run(write_run(tmp_path))

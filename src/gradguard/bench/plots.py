@@ -212,14 +212,20 @@ def curve_figure(
                 )
             if i == rows - 1:
                 ax.set_xlabel("step", fontsize=8)
-    fig.suptitle(f"{ylabel}: {title}", fontsize=10, y=1 - 0.15 / height, va="top")
+    fig.suptitle(_literal(f"{ylabel}: {title}"), fontsize=10, y=1 - 0.15 / height, va="top")
     fig.legend(handles=_key(), loc="lower center", ncol=4, fontsize=7, frameon=False)
     return fig
 
 
+def _literal(text: str) -> str:
+    """Run-supplied text (a mitigation, a task's name) shown by matplotlib as it is: each ``$``
+    escaped, since a pair would start mathtext; a backslash anywhere else is shown as it is."""
+    return text.replace("$", r"\$")
+
+
 def _wrap(name: str, width: int = 16) -> str:
-    """A mitigation's name as a row label: broken at ``+`` so a chain fits the margin; a ``$``
-    would start mathtext."""
+    """A mitigation's name as a row label: broken at ``+`` so a chain fits the margin, shown as
+    it is (:func:`_literal`)."""
     parts, line = [], ""
     for piece in re.split(r"(?<=\+)", name):
         if line and len(line) + len(piece) > width:
@@ -227,7 +233,7 @@ def _wrap(name: str, width: int = 16) -> str:
             line = ""
         line += piece
     parts.append(line)
-    return "\n".join(parts).replace("$", r"\$")
+    return _literal("\n".join(parts))
 
 
 def _key() -> list[Line2D]:
@@ -263,7 +269,7 @@ def stability_figure(
             lrs,
             [y + off for y in ys],
             marker=markers[k % len(markers)],
-            label=mit,
+            label=_literal(mit),
             color=colors[mit],
             alpha=0.85,
         )
@@ -271,7 +277,7 @@ def stability_figure(
     ax.set_xlabel("learning rate")
     ax.set_ylabel("divergence rate over seeds")
     ax.set_ylim(-0.05, 1.05)
-    ax.set_title(f"stability map: {title}")
+    ax.set_title(_literal(f"stability map: {title}"))
     fig.legend(fontsize=7, loc="outside right center")
     return fig
 

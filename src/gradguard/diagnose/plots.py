@@ -76,12 +76,14 @@ def _flags(steps: Sequence[dict[str, Any]], key: str) -> np.ndarray:
 
 
 def _label(text: Any, width: int = 48) -> str:
-    """Run-supplied text made safe for a matplotlib label: ``$`` would start mathtext (and an
-    odd one raises), long names keep their tail (``...blocks.11.mlp.fc2``)."""
+    """Run-supplied text made safe for a matplotlib label, shown as it is: a ``$`` would start
+    mathtext (and an odd one raises), so each is escaped (``\\$``, matplotlib's only escape
+    outside mathtext: a backslash anywhere else is shown as it is); long names keep their tail
+    (``...blocks.11.mlp.fc2``)."""
     s = str(text)
     if len(s) > width:
         s = "..." + s[-(width - 3) :]
-    return s.replace("\\", "\\\\").replace("$", r"\$")
+    return s.replace("$", r"\$")
 
 
 def _save(fig: Figure, out_dir: str | os.PathLike, name: str) -> Path:
