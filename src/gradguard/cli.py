@@ -389,12 +389,8 @@ def _cmd_models(_args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="gradguard", description="Prevent, detect, diagnose and mitigate exploding gradients."
-    )
-    parser.add_argument("--version", action="version", version=f"gradguard {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+def _add_listing_parsers(sub: argparse._SubParsersAction) -> None:
+    """The subcommands that list what exists: policies, tasks, models."""
     sub.add_parser("policies", help="list the mitigation policies").set_defaults(func=_cmd_policies)
     sub.add_parser("tasks", help="list the bench's tasks, their options and defaults").set_defaults(
         func=_cmd_tasks
@@ -402,9 +398,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "models", help="list the bench's model families, their options and defaults"
     ).set_defaults(func=_cmd_models)
+
+
+def _add_check_parser(sub: argparse._SubParsersAction) -> None:
     check = sub.add_parser("check", help="validate a policy spec")
     check.add_argument("spec", help="e.g. 'skip_nonfinite+zclip:z_thresh=2.0'")
     check.set_defaults(func=_cmd_check)
+
+
+def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser(
         "bench", help="compare mitigations over a grid (default: the quick suite on digits)"
     )
@@ -445,6 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.set_defaults(func=_cmd_bench)
 
+
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     from .bench.config import DEFAULT_SETUP, OPTIMIZERS  # plain data: no torch
 
     train = sub.add_parser(
@@ -485,11 +489,15 @@ def build_parser() -> argparse.ArgumentParser:
         default="none",
         help="faults to inject, e.g. 'nan:p=0.01+spike:scale=1e4,p=0.02'",
     )
+    _add_train_run_flags(train, DEFAULT_SETUP)
+    train.set_defaults(func=_cmd_train)
+
+
+def _add_train_run_flags(train: argparse.ArgumentParser, defaults: dict) -> None:
+    """``train``'s flags for how the run goes (length, batch, threads, output, processes)."""
+    train.add_argument("--steps", type=int, default=defaults["steps"], help="default %(default)s")
     train.add_argument(
-        "--steps", type=int, default=DEFAULT_SETUP["steps"], help="default %(default)s"
-    )
-    train.add_argument(
-        "--batch-size", type=int, default=DEFAULT_SETUP["batch_size"], help="default %(default)s"
+        "--batch-size", type=int, default=defaults["batch_size"], help="default %(default)s"
     )
     train.add_argument("--threads", type=int, default=1, help=_THREADS_HELP)
     train.add_argument("--out", help="record telemetry to this folder (then: gradguard report OUT)")
@@ -500,8 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="data-parallel over N local processes (DDP; --batch-size is the global batch). "
         "Under torchrun leave it out: torchrun --nproc_per_node N -m gradguard train ...",
     )
-    train.set_defaults(func=_cmd_train)
 
+
+def _add_report_parser(sub: argparse._SubParsersAction) -> None:
     report = sub.add_parser(
         "report", help="write report.html (diagnosis, events, figures) from a run's telemetry"
     )
@@ -511,6 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", help="folder for report.html and the figures (default: RUN_DIR)")
     report.set_defaults(func=_cmd_report)
 
+
+def _add_advise_parser(sub: argparse._SubParsersAction) -> None:
     adv = sub.add_parser(
         "advise",
         help="choose the mitigation for a setup: LR probe, candidate policies under stress, "
@@ -534,6 +545,12 @@ def build_parser() -> argparse.ArgumentParser:
     adv.add_argument("--momentum", type=float)
     adv.add_argument("--weight-decay", type=float)
     _option_flags(adv)
+    _add_advise_probe_flags(adv)
+    adv.set_defaults(func=_cmd_advise)
+
+
+def _add_advise_probe_flags(adv: argparse.ArgumentParser) -> None:
+    """``advise``'s flags for the probe itself: its budget, output, runs and answer."""
     adv.add_argument(
         "--budget", default="300s", help="wall clock (300s, 5min) or training steps (2000steps)"
     )
@@ -558,7 +575,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     adv.add_argument("--json", action="store_true", help="print the answer as JSON")
     adv.add_argument("--no-progress", action="store_true")
-    adv.set_defaults(func=_cmd_advise)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="gradguard", description="Prevent, detect, diagnose and mitigate exploding gradients."
+    )
+    parser.add_argument("--version", action="version", version=f"gradguard {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    # The order here is the order ``gradguard --help`` lists them in.
+    _add_listing_parsers(sub)
+    _add_check_parser(sub)
+    _add_bench_parser(sub)
+    _add_train_parser(sub)
+    _add_report_parser(sub)
+    _add_advise_parser(sub)
     return parser
 
 

@@ -130,6 +130,18 @@ def _inside(name: str, ancestor: str) -> bool:
     return name != ancestor and (ancestor == ROOT or name.startswith(ancestor + "."))
 
 
+def _innermost_maker(makers: dict[str, int]) -> str:
+    """The earliest maker; every module enclosing a maker made it too, by the same test: the
+    innermost of those is named."""
+    origin = min(makers, key=lambda n: makers[n])
+    while True:
+        inner = [n for n in makers if _inside(n, origin)]
+        if not inner:
+            break
+        origin = min(inner, key=lambda n: makers[n])
+    return origin
+
+
 class _Replay:
     def __init__(self, model: nn.Module, activations: bool):
         self.model = model
@@ -269,6 +281,19 @@ class _Replay:
 
     def backward_origin(self) -> tuple[str, list[str], dict[str, Any]] | None:
         """The module that turned a finite gradient non-finite (the deepest such, earliest)."""
+        by_module = self._calls_by_module()
+        bad_params = self._bad_params_by_owner()
+        makers = self._makers(by_module, bad_params)
+        path = self._backward_path()
+        if not makers:
+            return self._origin_without_maker(by_module, path)
+        origin = _innermost_maker(makers)
+        detail = self._maker_detail(origin, by_module[origin], bad_params)
+        return origin, [origin, *[p for p in path if p != origin]], detail
+
+    def _calls_by_module(self) -> dict[str, list[_Call]]:
+        """Each module's calls; on the way, marks every call enclosing one that received a
+        non-finite output gradient (``inner_bad_seq``)."""
         by_module: dict[str, list[_Call]] = {}
         for c in self.calls:
             by_module.setdefault(c.name, []).append(c)
@@ -278,11 +303,23 @@ class _Replay:
                     if up.inner_bad_seq is None or c.gout_bad_seq < up.inner_bad_seq:
                         up.inner_bad_seq = c.gout_bad_seq
                     up = up.parent
+        return by_module
+
+    def _bad_params_by_owner(self) -> dict[str, list[tuple[int, int]]]:
+        """Module name -> (seq, param index) of each of its parameters whose gradient went
+        non-finite."""
         bad_params: dict[str, list[tuple[int, int]]] = {}
         for i, seq in self.param_bad.items():
             for owner in self.owners.get(i, []):
                 bad_params.setdefault(owner, []).append((seq, i))
-        makers: dict[str, int] = {}  # module -> seq of the first non-finite gradient it made
+        return bad_params
+
+    @staticmethod
+    def _makers(
+        by_module: dict[str, list[_Call]], bad_params: dict[str, list[tuple[int, int]]]
+    ) -> dict[str, int]:
+        """Module -> seq of the first non-finite gradient it made."""
+        makers: dict[str, int] = {}
         for name, calls in by_module.items():
             # A call that received only finite output gradients, yet its own input gradient, or
             # the output gradient of a call inside it, came non-finite: the NaN was made inside.
@@ -297,36 +334,38 @@ class _Replay:
                 seqs.append(min(s for s, _ in bad_params[name]))
             if seqs:
                 makers[name] = min(seqs)
-        path = self._backward_path()
-        if not makers:
-            if not self.param_bad and not path:
-                return None
-            root_calls = by_module.get(ROOT, [])
-            if root_calls and any(c.gout_bad_seq is not None for c in root_calls):
-                # Non-finite already at the model's output: the loss's backward made it.
-                return (
-                    LOSS,
-                    path,
-                    {"note": "the gradient of the loss w.r.t. the model's output is non-finite"},
-                )
-            seq, i = min((s, i) for i, s in self.param_bad.items())
-            origin = self.owners.get(i, [f"param.{i}"])[0]
+        return makers
+
+    def _origin_without_maker(
+        self, by_module: dict[str, list[_Call]], path: list[str]
+    ) -> tuple[str, list[str], dict[str, Any]] | None:
+        """The origin when no module made a non-finite gradient itself: the loss, a parameter's
+        owner, or None when nothing was non-finite."""
+        if not self.param_bad and not path:
+            return None
+        root_calls = by_module.get(ROOT, [])
+        if root_calls and any(c.gout_bad_seq is not None for c in root_calls):
+            # Non-finite already at the model's output: the loss's backward made it.
             return (
-                origin,
-                [origin, *[p for p in path if p != origin]],
-                {
-                    "note": "only parameter gradients were seen non-finite; no module call was",
-                    "param": self.param_names.get(i, f"param.{i}"),
-                },
+                LOSS,
+                path,
+                {"note": "the gradient of the loss w.r.t. the model's output is non-finite"},
             )
-        origin = min(makers, key=lambda n: makers[n])
-        # Every module enclosing the maker made it too, by the same test; name the innermost.
-        while True:
-            inner = [n for n in makers if _inside(n, origin)]
-            if not inner:
-                break
-            origin = min(inner, key=lambda n: makers[n])
-        calls = by_module[origin]
+        _seq, i = min((s, i) for i, s in self.param_bad.items())
+        origin = self.owners.get(i, [f"param.{i}"])[0]
+        return (
+            origin,
+            [origin, *[p for p in path if p != origin]],
+            {
+                "note": "only parameter gradients were seen non-finite; no module call was",
+                "param": self.param_names.get(i, f"param.{i}"),
+            },
+        )
+
+    def _maker_detail(
+        self, origin: str, calls: list[_Call], bad_params: dict[str, list[tuple[int, int]]]
+    ) -> dict[str, Any]:
+        """What the backward saw around the module that made the non-finite gradient."""
         module = dict(self.modules)[origin]
         detail: dict[str, Any] = {
             "module_type": type(module).__name__,
@@ -348,7 +387,7 @@ class _Replay:
         )
         if inner_bad:
             detail["first_bad_grad_output"] = inner_bad[0][1]
-        return origin, [origin, *[p for p in path if p != origin]], detail
+        return detail
 
     def _backward_path(self) -> list[str]:
         events = sorted((c.gout_bad_seq, c.name) for c in self.calls if c.gout_bad_seq is not None)
@@ -428,61 +467,96 @@ def replay(
     if not isinstance(model, nn.Module):
         raise TypeError(f"replay needs the nn.Module being trained, got {type(model).__name__}")
     params = list(model.parameters())
-    saved_grads = [(p, p.grad) for p in params]
-    saved_buffers = [
-        (m, name, b, None if b is None else b.detach().clone())
-        for m in model.modules()
-        for name, b in m._buffers.items()
-    ]
-    saved_modes = [(m, m.training) for m in model.modules()]
+    saved = _SavedState.of(model, params)
     stochastic = _stochastic(model)
     cuda = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
     run = _Replay(model, activations)
     try:
         with torch.random.fork_rng(devices=cuda):
-            for p in params:
-                p.grad = None  # the replay's gradients must not add to the step's
-            run.arm()
-            loss = closure()
-            if not isinstance(loss, Tensor) or loss.numel() != 1:
-                raise TypeError(
-                    "replay's closure must return the loss as a scalar tensor, got "
-                    f"{type(loss).__name__}{'' if not isinstance(loss, Tensor) else list(loss.shape)}"
-                )
-            loss_value = float(loss.detach().float())
-            backward = None
-            rerun_norm = None
-            if math.isfinite(loss_value) and loss.requires_grad:
-                loss.backward()
-                backward = run.backward_origin()
-                mine = {id(p) for p in params}
-                rerun_norm = _grad_norm(
-                    [p for p in (params if measure is None else measure) if id(p) in mine]
-                )
+            step = _rerun_step(run, closure, params, measure)
     finally:
         run.disarm()
+        saved.restore()
+    return _localize_replay(run, step, stochastic)
+
+
+@dataclass
+class _SavedState:
+    """What a replay changes on the model, to put back: gradients, buffers, train/eval flags."""
+
+    grads: list[tuple[nn.Parameter, Tensor | None]]
+    buffers: list[tuple[nn.Module, str, Tensor | None, Tensor | None]]
+    modes: list[tuple[nn.Module, bool]]
+
+    @classmethod
+    def of(cls, model: nn.Module, params: list[nn.Parameter]) -> _SavedState:
+        return cls(
+            grads=[(p, p.grad) for p in params],
+            buffers=[
+                (m, name, b, None if b is None else b.detach().clone())
+                for m in model.modules()
+                for name, b in m._buffers.items()
+            ],
+            modes=[(m, m.training) for m in model.modules()],
+        )
+
+    def restore(self) -> None:
         with torch.no_grad():
-            for m, name, b, copy in saved_buffers:
+            for m, name, b, copy in self.buffers:
                 m._buffers[name] = b
                 if b is not None and copy is not None:
                     b.copy_(copy)
-        for p, g in saved_grads:
+        for p, g in self.grads:
             p.grad = g
-        for m, mode in saved_modes:
+        for m, mode in self.modes:
             m.training = mode
-    detail: dict[str, Any] = {
-        "loss": loss_value,
-        "grad_norm": rerun_norm,
-        "modules": len(run.modules),
-    }
-    if run.unhooked:
-        detail["unhooked"] = run.unhooked[:PATH_LIMIT]
-    if stochastic:
-        detail["stochastic"] = stochastic[:PATH_LIMIT]
-        detail["note"] = REPLAY_NOTE
-    if not loss.requires_grad:
-        detail["backward"] = "skipped: the loss does not require grad"
+
+
+@dataclass
+class _RerunStep:
+    """What the replayed step computed: its loss, and the backward's origin and gradient norm
+    (None when the backward did not run)."""
+
+    loss: Tensor
+    loss_value: float
+    backward: tuple[str, list[str], dict[str, Any]] | None
+    grad_norm: float | None
+
+
+def _rerun_step(
+    run: _Replay,
+    closure: Callable[[], Tensor],
+    params: list[nn.Parameter],
+    measure: Sequence[Tensor] | None,
+) -> _RerunStep:
+    """Arm the hooks, run the closure and, when its loss is finite, the backward."""
+    for p in params:
+        p.grad = None  # the replay's gradients must not add to the step's
+    run.arm()
+    loss = closure()
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        raise TypeError(
+            "replay's closure must return the loss as a scalar tensor, got "
+            f"{type(loss).__name__}{'' if not isinstance(loss, Tensor) else list(loss.shape)}"
+        )
+    loss_value = float(loss.detach().float())
+    backward = None
+    rerun_norm = None
+    if math.isfinite(loss_value) and loss.requires_grad:
+        loss.backward()
+        backward = run.backward_origin()
+        mine = {id(p) for p in params}
+        rerun_norm = _grad_norm(
+            [p for p in (params if measure is None else measure) if id(p) in mine]
+        )
+    return _RerunStep(loss, loss_value, backward, rerun_norm)
+
+
+def _localize_replay(run: _Replay, step: _RerunStep, stochastic: list[str]) -> Localization:
+    """The replay's result: the forward's origin, else the loss, else the backward's."""
+    detail = _replay_detail(run, step, stochastic)
     first = run.forward_first
+    backward = step.backward
     if first is not None:
         origin = first.pop("origin")
         detail.update(first)
@@ -490,10 +564,10 @@ def replay(
             detail["backward"] = {"origin": backward[0], "path": backward[1][:8]}
         path = [origin, *[n for n in run.forward_path if n != origin]]
         return Localization(origin, "forward", path[:PATH_LIMIT], detail)
-    if not math.isfinite(loss_value):
+    if not math.isfinite(step.loss_value):
         detail["note_loss"] = (
             "every module output was finite; the loss function made the non-finite value"
-            if activations
+            if run.activations
             else "the loss is non-finite; replay with activations=True to find the module"
         )
         return Localization(LOSS, "forward", [LOSS], detail)
@@ -502,6 +576,23 @@ def replay(
         detail.update(more)
         return Localization(origin, "backward", path[:PATH_LIMIT], detail)
     return Localization("", "none", [], detail)
+
+
+def _replay_detail(run: _Replay, step: _RerunStep, stochastic: list[str]) -> dict[str, Any]:
+    """The detail every replay result carries: loss, gradient norm, and what was not checked."""
+    detail: dict[str, Any] = {
+        "loss": step.loss_value,
+        "grad_norm": step.grad_norm,
+        "modules": len(run.modules),
+    }
+    if run.unhooked:
+        detail["unhooked"] = run.unhooked[:PATH_LIMIT]
+    if stochastic:
+        detail["stochastic"] = stochastic[:PATH_LIMIT]
+        detail["note"] = REPLAY_NOTE
+    if not step.loss.requires_grad:
+        detail["backward"] = "skipped: the loss does not require grad"
+    return detail
 
 
 # ----- rerun attribution: transient or reproducible -------------------------------------------------

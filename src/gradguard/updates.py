@@ -170,32 +170,10 @@ class UpdateProbe:
         n = len(self.params)
         full = self._check or self._mode == "exact"
         post = self._param_norms_sq() if self._check else None
-        sample_w = None
         if self._mode == "exact":
-            assert self._old is not None
-            for idx in group_by_kind(self._local).values():
-                # old <- old - new = -update: kept for scale_layers_
-                torch._foreach_sub_([self._old[k] for k in idx], [self._local[k] for k in idx])
-            upd = _device_sq(foreach_norms(self._old) if self._old else [])
+            upd, sample_w = self._exact_update_sq(), None
         else:
-            assert self._sample_before is not None
-            before = self._sample_before
-            w = self._weights_t
-            if self._fused:
-                assert isinstance(before, torch.Tensor)
-                d = cast("Tensor", self._take_sample()) - before  # fused: one flat tensor
-                upd = self._segment_sq(d) * w
-                if not full:
-                    sample_w = self._segment_sq(before) * w
-            else:
-                assert isinstance(before, list)
-                diffs = list(torch._foreach_sub(self._views, before))
-                upd = _device_sq(foreach_norms(diffs) if diffs else [])
-                w = w.to(upd.device)
-                upd = upd * w
-                if not full:
-                    sample_w = _device_sq(foreach_norms(before)) * w
-            self._sample_before = None
+            upd, sample_w = self._sampled_update_sq(full)
         if self._sharding is not None:
             upd = self._sharding.all_reduce_sq(upd)
         if sample_w is not None and self._sharding is not None:
@@ -214,11 +192,7 @@ class UpdateProbe:
             or bool(np.isfinite(host[2 * n :]).all())
             or (self._sharding is None and all_finite(self._local))
         )
-        layer_upd = np.bincount(self._layer_of, weights=upd_h, minlength=self.num_layers)
-        layer_w = np.bincount(self._layer_of, weights=pre_h, minlength=self.num_layers)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = np.sqrt(layer_upd) / np.sqrt(layer_w)
-        ratio[layer_w <= (ZERO_RMS**2) * self._layer_numel] = np.nan
+        ratio = self._layer_ratio(upd_h, pre_h)
         # The post-step norms are the next step's pre-step norms, while nothing writes the weights.
         if post is not None:
             self._pre_norms, self._pre_versions = post, self._versions()
@@ -227,6 +201,48 @@ class UpdateProbe:
         exact = self._mode == "exact"
         self._mode = None
         return UpdateStats(ratio=ratio, exact=exact, finite=finite)
+
+    def _exact_update_sq(self) -> Tensor:
+        """Squared norm of each tensor's update, from the copy taken before the step (local)."""
+        assert self._old is not None
+        for idx in group_by_kind(self._local).values():
+            # old <- old - new = -update: kept for scale_layers_
+            torch._foreach_sub_([self._old[k] for k in idx], [self._local[k] for k in idx])
+        return _device_sq(foreach_norms(self._old) if self._old else [])
+
+    def _sampled_update_sq(self, full: bool) -> tuple[Tensor, Tensor | None]:
+        """Each tensor's squared update norm estimated from the sample (local), and, unless
+        ``full`` norms are measured, its squared weight norm estimated from the sample too."""
+        assert self._sample_before is not None
+        before = self._sample_before
+        w = self._weights_t
+        sample_w = None
+        if self._fused:
+            assert isinstance(before, torch.Tensor)
+            d = cast("Tensor", self._take_sample()) - before  # fused: one flat tensor
+            upd = self._segment_sq(d) * w
+            if not full:
+                sample_w = self._segment_sq(before) * w
+        else:
+            assert isinstance(before, list)
+            diffs = list(torch._foreach_sub(self._views, before))
+            upd = _device_sq(foreach_norms(diffs) if diffs else [])
+            w = w.to(upd.device)
+            upd = upd * w
+            if not full:
+                sample_w = _device_sq(foreach_norms(before)) * w
+        self._sample_before = None
+        return upd, sample_w
+
+    def _layer_ratio(self, upd_sq: np.ndarray, pre_sq: np.ndarray) -> np.ndarray:
+        """``||update_l|| / ||weights_l||`` per layer from per-tensor squared norms (NaN where
+        the weights are ~zero)."""
+        layer_upd = np.bincount(self._layer_of, weights=upd_sq, minlength=self.num_layers)
+        layer_w = np.bincount(self._layer_of, weights=pre_sq, minlength=self.num_layers)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.sqrt(layer_upd) / np.sqrt(layer_w)
+        ratio[layer_w <= (ZERO_RMS**2) * self._layer_numel] = np.nan
+        return ratio
 
     def scale_layers_(self, layer_scale: list[float]) -> None:
         """Scale the update just measured (exactly) by ``layer_scale[l]`` in layer ``l``:

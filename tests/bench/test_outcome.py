@@ -9,6 +9,7 @@ import math
 import pytest
 
 from gradguard.bench.config import RunConfig
+from gradguard.bench.loop import LoopRun
 from gradguard.bench.outcome import (
     LOSS_RISE,
     LOSS_WINDOW,
@@ -31,16 +32,15 @@ def rows(losses, norms):
 def result_of(steps, *, reason=None, chance=True, first_loss=None):
     """``run_result`` of ``steps`` whose final metric is at chance (``chance``) or not."""
     finite = [s["loss"] for s in steps if math.isfinite(s["loss"])]
-    return run_result(
-        steps,
-        {"loss": 2.3, "metric": 0.1 if chance else 0.95, "success": not chance},
+    run = LoopRun(
+        steps=steps,
         first_loss=first_loss if first_loss is not None else (finite[0] if finite else None),
         diverged_reason=reason,
-        steps_to_target=None,
-        seconds_to_target=None,
         wall=1.0,
-        counters={},
-        guard_seconds=0.0,
+    )
+    return run_result(
+        run,
+        {"loss": 2.3, "metric": 0.1 if chance else 0.95, "success": not chance},
         policy=None,
         off_target=lambda metric: "at_chance" if metric < 0.2 else None,
     )

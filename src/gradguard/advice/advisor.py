@@ -16,6 +16,7 @@ import os
 import statistics
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +57,62 @@ def advise(
 ) -> Advice:
     """The probe and the answer; the public entry point (arguments, return) is
     :func:`gradguard.advice.advise`."""
-    from ..bench.runner import DB_NAME, run_grid
-    from ..bench.store import ResultStore, run_key
-
     t_start = time.perf_counter()
+    seeds, workers, levels = _check_counts(seeds, workers, stress, percentile)
+    bud = B.parse_budget(budget)
+    setting = make_setting(config, entry=entry, lr=lr, steps=steps, settings=settings)
+    if not isinstance(progress, bool):
+        raise ConfigError(f"progress must be True or False, got {progress!r}")
+    out_dir = Path(out) if out is not None else Path("results") / f"advise-{setting.slug()}"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"out {out_dir} is a file, not a folder")
+    request = {
+        "version": _VERSION,
+        "setting": setting.request(),
+        "budget": [bud.kind, bud.amount],
+        "seeds": seeds,
+        "levels": list(levels),
+        "max_steps": setting.max_steps,
+        "percentile": float(percentile),
+    }
+    session = _Session(
+        setting=setting,
+        out_dir=out_dir,
+        state=_State(out_dir, request),  # a rerun of the same request finds its plan there
+        workers=workers,
+        # Every run trains with the setting's threads (RunConfig.threads; 1 for an entry point),
+        # wherever it runs and whatever the worker count, and the timing is taken with as many.
+        n_workers=workers or os.cpu_count() or 1,
+        progress=progress,
+        t_start=t_start,
+    )
+    notes: list[str] = []
+    plan, timing = _make_plan(session, bud, seeds, levels)
+    probe, rows = _lr_probe(session, plan, timing, percentile)
+    cands = candidates(probe.threshold)
+    plan2 = _candidates_plan(session, plan, bud, rows, notes)
+    cells, rows2 = _run_candidates(session, cands, plan2, timing)
+    return _answer(session, bud, cands, plan2, probe, {**rows, **rows2}, cells, notes)
+
+
+# ----- the phases ---------------------------------------------------------------------------------
+@dataclass
+class _Session:
+    """What every phase of one :func:`advise` call works with."""
+
+    setting: Any
+    out_dir: Path
+    state: _State
+    workers: int | None  # the worker processes asked for (None: each phase chooses)
+    n_workers: int  # the pool a phase runs on when it runs on one
+    progress: bool
+    t_start: float
+
+
+def _check_counts(
+    seeds: Any, workers: Any, stress: Sequence[float], percentile: Any
+) -> tuple[int, int | None, tuple[float, ...]]:
+    """The seeds, workers and stress levels checked (and the percentile), in that order."""
     seeds = _check_int("seeds", seeds, 1, 100)
     if workers is not None:
         workers = _check_int("workers", workers, 1, 1024)
@@ -70,91 +123,108 @@ def advise(
         or not 0 < percentile <= 100
     ):
         raise ConfigError(f"percentile must be a number in (0, 100], got {percentile!r}")
-    bud = B.parse_budget(budget)
-    setting = make_setting(config, entry=entry, lr=lr, steps=steps, settings=settings)
-    if not isinstance(progress, bool):
-        raise ConfigError(f"progress must be True or False, got {progress!r}")
-    out_dir = Path(out) if out is not None else Path("results") / f"advise-{setting.slug()}"
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"out {out_dir} is a file, not a folder")
-    # Every run trains with the setting's threads (RunConfig.threads; 1 for an entry point),
-    # wherever it runs and whatever the worker count, and the timing below is taken with as many.
-    n_workers = workers or os.cpu_count() or 1
+    return seeds, workers, levels
 
-    request = {
-        "version": _VERSION,
-        "setting": setting.request(),
-        "budget": [bud.kind, bud.amount],
-        "seeds": seeds,
-        "levels": list(levels),
-        "max_steps": setting.max_steps,
-        "percentile": float(percentile),
-    }
-    state = _State(out_dir, request)  # a rerun of the same request finds its plan there
+
+def _make_plan(
+    session: _Session, bud: B.Budget, seeds: int, levels: tuple[float, ...]
+) -> tuple[B.Plan, dict[str, float]]:
+    """The plan and the timing it was made with, the saved ones on a rerun. Nothing is written
+    before the plan fits: a bad budget leaves no trace."""
     n_cands = len(candidates(1.0))
     factors = probe_factors(levels)
-    notes: list[str] = []
-
-    # ----- the plan (nothing is written before it fits: a bad budget leaves no trace) ---------------
-    plan_dict, timing = state.get("plan"), state.get("timing")
+    plan_dict, timing = session.state.get("plan"), session.state.get("timing")
     fit_args: dict[str, Any] = dict(
-        max_steps=setting.max_steps, seeds=seeds, levels=levels, probe=factors, candidates=n_cands
+        max_steps=session.setting.max_steps,
+        seeds=seeds,
+        levels=levels,
+        probe=factors,
+        candidates=n_cands,
     )
     if plan_dict is None and bud.kind == "steps":
         plan_dict = B.fit(bud.amount, B.Cost(), what=f" {bud}", **fit_args).as_dict()
     if timing is None:  # seconds per step and per run: for a seconds budget, and where to run
-        t = _timed(setting)
+        t = _timed(session.setting)
         timing = {"setup_s": t.setup_s, "step_s": t.step_s}
     if plan_dict is None:
-        room = bud.amount * B.SAFETY - (time.perf_counter() - t_start) - REPORT_RESERVE_S
-        plan_dict = _fit_seconds(room, timing, n_workers, 2, f" {bud}", fit_args).as_dict()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state.set("timing", timing)
-    state.set("plan", plan_dict)
-    plan = B.Plan.from_dict(plan_dict)
+        room = bud.amount * B.SAFETY - (time.perf_counter() - session.t_start) - REPORT_RESERVE_S
+        plan_dict = _fit_seconds(room, timing, session.n_workers, 2, f" {bud}", fit_args).as_dict()
+    session.out_dir.mkdir(parents=True, exist_ok=True)
+    session.state.set("timing", timing)
+    session.state.set("plan", plan_dict)
+    return B.Plan.from_dict(plan_dict), timing
 
-    # ----- phase 1: the LR range probe --------------------------------------------------------------
+
+def _lr_probe(
+    session: _Session, plan: B.Plan, timing: dict[str, float], percentile: float
+) -> tuple[Any, dict[str, dict[str, Any]]]:
+    """Phase 1, the unguarded LR range probe: its analysis and its rows by run key."""
+    from ..bench.runner import DB_NAME, run_grid
+    from ..bench.store import ResultStore, run_key
+
+    setting = session.setting
     probe_runs = []
     for f in plan.probe:
         run_lr = scaled_lr(setting.lr, f)
         cfg = setting.run(run_lr, "none", 0, plan.probe_steps)
         probe_runs.append((f, run_lr, run_key(cfg.as_dict()), cfg))
     t1 = time.perf_counter()
-    w1 = _phase_workers(workers, n_workers, len(probe_runs), plan.probe_steps, timing)
+    w1 = _phase_workers(
+        session.workers, session.n_workers, len(probe_runs), plan.probe_steps, timing
+    )
     run_grid(
         [c for *_, c in probe_runs],
-        out_dir,
+        session.out_dir,
         workers=w1,
-        progress=progress,
+        progress=session.progress,
         telemetry=True,
         desc="advise 1/2: LR probe",
     )
-    if state.get("phase1") is None:
-        state.set(
+    if session.state.get("phase1") is None:
+        session.state.set(
             "phase1",
             {
                 "seconds": time.perf_counter() - t1,
-                "spent": time.perf_counter() - t_start,
+                "spent": time.perf_counter() - session.t_start,
                 "workers": w1,
             },
         )
-    with ResultStore(out_dir / DB_NAME) as store:
+    with ResultStore(session.out_dir / DB_NAME) as store:
         rows = {r["key"]: r for r in store.runs(None, [k for _, _, k, _ in probe_runs])}
         _refuse_all_failed("LR probe", rows.values())
         probe = analyze(
             [(f, x, k) for f, x, k, _ in probe_runs], rows, store.steps, percentile, setting.lr
         )
-    cands = candidates(probe.threshold)
+    return probe, rows
 
-    # ----- phase 2: the candidates (a seconds budget is re-planned from the probe's timings) -----
-    if state.get("plan2") is None:
+
+def _candidates_plan(
+    session: _Session,
+    plan: B.Plan,
+    bud: B.Budget,
+    probe_rows: dict[str, dict[str, Any]],
+    notes: list[str],
+) -> B.Plan:
+    """Phase 2's plan: the plan, or for a seconds budget a re-plan from the probe's timings
+    (saved, so a rerun keeps it)."""
+    if session.state.get("plan2") is None:
         plan2 = plan
         if bud.kind == "seconds":
-            plan2 = _replan(plan, bud, state, rows.values(), n_workers, notes)
-        state.set("plan2", plan2.as_dict())
-    plan2 = B.Plan.from_dict(
-        state.get("plan2")
-    )  # its cuts include the plan's: shown with the answer
+            plan2 = _replan(plan, bud, session.state, probe_rows.values(), session.n_workers, notes)
+        session.state.set("plan2", plan2.as_dict())
+    # Its cuts include the plan's: shown with the answer.
+    return B.Plan.from_dict(session.state.get("plan2"))
+
+
+def _run_candidates(
+    session: _Session, cands: Sequence[Any], plan2: B.Plan, timing: dict[str, float]
+) -> tuple[dict[tuple[str, float, int], str], dict[str, dict[str, Any]]]:
+    """Phase 2, every candidate at every level and seed: the run key of each (spec, level,
+    seed) cell, and the rows by run key."""
+    from ..bench.runner import DB_NAME, run_grid
+    from ..bench.store import ResultStore, run_key
+
+    setting = session.setting
     cells: dict[tuple[str, float, int], str] = {}
     cand_cfgs = []
     for level in plan2.levels:
@@ -164,19 +234,35 @@ def advise(
                 key = run_key(cfg.as_dict())
                 cells[(c.spec, level, seed)] = key
                 cand_cfgs.append(cfg)
-    w2 = _phase_workers(workers, n_workers, plan2.candidate_runs, plan2.steps, timing)
+    w2 = _phase_workers(
+        session.workers, session.n_workers, plan2.candidate_runs, plan2.steps, timing
+    )
     run_grid(
         cand_cfgs,
-        out_dir,
+        session.out_dir,
         workers=w2,
-        progress=progress,
+        progress=session.progress,
         desc="advise 2/2: policies",
     )
-    with ResultStore(out_dir / DB_NAME) as store:
+    with ResultStore(session.out_dir / DB_NAME) as store:
         rows2 = {r["key"]: r for r in store.runs(None, list(cells.values()))}
     _refuse_all_failed("candidate", rows2.values())
+    return cells, rows2
 
-    # ----- the answer -------------------------------------------------------------------------------
+
+def _answer(
+    session: _Session,
+    bud: B.Budget,
+    cands: Sequence[Any],
+    plan2: B.Plan,
+    probe: Any,
+    rows: dict[str, dict[str, Any]],
+    cells: dict[tuple[str, float, int], str],
+    notes: list[str],
+) -> Advice:
+    """The chosen policy, why, and the evidence (``rows``: both phases' runs), written to
+    ``OUT/advice.json`` and ``OUT/advice.md``."""
+    setting, out_dir = session.setting, session.out_dir
     use_metric = setting.kind == "bench" or getattr(setting, "has_evaluate", False)
     higher = setting.higher_is_better if use_metric else False
     table = gather(
@@ -184,7 +270,7 @@ def advise(
         plan2.levels,
         plan2.seeds,
         setting.lr,
-        lambda spec, level, seed: rows2.get(cells.get((spec, level, seed), "")),
+        lambda spec, level, seed: rows.get(cells.get((spec, level, seed), "")),
         use_metric,
     )
     chosen, trains = choose(table, higher, use_loss=use_metric)
@@ -194,7 +280,7 @@ def advise(
     notes = _lr_notes(probe, setting.lr) + notes
     steps_run = sum(
         (r.get("result") or {}).get("steps_run", 0)
-        for r in {**rows, **rows2}.values()
+        for r in rows.values()
         if r.get("status") == "done"
     )
     advice = Advice(
@@ -212,7 +298,7 @@ def advise(
         notes=notes,
         plan={**plan2.as_dict(), "probe_runs": plan2.probe_runs},
         budget=str(bud),
-        spent={"seconds": time.perf_counter() - t_start, "steps": float(steps_run)},
+        spent={"seconds": time.perf_counter() - session.t_start, "steps": float(steps_run)},
         out=str(out_dir),
     )
     (out_dir / "advice.json").write_text(advice.to_json() + "\n", encoding="utf-8")
@@ -357,38 +443,9 @@ def _code(spec: str) -> str:
 
 
 def _reason(chosen, table, trains, probe, lr, higher, metric) -> str:
-    none = next((r for r in table if r.spec == "none"), None)
-    n_bad, n = chosen.runs.get("x1", [0, 0])
     if not trains:
-        mine = [why for why in chosen.reasons if why.startswith("x1 ")]
-        if mine and all(why.endswith("at_chance") for why in mine):
-            # The chosen policy stayed finite and only failed to learn: the runs are too short
-            # (an LR cut would not help), and it is still the one that held where others blew up.
-            steps = max((row.steps_run for row in probe.rows), default=0)
-            blew = [
-                r.spec
-                for r in table
-                if any(w.startswith("x1 ") and not w.endswith("at_chance") for w in r.reasons)
-            ]
-            return (
-                f"{chosen.spec} kept every seed finite at lr {lr:g}"
-                + (f" where {', '.join(blew)} blew up" if blew else "")
-                + f", but no policy got beyond chance there within {steps} steps"
-                + (
-                    ", nor did unguarded training at any lower LR"
-                    if probe.trains_up_to is None
-                    else ""
-                )
-                + ": the probe's runs are too short for this task to learn. Rerun with --steps "
-                "long enough to learn (and a budget to match); until then it is the safe choice."
-            )
-        up = probe.trains_up_to
-        return (
-            f"no policy trained at lr {lr:g} in every seed (the closest: {chosen.spec}, which "
-            f"diverged or did not learn in {n_bad}/{n}). Lower the LR"
-            + (f" (unguarded training trains up to lr {lr * up:.3g})" if up else "")
-            + " or fix what the diagnosis names."
-        )
+        return _reason_untrained(chosen, table, probe, lr)
+    _n_bad, n = chosen.runs.get("x1", [0, 0])
     parts = [f"{chosen.spec} trained at your LR in {n}/{n} seeds"]
     band = [r for r in table if r.in_band]
     best = max(band, key=lambda r: (1 if higher else -1) * r.score)
@@ -408,17 +465,53 @@ def _reason(chosen, table, trains, probe, lr, higher, metric) -> str:
             f"({', '.join(r.spec for r in wider[:2])} survived higher LRs but scored worse at "
             "yours)"
         )
-    if none is not None and none is not chosen:
-        nb, nn = none.runs.get("x1", [0, 0])
-        if none.margin is None:
-            parts.append(f"; without a Guard {nb}/{nn} seeds diverged or did not learn at your LR")
-        else:
-            parts.append(f"; without a Guard every seed trained up to x{none.margin:g}")
-    elif none is chosen:
-        parts.append("; no policy did better, so no mitigation is needed at this LR")
+    parts += _unguarded_part(chosen, table)
     if chosen.spec != "none" and math.isfinite(chosen.overhead):
         parts.append(f"; overhead {chosen.overhead:.1%} of training time")
     return " ".join(parts).replace(" ;", ";") + "."
+
+
+def _reason_untrained(chosen, table, probe, lr) -> str:
+    """Why, when no policy trained in every seed at the user's LR."""
+    n_bad, n = chosen.runs.get("x1", [0, 0])
+    mine = [why for why in chosen.reasons if why.startswith("x1 ")]
+    if mine and all(why.endswith("at_chance") for why in mine):
+        # The chosen policy stayed finite and only failed to learn: the runs are too short
+        # (an LR cut would not help), and it is still the one that held where others blew up.
+        steps = max((row.steps_run for row in probe.rows), default=0)
+        blew = [
+            r.spec
+            for r in table
+            if any(w.startswith("x1 ") and not w.endswith("at_chance") for w in r.reasons)
+        ]
+        return (
+            f"{chosen.spec} kept every seed finite at lr {lr:g}"
+            + (f" where {', '.join(blew)} blew up" if blew else "")
+            + f", but no policy got beyond chance there within {steps} steps"
+            + (", nor did unguarded training at any lower LR" if probe.trains_up_to is None else "")
+            + ": the probe's runs are too short for this task to learn. Rerun with --steps "
+            "long enough to learn (and a budget to match); until then it is the safe choice."
+        )
+    up = probe.trains_up_to
+    return (
+        f"no policy trained at lr {lr:g} in every seed (the closest: {chosen.spec}, which "
+        f"diverged or did not learn in {n_bad}/{n}). Lower the LR"
+        + (f" (unguarded training trains up to lr {lr * up:.3g})" if up else "")
+        + " or fix what the diagnosis names."
+    )
+
+
+def _unguarded_part(chosen, table) -> list[str]:
+    """What training without a Guard did at the user's LR, beside the chosen policy."""
+    none = next((r for r in table if r.spec == "none"), None)
+    if none is not None and none is not chosen:
+        nb, nn = none.runs.get("x1", [0, 0])
+        if none.margin is None:
+            return [f"; without a Guard {nb}/{nn} seeds diverged or did not learn at your LR"]
+        return [f"; without a Guard every seed trained up to x{none.margin:g}"]
+    if none is chosen:
+        return ["; no policy did better, so no mitigation is needed at this LR"]
+    return []
 
 
 def _lr_notes(probe, lr: float) -> list[str]:

@@ -178,15 +178,20 @@ def build_setup(fn: Callable[..., Any], seed: int, text: str) -> Setup:
 
 def as_setup(obj: Any, text: str = "the entry point") -> Setup:
     """A :class:`Setup` from what an entry point returned, every field checked."""
-    import torch
+    setup = _setup_of(obj, text)
+    _check_setup(setup, text)
+    return setup
 
+
+def _setup_of(obj: Any, text: str) -> Setup:
+    """``obj`` as a :class:`Setup`: one already, or a dict or tuple of its fields."""
     shape = (
         "a gradguard.advice.Setup, a dict with keys model, optimizer, loss, data (optional: "
         "evaluate, higher_is_better), or a tuple (model, optimizer, loss, data[, evaluate])"
     )
     if isinstance(obj, Setup):
-        setup = obj
-    elif isinstance(obj, Mapping):
+        return obj
+    if isinstance(obj, Mapping):
         missing = [k for k in REQUIRED if k not in obj]
         unknown = sorted(set(obj) - set(REQUIRED) - set(OPTIONAL))
         if missing or unknown:
@@ -196,12 +201,17 @@ def as_setup(obj: Any, text: str = "the entry point") -> Setup:
             if unknown:
                 what.append(f"has unknown key(s) {', '.join(map(str, unknown))}")
             raise ConfigError(f"{text} returned a dict that {' and '.join(what)}; return {shape}")
-        setup = Setup(**obj)
-    elif isinstance(obj, tuple) and len(obj) in (4, 5):
-        setup = Setup(*obj)
-    else:
-        got = f"a tuple of {len(obj)}" if isinstance(obj, tuple) else type(obj).__name__
-        raise ConfigError(f"{text} returned {got}; return {shape}")
+        return Setup(**obj)
+    if isinstance(obj, tuple) and len(obj) in (4, 5):
+        return Setup(*obj)
+    got = f"a tuple of {len(obj)}" if isinstance(obj, tuple) else type(obj).__name__
+    raise ConfigError(f"{text} returned {got}; return {shape}")
+
+
+def _check_setup(setup: Setup, text: str) -> None:
+    """Refuse a setup whose fields are not what the probe trains with, saying how to fix it."""
+    import torch
+
     if not isinstance(setup.model, torch.nn.Module):
         raise ConfigError(
             f"{text}: model must be a torch.nn.Module, got {type(setup.model).__name__}"
@@ -239,7 +249,6 @@ def as_setup(obj: Any, text: str = "the entry point") -> Setup:
         raise ConfigError(
             f"{text}: higher_is_better must be True or False, got {setup.higher_is_better!r}"
         )
-    return setup
 
 
 def make_optimizer(setup: Setup, text: str = "the entry point"):

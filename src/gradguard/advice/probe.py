@@ -123,67 +123,15 @@ def analyze(
     rows: list[ProbeRow] = []
     norms_of: dict[str, list[float]] = {}
     for factor, run_lr, key in sorted(entries):
-        run = runs.get(key)
-        if run is None or run.get("status") not in ("done", "failed"):
-            rows.append(
-                ProbeRow(factor, run_lr, key, "missing", True, "not run", 0, *(math.nan,) * 5)
-            )
-            continue
-        if run["status"] == "failed":
-            first = (run.get("error") or "").strip().splitlines()
-            rows.append(
-                ProbeRow(
-                    factor,
-                    run_lr,
-                    key,
-                    "failed",
-                    True,
-                    "raised",
-                    0,
-                    *(math.nan,) * 5,
-                    error=first[0] if first else "",
-                )
-            )
-            continue
-        res = run["result"]
-        norms = [s["grad_norm"] for s in steps_of(key)]
-        finite = [x for x in norms if x is not None and math.isfinite(x)]
-        norms_of[key] = finite
-        rows.append(
-            ProbeRow(
-                factor=factor,
-                lr=run_lr,
-                key=key,
-                status="done",
-                diverged=failed(res),
-                reason=res.get("diverged_reason"),
-                steps_run=int(res["steps_run"]),
-                final_loss=_f(res.get("final_train_loss")),
-                metric=_f(res.get("test_metric")),
-                norm_p50=norm_percentile(finite, 50),
-                norm_p90=norm_percentile(finite, 90),
-                norm_max=max(finite) if finite else math.nan,
-            )
-        )
+        row, finite = _probe_row(factor, run_lr, key, runs.get(key), steps_of)
+        if finite is not None:
+            norms_of[key] = finite
+        rows.append(row)
     first_bad = next((r for r in rows if r.diverged), None)
     diverges_at = first_bad.factor if first_bad else None
     below = [r for r in rows if not r.diverged and (diverges_at is None or r.factor < diverges_at)]
     trains_up_to = max((r.factor for r in below), default=None)
-    # The healthy run: the highest LR up to the user's that trained.
-    healthy = max(
-        (r for r in rows if not r.diverged and r.factor <= 1.0 + 1e-9),
-        key=lambda r: r.factor,
-        default=None,
-    )
-    source = healthy
-    norms = norms_of.get(source.key, []) if source is not None else []
-    if source is None:
-        # Nothing up to the user's LR trained: the lowest LR's run, its first steps only (at
-        # initialization, before it blew up), is the one measure of healthy norms there is.
-        source = next((r for r in rows if r.status == "done" and norms_of.get(r.key)), None)
-        if source is not None:
-            early = [s["grad_norm"] for s in steps_of(source.key)][:EARLY_STEPS]
-            norms = [x for x in early if x is not None and math.isfinite(x)]
+    healthy, source, norms = _norm_source(rows, norms_of, steps_of)
     if lr is None:
         lr = next((x for f, x, _ in entries if math.isclose(f, 1.0)), None)
     scale = source.lr / lr if source is not None and lr and source.lr < lr else 1.0
@@ -198,6 +146,74 @@ def analyze(
         scale=scale,
         threshold=norm_percentile(norms, percentile) * scale,
     )
+
+
+def _probe_row(
+    factor: float,
+    run_lr: float,
+    key: str,
+    run: Mapping[str, Any] | None,
+    steps_of: Callable[[str], list[dict[str, Any]]],
+) -> tuple[ProbeRow, list[float] | None]:
+    """One probe run's row, and its finite gradient norms (None when it is not done)."""
+    if run is None or run.get("status") not in ("done", "failed"):
+        return ProbeRow(factor, run_lr, key, "missing", True, "not run", 0, *(math.nan,) * 5), None
+    if run["status"] == "failed":
+        first = (run.get("error") or "").strip().splitlines()
+        row = ProbeRow(
+            factor,
+            run_lr,
+            key,
+            "failed",
+            True,
+            "raised",
+            0,
+            *(math.nan,) * 5,
+            error=first[0] if first else "",
+        )
+        return row, None
+    res = run["result"]
+    norms = [s["grad_norm"] for s in steps_of(key)]
+    finite = [x for x in norms if x is not None and math.isfinite(x)]
+    row = ProbeRow(
+        factor=factor,
+        lr=run_lr,
+        key=key,
+        status="done",
+        diverged=failed(res),
+        reason=res.get("diverged_reason"),
+        steps_run=int(res["steps_run"]),
+        final_loss=_f(res.get("final_train_loss")),
+        metric=_f(res.get("test_metric")),
+        norm_p50=norm_percentile(finite, 50),
+        norm_p90=norm_percentile(finite, 90),
+        norm_max=max(finite) if finite else math.nan,
+    )
+    return row, finite
+
+
+def _norm_source(
+    rows: list[ProbeRow],
+    norms_of: Mapping[str, list[float]],
+    steps_of: Callable[[str], list[dict[str, Any]]],
+) -> tuple[ProbeRow | None, ProbeRow | None, list[float]]:
+    """The healthy run (the highest LR up to the user's that trained), the run the threshold's
+    norms come from, and those norms."""
+    healthy = max(
+        (r for r in rows if not r.diverged and r.factor <= 1.0 + 1e-9),
+        key=lambda r: r.factor,
+        default=None,
+    )
+    source = healthy
+    norms = norms_of.get(source.key, []) if source is not None else []
+    if source is None:
+        # Nothing up to the user's LR trained: the lowest LR's run, its first steps only (at
+        # initialization, before it blew up), is the one measure of healthy norms there is.
+        source = next((r for r in rows if r.status == "done" and norms_of.get(r.key)), None)
+        if source is not None:
+            early = [s["grad_norm"] for s in steps_of(source.key)][:EARLY_STEPS]
+            norms = [x for x in early if x is not None and math.isfinite(x)]
+    return healthy, source, norms
 
 
 def _f(x: Any) -> float:

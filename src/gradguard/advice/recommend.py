@@ -95,65 +95,87 @@ def gather(
 ) -> list[Evidence]:
     """The evidence rows. ``cell(spec, level, seed)`` gives the run's database row (``status``,
     ``result``, ``error``) or None if it was not run."""
-    rows = []
-    for c in cands:
-        runs: dict[str, list[int]] = {}
-        reasons: list[str] = []
-        margin: float | None = None
-        broken = False
-        scores, losses, over, clip, skip = [], [], [], [], []
-        for level in sorted(levels):
-            bad = total = 0
-            for seed in range(seeds):
-                r = cell(c.spec, level, seed)
-                if r is None:
-                    continue
-                total += 1
-                res = r.get("result") or {}
-                if r.get("status") != "done":
-                    bad += 1
-                    err = (r.get("error") or "").strip().splitlines()
-                    reasons.append(
-                        f"x{level:g} seed {seed}: raised {err[-1] if err else ''}".strip()
-                    )
-                elif failed(res):  # diverged, or did not learn: neither trained
-                    bad += 1
-                    reasons.append(f"x{level:g} seed {seed}: {res.get('diverged_reason')}")
-                if math.isclose(level, 1.0) and r.get("status") == "done":
-                    steps = max(1, int(res.get("steps_run") or 1))
-                    scores.append(
-                        _num(res.get("test_metric") if use_metric else res.get("final_train_loss"))
-                    )
-                    losses.append(_num(res.get("final_train_loss")))
-                    over.append(0.0 if c.spec == "none" else _num(res.get("guard_share")))
-                    inter = res.get("interventions") or {}
-                    clip.append(inter.get("clipped", 0) / steps)
-                    skip.append((inter.get("skipped", 0) + inter.get("rolled_back", 0)) / steps)
-            runs[f"x{level:g}"] = [bad, total]
-            if total and not bad and not broken:
-                margin = level
-            elif total:
-                broken = True
-        score, score_std = _mean_std(scores)
-        rows.append(
-            Evidence(
-                name=c.name,
-                spec=c.spec,
-                runs=runs,
-                margin=margin if margin is not None and margin >= 1.0 - 1e-9 else None,
-                margin_lr=float(f"{lr * margin:.6g}") if margin is not None else None,
-                score=score,
-                score_std=score_std,
-                score_n=sum(math.isfinite(x) for x in scores),
-                final_loss=_mean_std(losses)[0],
-                final_loss_std=_mean_std(losses)[1],
-                overhead=_mean_std(over)[0],
-                clipped=_mean_std(clip)[0],
-                skipped=_mean_std(skip)[0],
-                reasons=reasons,
-            )
-        )
-    return rows
+    return [_evidence(c, levels, seeds, lr, cell, use_metric) for c in cands]
+
+
+def _evidence(
+    c: Candidate,
+    levels: Sequence[float],
+    seeds: int,
+    lr: float,
+    cell: Callable[[str, float, int], Mapping[str, Any] | None],
+    use_metric: bool,
+) -> Evidence:
+    """One candidate's evidence row: its failures at each level, the highest level up to which
+    every run trained (its margin), and its figures at x1."""
+    runs: dict[str, list[int]] = {}
+    reasons: list[str] = []
+    margin: float | None = None
+    broken = False
+    at_x1: list[Mapping[str, Any]] = []  # the results of the runs done at the user's LR
+    for level in sorted(levels):
+        bad = total = 0
+        for seed in range(seeds):
+            r = cell(c.spec, level, seed)
+            if r is None:
+                continue
+            total += 1
+            why = _failure(r, level, seed)
+            if why is not None:
+                bad += 1
+                reasons.append(why)
+            if math.isclose(level, 1.0) and r.get("status") == "done":
+                at_x1.append(r.get("result") or {})
+        runs[f"x{level:g}"] = [bad, total]
+        if total and not bad and not broken:
+            margin = level
+        elif total:
+            broken = True
+    scores = [
+        _num(res.get("test_metric") if use_metric else res.get("final_train_loss")) for res in at_x1
+    ]
+    losses = [_num(res.get("final_train_loss")) for res in at_x1]
+    over = [0.0 if c.spec == "none" else _num(res.get("guard_share")) for res in at_x1]
+    clip, skip = _intervention_rates(at_x1)
+    score, score_std = _mean_std(scores)
+    return Evidence(
+        name=c.name,
+        spec=c.spec,
+        runs=runs,
+        margin=margin if margin is not None and margin >= 1.0 - 1e-9 else None,
+        margin_lr=float(f"{lr * margin:.6g}") if margin is not None else None,
+        score=score,
+        score_std=score_std,
+        score_n=sum(math.isfinite(x) for x in scores),
+        final_loss=_mean_std(losses)[0],
+        final_loss_std=_mean_std(losses)[1],
+        overhead=_mean_std(over)[0],
+        clipped=_mean_std(clip)[0],
+        skipped=_mean_std(skip)[0],
+        reasons=reasons,
+    )
+
+
+def _failure(r: Mapping[str, Any], level: float, seed: int) -> str | None:
+    """Why a run did not train (it raised, diverged or did not learn), or None if it trained."""
+    res = r.get("result") or {}
+    if r.get("status") != "done":
+        err = (r.get("error") or "").strip().splitlines()
+        return f"x{level:g} seed {seed}: raised {err[-1] if err else ''}".strip()
+    if failed(res):  # diverged, or did not learn: neither trained
+        return f"x{level:g} seed {seed}: {res.get('diverged_reason')}"
+    return None
+
+
+def _intervention_rates(results: Sequence[Mapping[str, Any]]) -> tuple[list[float], list[float]]:
+    """Per run, the share of its steps clipped, and the share skipped or rolled back."""
+    clip, skip = [], []
+    for res in results:
+        steps = max(1, int(res.get("steps_run") or 1))
+        inter = res.get("interventions") or {}
+        clip.append(inter.get("clipped", 0) / steps)
+        skip.append((inter.get("skipped", 0) + inter.get("rolled_back", 0)) / steps)
+    return clip, skip
 
 
 def _num(x: Any) -> float:

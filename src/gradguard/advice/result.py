@@ -121,65 +121,49 @@ class Advice:
             "p90",
             "max",
         ]
-        body = []
-        for r in rows:
-            if r["status"] == "failed":
-                what = f"raised {r.get('error') or ''}"[:40]
-            elif r["status"] != "done":
-                what = "not run"
-            elif r["reason"] == "at_chance":  # did not learn; one that blew up names the spike
-                what = f"ended at chance (step {r['steps_run']})"
-            elif r["diverged"]:
-                what = f"diverged ({r['reason']}, step {r['steps_run']})"
-            else:
-                what = "trained"
-            body.append(
-                [
-                    _g(r["lr"]),
-                    f"x{r['factor']:g}",
-                    what,
-                    _g(r["final_loss"]),
-                    _g(r["metric"]),
-                    _g(r["norm_p50"]),
-                    _g(r["norm_p90"]),
-                    _g(r["norm_max"]),
-                ]
-            )
+        body = [_probe_row(r) for r in rows]
+        title = "LR range probe (no Guard, seed 0)"
+        out = ["", ("## " if markdown else "") + title, "", *_table(head, body, markdown), ""]
+        out += _wrap(self._probe_verdict(), markdown)
+        out += self._threshold_lines(markdown)
+        return out
+
+    def _probe_verdict(self) -> str:
+        """Where unguarded training trains and where it diverges, in the LR probe."""
         d, t = self.probe["diverges_at"], self.probe["trains_up_to"]
         if d is None:
-            verdict = (
+            return (
                 f"Unguarded training trains at every probed LR, up to x{t:g} ({self.lr * t:.3g})."
             )
-        elif t is None:
-            low = min(r["factor"] for r in rows)
-            verdict = (
+        if t is None:
+            low = min(r["factor"] for r in self.probe["rows"])
+            return (
                 f"Unguarded training diverges (or ends at chance) at every probed LR, down to "
                 f"x{low:g} yours."
             )
-        else:
-            verdict = (
-                f"Unguarded training diverges (or ends at chance) from lr {self.lr * d:.3g} "
-                f"(x{d:g}); it trains up to lr {self.lr * t:.3g} (x{t:g})."
-            )
-        title = "LR range probe (no Guard, seed 0)"
-        out = ["", ("## " if markdown else "") + title, "", *_table(head, body, markdown), ""]
-        out += _wrap(verdict, markdown)
+        return (
+            f"Unguarded training diverges (or ends at chance) from lr {self.lr * d:.3g} "
+            f"(x{d:g}); it trains up to lr {self.lr * t:.3g} (x{t:g})."
+        )
+
+    def _threshold_lines(self, markdown: bool) -> list[str]:
+        """The clip threshold the clip_norm candidates use, and where it came from."""
         th = self.threshold
-        if th.get("lr") is not None and th.get("value") is not None:
-            scaled = (
-                f" x {th['lr']:g}/{self.lr:g} (its LR over yours: the same largest step)"
-                if th.get("scale", 1.0) != 1.0
-                else ""
-            )
-            out += _wrap(
-                f"Clip threshold {th['value']:.4g} (the clip_norm candidates): "
-                f"p{th['percentile']:g} of the gradient norms of the unguarded run at lr "
-                f"{th['lr']:g} ({th['norms']} step{'s' if th['norms'] != 1 else ''}){scaled}"
-                + ("" if th.get("healthy") else "; no run up to your LR trained: its first step's")
-                + ".",
-                markdown,
-            )
-        return out
+        if th.get("lr") is None or th.get("value") is None:
+            return []
+        scaled = (
+            f" x {th['lr']:g}/{self.lr:g} (its LR over yours: the same largest step)"
+            if th.get("scale", 1.0) != 1.0
+            else ""
+        )
+        return _wrap(
+            f"Clip threshold {th['value']:.4g} (the clip_norm candidates): "
+            f"p{th['percentile']:g} of the gradient norms of the unguarded run at lr "
+            f"{th['lr']:g} ({th['norms']} step{'s' if th['norms'] != 1 else ''}){scaled}"
+            + ("" if th.get("healthy") else "; no run up to your LR trained: its first step's")
+            + ".",
+            markdown,
+        )
 
     def _table_lines(self, markdown: bool) -> list[str]:
         levels = [f"x{x:g}" for x in self.plan["levels"]]
@@ -244,6 +228,30 @@ class Advice:
             for a in f["advice"]:
                 out += _wrap(f"    - {a}", markdown, indent="      ")
         return out
+
+
+def _probe_row(r: dict[str, Any]) -> list[str]:
+    """One LR-probe run as a table row: its LR, factor, how it ended, loss, metric and norms."""
+    if r["status"] == "failed":
+        what = f"raised {r.get('error') or ''}"[:40]
+    elif r["status"] != "done":
+        what = "not run"
+    elif r["reason"] == "at_chance":  # did not learn; one that blew up names the spike
+        what = f"ended at chance (step {r['steps_run']})"
+    elif r["diverged"]:
+        what = f"diverged ({r['reason']}, step {r['steps_run']})"
+    else:
+        what = "trained"
+    return [
+        _g(r["lr"]),
+        f"x{r['factor']:g}",
+        what,
+        _g(r["final_loss"]),
+        _g(r["metric"]),
+        _g(r["norm_p50"]),
+        _g(r["norm_p90"]),
+        _g(r["norm_max"]),
+    ]
 
 
 def _wrap(text: str, markdown: bool, indent: str = "  ") -> list[str]:

@@ -110,15 +110,8 @@ def _train_entry(
     )
     metric = E.evaluate(setup, model, text) if run.diverged_reason is None else math.nan
     result = run_result(
-        run.steps,
+        run,
         {"loss": math.nan, "metric": metric, "success": False},
-        first_loss=run.first_loss,
-        diverged_reason=run.diverged_reason,
-        steps_to_target=None,
-        seconds_to_target=None,
-        wall=run.wall,
-        counters=run.counters,
-        guard_seconds=run.guard_seconds,
         policy=policy,
         off_target=lambda m: (
             "nonfinite_metric" if setup.evaluate is not None and not math.isfinite(m) else None

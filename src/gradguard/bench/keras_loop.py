@@ -29,7 +29,8 @@ import math
 import os
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from dataclasses import dataclass
+from typing import Any
 
 import keras
 import numpy as np
@@ -42,6 +43,7 @@ from ..keras.callback import GuardTelemetry
 from ..keras.optimizer import GuardedOptimizer, _np
 from . import keras_train
 from .config import Resolved, RunConfig, resolve
+from .loop import LoopRun
 from .tasks import Task, make_task
 from .train import at_chance, lr_lambda, run_result
 
@@ -231,6 +233,27 @@ def train_run(
     then gets a measuring-only GuardedOptimizer (policy ``none``, no finiteness skip), which
     trains exactly as the bare optimizer does.
     """
+    _check_trainable_here(cfg)
+    _pin_threads(cfg.threads)
+    res = resolve(cfg)
+    setup = _build_run(cfg, res, log_dir)
+    run = _train_steps(cfg, setup, _compiled_step(setup), on_step)
+    if setup.telemetry is not None:
+        setup.telemetry.close()
+
+    result = run_result(
+        run,
+        evaluate(setup.model, setup.task) if run.diverged_reason is None else None,
+        policy=res.policy,
+        plan=setup.plan,
+        off_target=lambda metric: "at_chance" if at_chance(setup.task, metric) else None,
+    )
+    result["framework"] = f"keras {keras.__version__} ({keras.backend.backend()})"
+    return result, run.steps
+
+
+def _check_trainable_here(cfg: RunConfig) -> None:
+    """Refuse a run this process cannot train: Keras on another backend, or distributed."""
     if keras.backend.backend() != "tensorflow":
         raise ConfigError(
             f"the Keras bench trains with the TensorFlow backend, but Keras runs on "
@@ -238,10 +261,26 @@ def train_run(
         )
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         raise ConfigError(f"model {cfg.model}: the Keras bench variant trains in one process")
-    import tensorflow as tf
 
-    _pin_threads(cfg.threads)
-    res = resolve(cfg)
+
+@dataclass
+class _KerasRun:
+    """What a Keras bench run trains with, built from its config."""
+
+    task: Task
+    model: keras.Model
+    inner: keras.optimizers.Optimizer  # the optimizer the GuardedOptimizer wraps: it has the LR
+    opt: GuardedOptimizer
+    variables: list[Any]
+    guarded: bool  # a policy guards the run (else a measuring-only GuardedOptimizer)
+    jit: bool
+    telemetry: GuardTelemetry | None
+    plan: Any  # the fault plan, or None
+    grad_faults: _GradFaults | None
+
+
+def _build_run(cfg: RunConfig, res: Resolved, log_dir: str | os.PathLike | None) -> _KerasRun:
+    """The task, the seeded model, the guarded optimizer, the telemetry and the fault plan."""
     opts = {**keras_train.model_options(cfg.model), **res.model_options}
     task = make_task(cfg.task, **dict(cfg.task_options))
     if task.kind != "classify":
@@ -263,10 +302,19 @@ def train_run(
         telemetry.set_model(model)
     plan = parse_faults(cfg.faults, seed=cfg.seed) if cfg.faults.strip() != "none" else None
     grad_faults = _GradFaults(plan, opt.layout) if plan is not None else None
-    inject = bool(grad_faults)
+    return _KerasRun(task, model, inner, opt, variables, guarded, jit, telemetry, plan, grad_faults)
+
+
+def _compiled_step(setup: _KerasRun) -> Callable[..., Any]:
+    """``train_step(x, y, mark, value, scale) -> loss``: the gradients, the scheduled gradient
+    faults, and the guarded update, as one ``tf.function``."""
+    import tensorflow as tf
+
+    model, opt, variables = setup.model, setup.opt, setup.variables
+    inject = bool(setup.grad_faults)
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
-    @tf.function(jit_compile=jit, reduce_retracing=True)
+    @tf.function(jit_compile=setup.jit, reduce_retracing=True)
     def train_step(x: Any, y: Any, mark: Any, value: Any, scale: Any) -> Any:
         with tf.GradientTape() as tape:
             loss = loss_fn(y, model(x, training=True))
@@ -276,79 +324,77 @@ def train_run(
         opt.apply(grads, variables)
         return loss
 
+    return train_step
+
+
+def _train_steps(
+    cfg: RunConfig,
+    setup: _KerasRun,
+    train_step: Callable[..., Any],
+    on_step: Callable[[int], None] | None,
+) -> LoopRun:
+    """Train ``cfg.steps`` steps and return what was measured, as the torch loop's
+    :class:`LoopRun` (``guard_seconds`` NaN: the Guard runs inside the compiled step)."""
+    model, task, plan, telemetry = setup.model, setup.task, setup.plan, setup.telemetry
+    fault_arrays = _fault_arrays(setup.grad_faults, len(setup.variables))
     schedule = lr_lambda(cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     batches = task.batches(cfg.batch_size, gen)
-    n = len(variables)
-    no_mark, no_value, no_scale = np.zeros(n, bool), np.zeros(n, np.float32), np.ones(n, np.float32)
-
-    steps: list[dict[str, Any]] = []
-    first_loss: float | None = None
-    diverged_reason: str | None = None
-    steps_to_target: int | None = None
-    seconds_to_target: float | None = None
+    run = LoopRun(guard_seconds=math.nan)  # the Guard runs inside the compiled step: not separable
     t0 = time.perf_counter()
     for step in range(cfg.steps):
         x, y = next(batches)
         if plan is not None:
             x, y = plan.on_batch(step, x, y)
         burst = _lr_burst(plan, step) if plan is not None else 1.0
-        inner.learning_rate.assign(cfg.lr * schedule(step) * burst)
-        mark, value, scale = (
-            cast(_GradFaults, grad_faults).at(step)  # inject: there are faults
-            if inject
-            else (no_mark, no_value, no_scale)
-        )
+        setup.inner.learning_rate.assign(cfg.lr * schedule(step) * burst)
+        mark, value, scale = fault_arrays(step)
         loss_val = float(train_step(x.numpy(), y.numpy(), mark, value, scale))
-        if first_loss is None and math.isfinite(loss_val):
-            first_loss = loss_val
-        info = opt.last_step()
+        if run.first_loss is None and math.isfinite(loss_val):
+            run.first_loss = loss_val
+        info = setup.opt.last_step()
         assert info is not None
-        steps.append(
-            {
-                "step": step,
-                "loss": loss_val,
-                "grad_norm": info["grad_norm"],
-                "grad_norm_after": info["grad_norm_after"],
-                "clipped": info["clipped"],
-                "skipped": info["skipped"],
-                "lr": info["lr"],
-            }
-        )
+        run.steps.append(_step_record(step, loss_val, info))
         if telemetry is not None:
             telemetry.record(loss_val)
         if on_step is not None:
             on_step(step)
         if not all(np.isfinite(_np(v)).all() for v in model.variables):
-            diverged_reason = "nonfinite_weights"
+            run.diverged_reason = "nonfinite_weights"
             break
-        if not guarded and not math.isfinite(loss_val):
-            diverged_reason = "nonfinite_loss"
+        if not setup.guarded and not math.isfinite(loss_val):
+            run.diverged_reason = "nonfinite_loss"
             break
-        due = (step + 1) % cfg.eval_every == 0 and steps_to_target is None
+        due = (step + 1) % cfg.eval_every == 0 and run.steps_to_target is None
         if due and evaluate(model, task)["success"]:
-            steps_to_target, seconds_to_target = step + 1, time.perf_counter() - t0
-    wall = time.perf_counter() - t0
-    counters = opt.counters if guarded else {}
-    if telemetry is not None:
-        telemetry.close()
+            run.steps_to_target, run.seconds_to_target = step + 1, time.perf_counter() - t0
+    run.wall = time.perf_counter() - t0
+    run.counters = setup.opt.counters if setup.guarded else {}
+    return run
 
-    result = run_result(
-        steps,
-        evaluate(model, task) if diverged_reason is None else None,
-        first_loss=first_loss,
-        diverged_reason=diverged_reason,
-        steps_to_target=steps_to_target,
-        seconds_to_target=seconds_to_target,
-        wall=wall,
-        counters=counters,
-        guard_seconds=math.nan,  # the Guard runs inside the compiled step: not separable
-        policy=res.policy,
-        plan=plan,
-        off_target=lambda metric: "at_chance" if at_chance(task, metric) else None,
-    )
-    result["framework"] = f"keras {keras.__version__} ({keras.backend.backend()})"
-    return result, steps
+
+def _fault_arrays(
+    grad_faults: _GradFaults | None, n: int
+) -> Callable[[int], tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``step -> (mark, value, scale)`` for the compiled step: the scheduled gradient faults, or
+    arrays that change nothing when the run has none."""
+    if grad_faults:  # there are gradient faults: draw the step's
+        return grad_faults.at
+    no_mark, no_value, no_scale = np.zeros(n, bool), np.zeros(n, np.float32), np.ones(n, np.float32)
+    return lambda _step: (no_mark, no_value, no_scale)
+
+
+def _step_record(step: int, loss: float, info: dict[str, Any]) -> dict[str, Any]:
+    """One step's record, as the torch loop's, from the GuardedOptimizer's last step."""
+    return {
+        "step": step,
+        "loss": loss,
+        "grad_norm": info["grad_norm"],
+        "grad_norm_after": info["grad_norm_after"],
+        "clipped": info["clipped"],
+        "skipped": info["skipped"],
+        "lr": info["lr"],
+    }
 
 
 def _inject(g: Any, mark: Any, value: Any, scale: Any) -> Any:

@@ -133,21 +133,9 @@ def train_loop(
             run.first_loss = loss_val
         if before_update is not None:
             before_update(step)
-        lr = float(opt.param_groups[0]["lr"])
-        if guard is not None:
-            tg = time.perf_counter()
-            try:
-                report = guard.step(loss=loss, replay=replay)
-            except TrainingHalted as e:  # the Guard stopped a run that cannot recover
-                run.diverged_reason = e.reason
-                break
-            run.guard_seconds += time.perf_counter() - tg
-            row = step_row(step, loss_val, lr, report=report)
-        else:
-            grads = [p.grad for p in params if p.grad is not None]
-            norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-            opt.step()
-            row = step_row(step, loss_val, lr, norm=norm)
+        row = _update(run, opt, guard, params, step, loss, loss_val, replay)
+        if row is None:  # the Guard halted the run
+            break
         if after_update is not None:
             after_update(step)
         run.steps.append(row)
@@ -166,3 +154,31 @@ def train_loop(
         run.counters = dict(guard.counters) if guarded else {}
         guard.close()
     return run
+
+
+def _update(
+    run: LoopRun,
+    opt: torch.optim.Optimizer,
+    guard: Guard | None,
+    params: list[torch.Tensor],
+    step: int,
+    loss: torch.Tensor,
+    loss_val: float,
+    replay: Callable[[], torch.Tensor],
+) -> dict[str, Any] | None:
+    """The step's update, by the Guard (timed) or by the bare optimizer (its gradients' norm
+    measured), and its record; None when the Guard halted the run (its reason is in ``run``)."""
+    lr = float(opt.param_groups[0]["lr"])
+    if guard is not None:
+        tg = time.perf_counter()
+        try:
+            report = guard.step(loss=loss, replay=replay)
+        except TrainingHalted as e:  # the Guard stopped a run that cannot recover
+            run.diverged_reason = e.reason
+            return None
+        run.guard_seconds += time.perf_counter() - tg
+        return step_row(step, loss_val, lr, report=report)
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    opt.step()
+    return step_row(step, loss_val, lr, norm=norm)

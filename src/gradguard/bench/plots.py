@@ -162,33 +162,14 @@ def curve_figure(
         finite = every[np.isfinite(every)]
         log = bool(finite.size) and bool((finite > 0).all())
     rows, cols = len(mitigations), len(lrs)
-    # Fixed margins (inches), not a layout engine: constrained layout measures every tick of every
-    # panel and took 10x the drawing time on a 12 x 4 grid.
-    left, right, top, bottom = 1.5, 0.15, 0.65, 0.75
-    width, height = PANEL_W * cols + left + right, PANEL_H * rows + top + bottom
-    fig = Figure(figsize=(width, height))
-    grid = {"left": left / width, "right": 1 - right / width, "top": 1 - top / height}
-    grid |= {"bottom": bottom / height, "hspace": 0.25, "wspace": 0.25}
-    # Limits set once per panel rather than shared axes: sharing re-propagates every limit change
-    # through all the panels.
-    axes = fig.subplots(rows, cols, squeeze=False, gridspec_kw=grid)
+    fig, axes, height = _panel_grid(rows, cols)
     n_steps = max((a.shape[1] for a, _ in data.values()), default=1)
     for j, lr in enumerate(lrs):
-        column = [data[(m, lr)][0].ravel() for m in mitigations if (m, lr) in data]
-        limits = robust_limits(np.concatenate(column or [np.zeros(0)]), log)
-        if limits is None:  # nothing finite in this column: every run here failed at once
-            limits = (0.1, 10.0) if log else (0.0, 1.0)
+        limits = _column_limits(data, mitigations, lr, log)
         base = data.get((BASELINE, lr))
         for i, mit in enumerate(mitigations):
             ax = axes[i][j]
-            if log:
-                ax.set_yscale("log")
-                ax.yaxis.set_major_locator(LogLocator(numticks=4))
-                ax.yaxis.set_minor_locator(NullLocator())  # unlabelled clutter, and slow
-            ax.set_ylim(*limits)
-            ax.set_xlim(-0.01 * n_steps, 1.01 * n_steps)
-            ax.xaxis.set_major_locator(MaxNLocator(4))  # few ticks: 50 panels draw them all
-            ax.set_autoscale_on(False)
+            _panel_axes(ax, limits, log, n_steps)
             if base is not None and mit != BASELINE:
                 b = np.where(base[0] > 0, base[0], np.nan) if log else base[0]
                 ax.plot(
@@ -202,16 +183,7 @@ def curve_figure(
                 )
             if (mit, lr) in data:
                 _band(ax, *data[(mit, lr)], colors[mit], limits, log)
-            ax.tick_params(labelsize=7, labelbottom=i == rows - 1)
-            ax.grid(alpha=0.25, lw=0.5)
-            if i == 0:
-                ax.set_title(f"lr={lr:g}", fontsize=9)
-            if j == 0:
-                ax.set_ylabel(
-                    _wrap(mit), fontsize=8, color=colors[mit], rotation=0, ha="right", va="center"
-                )
-            if i == rows - 1:
-                ax.set_xlabel("step", fontsize=8)
+            _panel_labels(ax, i == 0, j == 0, i == rows - 1, mit, lr, colors[mit])
     fig.suptitle(_literal(f"{ylabel}: {title}"), fontsize=10, y=1 - 0.15 / height, va="top")
     fig.legend(handles=_key(), loc="lower center", ncol=4, fontsize=7, frameon=False)
     return fig
@@ -221,6 +193,61 @@ def _literal(text: str) -> str:
     """Run-supplied text (a mitigation, a task's name) shown by matplotlib as it is: each ``$``
     escaped, since a pair would start mathtext; a backslash anywhere else is shown as it is."""
     return text.replace("$", r"\$")
+
+
+def _panel_grid(rows: int, cols: int) -> tuple[Figure, np.ndarray, float]:
+    """A figure of ``rows`` x ``cols`` panels with fixed margins; returns it, its axes and its
+    height (inches)."""
+    # Fixed margins (inches), not a layout engine: constrained layout measures every tick of every
+    # panel and took 10x the drawing time on a 12 x 4 grid.
+    left, right, top, bottom = 1.5, 0.15, 0.65, 0.75
+    width, height = PANEL_W * cols + left + right, PANEL_H * rows + top + bottom
+    fig = Figure(figsize=(width, height))
+    grid = {"left": left / width, "right": 1 - right / width, "top": 1 - top / height}
+    grid |= {"bottom": bottom / height, "hspace": 0.25, "wspace": 0.25}
+    # Limits set once per panel rather than shared axes: sharing re-propagates every limit change
+    # through all the panels.
+    axes = fig.subplots(rows, cols, squeeze=False, gridspec_kw=grid)
+    return fig, axes, height
+
+
+def _column_limits(
+    data: dict[tuple[str, float], tuple[np.ndarray, np.ndarray]],
+    mitigations: Sequence[str],
+    lr: float,
+    log: bool,
+) -> tuple[float, float]:
+    """The y-range an LR's column of panels shares (:func:`robust_limits`)."""
+    column = [data[(m, lr)][0].ravel() for m in mitigations if (m, lr) in data]
+    limits = robust_limits(np.concatenate(column or [np.zeros(0)]), log)
+    if limits is None:  # nothing finite in this column: every run here failed at once
+        limits = (0.1, 10.0) if log else (0.0, 1.0)
+    return limits
+
+
+def _panel_axes(ax, limits: tuple[float, float], log: bool, n_steps: int) -> None:
+    """A panel's scale, limits and ticks, set once (no autoscaling afterwards)."""
+    if log:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(numticks=4))
+        ax.yaxis.set_minor_locator(NullLocator())  # unlabelled clutter, and slow
+    ax.set_ylim(*limits)
+    ax.set_xlim(-0.01 * n_steps, 1.01 * n_steps)
+    ax.xaxis.set_major_locator(MaxNLocator(4))  # few ticks: 50 panels draw them all
+    ax.set_autoscale_on(False)
+
+
+def _panel_labels(ax, top: bool, left: bool, bottom: bool, mit: str, lr: float, color: Any) -> None:
+    """A panel's grid and labels: the LR over the top row, the mitigation left of the first
+    column, steps under the bottom row."""
+    ax.tick_params(labelsize=7, labelbottom=bottom)
+    ax.grid(alpha=0.25, lw=0.5)
+    if top:
+        ax.set_title(f"lr={lr:g}", fontsize=9)
+    if left:
+        ax.set_ylabel(_wrap(mit), fontsize=8, color=color, rotation=0, ha="right", va="center")
+    if bottom:
+        ax.set_xlabel("step", fontsize=8)
 
 
 def _wrap(name: str, width: int = 16) -> str:

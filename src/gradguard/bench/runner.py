@@ -181,22 +181,12 @@ def run_grid(
     ``configs``: :class:`RunConfig` s, or any objects whose ``as_dict()`` gives a stored config
     (see :func:`train_stored`).
     """
-    if telemetry and executor != "local":
-        raise ConfigError(
-            "telemetry is written by the local executor only (Ray's nodes need not share a disk)"
-        )
-    if executor not in EXECUTORS:
-        raise ConfigError(f"unknown executor {executor!r}; choose one of: {', '.join(EXECUTORS)}")
-    if not (isinstance(cpus_per_run, (int, float)) and cpus_per_run > 0):
-        raise ConfigError(f"cpus_per_run must be a number > 0, got {cpus_per_run!r}")
+    _check_executor(executor, telemetry, cpus_per_run)
     ray = _import_ray() if executor == "ray" else None  # before the database is touched
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     db = out / DB_NAME
-    with ResultStore(db) as store:
-        keys = store.add_runs([c.as_dict() for c in configs])
-        store.reset_stale()
-        todo = [r["key"] for r in store.runs("pending", keys)]
+    keys, todo = _add_runs(db, configs)
     cores = os.cpu_count() or 1
     workers = max(1, min(workers or cores, len(todo) or 1))
     bar = None
@@ -221,6 +211,28 @@ def run_grid(
         bar.close()
     with ResultStore(db) as store:
         return store.runs("done", keys)
+
+
+def _check_executor(executor: str, telemetry: bool, cpus_per_run: float) -> None:
+    """Refuse an executor, or options for it, that cannot run the grid."""
+    if telemetry and executor != "local":
+        raise ConfigError(
+            "telemetry is written by the local executor only (Ray's nodes need not share a disk)"
+        )
+    if executor not in EXECUTORS:
+        raise ConfigError(f"unknown executor {executor!r}; choose one of: {', '.join(EXECUTORS)}")
+    if not (isinstance(cpus_per_run, (int, float)) and cpus_per_run > 0):
+        raise ConfigError(f"cpus_per_run must be a number > 0, got {cpus_per_run!r}")
+
+
+def _add_runs(db: Path, configs: Sequence[RunConfig]) -> tuple[list[str], list[str]]:
+    """Store the grid's runs (those already there are kept) and put runs of dead workers back
+    to pending; return (the grid's run keys, the keys still to train)."""
+    with ResultStore(db) as store:
+        keys = store.add_runs([c.as_dict() for c in configs])
+        store.reset_stale()
+        todo = [r["key"] for r in store.runs("pending", keys)]
+    return keys, todo
 
 
 def _interrupted(db: Path, keys: list[str], todo: list[str], desc: str) -> Interrupted:
@@ -379,60 +391,13 @@ def _run_ray(
     a task Ray itself lost (a worker or node died) is released to ``pending`` for the next
     invocation. At most ``RAY_IN_FLIGHT_PER_CPU`` tasks per cluster CPU are in flight.
     """
-    started = False
-    if not ray.is_initialized():  # else: a session the caller opened (a notebook, a test)
-        address = address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-        else:  # "local": start a fresh one even if a `ray start` cluster runs on this machine
-            ray.init(
-                address="local",
-                num_cpus=math.ceil(workers * cpus_per_run),
-                include_dashboard=False,
-                log_to_driver=False,
-                logging_level=logging.WARNING,
-            )
-        started = True
+    started = _ray_init(ray, address, workers, cpus_per_run)
     try:
         task = ray.remote(num_cpus=cpus_per_run)(_train_task)
         cpus = ray.cluster_resources().get("CPU", 1)
         bound = max(1, int(RAY_IN_FLIGHT_PER_CPU * cpus / cpus_per_run))
-        owner = this_owner()
-        queue = deque(todo)
-        in_flight: dict[Any, str] = {}  # ObjectRef -> run key
-        lost: list[str] = []
         with ResultStore(db) as store:
-            try:
-                while queue or in_flight:
-                    while queue and len(in_flight) < bound:
-                        claimed = store.claim([queue.popleft()], owner=owner)
-                        if claimed is None:  # another bench took it meanwhile: it is theirs
-                            if bar is not None:
-                                bar.update(1)
-                            continue
-                        key, cfg = claimed
-                        in_flight[task.remote(cfg)] = key
-                    if not in_flight:
-                        break
-                    (ref,), _ = ray.wait(list(in_flight), num_returns=1)
-                    key = in_flight.pop(ref)
-                    try:
-                        ok, payload = ray.get(ref)
-                    except ray.exceptions.RayError as e:  # not training's error: Ray's
-                        store.release(key, owner=owner)
-                        lost.append(f"{type(e).__name__}: {e}")
-                        continue
-                    if ok:  # payload: (result, steps)
-                        store.finish(key, *cast("tuple[Any, Any]", payload), owner=owner)
-                    else:
-                        store.fail(key, payload, owner=owner)
-                    if bar is not None:
-                        bar.update(1)
-            finally:  # interrupted (Ctrl-C, cluster gone): hand the claims back now
-                for ref, key in in_flight.items():
-                    with contextlib.suppress(Exception):  # the cluster may be gone
-                        ray.cancel(ref)
-                    store.release(key, owner=owner)
+            lost = _ray_tasks(ray, task, store, todo, bound, bar)
         if lost:
             print(
                 f"gradguard bench: {len(lost)} run(s) lost to Ray errors, left pending (rerun to"
@@ -442,3 +407,79 @@ def _run_ray(
     finally:
         if started:
             ray.shutdown()
+
+
+def _ray_init(ray: Any, address: str | None, workers: int, cpus_per_run: float) -> bool:
+    """Connect to Ray (``address``, else ``RAY_ADDRESS``, else a fresh local Ray of ``workers``
+    runs' CPUs) unless a session is open already; return whether this call started one."""
+    if ray.is_initialized():  # a session the caller opened (a notebook, a test)
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+    else:  # "local": start a fresh one even if a `ray start` cluster runs on this machine
+        ray.init(
+            address="local",
+            num_cpus=math.ceil(workers * cpus_per_run),
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+        )
+    return True
+
+
+def _ray_tasks(
+    ray: Any, task: Any, store: ResultStore, todo: list[str], bound: int, bar
+) -> list[str]:
+    """Claim, submit and record ``todo``'s runs, at most ``bound`` in flight; return the errors
+    of the tasks Ray lost (their runs released to pending)."""
+    owner = this_owner()
+    queue = deque(todo)
+    in_flight: dict[Any, str] = {}  # ObjectRef -> run key
+    lost: list[str] = []
+    try:
+        while queue or in_flight:
+            _submit_claimed(task, store, queue, in_flight, bound, owner, bar)
+            if not in_flight:
+                break
+            (ref,), _ = ray.wait(list(in_flight), num_returns=1)
+            key = in_flight.pop(ref)
+            try:
+                ok, payload = ray.get(ref)
+            except ray.exceptions.RayError as e:  # not training's error: Ray's
+                store.release(key, owner=owner)
+                lost.append(f"{type(e).__name__}: {e}")
+                continue
+            if ok:  # payload: (result, steps)
+                store.finish(key, *cast("tuple[Any, Any]", payload), owner=owner)
+            else:
+                store.fail(key, payload, owner=owner)
+            if bar is not None:
+                bar.update(1)
+    finally:  # interrupted (Ctrl-C, cluster gone): hand the claims back now
+        for ref, key in in_flight.items():
+            with contextlib.suppress(Exception):  # the cluster may be gone
+                ray.cancel(ref)
+            store.release(key, owner=owner)
+    return lost
+
+
+def _submit_claimed(
+    task: Any,
+    store: ResultStore,
+    queue: deque[str],
+    in_flight: dict[Any, str],
+    bound: int,
+    owner: str,
+    bar,
+) -> None:
+    """Claim runs from ``queue`` and submit each as a task until ``bound`` are in flight; a run
+    another bench claimed first is skipped (it is theirs)."""
+    while queue and len(in_flight) < bound:
+        claimed = store.claim([queue.popleft()], owner=owner)
+        if claimed is None:  # another bench took it meanwhile: it is theirs
+            if bar is not None:
+                bar.update(1)
+            continue
+        key, cfg = claimed
+        in_flight[task.remote(cfg)] = key

@@ -117,70 +117,85 @@ def summarize(runs: Sequence[dict[str, Any]], steps_of=None) -> list[dict[str, A
     ``diverged`` and ``did_not_learn`` count the runs of each outcome (:func:`outcomes`);
     ``steps_of(key)``, if given, lets a row stored before outcomes be judged by its loss too.
     """
-    flat, varying = _flat_and_varying(runs)
-    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
-    options: dict[tuple, str] = {}
-    clean_of: dict[tuple, tuple] = {}  # a faulted group -> the same settings without the fault
-
-    def key_of(f: dict[str, Any], mitigation: str) -> tuple:
-        return (*(f[k] for k in SETTING), repr(sorted(f.items(), key=repr)), mitigation)
-
-    for r, f in zip(runs, flat, strict=True):
-        mitigation = r["config"]["mitigation"]
-        key = key_of(f, mitigation)
-        groups[key].append(r)
-        options[key] = _option_label(f, varying)
-        if f.get("faults", "none") != "none":
-            clean_of[key] = key_of({k: v for k, v in f.items() if k != "faults"}, mitigation)
+    groups, options, clean_of = _group_runs(runs)
     outcome = outcomes(runs, steps_of)
     rows = []
     metric_of: dict[tuple, float] = {}
     for key, members in groups.items():
-        res = [m["result"] for m in members]
-        seen = [outcome[id(m)] for m in members]
-        metric_mean, metric_std = _mean_std([x["test_metric"] for x in res])
-        score_mean, score_se = _score([m["config"] for m in members], res)
-        reached = [x for x in res if x["steps_to_target"] is not None]
-        inter = [x.get("interventions", {}) for x in res]
-        rows.append(
-            dict(
-                zip(SETTING, key[: len(SETTING)], strict=True),
-                options=options[key],
-                mitigation=key[-1],
-                runs=len(res),
-                diverged=seen.count("diverged"),
-                did_not_learn=seen.count("did_not_learn"),
-                divergence_rate=seen.count("diverged") / len(res),
-                metric_mean=metric_mean,
-                metric_std=metric_std,
-                score_mean=score_mean,
-                score_se=score_se,
-                reached_target=len(reached),
-                steps_to_target=statistics.median(x["steps_to_target"] for x in reached)
-                if reached
-                else None,
-                seconds_to_target=statistics.median(x["seconds_to_target"] for x in reached)
-                if reached
-                else None,
-                guard_share=statistics.fmean(x["guard_share"] for x in res),
-                clipped_per_run=statistics.fmean(i.get("clipped", 0) for i in inter),
-                skipped_per_run=statistics.fmean(i.get("skipped", 0) for i in inter),
-                faults=members[0]["config"].get("faults", "none"),
-                vs_clean=None,
-                nonfinite_weights=sum(x.get("diverged_reason") == "nonfinite_weights" for x in res),
-                steps_to_recover=_median_or_none(
-                    [x["steps_to_recover"] for x in res if x.get("steps_to_recover") is not None]
-                ),
-                unrecovered=sum(x.get("unrecovered", 0) for x in res),
-            )
-        )
-        metric_of[key] = metric_mean
+        rows.append(_group_row(key, members, options[key], [outcome[id(m)] for m in members]))
+        metric_of[key] = rows[-1]["metric_mean"]
     # A faulted row's metric against the same setting and mitigation without the fault.
     for row, key in zip(rows, groups, strict=True):
         clean = metric_of.get(clean_of.get(key, ()))
         if clean is not None and not math.isnan(clean) and not math.isnan(row["metric_mean"]):
             row["vs_clean"] = row["metric_mean"] - clean
     return rows
+
+
+def _group_key(f: dict[str, Any], mitigation: str) -> tuple:
+    """A summary row's key: every setting but the seed (``f``: a run's flat settings), and the
+    mitigation."""
+    return (*(f[k] for k in SETTING), repr(sorted(f.items(), key=repr)), mitigation)
+
+
+def _group_runs(
+    runs: Sequence[dict[str, Any]],
+) -> tuple[dict[tuple, list[dict[str, Any]]], dict[tuple, str], dict[tuple, tuple]]:
+    """The runs by summary row key, in the order they appear; each key's ``options`` label; and
+    each faulted key's clean twin (the same settings without the fault)."""
+    flat, varying = _flat_and_varying(runs)
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    options: dict[tuple, str] = {}
+    clean_of: dict[tuple, tuple] = {}  # a faulted group -> the same settings without the fault
+    for r, f in zip(runs, flat, strict=True):
+        mitigation = r["config"]["mitigation"]
+        key = _group_key(f, mitigation)
+        groups[key].append(r)
+        options[key] = _option_label(f, varying)
+        if f.get("faults", "none") != "none":
+            clean_of[key] = _group_key({k: v for k, v in f.items() if k != "faults"}, mitigation)
+    return groups, options, clean_of
+
+
+def _group_row(
+    key: tuple, members: list[dict[str, Any]], options: str, seen: list[str]
+) -> dict[str, Any]:
+    """One summary row: a group's runs (``seen``: their outcomes) aggregated over seeds."""
+    res = [m["result"] for m in members]
+    metric_mean, metric_std = _mean_std([x["test_metric"] for x in res])
+    score_mean, score_se = _score([m["config"] for m in members], res)
+    reached = [x for x in res if x["steps_to_target"] is not None]
+    inter = [x.get("interventions", {}) for x in res]
+    return dict(
+        zip(SETTING, key[: len(SETTING)], strict=True),
+        options=options,
+        mitigation=key[-1],
+        runs=len(res),
+        diverged=seen.count("diverged"),
+        did_not_learn=seen.count("did_not_learn"),
+        divergence_rate=seen.count("diverged") / len(res),
+        metric_mean=metric_mean,
+        metric_std=metric_std,
+        score_mean=score_mean,
+        score_se=score_se,
+        reached_target=len(reached),
+        steps_to_target=statistics.median(x["steps_to_target"] for x in reached)
+        if reached
+        else None,
+        seconds_to_target=statistics.median(x["seconds_to_target"] for x in reached)
+        if reached
+        else None,
+        guard_share=statistics.fmean(x["guard_share"] for x in res),
+        clipped_per_run=statistics.fmean(i.get("clipped", 0) for i in inter),
+        skipped_per_run=statistics.fmean(i.get("skipped", 0) for i in inter),
+        faults=members[0]["config"].get("faults", "none"),
+        vs_clean=None,
+        nonfinite_weights=sum(x.get("diverged_reason") == "nonfinite_weights" for x in res),
+        steps_to_recover=_median_or_none(
+            [x["steps_to_recover"] for x in res if x.get("steps_to_recover") is not None]
+        ),
+        unrecovered=sum(x.get("unrecovered", 0) for x in res),
+    )
 
 
 def outcomes(runs: Sequence[dict[str, Any]], steps_of=None) -> dict[int, str]:

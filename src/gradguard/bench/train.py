@@ -22,13 +22,14 @@ from torch.nn.parallel import DistributedDataParallel
 from ..errors import ConfigError
 from . import keras_train
 from .config import Resolved, RunConfig, resolve
-from .loop import make_guard, train_loop
+from .loop import Forward, LoopRun, make_guard, train_loop
 from .models import build_model
 from .outcome import AT_CHANCE, LOSS_BLOWUP, blowup_evidence, loss_levels
-from .parallel import check_divisible, current, from_main, mean_over_ranks, rank_slice
+from .parallel import Ranks, check_divisible, current, from_main, mean_over_ranks, rank_slice
 from .tasks import Task, make_task
 
 if TYPE_CHECKING:
+    from ..guard import Guard
     from ..policies.rollback import rollback as Rollback
 
 
@@ -168,16 +169,7 @@ def _train_torch(
     main = ranks is None or ranks.is_main
     torch.manual_seed(cfg.seed)
     task = make_task(cfg.task, **dict(cfg.task_options))
-    model = build_model(cfg.model, task.input_shape, task.num_outputs, **res.model_options)
-    net: nn.Module = model  # what the training forward runs: the DDP wrapper when distributed
-    if ranks is not None:
-        model = model.to(ranks.device)
-        if ranks.device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        device_ids = [ranks.device] if ranks.device.type == "cuda" else None
-        net = DistributedDataParallel(model, device_ids=device_ids)
-        # Same init on every rank (above), independent dropout masks from here on.
-        torch.manual_seed(cfg.seed + ranks.rank)
+    model, net = _build_net(cfg, res, task, ranks)
     opt = make_optimizer(res, model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     guard = make_guard(
@@ -190,6 +182,68 @@ def _train_torch(
         from ..faults import parse as parse_faults
 
         plan = parse_faults(cfg.faults, seed=cfg.seed)
+    before_update, after_update = _update_hooks(plan, model, opt, sched)
+
+    def reached_target(step: int) -> bool:
+        return (step + 1) % cfg.eval_every == 0 and bool(task.evaluate(model, 512)["success"])
+
+    # Train mode once: the evaluation restores the mode it found.
+    model.train()
+    # A Guard that checks the weights after its step (the default) has already read that they
+    # are finite when the step returns (it rolls back or raises otherwise): the loop reads them
+    # itself only without one, or where a fault may write them after the step.
+    guard_checks_weights = guard is not None and res.policy is not None and guard.check_weights
+    run = train_loop(
+        model,
+        opt,
+        guard,
+        cfg.steps,
+        _torch_forward(task, model, net, opt, batches, plan, ranks),
+        guarded=res.policy is not None,
+        check_weights=not guard_checks_weights or plan is not None,
+        before_update=before_update,
+        after_update=after_update,
+        on_step=on_step,
+        evaluate=reached_target if main else None,
+    )
+    if not main:
+        assert ranks is not None  # only a rank is not the main process
+        return from_main(None, ranks), run.steps
+    result = _torch_result(run, task, model, guard, res.policy, plan)
+    if ranks is not None:
+        from_main(result, ranks)
+    return result, run.steps
+
+
+def _build_net(
+    cfg: RunConfig, res: Resolved, task: Task, ranks: Ranks | None
+) -> tuple[nn.Module, nn.Module]:
+    """The run's model, and what the training forward runs: the model itself, or its DDP
+    wrapper when distributed (then seeded per rank for the dropout masks)."""
+    model = build_model(cfg.model, task.input_shape, task.num_outputs, **res.model_options)
+    net: nn.Module = model
+    if ranks is not None:
+        model = model.to(ranks.device)
+        if ranks.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        device_ids = [ranks.device] if ranks.device.type == "cuda" else None
+        net = DistributedDataParallel(model, device_ids=device_ids)
+        # Same init on every rank (above), independent dropout masks from here on.
+        torch.manual_seed(cfg.seed + ranks.rank)
+    return model, net
+
+
+def _torch_forward(
+    task: Task,
+    model: nn.Module,
+    net: nn.Module,
+    opt: torch.optim.Optimizer,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    plan: Any,
+    ranks: Ranks | None,
+) -> Forward:
+    """The loop's ``forward``: the step's batch (faults on it, this rank's slice), its forward
+    and backward passes, and the replay closure."""
 
     def forward(step: int) -> tuple[torch.Tensor, Callable[[], torch.Tensor]]:
         x, y = next(batches)
@@ -211,6 +265,18 @@ def _train_torch(
 
         return loss, replay
 
+    return forward
+
+
+def _update_hooks(
+    plan: Any,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+) -> tuple[Callable[[int], None], Callable[[int], None]]:
+    """The loop's ``before_update`` (faults on the gradients and the optimizer) and
+    ``after_update`` (faults after the step, then the LR schedule)."""
+
     def before_update(step: int) -> None:
         if plan is not None:
             plan.on_gradients(step, model)
@@ -221,43 +287,22 @@ def _train_torch(
             plan.after_step(step, opt)
         sched.step()
 
-    def reached_target(step: int) -> bool:
-        return (step + 1) % cfg.eval_every == 0 and bool(task.evaluate(model, 512)["success"])
+    return before_update, after_update
 
-    # Train mode once: the evaluation restores the mode it found.
-    model.train()
-    # A Guard that checks the weights after its step (the default) has already read that they
-    # are finite when the step returns (it rolls back or raises otherwise): the loop reads them
-    # itself only without one, or where a fault may write them after the step.
-    guard_checks_weights = guard is not None and res.policy is not None and guard.check_weights
-    run = train_loop(
-        model,
-        opt,
-        guard,
-        cfg.steps,
-        forward,
-        guarded=res.policy is not None,
-        check_weights=not guard_checks_weights or plan is not None,
-        before_update=before_update,
-        after_update=after_update,
-        on_step=on_step,
-        evaluate=reached_target if main else None,
-    )
-    if not main:
-        assert ranks is not None  # only a rank is not the main process
-        return from_main(None, ranks), run.steps
 
+def _torch_result(
+    run: LoopRun,
+    task: Task,
+    model: nn.Module,
+    guard: Guard | None,
+    policy: str | None,
+    plan: Any,
+) -> dict[str, Any]:
+    """The main process's result row: :func:`run_result`, and the steps rollbacks undid."""
     result = run_result(
-        run.steps,
+        run,
         task.evaluate(model, 512) if run.diverged_reason is None else None,
-        first_loss=run.first_loss,
-        diverged_reason=run.diverged_reason,
-        steps_to_target=run.steps_to_target,
-        seconds_to_target=run.seconds_to_target,
-        wall=run.wall,
-        counters=run.counters,
-        guard_seconds=run.guard_seconds,
-        policy=res.policy,
+        policy=policy,
         plan=plan,
         off_target=lambda metric: AT_CHANCE if at_chance(task, metric) else None,
     )
@@ -266,31 +311,23 @@ def _train_torch(
     if rollback is not None:
         # The steps rollbacks undid: the stream went on, so their batches were skipped.
         result["skipped_data"] = [list(r) for r in rollback.skipped_steps]
-    if ranks is not None:
-        from_main(result, ranks)
-    return result, run.steps
+    return result
 
 
 def run_result(
-    steps: list[dict[str, Any]],
+    run: LoopRun,
     ev: dict[str, Any] | None,
     *,
-    first_loss: float | None,
-    diverged_reason: str | None,
-    steps_to_target: int | None,
-    seconds_to_target: float | None,
-    wall: float,
-    counters: dict[str, int],
-    guard_seconds: float,
     policy: str | None,
     plan: Any = None,
     off_target: Callable[[float], str | None] | None = None,
 ) -> dict[str, Any]:
-    """A finished run's result row (what the store keeps), from its step records and final
-    evaluation ``ev`` (``{"loss", "metric", "success"}``; None: not evaluated, the run diverged
-    before the end); the one definition of a run's outcome, whichever framework or entry point
-    trained. ``off_target(metric)``: a reason a final metric fails (``at_chance``, a non-finite
-    metric), or None.
+    """A finished run's result row (what the store keeps), from what its loop measured (``run``:
+    the step records, first loss, why it stopped, time to target, wall, the Guard's counters and
+    time) and its final evaluation ``ev`` (``{"loss", "metric", "success"}``; None: not evaluated,
+    the run diverged before the end); the one definition of a run's outcome, whichever framework
+    or entry point trained. ``off_target(metric)``: a reason a final metric fails
+    (``at_chance``, a non-finite metric), or None.
 
     ``outcome`` is one of (the rule: :mod:`gradguard.bench.outcome`):
 
@@ -309,17 +346,27 @@ def run_result(
     "did_not_learn"``; ``diverged_reason`` says why for both (None: trained)."""
     if ev is None:
         ev = {"loss": math.nan, "metric": math.nan, "success": False}
-    if steps_to_target is None and ev["success"] and diverged_reason is None:
+    final_loss = _final_loss(run.steps)
+    diverged_reason = _diverged_reason(run, final_loss, ev["metric"], off_target)
+    result = _result_row(run, ev, final_loss, diverged_reason, policy)
+    if plan is not None:
+        result.update(_fault_fields(plan, run.steps))
+    return result
+
+
+def _result_row(
+    run: LoopRun,
+    ev: dict[str, Any],
+    final_loss: float,
+    diverged_reason: str | None,
+    policy: str | None,
+) -> dict[str, Any]:
+    """:func:`run_result`'s row but for the faults: the outcome, the losses and norms, the time
+    to target, the Guard's interventions and share of the time."""
+    steps, wall = run.steps, run.wall
+    steps_to_target, seconds_to_target = run.steps_to_target, run.seconds_to_target
+    if steps_to_target is None and ev["success"] and run.diverged_reason is None:
         steps_to_target, seconds_to_target = len(steps), wall
-    tail = [r["loss"] for r in steps[-max(1, len(steps) // 10) :]]
-    final_loss = statistics.fmean(tail) if all(math.isfinite(v) for v in tail) else math.nan
-    if diverged_reason is None:
-        if not math.isfinite(final_loss):
-            diverged_reason = "nonfinite_loss"
-        elif first_loss is not None and final_loss > LOSS_BLOWUP * first_loss:
-            diverged_reason = "loss_blowup"
-        elif off_target is not None:
-            diverged_reason = off_target(ev["metric"])
     norms = [r["grad_norm"] for r in steps if math.isfinite(r["grad_norm"])]
     max_norm = max(norms) if norms else math.nan
     median_norm = statistics.median(norms) if norms else math.nan
@@ -331,7 +378,7 @@ def run_result(
             outcome = "did_not_learn"
         else:
             diverged_reason = evidence
-    result: dict[str, Any] = {
+    return {
         "outcome": outcome,
         "diverged": outcome == "diverged",
         "did_not_learn": outcome == "did_not_learn",
@@ -347,21 +394,48 @@ def run_result(
         "peak_train_loss": peak_loss,
         "max_grad_norm": max_norm,
         "median_grad_norm": median_norm,
-        "interventions": {k: v for k, v in counters.items() if k != "steps"},
+        "interventions": {k: v for k, v in run.counters.items() if k != "steps"},
         "wall_seconds": wall,
-        "guard_seconds": guard_seconds,
-        "guard_share": guard_seconds / wall if wall > 0 else 0.0,
+        "guard_seconds": run.guard_seconds,
+        "guard_share": run.guard_seconds / wall if wall > 0 else 0.0,
         "policy": policy,
     }
-    if plan is not None:
-        strikes = plan.strikes
-        struck = sorted({st.step for st in strikes})
-        recover, unrecovered = steps_to_recover([r["loss"] for r in steps], struck)
-        result.update(
-            faults={
-                k: sum(st.kind == k for st in strikes) for k in sorted({st.kind for st in strikes})
-            },
-            steps_to_recover=recover,
-            unrecovered=unrecovered,
-        )
-    return result
+
+
+def _final_loss(steps: list[dict[str, Any]]) -> float:
+    """The mean training loss of the last 10% of steps (NaN if one of them is non-finite)."""
+    tail = [r["loss"] for r in steps[-max(1, len(steps) // 10) :]]
+    return statistics.fmean(tail) if all(math.isfinite(v) for v in tail) else math.nan
+
+
+def _diverged_reason(
+    run: LoopRun,
+    final_loss: float,
+    metric: float,
+    off_target: Callable[[float], str | None] | None,
+) -> str | None:
+    """Why the run failed before its blow-up evidence is weighed: the loop's reason, else the
+    final loss's or the final metric's, or None."""
+    if run.diverged_reason is not None:
+        return run.diverged_reason
+    if not math.isfinite(final_loss):
+        return "nonfinite_loss"
+    if run.first_loss is not None and final_loss > LOSS_BLOWUP * run.first_loss:
+        return "loss_blowup"
+    if off_target is not None:
+        return off_target(metric)
+    return None
+
+
+def _fault_fields(plan: Any, steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """The fault plan's strikes by kind, and how the loss recovered after them."""
+    strikes = plan.strikes
+    struck = sorted({st.step for st in strikes})
+    recover, unrecovered = steps_to_recover([r["loss"] for r in steps], struck)
+    return {
+        "faults": {
+            k: sum(st.kind == k for st in strikes) for k in sorted({st.kind for st in strikes})
+        },
+        "steps_to_recover": recover,
+        "unrecovered": unrecovered,
+    }

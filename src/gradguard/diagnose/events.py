@@ -171,6 +171,16 @@ class EventDetector:
                     )
                 )
         # Per-layer z-scores first (against each layer's own history), then the global norm.
+        zs, layer_spikes = self._layer_zs(layer_norms)
+        g_spike, g_z = self._spiky(self.norm, norm) if norm > 0 else (False, 0.0)
+        if g_spike or layer_spikes:
+            out.append(self._norm_spike(rec, norm, layer_norms, zs, layer_spikes, g_spike, g_z))
+        out.extend(self._vanishing(rec, layer_norms))
+        return out
+
+    def _layer_zs(self, layer_norms: Sequence[float]) -> tuple[list[float], list[int]]:
+        """Each layer's z-score against its own history (0 for a zero or non-finite norm), and
+        the layers that spiked above ``layer_z``; updates each layer's statistics."""
         zs: list[float] = []
         layer_spikes: list[int] = []
         for i, v in enumerate(layer_norms):
@@ -181,48 +191,48 @@ class EventDetector:
             zs.append(z)
             if spike and z > self.layer_z:
                 layer_spikes.append(i)
-        g_spike, g_z = self._spiky(self.norm, norm) if norm > 0 else (False, 0.0)
-        if g_spike or layer_spikes:
-            total = max(norm, 1e-30) ** 2
-            ranked = sorted(
-                range(len(layer_norms)),
-                key=lambda i: (zs[i], layer_norms[i] or 0.0),
-                reverse=True,
+        return zs, layer_spikes
+
+    def _norm_spike(
+        self,
+        rec: dict[str, Any],
+        norm: float,
+        layer_norms: Sequence[float],
+        zs: list[float],
+        layer_spikes: list[int],
+        g_spike: bool,
+        g_z: float,
+    ) -> dict:
+        """A ``grad_spike`` event (the global norm spiked: the five top layers ranked) or else a
+        ``layer_spike`` (only layers did: those layers)."""
+        total = max(norm, 1e-30) ** 2
+        ranked = sorted(
+            range(len(layer_norms)),
+            key=lambda i: (zs[i], layer_norms[i] or 0.0),
+            reverse=True,
+        )
+        top = ranked[:5] if g_spike else sorted(layer_spikes, key=lambda i: -zs[i])
+        detail_layers: list[dict[str, Any]] = [
+            {
+                "name": self.layers[i],
+                "z": round(zs[i], 2),
+                "share": round((layer_norms[i] or 0.0) ** 2 / total, 4),
+                "norm": layer_norms[i],
+            }
+            for i in top
+        ]
+        names = [d["name"] for d in detail_layers]
+        if g_spike:
+            return self._event(
+                rec,
+                "grad_spike",
+                names,
+                grad_norm=norm,
+                z=round(g_z, 2),
+                typical=math.exp(self.norm.mean),
+                ranked=detail_layers,
             )
-            top = ranked[:5] if g_spike else sorted(layer_spikes, key=lambda i: -zs[i])
-            detail_layers = [
-                {
-                    "name": self.layers[i],
-                    "z": round(zs[i], 2),
-                    "share": round((layer_norms[i] or 0.0) ** 2 / total, 4),
-                    "norm": layer_norms[i],
-                }
-                for i in top
-            ]
-            if g_spike:
-                out.append(
-                    self._event(
-                        rec,
-                        "grad_spike",
-                        [d["name"] for d in detail_layers],
-                        grad_norm=norm,
-                        z=round(g_z, 2),
-                        typical=math.exp(self.norm.mean),
-                        ranked=detail_layers,
-                    )
-                )
-            else:
-                out.append(
-                    self._event(
-                        rec,
-                        "layer_spike",
-                        [d["name"] for d in detail_layers],
-                        grad_norm=norm,
-                        ranked=detail_layers,
-                    )
-                )
-        out.extend(self._vanishing(rec, layer_norms))
-        return out
+        return self._event(rec, "layer_spike", names, grad_norm=norm, ranked=detail_layers)
 
     def _vanishing(self, rec: dict[str, Any], layer_norms: Sequence[float]) -> list[dict]:
         out = []

@@ -68,6 +68,33 @@ def _order(meta: Mapping[str, Any], extra: Sequence[int]) -> list[int]:
     return order
 
 
+def _layer_name(layers: Sequence[Any], i: int) -> str:
+    return str(layers[i]) if 0 <= i < len(layers) else f"layer[{i}]"
+
+
+def _gradient_origin(
+    detail: dict[str, Any],
+    layers: Sequence[Any],
+    order: list[int],
+    rank: dict[int, int],
+    backward: list[int],
+) -> str:
+    """The non-finite layer nearest the output (``backward[0]``); ``detail`` gains whether every
+    layer on its input side is non-finite too, and the note saying so."""
+    origin = _layer_name(layers, backward[0])
+    upstream = order[: rank[backward[0]] + 1]
+    finite_before = [_layer_name(layers, i) for i in upstream if i not in set(backward)]
+    detail["contiguous"] = not finite_before
+    if finite_before:
+        detail["finite_before_origin"] = finite_before[:PATH_LIMIT]
+    detail["note"] = (
+        f"{origin} is the non-finite layer nearest the output: a NaN made in backward reaches "
+        "every layer on the input side of where it was made"
+        + ("" if not finite_before else "; some of those stayed finite, so not all of it")
+    )
+    return origin
+
+
 def localize_static(
     step_record: Mapping[str, Any], meta: Mapping[str, Any]
 ) -> dict[str, Any] | None:
@@ -90,32 +117,16 @@ def localize_static(
     if not bad and loss_finite:
         return None
 
-    def name(i: int) -> str:
-        return str(layers[i]) if 0 <= i < len(layers) else f"layer[{i}]"
-
     order = _order(meta, bad)
     rank = {li: r for r, li in enumerate(order)}
     backward = sorted(bad, key=lambda li: -rank[li])
-    path = [name(i) for i in backward]
+    path = [_layer_name(layers, i) for i in backward]
     detail: dict[str, Any] = {
         "nonfinite_layers": len(bad),
         "layers": len(layers),
         "forward_order_known": bool(meta.get("forward_order")),
     }
-    if bad:
-        origin = path[0]
-        upstream = order[: rank[backward[0]] + 1]
-        finite_before = [name(i) for i in upstream if i not in set(bad)]
-        detail["contiguous"] = not finite_before
-        if finite_before:
-            detail["finite_before_origin"] = finite_before[:PATH_LIMIT]
-        detail["note"] = (
-            f"{origin} is the non-finite layer nearest the output: a NaN made in backward reaches "
-            "every layer on the input side of where it was made"
-            + ("" if not finite_before else "; some of those stayed finite, so not all of it")
-        )
-    else:
-        origin = LOSS
+    origin = _gradient_origin(detail, layers, order, rank, backward) if bad else LOSS
     if not loss_finite:
         detail["loss_finite"] = False
         detail["note"] = (

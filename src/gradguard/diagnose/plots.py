@@ -186,6 +186,30 @@ def layer_heatmap(run: RunLog, out_dir: str | os.PathLike) -> Path | None:
     if values.size == 0:
         return None
     n_layers = len(names)
+    height = min(14.0, max(4.0, 2.2 + 0.22 * n_layers))
+    fig = Figure(figsize=(11, height), layout="constrained")
+    ax = fig.add_subplot()
+    ax.set_facecolor("#d9d9d9")  # steps that did not record this layer
+    x_edges = _edges(steps)
+    _heatmap_cells(fig, ax, x_edges, values)
+    _heatmap_axes(ax, names, x_edges)
+    handles = _mark_events(ax, run.events, lines=False)  # lines would cover the cells
+    _event_rings(ax, run.events, names)
+    if np.isinf(values).any():
+        handles.append(Patch(color=NONFINITE_COLOR, label="non-finite gradient"))
+    if (values == 0).any():
+        handles.append(Patch(facecolor="#ffffff", edgecolor="#555555", label="zero gradient"))
+    if np.isnan(values).any():
+        handles.append(Patch(color="#d9d9d9", label="not recorded"))
+    if handles:
+        fig.legend(
+            handles=handles, loc="outside lower center", ncols=min(4, len(handles)), fontsize=8
+        )
+    return _save(fig, out_dir, "layer_heatmap")
+
+
+def _heatmap_cells(fig: Figure, ax, x_edges: np.ndarray, values: np.ndarray) -> None:
+    """The heatmap's cells on a log color scale, non-finite ones in red, and its colorbar."""
     finite = _positive_finite(values)
     vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (1e-3, 1.0)
     if vmax <= vmin:
@@ -194,13 +218,7 @@ def layer_heatmap(run: RunLog, out_dir: str | os.PathLike) -> Path | None:
     plotted = np.where(values == 0, vmin / 10, values)
     # Bad (masked) cells are transparent: the non-finite overlay and the grey background show.
     cmap = colormaps["viridis"].with_extremes(under="#ffffff", bad=(0, 0, 0, 0))
-
-    height = min(14.0, max(4.0, 2.2 + 0.22 * n_layers))
-    fig = Figure(figsize=(11, height), layout="constrained")
-    ax = fig.add_subplot()
-    ax.set_facecolor("#d9d9d9")  # steps that did not record this layer
-    x_edges = _edges(steps)
-    y_edges = np.arange(n_layers + 1)
+    y_edges = np.arange(values.shape[0] + 1)
     mesh = ax.pcolormesh(
         x_edges,
         y_edges,
@@ -222,6 +240,10 @@ def layer_heatmap(run: RunLog, out_dir: str | os.PathLike) -> Path | None:
         mesh, ax=ax, label="gradient norm (log)", extend="min" if (values == 0).any() else "neither"
     )
 
+
+def _heatmap_axes(ax, names: list[str], x_edges: np.ndarray) -> None:
+    """The heatmap's layer names, limits (input side at the top), labels and title."""
+    n_layers = len(names)
     # Names as tick labels at the row centers, thinned to at most MAX_LAYER_TICKS.
     stride = max(1, math.ceil(n_layers / MAX_LAYER_TICKS))
     rows = list(range(0, n_layers, stride))
@@ -237,11 +259,12 @@ def layer_heatmap(run: RunLog, out_dir: str | os.PathLike) -> Path | None:
         pad=12,  # room for the event triangles
     )
 
-    handles = _mark_events(ax, run.events, lines=False)  # lines would cover the cells
-    # The layers an event names: a ring on their cell, so the eye finds where it started.
+
+def _event_rings(ax, events: Sequence[dict[str, Any]], names: list[str]) -> None:
+    """The layers an event names: a ring on their cell, so the eye finds where it started."""
     row_of = {name: r for r, name in enumerate(names)}
     rings: dict[str, tuple[list[float], list[float]]] = {}
-    for e in run.events:
+    for e in events:
         if not isinstance(e.get("step"), (int, float)):
             continue
         xs, ys = rings.setdefault(event_color(str(e.get("kind"))), ([], []))
@@ -251,17 +274,6 @@ def layer_heatmap(run: RunLog, out_dir: str | os.PathLike) -> Path | None:
                 ys.append(row_of[name] + 0.5)
     for color, (xs, ys) in rings.items():  # one scatter a color: fast with thousands of events
         ax.scatter(xs, ys, s=28, facecolors="none", edgecolors=color, linewidths=1.2)
-    if nonfinite.any():
-        handles.append(Patch(color=NONFINITE_COLOR, label="non-finite gradient"))
-    if (values == 0).any():
-        handles.append(Patch(facecolor="#ffffff", edgecolor="#555555", label="zero gradient"))
-    if np.isnan(values).any():
-        handles.append(Patch(color="#d9d9d9", label="not recorded"))
-    if handles:
-        fig.legend(
-            handles=handles, loc="outside lower center", ncols=min(4, len(handles)), fontsize=8
-        )
-    return _save(fig, out_dir, "layer_heatmap")
 
 
 def _top_edge_markers(ax, x: np.ndarray, label: str, color: str = NONFINITE_COLOR) -> Line2D | None:
@@ -281,20 +293,10 @@ def _top_edge_markers(ax, x: np.ndarray, label: str, color: str = NONFINITE_COLO
     return line
 
 
-def norm_timeline(run: RunLog, out_dir: str | os.PathLike) -> Path | None:
-    """Global gradient norm before and after mitigation (log y); skipped, rolled-back and clipped
-    steps marked, non-finite norms pinned to the top edge, any ``*threshold`` metric drawn dashed."""
-    steps = run.steps
-    if not steps:
-        return None
-    x = _steps_x(steps)
-    before = _series(steps, "grad_norm")
-    after = _series(steps, "grad_norm_after")
-    skipped, rolled, clipped = (_flags(steps, k) for k in ("skipped", "rolled_back", "clipped"))
-
-    fig = Figure(figsize=(11, 4.8), layout="constrained")
-    ax = fig.add_subplot()
-    ax.set_yscale("log")
+def _norm_lines(
+    ax, x: np.ndarray, before: np.ndarray, after: np.ndarray, steps: Sequence[dict[str, Any]]
+) -> None:
+    """The norm before and after mitigation, and every ``*threshold`` metric dashed."""
     # "After" is drawn wide and light under "before": where nothing acted the two coincide and
     # both stay visible. A 0 after a skipped step is off a log axis; the skip marker shows it.
     ax.plot(
@@ -319,7 +321,17 @@ def norm_timeline(run: RunLog, out_dir: str | os.PathLike) -> Path | None:
         y = np.array([_float((s.get("metrics") or {}).get(k)) for s in steps])
         ax.plot(x, np.where(y > 0, y, np.nan), ls=style, color="#555555", lw=1, label=_label(k))
 
-    # Markers sit on the pre-mitigation norm; where it is not finite they go to the top edge.
+
+def _step_flag_markers(
+    ax,
+    x: np.ndarray,
+    before: np.ndarray,
+    skipped: np.ndarray,
+    rolled: np.ndarray,
+    clipped: np.ndarray,
+) -> None:
+    """Clipped, skipped and rolled-back steps marked on the pre-mitigation norm (where it is
+    finite; non-finite ones go to the top edge, drawn apart)."""
     finite_before = np.isfinite(before) & (before > 0)
     for flag, marker, color, name in (
         (clipped & ~skipped, "v", "#2ca02c", "clipped"),
@@ -338,6 +350,24 @@ def norm_timeline(run: RunLog, out_dir: str | os.PathLike) -> Path | None:
                 mfc="none" if marker == "s" else color,
                 label=f"{name} ({int(flag.sum())})",
             )
+
+
+def norm_timeline(run: RunLog, out_dir: str | os.PathLike) -> Path | None:
+    """Global gradient norm before and after mitigation (log y); skipped, rolled-back and clipped
+    steps marked, non-finite norms pinned to the top edge, any ``*threshold`` metric drawn dashed."""
+    steps = run.steps
+    if not steps:
+        return None
+    x = _steps_x(steps)
+    before = _series(steps, "grad_norm")
+    after = _series(steps, "grad_norm_after")
+    skipped, rolled, clipped = (_flags(steps, k) for k in ("skipped", "rolled_back", "clipped"))
+
+    fig = Figure(figsize=(11, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    ax.set_yscale("log")
+    _norm_lines(ax, x, before, after, steps)
+    _step_flag_markers(ax, x, before, skipped, rolled, clipped)
     bad = _nonfinite(steps, "grad_norm")
     _top_edge_markers(ax, x[bad], f"non-finite norm ({int(bad.sum())})")
     if not _positive_finite(np.concatenate([before, after])).size:
