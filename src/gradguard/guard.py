@@ -330,13 +330,7 @@ class Guard:
         self._flag_streak: Tensor | None = None
         self._states_ready = False
         self.layer_stats = layer_stats
-        for p in chain:
-            p.bind(self.layout, optimizer)
-        # GradScaler.step reads its overflow flag to the host anyway; the Guard reads it in the
-        # same step to report (and not double count) the scaler's skip.
-        self._needs_host = any(p.needs_host for p in chain) or self.scaler is not None
-        self._needs_host_param_norms = any(p.needs_host_param_norms for p in chain)
-        self._kinds = {p.name: p.kind for p in chain}
+        self._bind_chain()
         self._step = 0
         self._tally = Tally(("steps", "skipped", "rolled_back", "amp_overflow", "clipped"))
         self._last_grad: tuple[weakref.ref[Tensor], int] | None = None
@@ -344,6 +338,17 @@ class Guard:
         self.telemetry = _listener(log_dir, telemetry)
         if self.telemetry is not None:
             self.telemetry.bind(self)
+
+    def _bind_chain(self) -> None:
+        """Show each policy the parameters and the optimizer; note what the chain reads."""
+        chain = self.policies
+        for p in chain:
+            p.bind(self.layout, self.optimizer)
+        # GradScaler.step reads its overflow flag to the host anyway; the Guard reads it in the
+        # same step to report (and not double count) the scaler's skip.
+        self._needs_host = any(p.needs_host for p in chain) or self.scaler is not None
+        self._needs_host_param_norms = any(p.needs_host_param_norms for p in chain)
+        self._kinds = {p.name: p.kind for p in chain}
 
     # ----- the step ---------------------------------------------------------------------------------
     def step(
