@@ -1,5 +1,6 @@
 """Choosing a policy: train at the user's LR first, then be as good as the best (score and loss,
-within the seeds' noise), then the widest stability margin, then overhead."""
+within the seeds' noise), then the widest stability margin, then the score, the final loss, the
+overhead."""
 
 from __future__ import annotations
 
@@ -133,6 +134,20 @@ def test_overhead_then_chain_length_break_ties():
         }
     )
     assert chosen.spec == "a"
+
+
+def test_at_the_same_score_the_lower_final_loss_wins_over_the_lower_overhead():
+    """Both in the band (the loss within its tolerance), the same score and margin: the one that
+    converged further is chosen although it costs more time (the overhead depends on the
+    machine; the loss does not)."""
+    rows, chosen, _ = evidence(
+        {
+            "cheap": {1.0: ok(metric=1.0, loss=0.0030, share=0.1), 3.0: bad()},
+            "steady": {1.0: ok(metric=1.0, loss=0.0029, share=0.3), 3.0: bad()},
+        }
+    )
+    assert rows["cheap"].in_band and rows["steady"].in_band
+    assert chosen.spec == "steady"
 
 
 def test_a_lower_is_better_score():

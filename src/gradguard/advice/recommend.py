@@ -20,7 +20,10 @@ The choice, in order:
    still on its way, and the slow one is the one an unseen seed leaves short. A policy that
    survives 10x the LR but learns worse at the LR you train with is not the answer;
 3. **the widest stability margin**: survives the highest stress LR in every seed;
-4. then the better score at x1, then the lower overhead, then the shorter chain.
+4. then the better score at x1, then the lower final training loss (at a score's ceiling the
+   loss still tells a run that converged from one on its way, as in step 2; and unlike the
+   overhead it is measured the same on every machine), then the lower overhead, then the
+   shorter chain.
 
 The other candidates are ranked after it by the same steps (outside the band: by score, then
 margin), so the table reads best first.
@@ -256,6 +259,7 @@ def choose(
             -(n_bad / n) if n else -1.0,
             signed(r),
             margin,
+            -(r.final_loss if use_loss and math.isfinite(r.final_loss) else math.inf),
             -(r.overhead if math.isfinite(r.overhead) else 1.0),
             -_chain_length(r.spec),
         )
