@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .stats import exact_norms, scaled_l2
+
 #: Names used where the origin is not a module.
 INPUT = "(input)"  # the batch itself held NaN/Inf
 LOSS = "(loss)"  # the loss function (outside the model) made it
@@ -406,18 +408,12 @@ def _stochastic(model: nn.Module) -> list[str]:
 
 
 def _grad_norm(params: Sequence[Tensor]) -> float:
-    """The global L2 norm of the replay's gradients of ``params`` (float64: exact enough to compare
-    with the step's own norm; inf/NaN when a gradient is non-finite)."""
-    norms = []
-    for p in params:
-        g = p.grad
-        if g is None:
-            continue
-        g = g.detach()
-        if g.is_sparse:
-            g = g.coalesce().values()
-        norms.append(torch.linalg.vector_norm(g.abs().to(torch.float64)).cpu())
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+    """The global L2 norm of the replay's gradients of ``params`` (float64, overflow-free:
+    exact enough to compare with the step's own norm; inf/NaN when a gradient is non-finite)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(scaled_l2(exact_norms(grads, torch.device("cpu"))))
 
 
 def replay(
