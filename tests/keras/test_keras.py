@@ -545,6 +545,38 @@ def test_mixed_float16_wraps_the_guarded_optimizer_in_the_loss_scaler(tmp_path):
     assert len(load_run(tmp_path).steps) == N_BATCHES - 1
 
 
+def test_a_new_policy_needs_nothing_in_the_keras_package(monkeypatch):
+    """A policy registered later: a non-rule one is refused with the generic reason, one that
+    gives its own ``keras_refusal`` with that reason, without any edit here."""
+    from gradguard.keras import policies as kpol
+    from gradguard.policies import Policy, registry
+
+    class acts_itself(Policy):
+        """A policy that is not a rule, registered after the Keras package was imported."""
+
+        name = "acts_itself"
+
+        def apply(self, ctx):
+            pass
+
+    class says_why(acts_itself):
+        """The same, with its own reason."""
+
+        name = "says_why"
+        keras_refusal = "it reads the torch optimizer's buffers"
+
+    for cls in (acts_itself, says_why):
+        monkeypatch.setitem(registry._REGISTRY, cls.name, cls)
+    with pytest.raises(
+        gradguard.ConfigError, match=r"'acts_itself' is not available in Keras: it acts"
+    ):
+        kpol.parse_keras_spec("acts_itself")
+    with pytest.raises(
+        gradguard.ConfigError, match=r"says_why.*reads the torch optimizer's buffers"
+    ):
+        kpol.parse_keras_spec("says_why")
+
+
 def test_every_policy_is_ported_with_the_same_parameters_or_refused_with_a_reason():
     """Registry-driven: a new torch policy fails here until it is ported or refused."""
     for name in available_policies():

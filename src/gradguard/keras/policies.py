@@ -17,8 +17,9 @@ needs where the torch one differs (AutoClip's growing history and host-side rese
 clip_value, clip_norm's p-norms).
 
 Some policies are not portable (or not ported) and are refused with a
-:class:`~gradguard.errors.ConfigError` that says why (see ``REFUSED``): ``update_clip``,
-``rollback``, ``reset_moments``, ``adagc``, ``spam_clip`` and ``qk_clip``.
+:class:`~gradguard.errors.ConfigError` that says why: the reason each gives itself
+(``Policy.keras_refusal``), collected in ``REFUSED``; a policy that is not a rule and has no
+class here is refused with a generic reason, so adding a policy touches nothing in this package.
 """
 
 from __future__ import annotations
@@ -53,42 +54,6 @@ if TYPE_CHECKING:
 
 #: Skip reasons, stored as an int code in a variable (index into this tuple; 0 = not skipped).
 SKIP_REASONS = (None, "nonfinite_grad", "spike_grad_norm")
-
-#: Policies with no Keras version, and why.
-REFUSED = {
-    "adagc": (
-        "its state is one clipped-norm EMA per variable with a per-variable warmup, which has no "
-        "Keras twin yet (the torch policy is the one tested against pytorch-optimizer's AdaGC); "
-        "in Keras clip per layer with clip_layerwise:factor=... or globally with adaptive_clip"
-    ),
-    "update_clip": (
-        "it measures the update from the weights before and after the step and scales it back "
-        "per layer, which needs the weights outside the compiled train step; the Keras default "
-        "is skip_nonfinite+adaptive_clip+lr_backoff"
-    ),
-    "rollback": (
-        "it restores a snapshot of the model and the optimizer, which a Keras optimizer cannot "
-        "reach from inside a compiled train step; use keras.callbacks.BackupAndRestore or "
-        "ModelCheckpoint to resume from a good state"
-    ),
-    "reset_moments": (
-        "it zeroes one parameter's moments and restarts that parameter's step count, but Keras "
-        "optimizers share one iteration counter across all variables (Adam's bias correction), "
-        "so the reset cannot be done exactly"
-    ),
-    "qk_clip": (
-        "it reads each attention head's max logit inside the model's forward (hooks on the torch "
-        "attention modules) and rescales the query and key weights after the step, which a Keras "
-        "optimizer cannot reach from inside its compiled step; in Keras bound the logits in the "
-        "model (a LayerNorm on the queries and keys)"
-    ),
-    "spam_clip": (
-        "it clips each gradient entry against the optimizer's own second moment (Adam's "
-        "exp_avg_sq), which a Keras optimizer keeps under its own names and layout, and it counts "
-        "its warmup from the per-parameter step torch's Adam keeps (Keras shares one iteration "
-        "counter); in Keras clip globally with adaptive_clip or element-wise with clip_value"
-    ),
-}
 
 
 # ----- where the variables live ---------------------------------------------------------------
@@ -632,6 +597,29 @@ _WRITTEN: tuple[type[KerasPolicy], ...] = (
     clip_value,
     skip_nonfinite,
 )
+_WRITTEN_NAMES = frozenset(c.name for c in _WRITTEN)
+
+
+def _refusals() -> dict[str, str]:
+    """Each torch policy with no Keras twin, and why: the reason it gives itself
+    (``Policy.keras_refusal``), or, for a policy that is not a rule (written once against the
+    array namespace) and has no class here, that it is not."""
+    out: dict[str, str] = {}
+    for name in _torch_policies():
+        cls = policy_class(name)
+        if cls.keras_refusal:
+            out[name] = cls.keras_refusal
+        elif not issubclass(cls, RulePolicy) and name not in _WRITTEN_NAMES:
+            out[name] = (
+                "it acts through the torch model or optimizer rather than deciding from the "
+                "gradient statistics (it is not a rule policy), so it has no Keras twin"
+            )
+    return out
+
+
+#: Policies with no Keras version, and why (the policies say so themselves: nothing here names
+#: them).
+REFUSED: dict[str, str] = _refusals()
 
 #: Every Keras policy by spec name: the classes written here, and an adapter for every other rule
 #: policy (:class:`RuleAdapter`).
@@ -647,12 +635,13 @@ def available_policies() -> list[str]:
 
 def _unsupported(name: str) -> ConfigError:
     valid = ", ".join(available_policies())
-    if name in REFUSED:
+    refusals = _refusals()  # read now: a policy registered after this import is named too
+    if name in refusals:
         return ConfigError(
-            f"policy {name!r} is not available in Keras: {REFUSED[name]}. Policies available in "
+            f"policy {name!r} is not available in Keras: {refusals[name]}. Policies available in "
             f"Keras: {valid}"
         )
-    refused = ", ".join(sorted(REFUSED))
+    refused = ", ".join(sorted(refusals))
     return ConfigError(
         f"unknown policy {name!r}; valid policies in Keras: {valid} (or 'default', 'none'); "
         f"not available in Keras: {refused}"

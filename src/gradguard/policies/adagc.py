@@ -71,6 +71,11 @@ class adagc(Policy):
     """
 
     name = "adagc"
+    keras_refusal = (
+        "its state is one clipped-norm EMA per variable with a per-variable warmup, which has no "
+        "Keras twin yet (the torch policy is the one tested against pytorch-optimizer's AdaGC); "
+        "in Keras clip per layer with clip_layerwise:factor=... or globally with adaptive_clip"
+    )
     nonnegative = frozenset({"step", "gamma"})
 
     def __init__(

@@ -220,6 +220,9 @@ class Policy:
     #: State keys whose values (every element of a list or tensor) are never negative: norms,
     #: variances, EMAs, histories, counts. ``check_state`` refuses a negative one.
     nonnegative: ClassVar[frozenset[str]] = frozenset()
+    #: Why the Keras optimizer has no twin of this policy, or None (a rule policy is adapted to
+    #: Keras automatically; a policy that is not one is refused there in any case).
+    keras_refusal: ClassVar[str | None] = None
 
     def __init__(self) -> None:
         self.state: dict[str, Any] = {}

@@ -46,6 +46,11 @@ class reset_moments(Policy):
     """
 
     name = "reset_moments"
+    keras_refusal = (
+        "it zeroes one parameter's moments and restarts that parameter's step count, but Keras "
+        "optimizers share one iteration counter across all variables (Adam's bias correction), so "
+        "the reset cannot be done exactly"
+    )
     kind = "reset"
     needs_host = True
     needs_host_param_norms = True

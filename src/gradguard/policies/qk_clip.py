@@ -67,6 +67,12 @@ class qk_clip(Policy):
     """
 
     name = "qk_clip"
+    keras_refusal = (
+        "it reads each attention head's max logit inside the model's forward (hooks on the torch "
+        "attention modules) and rescales the query and key weights after the step, which a Keras "
+        "optimizer cannot reach from inside its compiled step; in Keras bound the logits in the "
+        "model (a LayerNorm on the queries and keys)"
+    )
     kind = "update"
     nonnegative = frozenset({"clipped", "steps"})
 

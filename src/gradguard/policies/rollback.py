@@ -210,6 +210,11 @@ class rollback(Policy):
     """
 
     name = "rollback"
+    keras_refusal = (
+        "it restores a snapshot of the model and the optimizer, which a Keras optimizer cannot "
+        "reach from inside a compiled train step; use keras.callbacks.BackupAndRestore or "
+        "ModelCheckpoint to resume from a good state"
+    )
     needs_host = True
     kind = "skip"
 

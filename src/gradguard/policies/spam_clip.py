@@ -75,6 +75,12 @@ class spam_clip(Policy):
     """
 
     name = "spam_clip"
+    keras_refusal = (
+        "it clips each gradient entry against the optimizer's own second moment (Adam's "
+        "exp_avg_sq), which a Keras optimizer keeps under its own names and layout, and it counts "
+        "its warmup from the per-parameter step torch's Adam keeps (Keras shares one iteration "
+        "counter); in Keras clip globally with adaptive_clip or element-wise with clip_value"
+    )
 
     def __init__(self, theta: float = 5000.0, warmup: int = 20):
         super().__init__()

@@ -108,6 +108,11 @@ class update_clip(Policy):
     """
 
     name = "update_clip"
+    keras_refusal = (
+        "it measures the update from the weights before and after the step and scales it back per "
+        "layer, which needs the weights outside the compiled train step; the Keras default is "
+        "skip_nonfinite+adaptive_clip+lr_backoff"
+    )
     kind = "update"
 
     def __init__(
