@@ -67,7 +67,10 @@ def _device_sq(norms: list[Tensor]) -> Tensor:
     """Squared norms as one float64 tensor on the first norm's device (no host read)."""
     if not norms:
         return torch.zeros(0, dtype=torch.float64)
-    dev = norms[0].device
+    dev, dtype = norms[0].device, norms[0].dtype
+    if all(n.device == dev and n.dtype == dtype for n in norms):
+        # One stack, then one cast: the same values as casting each (the usual case).
+        return torch.stack(norms).to(torch.float64).square()
     return torch.stack([n.to(dev, torch.float64, non_blocking=True) for n in norms]).square()
 
 
@@ -113,6 +116,8 @@ class UpdateProbe:
         if self._fused:
             wide = any(t.dtype == torch.float64 for t in local)
             self._sample_dtype = torch.float64 if wide else torch.float32
+            # Every tensor already in the sample's dtype (the usual case): one cat, no casts.
+            self._cast_views = any(t.dtype != self._sample_dtype for t in local)
             counts = torch.tensor([v.numel() for v in self._views], device=dev)
             self._segments = torch.repeat_interleave(torch.arange(len(local), device=dev), counts)
         self._sample_before: Tensor | list[Tensor] | None = None
@@ -144,6 +149,8 @@ class UpdateProbe:
 
     def _take_sample(self) -> Tensor | list[Tensor]:
         if self._fused:
+            if not self._cast_views:
+                return torch.cat(self._views)
             return torch.cat([v.to(self._sample_dtype) for v in self._views])
         return [v.clone() for v in self._views]
 
