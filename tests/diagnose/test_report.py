@@ -3,6 +3,7 @@ synthetic telemetry written with the real ``RecordWriter``."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -327,6 +328,60 @@ def test_truncated_last_line_is_tolerated(tmp_path):
     assert main(["report", str(tmp_path)]) == 0
     text = (tmp_path / "report.html").read_text()
     assert "1 unreadable line(s) skipped" in text
+
+
+#: Values a hand-edited or foreign telemetry file may hold where the writer puts others.
+WRONG = [None, "x", [], {}, 1e308, float("nan"), True, [1, "a"], {"a": 1}, 10**400, -5]
+
+
+@pytest.mark.parametrize("seed", slow_except(list(range(8)), 0))
+def test_values_of_the_wrong_type_are_skipped_with_a_note(tmp_path, seed):
+    """Random fields of random records (steps, events, localizations, meta, end) replaced by
+    values of another type, deleted, or list entries spoiled: the report is written, the terminal
+    summary printed, and both say what was skipped."""
+    rng = np.random.default_rng(seed)
+    write_run(tmp_path)
+    path = tmp_path / FILENAME
+    recs = [json.loads(line) for line in path.read_text().splitlines()]
+    spoiled = 0
+    for _ in range(12):
+        rec = recs[int(rng.integers(len(recs)))]
+        key = str(rng.choice([k for k in rec if k != "type"]))
+        value = rec[key]
+        bad = WRONG[int(rng.integers(len(WRONG)))]
+        if isinstance(value, list) and value and rng.random() < 0.5:
+            value[int(rng.integers(len(value)))] = bad
+        elif rng.random() < 0.2 and key != "step":
+            del rec[key]
+            continue
+        else:
+            rec[key] = bad
+        spoiled += 1
+    path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    assert main(["report", str(tmp_path)]) == 0
+    run = load_run(tmp_path)
+    if spoiled:
+        assert run.notes  # something was said about it
+    text = (tmp_path / "report.html").read_text()
+    assert all(report.html.escape(n) in text for n in run.notes)
+    summary = report.terminal_summary(run, [])
+    assert all(f"note: {n}" in summary for n in run.notes)
+
+
+def test_a_wrong_value_becomes_not_recorded_and_is_counted(tmp_path):
+    write_run(tmp_path)
+    path = tmp_path / FILENAME
+    recs = [json.loads(line) for line in path.read_text().splitlines()]
+    steps = [r for r in recs if r["type"] == "step"]
+    steps[3]["loss"], steps[4]["layer_norms"][0], steps[5]["step"] = "high", "x", "five"
+    path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    run = load_run(tmp_path)
+    by_step = {s["step"]: s for s in run.steps}
+    assert by_step[steps[3]["step"]]["loss"] is None
+    assert by_step[steps[4]["step"]]["layer_norms"][0] is None
+    assert len(run.steps) == len(steps) - 1  # the record without a step is dropped
+    assert run.repaired == {"step.loss": 1, "step.layer_norms": 1, "step.step": 1}
+    assert run.dropped_lines == 1
 
 
 def test_terminal_summary(exploding):

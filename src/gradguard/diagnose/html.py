@@ -295,14 +295,8 @@ def _header(run: RunLog, name: str) -> str:
             f"gradguard {_e(m.get('gradguard', '?'))}, torch {_e(m.get('torch', '?'))}",
         )
     )
-    if run.dropped_lines:
-        rows.append(
-            (
-                "note",
-                f"{run.dropped_lines} unreadable line(s) skipped (a run killed mid-write leaves a "
-                "partial last line)",
-            )
-        )
+    for note in run.notes:  # unreadable lines (a run killed mid-write), values of a wrong type
+        rows.append(("note", _e(note)))
     items = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in rows)
     return (
         f'<header><h1>gradguard report: {_e(name)}</h1><div class="muted mono">{_e(run.path)}</div>'
@@ -588,8 +582,7 @@ def terminal_summary(
                 lines.append(f"      {summary}")
     elif state != "healthy":
         lines.append("findings: no likely cause found")
-    if run.dropped_lines:
-        lines.append(f"note: {run.dropped_lines} unreadable line(s) skipped")
+    lines.extend(f"note: {note}" for note in run.notes)
     if report_path is not None:
         lines.append(f"report: {report_path}")
     # Run text reaches the terminal too: control characters (an escape sequence hidden in a layer

@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from .schema import SCHEMAS, repair
 
 FILENAME = "telemetry.jsonl"
 VERSION = 1
@@ -131,6 +132,27 @@ class RunLog:
     localizations: list[dict[str, Any]] = field(default_factory=list)
     end: dict[str, Any] | None = None
     dropped_lines: int = 0  # a partial last line (a run killed mid-write), or unreadable lines
+    #: Values of the wrong kind the reader replaced (``schema.repair``), by ``type.field``.
+    repaired: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def notes(self) -> list[str]:
+        """What the reader skipped, in words, for the report."""
+        out = []
+        if self.dropped_lines:
+            out.append(
+                f"{self.dropped_lines} unreadable line(s) skipped (a run killed mid-write leaves "
+                "a partial last line; a record without a step cannot be placed)"
+            )
+        if self.repaired:
+            worst = sorted(self.repaired.items(), key=lambda kv: (-kv[1], kv[0]))
+            shown = ", ".join(f"{k} x{n}" for k, n in worst[:6])
+            more = f" and {len(worst) - 6} more fields" if len(worst) > 6 else ""
+            out.append(
+                f"{sum(self.repaired.values())} value(s) of the wrong type or out of range read "
+                f"as not recorded ({shown}{more})"
+            )
+        return out
 
     @property
     def layers(self) -> list[str]:
@@ -183,6 +205,14 @@ def load_run(run_dir: str | os.PathLike) -> RunLog:
             log.dropped_lines += 1
             continue
         kind = rec.get("type")
+        if isinstance(kind, str) and kind in SCHEMAS:
+            fixed_rec, fixed = repair(kind, rec)
+            for key in fixed:
+                name = f"{kind}.{key}"
+                log.repaired[name] = log.repaired.get(name, 0) + 1
+            if fixed_rec is None:
+                log.dropped_lines += 1
+                continue
         if kind == "meta":
             if meta is None:  # a resumed run appends a second meta; the first one names the run
                 meta = rec
