@@ -205,3 +205,25 @@ def test_replay_and_the_two_halves_are_refused_with_the_way_out():
         guard.step(replay=lambda: torch.tensor(0.0))
     with pytest.raises(GradGuardError, match=r"call guard.step\(\)"):
         guard.before_step()
+
+
+def test_telemetry_records_a_sync_free_skip(tmp_path):
+    from gradguard.diagnose import load_run
+
+    torch.manual_seed(0)
+    model = TinyNet()
+    guard = gradguard.Guard(
+        model, OPTIMIZERS["adamw"](model.parameters()), SPEC, sync_free=True, log_dir=tmp_path
+    )
+    for step in range(12):
+        guard.step(loss=batch_step(model, step))
+    guard.close()
+    run = load_run(tmp_path)
+    skipped = {s["step"]: s["skip_reason"] for s in run.steps if s["skipped"]}
+    assert skipped == {
+        0: "nonfinite_grad",
+        5: "nonfinite_grad",
+        6: "nonfinite_grad",
+        9: "nonfinite_loss",
+    }
+    assert run.end["counters"]["skipped"] == 4
