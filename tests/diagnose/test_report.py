@@ -269,8 +269,10 @@ def test_report_shows_findings_events_localization_and_counters(exploding):
         assert report.html.escape(f.summary) in text
     assert "Lower the LR by 3-10x" in text and "update ratio 0.04 at step 380" in text
     assert 'class="badge high"' in text and 'class="badge info"' in text
-    rows = re.findall(r'<tr class="event"><td class="num">(\d+)</td>', text)
-    assert rows == ["300", "330", "340", "360", "390"]
+    rows = re.findall(r'<tr class="event"><td class="num">([\d–]+)</td>', text)
+    # The three grad spikes (300, 330, 360: each within 50 steps of the last) are one row.
+    assert rows == ["300–360", "340", "390"]
+    assert "<summary>3 events</summary>" in text
     assert "z=4.25, norm=12.5, share=0.61" in text and "value=Inf" in text
     assert "+1 more" in text  # the non-finite event names 4 layers; 3 are shown
     assert "block1.mlp → block1.attn →" in text  # the localization path
@@ -315,10 +317,19 @@ def test_diverged_run_says_diverged(tmp_path):
 
 def test_event_table_is_capped(tmp_path):
     run = load_run(write_run(tmp_path, n_events=report.MAX_EVENT_ROWS + 37))
+    # Spread the spikes beyond one episode's gap, so that each keeps its own row.
+    for i, e in enumerate(run.events):
+        e["step"] = i * (report.EPISODE_GAP + 1)
     text = report.report_html(run, [], {})
     assert text.count('<tr class="event">') == report.MAX_EVENT_ROWS
-    assert f"37 more event(s) omitted ({report.MAX_EVENT_ROWS + 37} in total)" in text
-    assert f"Show {report.MAX_EVENT_ROWS - report.EVENT_ROWS_SHOWN} more event(s)" in text
+    assert f"37 more event(s) in 37 row(s) omitted ({report.MAX_EVENT_ROWS + 37} in total)" in text
+    hidden = report.MAX_EVENT_ROWS - report.EVENT_ROWS_SHOWN
+    assert f"Show {hidden} more row(s) ({hidden} event(s))" in text
+    # Unspread, the same spikes (2 steps apart) are one expandable row listing the first ones.
+    text = report.report_html(load_run(tmp_path), [], {})
+    assert text.count('<tr class="event">') == 1
+    assert f"<summary>{report.MAX_EVENT_ROWS + 37} events</summary>" in text
+    assert f"+{report.MAX_EVENT_ROWS + 37 - report.MAX_EPISODE_ITEMS} more" in text
 
 
 def test_truncated_last_line_is_tolerated(tmp_path):
@@ -490,6 +501,17 @@ def test_vanishing_events_are_one_row_per_episode(tmp_path, layers, episodes):
     assert f"{layers} layer{'s' if layers != 1 else ''}: blocks.0.fc" in text
     if layers > report.MAX_LAYERS_SHOWN:
         assert f"+{layers - report.MAX_LAYERS_SHOWN} more" in text
+
+
+def test_events_are_grouped_by_kind_and_step_range(tmp_path):
+    run = load_run(_vanishing_run(tmp_path, 2, (100,)))
+    run.events = [
+        {"type": "event", "step": s, "kind": k, "layers": [f"l{s}"]}
+        for s, k in [(10, "a"), (20, "b"), (40, "a"), (70, "b"), (90, "a"), (141, "a"), (300, "b")]
+    ]
+    rows = report.event_rows(run.events)
+    # One kind's events at most EPISODE_GAP (50) apart are one row, placed at its first step.
+    assert [[e["step"] for e in r] for r in rows] == [[10, 40, 90], [20, 70], [141], [300]]
 
 
 def test_other_events_keep_their_own_rows_among_vanishing_ones(tmp_path):

@@ -460,30 +460,63 @@ def _episode_row(group: Sequence[Mapping[str, Any]]) -> str:
     )
 
 
-#: ``vanishing`` events this many steps apart or less are one episode (one row).
-VANISH_EPISODE_GAP = 50
+#: Events of one kind this many steps apart or less are one episode: one row, expandable.
+EPISODE_GAP = 50
+VANISH_EPISODE_GAP = EPISODE_GAP  # the name it had when only ``vanishing`` events were grouped
+#: At most this many events listed inside an expanded row.
+MAX_EPISODE_ITEMS = 50
 
 
 def event_rows(events: Sequence[Mapping[str, Any]]) -> list[list[Mapping[str, Any]]]:
-    """Events by step, each its own row except ``vanishing`` ones, grouped into episodes (runs
-    of them at most ``VANISH_EPISODE_GAP`` steps apart): one row per layer per occurrence
-    would bury the rest."""
+    """Events by step, grouped by kind into episodes (runs of one kind at most
+    :data:`EPISODE_GAP` steps apart), one row each, placed at its first step: one row per layer
+    per occurrence would bury the rest. An event without a step keeps its own row."""
     rows: list[list[Mapping[str, Any]]] = []
-    episode: list[Mapping[str, Any]] | None = None
+    open_by_kind: dict[str, list[Mapping[str, Any]]] = {}
     for e in sorted(events, key=_step_of):
-        if e.get("kind") != "vanishing" or not _finite(e.get("step")):
+        if not _finite(e.get("step")):
             rows.append([e])
             continue
-        if episode is not None and e["step"] - episode[-1]["step"] <= VANISH_EPISODE_GAP:
+        kind = str(e.get("kind", ""))
+        episode = open_by_kind.get(kind)
+        if episode is not None and e["step"] - episode[-1]["step"] <= EPISODE_GAP:
             episode.append(e)
             continue
-        episode = [e]
+        open_by_kind[kind] = episode = [e]
         rows.append(episode)
     return rows
 
 
+def _grouped_row(group: Sequence[Mapping[str, Any]]) -> str:
+    """One row for an episode of events of one kind: the step range, the layers, the actions,
+    and each event (step, layers, detail) in a collapsed list."""
+    kind = str(group[0].get("kind", ""))
+    layers = list(dict.fromkeys(str(x) for e in group for x in _as_list(e.get("layers"))))
+    shown = ", ".join(layers[:MAX_LAYERS_SHOWN])
+    if len(layers) > MAX_LAYERS_SHOWN:
+        shown += f" +{len(layers) - MAX_LAYERS_SHOWN} more"
+    steps = [e.get("step") for e in group]
+    actions = ", ".join(dict.fromkeys(str(e.get("action", "")) for e in group))
+    items = "".join(
+        f"<li>step {_e(e.get('step', ''))}: "
+        f"{_e(', '.join(str(x) for x in _as_list(e.get('layers'))[:MAX_LAYERS_SHOWN]))} "
+        f"{_detail(e.get('detail'))}</li>"
+        for e in group[:MAX_EPISODE_ITEMS]
+    )
+    if len(group) > MAX_EPISODE_ITEMS:
+        items += f"<li>+{len(group) - MAX_EPISODE_ITEMS} more</li>"
+    return (
+        f'<tr class="event"><td class="num">{_e(f"{steps[0]}–{steps[-1]}")}</td>'
+        f'<td><span class="badge" style="background:{plots.event_color(kind)}">{_e(kind)}'
+        f'</span></td><td class="mono">{_e(shown)}</td><td>{_e(actions)}</td>'
+        f"<td><details><summary>{len(group)} events</summary><ul>{items}</ul></details></td></tr>"
+    )
+
+
 def _row(group: Sequence[Mapping[str, Any]]) -> str:
-    return _episode_row(group) if group[0].get("kind") == "vanishing" else _event_row(group[0])
+    if group[0].get("kind") == "vanishing":
+        return _episode_row(group)
+    return _event_row(group[0]) if len(group) == 1 else _grouped_row(group)
 
 
 def _events(run: RunLog) -> str:
@@ -499,17 +532,18 @@ def _events(run: RunLog) -> str:
     out = [f"<section><h2>Events ({len(run.events)})</h2>", head, first, "</tbody></table>"]
     rest = kept[EVENT_ROWS_SHOWN:]
     if rest:
+        n_rest = sum(len(g) for g in rest)
         out += [
-            f"<details><summary>Show {len(rest)} more event(s)</summary>",
+            f"<details><summary>Show {len(rest)} more row(s) ({n_rest} event(s))</summary>",
             head,
             "".join(_row(g) for g in rest),
             "</tbody></table></details>",
         ]
-    omitted = len(events) - len(kept)
+    omitted = sum(len(g) for g in events[MAX_EVENT_ROWS:])
     if omitted:
         out.append(
-            f'<p class="muted">{omitted} more event(s) omitted ({len(run.events)} in total); '
-            f"every event is in {_e(run.path.name)}.</p>"
+            f'<p class="muted">{omitted} more event(s) in {len(events) - len(kept)} row(s) '
+            f"omitted ({len(run.events)} in total); every event is in {_e(run.path.name)}.</p>"
         )
     out.append("</section>")
     return "".join(out)
