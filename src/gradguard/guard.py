@@ -696,21 +696,16 @@ class Guard:
     def _read_host(self, stats: GradStats, loss: Tensor | float | None) -> HostView:
         """The single host sync of a step: the global norm (its finiteness is the step's), and the
         loss and per-parameter norms when given or needed, read together in one transfer."""
+        _check_loss(loss)
         loss_val: float | None = None
         parts = []
         if isinstance(loss, Tensor):
-            if loss.numel() != 1:
-                raise ConfigError(
-                    f"loss must be a scalar tensor, got shape {tuple(loss.shape)}; pass loss.mean() or loss.sum()"
-                )
             parts.append(
                 self._mean_over_ranks(
                     loss.detach().to(device=stats.device, dtype=torch.float32).reshape(1)
                 )
             )
         elif loss is not None:
-            if not isinstance(loss, (int, float)):
-                raise ConfigError(f"loss must be a tensor or a number, got {type(loss).__name__}")
             loss_val = float(loss)
             if self._world > 1:
                 loss_val = float(

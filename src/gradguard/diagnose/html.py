@@ -440,16 +440,22 @@ def _event_row(e: Mapping[str, Any]) -> str:
     )
 
 
-def _episode_row(group: Sequence[Mapping[str, Any]]) -> str:
-    """One row for an episode of ``vanishing`` events: the step range, how many layers, the
-    first few by name."""
+def _episode_cells(group: Sequence[Mapping[str, Any]]) -> tuple[list[str], str, str]:
+    """An episode's layers (each once), the first few of them as shown, and its actions."""
     layers = list(dict.fromkeys(str(x) for e in group for x in _as_list(e.get("layers"))))
     shown = ", ".join(layers[:MAX_LAYERS_SHOWN])
     if len(layers) > MAX_LAYERS_SHOWN:
         shown += f" +{len(layers) - MAX_LAYERS_SHOWN} more"
+    actions = ", ".join(dict.fromkeys(str(e.get("action", "")) for e in group))
+    return layers, shown, actions
+
+
+def _episode_row(group: Sequence[Mapping[str, Any]]) -> str:
+    """One row for an episode of ``vanishing`` events: the step range, how many layers, the
+    first few by name."""
+    layers, shown, actions = _episode_cells(group)
     steps = [e.get("step") for e in group]
     span = f"{steps[0]}–{steps[-1]}" if steps[0] != steps[-1] else str(steps[0])
-    actions = ", ".join(dict.fromkeys(str(e.get("action", "")) for e in group))
     return (
         f'<tr class="event"><td class="num">{_e(span)}</td>'
         f'<td><span class="badge" style="background:{plots.event_color("vanishing")}">'
@@ -491,12 +497,8 @@ def _grouped_row(group: Sequence[Mapping[str, Any]]) -> str:
     """One row for an episode of events of one kind: the step range, the layers, the actions,
     and each event (step, layers, detail) in a collapsed list."""
     kind = str(group[0].get("kind", ""))
-    layers = list(dict.fromkeys(str(x) for e in group for x in _as_list(e.get("layers"))))
-    shown = ", ".join(layers[:MAX_LAYERS_SHOWN])
-    if len(layers) > MAX_LAYERS_SHOWN:
-        shown += f" +{len(layers) - MAX_LAYERS_SHOWN} more"
+    _, shown, actions = _episode_cells(group)
     steps = [e.get("step") for e in group]
-    actions = ", ".join(dict.fromkeys(str(e.get("action", "")) for e in group))
     items = "".join(
         f"<li>step {_e(e.get('step', ''))}: "
         f"{_e(', '.join(str(x) for x in _as_list(e.get('layers'))[:MAX_LAYERS_SHOWN]))} "

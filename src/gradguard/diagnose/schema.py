@@ -62,19 +62,21 @@ def _nums(v: Any) -> tuple[Any, bool]:
     return out, all(_num(x)[1] for x in v)
 
 
-def _texts(v: Any) -> tuple[Any, bool]:
+def _kept(v: Any, keep: Callable[[Any], bool]) -> tuple[Any, bool]:
+    """A list with only the entries ``keep`` accepts (another value: an empty list)."""
     if not isinstance(v, list):
         return [], v is None
-    out = [x for x in v if isinstance(x, str)]
+    out = [x for x in v if keep(x)]
     return out, len(out) == len(v)
+
+
+def _texts(v: Any) -> tuple[Any, bool]:
+    return _kept(v, lambda x: isinstance(x, str))
 
 
 def _layers(v: Any) -> tuple[Any, bool]:
     """Layer references: indices or names."""
-    if not isinstance(v, list):
-        return [], v is None
-    out = [x for x in v if isinstance(x, str) or _int(x)[1]]
-    return out, len(out) == len(v)
+    return _kept(v, lambda x: isinstance(x, str) or _int(x)[1])
 
 
 def _mapping(v: Any) -> tuple[Any, bool]:

@@ -101,12 +101,6 @@ def meta_record(
     }
 
 
-def _flag_reason(ctx: StepContext) -> str | None:
-    """A ``sync_free`` step's skip reason: the first of its device flags that is set (read here:
-    the telemetry reads the step anyway)."""
-    return next((reason for flag, reason in ctx.flag_reasons if bool(flag)), None)
-
-
 class StepVector:
     """One step's device numbers, gathered into one vector (one copy to the host), and the host
     ``fields`` that say which parts it holds and carry the numbers already on the host.
@@ -126,9 +120,7 @@ class StepVector:
         self.fields: dict[str, Any] = {
             "step": ctx.step,
             "skipped": not stepped,
-            "skip_reason": ctx.skip_reason
-            if stepped or not ctx.flag_reasons
-            else _flag_reason(ctx),
+            "skip_reason": ctx.skip_reason,
             "rolled_back": ctx.rollback,
             "n_layers": stats.num_layers,
         }

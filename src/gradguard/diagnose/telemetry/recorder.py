@@ -148,6 +148,9 @@ class Telemetry:
             self._start(guard)
             self._started = True
         vec = StepVector(ctx, stats, stepped)
+        # The report's reason: a sync_free step's is read off its device flags (the telemetry
+        # reads the step anyway).
+        vec.fields["skip_reason"] = report.skip_reason
         vec.add_loss(ctx)
         vec.add_lr(guard, ctx)
         vec.add_actions(guard, ctx)
