@@ -1,0 +1,442 @@
+"""A labelled corpus of training runs: each made with one known cause injected (at a given
+strength), or healthy, recorded by a Guard's telemetry and read back for the diagnosis rules.
+
+A :class:`Case` trains one small model with its cause and says which findings the diagnosis must
+make (``expect``: every one of them) and which it may also make (``allow``: effects the injected
+cause really has, e.g. a run ruined by a NaN-free explosion also "degraded"; each ``allow`` says
+why). Any other finding is a false positive. The causes and controls:
+
+===========================  =================================================================
+case                         what is injected
+===========================  =================================================================
+``lr/sgd|momentum|adam``     too high an LR for a shallow plain MLP on digits
+``init/large|small``         He init scaled by ``init_scale`` (>1: gradients grow with depth,
+                             <1: they vanish) in a deep tanh MLP at a modest LR
+``deep_plain``               a 16-layer ReLU MLP without normalization at an LR that is fine
+                             for a shallow one
+``dead_relu``                a deep ReLU MLP at momentum LR 0.3 (its units die), or with
+                             hidden biases pushed negative
+``outlier``                  one batch whose inputs are scaled up (``poison:mode=scale``)
+``label_noise``              a burst of consecutive batches with permuted labels
+``fp16``                     frequent fp16 overflows under a GradScaler
+``rnn_radius``               a vanilla RNN whose recurrent init puts its spectral radius > 1
+``attention``                a GPT char LM at a high AdamW LR without qk-layernorm
+``output_logits``            a classifier with a learnable logit scale (CLIP-style) at a high
+                             LR and without the clamp CLIP puts on it
+``nan_once``                 one NaN gradient at one step, skipped by ``skip_nonfinite``
+``lr_burst``                 the LR multiplied for a few steps (an update-norm spike)
+``healthy/...``              negative controls: every model family trained well; data whose
+                             epochs end in a small last batch; a slow, calm learner
+===========================  =================================================================
+
+``make(case, strength, seed, run_dir)`` trains it; ``CASES`` holds every case; ``diagnosed``
+reads a run back and returns the set of causes found. The tests run one strength and seed of each
+case, ``benchmarks/bench_diagnosis.py`` all of them over seeds and prints the confusion table.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import gradguard
+from gradguard import faults
+from gradguard.bench.models import build_model
+from gradguard.bench.tasks import make_task
+from gradguard.diagnose import diagnose, load_run
+
+#: Steps per run for the small models (the GPT and the RNN take fewer).
+STEPS = 300
+
+
+@dataclass(frozen=True)
+class Case:
+    """One labelled kind of run. ``strengths``: the injected cause's settings the corpus covers
+    (the tests use the first); ``make(strength, seed, run_dir)`` trains and records one run."""
+
+    name: str
+    expect: frozenset[str]
+    allow: frozenset[str]
+    strengths: tuple[Any, ...]
+    make: Callable[[Any, int, Path], None]
+    why_allowed: str = ""
+
+    @property
+    def label(self) -> str:
+        return ",".join(sorted(self.expect)) or "healthy"
+
+
+@dataclass
+class Setup:
+    """What one run trains: a task, a model, an optimizer and how the Guard watches."""
+
+    task: Any
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    policy: str = "none"
+    faults: str = "none"
+    steps: int = STEPS
+    batch_size: int = 64
+    scaler: torch.amp.GradScaler | None = None
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def train(s: Setup, seed: int, run_dir: Path) -> None:
+    """Train ``s`` for its steps with a Guard recording telemetry to ``run_dir``. A run whose
+    weights went non-finite stops a few steps later (nothing more can happen to it)."""
+    plan = faults.parse(s.faults, seed=seed) if s.faults != "none" else None
+    gen = torch.Generator().manual_seed(seed)
+    batches = s.batches or s.task.batches(s.batch_size, gen)
+    loss_fn = s.loss or s.task.loss
+    guard = gradguard.Guard(
+        s.model,
+        s.optimizer,
+        s.policy,
+        check_finite=s.policy != "none",
+        scaler=s.scaler,
+        log_dir=run_dir,
+    )
+    dead_for = 0
+    try:
+        for step in range(s.steps):
+            x, y = next(batches)
+            if plan is not None:
+                x, y = plan.on_batch(step, x, y)
+            s.optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(s.model(x), y)
+            (s.scaler.scale(loss) if s.scaler is not None else loss).backward()
+            if plan is not None:
+                plan.on_gradients(step, s.model)
+                plan.on_optimizer(step, s.optimizer)
+            guard.step(loss)
+            if plan is not None:
+                plan.after_step(step, s.optimizer)
+            finite = all(bool(torch.isfinite(p).all()) for p in s.model.parameters())
+            dead_for = 0 if finite else dead_for + 1
+            if dead_for > 5:
+                break
+    finally:
+        guard.close()
+
+
+# ----- the models --------------------------------------------------------------------------------
+_DIGITS: dict[int, Any] = {}
+
+
+def digits(seed: int = 0) -> Any:
+    if seed not in _DIGITS:
+        _DIGITS[seed] = make_task("digits", seed=seed)
+    return _DIGITS[seed]
+
+
+def _seeded(seed: int) -> None:
+    torch.manual_seed(1000 + seed)
+
+
+def _opt(name: str, params, lr: float) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    if name == "momentum":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    raise ValueError(name)
+
+
+def mlp_setup(seed: int, opt: str, lr: float, **model: Any) -> Setup:
+    task = digits(seed)
+    _seeded(seed)
+    net = build_model("mlp", task.input_shape, task.num_outputs, **model)
+    return Setup(task, net, _opt(opt, net.parameters(), lr))
+
+
+# ----- causes ------------------------------------------------------------------------------------
+def _lr(opt: str, depth: int = 3) -> Callable[[Any, int, Path], None]:
+    def make(lr: float, seed: int, run_dir: Path) -> None:
+        train(mlp_setup(seed, opt, lr, depth=depth, width=64), seed, run_dir)
+
+    return make
+
+
+def _init(activation: str, depth: int, opt: str = "sgd") -> Callable[[Any, int, Path], None]:
+    def make(scale: float, seed: int, run_dir: Path) -> None:
+        s = mlp_setup(seed, opt, 0.01, depth=depth, width=64, activation=activation, init_scale=scale)
+        train(s, seed, run_dir)
+
+    return make
+
+
+def _deep_plain(lr: float, seed: int, run_dir: Path) -> None:
+    train(mlp_setup(seed, "momentum", lr, depth=16, width=64), seed, run_dir)
+
+
+def _dead_lr(lr: float, seed: int, run_dir: Path) -> None:
+    train(mlp_setup(seed, "momentum", lr, depth=8, width=64), seed, run_dir)
+
+
+def _dead_bias(bias: float, seed: int, run_dir: Path) -> None:
+    s = mlp_setup(seed, "momentum", 0.01, depth=6, width=64)
+    linears = [m for m in s.model.modules() if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        for m in linears[1:-1]:  # the hidden layers after the first
+            m.bias.fill_(bias)
+    train(s, seed, run_dir)
+
+
+def _outlier(scale: float, seed: int, run_dir: Path) -> None:
+    s = mlp_setup(seed, "momentum", 0.03, depth=4, width=64)
+    s.faults = f"poison:mode=scale,scale={scale},at={25 + 7 * seed}"
+    train(s, seed, run_dir)
+
+
+def _label_noise(burst: int, seed: int, run_dir: Path) -> None:
+    s = mlp_setup(seed, "momentum", 0.03, depth=4, width=64)
+    start = 150 + 11 * seed
+    s.faults = "poison:mode=shuffle,at=" + "|".join(str(start + i) for i in range(burst))
+    train(s, seed, run_dir)
+
+
+def _fp16(p: float, seed: int, run_dir: Path) -> None:
+    s = mlp_setup(seed, "sgd", 0.05, depth=4, width=64)
+    s.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    s.faults = f"fp16_overflow:p={p}"
+    s.policy = "skip_nonfinite"
+    train(s, seed, run_dir)
+
+
+def _sequence_task(T: int, seed: int) -> Any:
+    return make_task("adding", T=T, seed=seed)
+
+
+def _rnn(init_scale: float, seed: int, run_dir: Path) -> None:
+    task = make_task("temporal_order", T=50, seed=seed)
+    _seeded(seed)
+    net = build_model("rnn", task.input_shape, task.num_outputs, hidden=64, init_scale=init_scale)
+    s = Setup(task, net, _opt("sgd", net.parameters(), 0.02), steps=150)
+    train(s, seed, run_dir)
+
+
+_CHARLM: list[Any] = []
+
+
+def _charlm() -> Any:
+    if not _CHARLM:
+        _CHARLM.append(make_task("charlm", context=32, max_chars=200_000))
+    return _CHARLM[0]
+
+
+def _gpt(lr: float, seed: int, run_dir: Path, *, qk_layernorm: bool = False) -> None:
+    task = _charlm()
+    _seeded(seed)
+    net = build_model(
+        "gpt", task.input_shape, task.num_outputs, d_model=64, n_layers=2, qk_layernorm=qk_layernorm
+    )
+    s = Setup(task, net, _opt("adamw", net.parameters(), lr), steps=200, batch_size=32)
+    train(s, seed, run_dir)
+
+
+class LogitScaled(nn.Module):
+    """A classifier whose logits are multiplied by a learnable scale (CLIP's ``logit_scale``,
+    which CLIP clamps at 100 because, left free, it runs away)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+        self.logit_scale = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) * self.logit_scale.exp()
+
+
+def _output_logits(lr: float, seed: int, run_dir: Path) -> None:
+    task = digits(seed)
+    _seeded(seed)
+    net = LogitScaled(build_model("mlp", task.input_shape, task.num_outputs, depth=3, width=64))
+    scale_lr = [
+        {"params": net.net.parameters(), "lr": 0.01},
+        {"params": [net.logit_scale], "lr": lr},
+    ]
+    train(Setup(task, net, torch.optim.SGD(scale_lr, momentum=0.9)), seed, run_dir)
+
+
+def _nan_once(at: int, seed: int, run_dir: Path) -> None:
+    s = mlp_setup(seed, "adam" if seed % 2 else "momentum", 1e-3 if seed % 2 else 0.03, depth=4)
+    s.faults = f"nan:at={at}"
+    s.policy = "skip_nonfinite"
+    train(s, seed, run_dir)
+
+
+def _lr_burst(factor: float, seed: int, run_dir: Path) -> None:
+    s = mlp_setup(seed, "momentum", 0.01, depth=4, width=64)
+    s.faults = f"lr_burst:factor={factor},steps=10,at={150 + 7 * seed}"
+    train(s, seed, run_dir)
+
+
+# ----- negative controls -------------------------------------------------------------------------
+def _healthy_mlp(opt: str) -> Callable[[Any, int, Path], None]:
+    lrs = {"sgd": 0.1, "momentum": 0.01, "adam": 1e-3, "adamw": 1e-3}
+
+    def make(depth: int, seed: int, run_dir: Path) -> None:
+        train(mlp_setup(seed, opt, lrs[opt], depth=depth, width=64), seed, run_dir)
+
+    return make
+
+
+def _healthy_deep(depth: int, seed: int, run_dir: Path) -> None:
+    """A deep plain ReLU MLP (He init) at a modest LR: it trains well."""
+    train(mlp_setup(seed, "sgd", 0.01, depth=depth, width=64), seed, run_dir)
+
+
+def _healthy_cnn(width: int, seed: int, run_dir: Path) -> None:
+    task = digits(seed)
+    _seeded(seed)
+    net = build_model("cnn", task.input_shape, task.num_outputs, depth=3, width=width)
+    train(Setup(task, net, _opt("momentum", net.parameters(), 0.01), steps=150), seed, run_dir)
+
+
+def _healthy_rnn(hidden: int, seed: int, run_dir: Path) -> None:
+    task = _sequence_task(20, seed)
+    _seeded(seed)
+    net = build_model("lstm", task.input_shape, task.num_outputs, hidden=hidden)
+    train(Setup(task, net, _opt("adam", net.parameters(), 3e-3), steps=150), seed, run_dir)
+
+
+def _healthy_gpt(lr: float, seed: int, run_dir: Path) -> None:
+    _gpt(lr, seed, run_dir)
+
+
+def _small_last_batch(last: int, seed: int, run_dir: Path) -> None:
+    """Epochs in order, the last batch of each holding only ``last`` examples."""
+    s = mlp_setup(seed, "momentum", 0.01, depth=4, width=64)
+    x, y = s.task.train
+    n = 64 * 6 + last
+    x, y = x[:n], y[:n]
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        gen = torch.Generator().manual_seed(seed)
+        while True:
+            order = torch.randperm(n, generator=gen)
+            for i in range(0, n, 64):
+                idx = order[i : i + 64]
+                yield x[idx], y[idx]
+
+    s.batches = batches()
+    train(s, seed, run_dir)
+
+
+def _slow_calm(lr: float, seed: int, run_dir: Path) -> None:
+    train(mlp_setup(seed, "sgd", lr, depth=3, width=64), seed, run_dir)
+
+
+# ----- the corpus --------------------------------------------------------------------------------
+def _case(
+    name: str,
+    expect: str | tuple[str, ...],
+    strengths: tuple[Any, ...],
+    make: Callable[[Any, int, Path], None],
+    allow: tuple[str, ...] = (),
+    why: str = "",
+) -> Case:
+    exp = (expect,) if isinstance(expect, str) else expect
+    return Case(name, frozenset(e for e in exp if e), frozenset(allow), strengths, make, why)
+
+
+_DEGRADES = "the injected cause ruins the run, so the loss ends far above its best"
+
+CASES: list[Case] = [
+    _case("lr/sgd", "lr_too_high", (2.0, 4.0), _lr("sgd"), ("loss_degradation",), _DEGRADES),
+    _case("lr/momentum", "lr_too_high", (0.5, 1.0), _lr("momentum"), ("loss_degradation",), _DEGRADES),
+    _case("lr/adam", "lr_too_high", (0.05, 0.2), _lr("adam"), ("loss_degradation",), _DEGRADES),
+    _case("init/tanh_large", "init_depth", (3.0, 2.5), _init("tanh", 12), ("loss_degradation",), _DEGRADES),
+    _case(
+        "init/relu_large",
+        "init_depth",
+        (2.5, 2.0),
+        _init("relu", 6, "momentum"),
+        ("loss_degradation", "dead_units"),
+        "outputs of ~1e3 at the start kill the ReLUs the first steps push below zero",
+    ),
+    _case("init/small", "init_depth", (0.5, 0.6), _init("relu", 12)),
+    _case(
+        "deep_plain",
+        "missing_normalization",
+        (0.1, 0.2),
+        _deep_plain,
+        ("lr_too_high", "init_depth", "dead_units", "loss_degradation"),
+        "a deep plain net diverges at an LR a shallow one takes, its gradients grow with depth "
+        "and its ReLUs die: each is a true account of it",
+    ),
+    _case(
+        "dead_relu/lr",
+        "dead_units",
+        (0.3, 0.5),
+        _dead_lr,
+        ("lr_too_high", "missing_normalization", "loss_degradation"),
+        "the units die because the LR is too high for a deep plain net",
+    ),
+    _case("dead_relu/bias", "dead_units", (-3.0, -10.0), _dead_bias),
+    _case("outlier", "outlier_batch", (1e3, 1e2), _outlier, ("loss_degradation",), _DEGRADES),
+    _case("label_noise", "label_noise", (10, 5), _label_noise),
+    _case("fp16", "fp16_overflow", (0.3, 0.6), _fp16),
+    _case("rnn_radius", "recurrent_explosion", (2.5, 2.0), _rnn, ("loss_degradation",), _DEGRADES),
+    _case(
+        "attention",
+        "attention_logits",
+        (1e-2, 3e-2),
+        _gpt,
+        ("lr_too_high", "loss_degradation"),
+        "the logits grow because the LR is too high without qk-layernorm",
+    ),
+    _case("output_logits", "output_logits", (1.0, 3.0), _output_logits, ("loss_degradation",), _DEGRADES),
+    _case("nan_once", "single_bad_step", (3, 150), _nan_once),
+    _case(
+        "lr_burst",
+        "update_spike",
+        (30.0, 100.0),
+        _lr_burst,
+        ("lr_too_high", "loss_degradation"),
+        "during the burst the LR is too high",
+    ),
+    _case("healthy/mlp_sgd", (), (3, 6), _healthy_mlp("sgd")),
+    _case("healthy/mlp_momentum", (), (3, 6), _healthy_mlp("momentum")),
+    _case("healthy/mlp_adam", (), (3, 6), _healthy_mlp("adam")),
+    _case("healthy/deep_mlp", (), (12, 10), _healthy_deep),
+    _case("healthy/cnn", (), (32, 64), _healthy_cnn),
+    _case("healthy/lstm", (), (64, 32), _healthy_rnn),
+    _case("healthy/gpt", (), (1e-3, 3e-4), _healthy_gpt),
+    _case("healthy/small_last_batch", (), (3, 1), _small_last_batch),
+    _case("healthy/slow_calm", (), (0.003, 0.001), _slow_calm),
+]
+
+BY_NAME = {c.name: c for c in CASES}
+
+
+def make(case: Case, strength: Any, seed: int, run_dir: Path) -> None:
+    case.make(strength, seed, Path(run_dir))
+
+
+def diagnosed(run_dir: Path) -> set[str]:
+    """The causes the diagnosis found in a recorded run."""
+    return {f.cause for f in diagnose(load_run(run_dir))}
+
+
+def judge(case: Case, found: set[str]) -> dict[str, list[str]]:
+    """What the diagnosis got right and wrong on one run of ``case``."""
+    return {
+        "missed": sorted(case.expect - found),
+        "false": sorted(found - case.expect - case.allow),
+    }
+
+
+def finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)
