@@ -64,7 +64,7 @@ class Case:
     expect: frozenset[str]
     allow: frozenset[str]
     strengths: tuple[Any, ...]
-    make: Callable[[Any, int, Path], None]
+    make: Callable[[Any, int, Path], dict[str, Any]]
     why_allowed: str = ""
 
     @property
@@ -89,9 +89,10 @@ class Setup:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def train(s: Setup, seed: int, run_dir: Path) -> None:
-    """Train ``s`` for its steps with a Guard recording telemetry to ``run_dir``. A run whose
-    weights went non-finite stops a few steps later (nothing more can happen to it)."""
+def train(s: Setup, seed: int, run_dir: Path) -> dict[str, Any]:
+    """Train ``s`` for its steps with a Guard recording telemetry to ``run_dir``, and return what
+    is true of the trained model (:func:`truth`). A run whose weights went non-finite stops a few
+    steps later (nothing more can happen to it)."""
     plan = faults.parse(s.faults, seed=seed) if s.faults != "none" else None
     gen = torch.Generator().manual_seed(seed)
     batches = s.batches or s.task.batches(s.batch_size, gen)
@@ -125,6 +126,37 @@ def train(s: Setup, seed: int, run_dir: Path) -> None:
                 break
     finally:
         guard.close()
+    return truth(s)
+
+
+#: A ReLU unit is dead when it outputs 0 for every one of these many training examples.
+TRUTH_EXAMPLES = 512
+
+
+def truth(s: Setup) -> dict[str, Any]:
+    """Measured on the trained model, independently of the telemetry: ``finite`` (every weight)
+    and ``dead`` (the share of its ReLU units, features or channels, that output 0 for every one
+    of the first ``TRUTH_EXAMPLES`` training inputs; None without ReLUs or with non-finite
+    weights)."""
+    finite = all(bool(torch.isfinite(p).all()) for p in s.model.parameters())
+    counts = [0, 0]
+
+    def hook(_m: nn.Module, _inp: Any, out: torch.Tensor) -> None:
+        alive = (out != 0).flatten(2).any(-1) if out.dim() > 2 else out != 0
+        units = alive.any(0)
+        counts[0] += int((~units).sum())
+        counts[1] += units.numel()
+
+    handles = [m.register_forward_hook(hook) for m in s.model.modules() if isinstance(m, nn.ReLU)]
+    x = s.task.train[0][:TRUTH_EXAMPLES]
+    try:
+        with torch.no_grad():
+            s.model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    dead = counts[0] / counts[1] if counts[1] and finite else None
+    return {"finite": finite, "dead": dead}
 
 
 # ----- the models --------------------------------------------------------------------------------
@@ -161,69 +193,77 @@ def mlp_setup(seed: int, opt: str, lr: float, **model: Any) -> Setup:
 
 
 # ----- causes ------------------------------------------------------------------------------------
-def _lr(opt: str, depth: int = 3) -> Callable[[Any, int, Path], None]:
-    def make(lr: float, seed: int, run_dir: Path) -> None:
-        train(mlp_setup(seed, opt, lr, depth=depth, width=64), seed, run_dir)
+def _lr(opt: str, depth: int = 3) -> Callable[[Any, int, Path], dict[str, Any]]:
+    def make(lr: float, seed: int, run_dir: Path) -> dict[str, Any]:
+        return train(mlp_setup(seed, opt, lr, depth=depth, width=64), seed, run_dir)
 
     return make
 
 
-def _init(activation: str, depth: int, opt: str = "sgd") -> Callable[[Any, int, Path], None]:
-    def make(scale: float, seed: int, run_dir: Path) -> None:
-        s = mlp_setup(seed, opt, 0.01, depth=depth, width=64, activation=activation, init_scale=scale)
-        train(s, seed, run_dir)
+def _init(
+    activation: str, depth: int, opt: str = "sgd"
+) -> Callable[[Any, int, Path], dict[str, Any]]:
+    def make(scale: float, seed: int, run_dir: Path) -> dict[str, Any]:
+        s = mlp_setup(
+            seed, opt, 0.01, depth=depth, width=64, activation=activation, init_scale=scale
+        )
+        return train(s, seed, run_dir)
 
     return make
 
 
-def _deep_plain(lr: float, seed: int, run_dir: Path) -> None:
-    train(mlp_setup(seed, "momentum", lr, depth=16, width=64), seed, run_dir)
+def _deep_plain(lr: float, seed: int, run_dir: Path) -> dict[str, Any]:
+    return train(mlp_setup(seed, "momentum", lr, depth=16, width=64), seed, run_dir)
 
 
-def _dead_lr(lr: float, seed: int, run_dir: Path) -> None:
-    train(mlp_setup(seed, "momentum", lr, depth=8, width=64), seed, run_dir)
+def _dead_lr(lr: float, seed: int, run_dir: Path) -> dict[str, Any]:
+    return train(mlp_setup(seed, "momentum", lr, depth=8, width=64), seed, run_dir)
 
 
-def _dead_bias(bias: float, seed: int, run_dir: Path) -> None:
+def _dead_bias(bias: float, seed: int, run_dir: Path) -> dict[str, Any]:
     s = mlp_setup(seed, "momentum", 0.01, depth=6, width=64)
     linears = [m for m in s.model.modules() if isinstance(m, nn.Linear)]
     with torch.no_grad():
         for m in linears[1:-1]:  # the hidden layers after the first
             m.bias.fill_(bias)
-    train(s, seed, run_dir)
+    return train(s, seed, run_dir)
 
 
-def _outlier(scale: float, seed: int, run_dir: Path) -> None:
+def _outlier(scale: float, seed: int, run_dir: Path) -> dict[str, Any]:
     s = mlp_setup(seed, "momentum", 0.03, depth=4, width=64)
     s.faults = f"poison:mode=scale,scale={scale},at={25 + 7 * seed}"
-    train(s, seed, run_dir)
+    return train(s, seed, run_dir)
 
 
-def _label_noise(burst: int, seed: int, run_dir: Path) -> None:
+def _label_noise(burst: int, seed: int, run_dir: Path) -> dict[str, Any]:
     s = mlp_setup(seed, "momentum", 0.03, depth=4, width=64)
     start = 150 + 11 * seed
     s.faults = "poison:mode=shuffle,at=" + "|".join(str(start + i) for i in range(burst))
-    train(s, seed, run_dir)
+    return train(s, seed, run_dir)
 
 
-def _fp16(p: float, seed: int, run_dir: Path) -> None:
+def _fp16(p: float, seed: int, run_dir: Path) -> dict[str, Any]:
     s = mlp_setup(seed, "sgd", 0.05, depth=4, width=64)
     s.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
     s.faults = f"fp16_overflow:p={p}"
     s.policy = "skip_nonfinite"
-    train(s, seed, run_dir)
+    return train(s, seed, run_dir)
 
 
 def _sequence_task(T: int, seed: int) -> Any:
     return make_task("adding", T=T, seed=seed)
 
 
-def _rnn(init_scale: float, seed: int, run_dir: Path) -> None:
-    task = make_task("temporal_order", T=50, seed=seed)
-    _seeded(seed)
-    net = build_model("rnn", task.input_shape, task.num_outputs, hidden=64, init_scale=init_scale)
-    s = Setup(task, net, _opt("sgd", net.parameters(), 0.02), steps=150)
-    train(s, seed, run_dir)
+def _rnn(opt: str, lr: float) -> Callable[[Any, int, Path], dict[str, Any]]:
+    def make(init_scale: float, seed: int, run_dir: Path) -> dict[str, Any]:
+        task = make_task("adding", T=50, seed=seed)
+        _seeded(seed)
+        net = build_model(
+            "rnn", task.input_shape, task.num_outputs, hidden=64, init_scale=init_scale
+        )
+        return train(Setup(task, net, _opt(opt, net.parameters(), lr), steps=150), seed, run_dir)
+
+    return make
 
 
 _CHARLM: list[Any] = []
@@ -235,14 +275,14 @@ def _charlm() -> Any:
     return _CHARLM[0]
 
 
-def _gpt(lr: float, seed: int, run_dir: Path, *, qk_layernorm: bool = False) -> None:
+def _gpt(lr: float, seed: int, run_dir: Path, *, qk_layernorm: bool = False) -> dict[str, Any]:
     task = _charlm()
     _seeded(seed)
     net = build_model(
         "gpt", task.input_shape, task.num_outputs, d_model=64, n_layers=2, qk_layernorm=qk_layernorm
     )
     s = Setup(task, net, _opt("adamw", net.parameters(), lr), steps=200, batch_size=32)
-    train(s, seed, run_dir)
+    return train(s, seed, run_dir)
 
 
 class LogitScaled(nn.Module):
@@ -258,7 +298,7 @@ class LogitScaled(nn.Module):
         return self.net(x) * self.logit_scale.exp()
 
 
-def _output_logits(lr: float, seed: int, run_dir: Path) -> None:
+def _output_logits(lr: float, seed: int, run_dir: Path) -> dict[str, Any]:
     task = digits(seed)
     _seeded(seed)
     net = LogitScaled(build_model("mlp", task.input_shape, task.num_outputs, depth=3, width=64))
@@ -266,56 +306,58 @@ def _output_logits(lr: float, seed: int, run_dir: Path) -> None:
         {"params": net.net.parameters(), "lr": 0.01},
         {"params": [net.logit_scale], "lr": lr},
     ]
-    train(Setup(task, net, torch.optim.SGD(scale_lr, momentum=0.9)), seed, run_dir)
+    return train(Setup(task, net, torch.optim.SGD(scale_lr, momentum=0.9)), seed, run_dir)
 
 
-def _nan_once(at: int, seed: int, run_dir: Path) -> None:
+def _nan_once(at: int, seed: int, run_dir: Path) -> dict[str, Any]:
     s = mlp_setup(seed, "adam" if seed % 2 else "momentum", 1e-3 if seed % 2 else 0.03, depth=4)
     s.faults = f"nan:at={at}"
     s.policy = "skip_nonfinite"
-    train(s, seed, run_dir)
+    return train(s, seed, run_dir)
 
 
-def _lr_burst(factor: float, seed: int, run_dir: Path) -> None:
+def _lr_burst(factor: float, seed: int, run_dir: Path) -> dict[str, Any]:
     s = mlp_setup(seed, "momentum", 0.01, depth=4, width=64)
     s.faults = f"lr_burst:factor={factor},steps=10,at={150 + 7 * seed}"
-    train(s, seed, run_dir)
+    return train(s, seed, run_dir)
 
 
 # ----- negative controls -------------------------------------------------------------------------
-def _healthy_mlp(opt: str) -> Callable[[Any, int, Path], None]:
+def _healthy_mlp(opt: str) -> Callable[[Any, int, Path], dict[str, Any]]:
     lrs = {"sgd": 0.1, "momentum": 0.01, "adam": 1e-3, "adamw": 1e-3}
 
-    def make(depth: int, seed: int, run_dir: Path) -> None:
-        train(mlp_setup(seed, opt, lrs[opt], depth=depth, width=64), seed, run_dir)
+    def make(depth: int, seed: int, run_dir: Path) -> dict[str, Any]:
+        return train(mlp_setup(seed, opt, lrs[opt], depth=depth, width=64), seed, run_dir)
 
     return make
 
 
-def _healthy_deep(depth: int, seed: int, run_dir: Path) -> None:
+def _healthy_deep(depth: int, seed: int, run_dir: Path) -> dict[str, Any]:
     """A deep plain ReLU MLP (He init) at a modest LR: it trains well."""
-    train(mlp_setup(seed, "sgd", 0.01, depth=depth, width=64), seed, run_dir)
+    return train(mlp_setup(seed, "sgd", 0.01, depth=depth, width=64), seed, run_dir)
 
 
-def _healthy_cnn(width: int, seed: int, run_dir: Path) -> None:
+def _healthy_cnn(width: int, seed: int, run_dir: Path) -> dict[str, Any]:
     task = digits(seed)
     _seeded(seed)
     net = build_model("cnn", task.input_shape, task.num_outputs, depth=3, width=width)
-    train(Setup(task, net, _opt("momentum", net.parameters(), 0.01), steps=150), seed, run_dir)
+    return train(
+        Setup(task, net, _opt("momentum", net.parameters(), 0.01), steps=150), seed, run_dir
+    )
 
 
-def _healthy_rnn(hidden: int, seed: int, run_dir: Path) -> None:
+def _healthy_rnn(hidden: int, seed: int, run_dir: Path) -> dict[str, Any]:
     task = _sequence_task(20, seed)
     _seeded(seed)
     net = build_model("lstm", task.input_shape, task.num_outputs, hidden=hidden)
-    train(Setup(task, net, _opt("adam", net.parameters(), 3e-3), steps=150), seed, run_dir)
+    return train(Setup(task, net, _opt("adam", net.parameters(), 3e-3), steps=150), seed, run_dir)
 
 
-def _healthy_gpt(lr: float, seed: int, run_dir: Path) -> None:
-    _gpt(lr, seed, run_dir)
+def _healthy_gpt(lr: float, seed: int, run_dir: Path) -> dict[str, Any]:
+    return _gpt(lr, seed, run_dir)
 
 
-def _small_last_batch(last: int, seed: int, run_dir: Path) -> None:
+def _small_last_batch(last: int, seed: int, run_dir: Path) -> dict[str, Any]:
     """Epochs in order, the last batch of each holding only ``last`` examples."""
     s = mlp_setup(seed, "momentum", 0.01, depth=4, width=64)
     x, y = s.task.train
@@ -331,11 +373,11 @@ def _small_last_batch(last: int, seed: int, run_dir: Path) -> None:
                 yield x[idx], y[idx]
 
     s.batches = batches()
-    train(s, seed, run_dir)
+    return train(s, seed, run_dir)
 
 
-def _slow_calm(lr: float, seed: int, run_dir: Path) -> None:
-    train(mlp_setup(seed, "sgd", lr, depth=3, width=64), seed, run_dir)
+def _slow_calm(lr: float, seed: int, run_dir: Path) -> dict[str, Any]:
+    return train(mlp_setup(seed, "sgd", lr, depth=3, width=64), seed, run_dir)
 
 
 # ----- the corpus --------------------------------------------------------------------------------
@@ -343,7 +385,7 @@ def _case(
     name: str,
     expect: str | tuple[str, ...],
     strengths: tuple[Any, ...],
-    make: Callable[[Any, int, Path], None],
+    make: Callable[[Any, int, Path], dict[str, Any]],
     allow: tuple[str, ...] = (),
     why: str = "",
 ) -> Case:
@@ -355,9 +397,18 @@ _DEGRADES = "the injected cause ruins the run, so the loss ends far above its be
 
 CASES: list[Case] = [
     _case("lr/sgd", "lr_too_high", (2.0, 4.0), _lr("sgd"), ("loss_degradation",), _DEGRADES),
-    _case("lr/momentum", "lr_too_high", (0.5, 1.0), _lr("momentum"), ("loss_degradation",), _DEGRADES),
+    _case(
+        "lr/momentum", "lr_too_high", (0.5, 1.0), _lr("momentum"), ("loss_degradation",), _DEGRADES
+    ),
     _case("lr/adam", "lr_too_high", (0.05, 0.2), _lr("adam"), ("loss_degradation",), _DEGRADES),
-    _case("init/tanh_large", "init_depth", (3.0, 2.5), _init("tanh", 12), ("loss_degradation",), _DEGRADES),
+    _case(
+        "init/tanh_large",
+        "init_depth",
+        (3.0, 2.5),
+        _init("tanh", 12),
+        ("loss_degradation",),
+        _DEGRADES,
+    ),
     _case(
         "init/relu_large",
         "init_depth",
@@ -388,7 +439,22 @@ CASES: list[Case] = [
     _case("outlier", "outlier_batch", (1e3, 1e2), _outlier, ("loss_degradation",), _DEGRADES),
     _case("label_noise", "label_noise", (10, 5), _label_noise),
     _case("fp16", "fp16_overflow", (0.3, 0.6), _fp16),
-    _case("rnn_radius", "recurrent_explosion", (2.5, 2.0), _rnn, ("loss_degradation",), _DEGRADES),
+    _case(
+        "rnn_radius/sgd",
+        "recurrent_explosion",
+        (2.0, 2.5),
+        _rnn("sgd", 0.05),
+        ("lr_too_high", "loss_degradation"),
+        "a recurrence that explodes makes every update too large for the LR, and ruins the run",
+    ),
+    _case(
+        "rnn_radius/momentum",
+        "recurrent_explosion",
+        (2.5, 3.0),
+        _rnn("momentum", 0.02),
+        ("lr_too_high", "loss_degradation"),
+        "a recurrence that explodes makes every update too large for the LR, and ruins the run",
+    ),
     _case(
         "attention",
         "attention_logits",
@@ -397,7 +463,14 @@ CASES: list[Case] = [
         ("lr_too_high", "loss_degradation"),
         "the logits grow because the LR is too high without qk-layernorm",
     ),
-    _case("output_logits", "output_logits", (1.0, 3.0), _output_logits, ("loss_degradation",), _DEGRADES),
+    _case(
+        "output_logits",
+        "output_logits",
+        (1.0, 3.0),
+        _output_logits,
+        ("loss_degradation",),
+        _DEGRADES,
+    ),
     _case("nan_once", "single_bad_step", (3, 150), _nan_once),
     _case(
         "lr_burst",
@@ -421,8 +494,9 @@ CASES: list[Case] = [
 BY_NAME = {c.name: c for c in CASES}
 
 
-def make(case: Case, strength: Any, seed: int, run_dir: Path) -> None:
-    case.make(strength, seed, Path(run_dir))
+def make(case: Case, strength: Any, seed: int, run_dir: Path) -> dict[str, Any]:
+    """Train one run of ``case`` into ``run_dir``; what is true of the trained model."""
+    return case.make(strength, seed, Path(run_dir))
 
 
 def diagnosed(run_dir: Path) -> set[str]:
@@ -430,11 +504,25 @@ def diagnosed(run_dir: Path) -> set[str]:
     return {f.cause for f in diagnose(load_run(run_dir))}
 
 
-def judge(case: Case, found: set[str]) -> dict[str, list[str]]:
+#: Measured dead share (:func:`truth`) from which "dead units" is true of any run.
+DEAD_TRUTH = 0.5
+
+
+def allowed(case: Case, measured: dict[str, Any] | None = None) -> frozenset[str]:
+    """What the diagnosis may find in a run of ``case``: its ``allow``, and "dead units" where the
+    trained model's units were measured dead (a too-high LR or a huge batch kills ReLUs too)."""
+    dead = (measured or {}).get("dead")
+    extra = {"dead_units"} if dead is not None and dead >= DEAD_TRUTH else set()
+    return case.allow | extra
+
+
+def judge(
+    case: Case, found: set[str], measured: dict[str, Any] | None = None
+) -> dict[str, list[str]]:
     """What the diagnosis got right and wrong on one run of ``case``."""
     return {
         "missed": sorted(case.expect - found),
-        "false": sorted(found - case.expect - case.allow),
+        "false": sorted(found - case.expect - allowed(case, measured)),
     }
 
 

@@ -26,6 +26,16 @@ rule                       module               fires when
                                                 collapses.
 ``recurrent_explosion``    ``recurrent``        a recurrent weight's spectral radius is above 1
                                                 around the events.
+``update_spike``           ``updates``          the update jumped far above its history (the
+                                                gradient did not explain it), or the LR jumped.
+``label_noise``            ``labels``           a burst of loss spikes on normal inputs, LR and
+                                                updates, from which the run recovered.
+``dead_units``             ``units``            most hidden units get exactly zero gradient at
+                                                the end (dead ReLUs, saturated units).
+``attention_logits``       ``attention``        the largest attention logit grew past ~30 and
+                                                several times its start.
+``output_logits``          ``logits``           the output logits grew past ~100 and 10x their
+                                                start, with spikes or a degraded loss.
 ``loss_degradation``       ``progress``         the loss ended well above the best it reached
                                                 (it climbed, or rose and stalled), events or not.
 =========================  ===================  ===============================================
@@ -49,7 +59,7 @@ from .learning_rate import (  # isort: skip
     lr_too_high,
 )
 from .depth import INIT_MIN_LAYERS, INIT_MIN_R2, INIT_RATIO, INIT_STEPS, init_depth  # isort: skip
-from .normalization import NORM_MIN_LAYERS, missing_normalization  # isort: skip
+from .normalization import NORM_MIN_LAYERS, NORM_MIN_SPIKES, missing_normalization  # isort: skip
 from .outliers import (  # isort: skip
     OUTLIER_LOG_FLOOR,
     OUTLIER_MEAN_FLOOR,
@@ -67,7 +77,18 @@ from .amp import (  # isort: skip
     AMP_SCALE_FLOOR,
     fp16_overflow,
 )
-from .recurrent import RADIUS_LIMIT, RADIUS_WINDOW, recurrent_explosion  # isort: skip
+from .recurrent import RADIUS_GROWTH, RADIUS_LIMIT, RADIUS_WINDOW, recurrent_explosion  # isort: skip
+from .updates import (  # isort: skip
+    LR_FLAT,
+    LR_JUMP,
+    UPD_GRAD_SHARE,
+    UPD_SPIKE,
+    update_spike,
+)
+from .labels import LABEL_JUMP, LABEL_MIN_STEPS, LABEL_RECOVER, label_noise  # isort: skip
+from .units import DEAD_LAYER, DEAD_SHARE, dead_units  # isort: skip
+from .attention import ATTN_GROWTH, ATTN_HIGH, attention_logits  # isort: skip
+from .logits import OUT_GROWTH, OUT_HIGH, output_logits  # isort: skip
 from .progress import (  # isort: skip
     DEGRADE_GIVE_BACK,
     DEGRADE_MIN_STEPS,
@@ -82,6 +103,10 @@ __all__ = [
     "AMP_MIN_OVERFLOWS",
     "AMP_OVERFLOW_RATE",
     "AMP_SCALE_FLOOR",
+    "ATTN_GROWTH",
+    "ATTN_HIGH",
+    "DEAD_LAYER",
+    "DEAD_SHARE",
     "DEGRADE_GIVE_BACK",
     "DEGRADE_MIN_STEPS",
     "DEGRADE_NOISE",
@@ -91,15 +116,24 @@ __all__ = [
     "INIT_MIN_R2",
     "INIT_RATIO",
     "INIT_STEPS",
+    "LABEL_JUMP",
+    "LABEL_MIN_STEPS",
+    "LABEL_RECOVER",
     "LONE_MAX_STEPS",
     "LONE_RECOVERY",
+    "LR_FLAT",
+    "LR_JUMP",
     "NORM_MIN_LAYERS",
+    "NORM_MIN_SPIKES",
     "OUTLIER_LOG_FLOOR",
     "OUTLIER_MEAN_FLOOR",
     "OUTLIER_MEAN_SHIFT",
     "OUTLIER_MIN_HISTORY",
     "OUTLIER_WINDOW",
     "OUTLIER_Z",
+    "OUT_GROWTH",
+    "OUT_HIGH",
+    "RADIUS_GROWTH",
     "RADIUS_LIMIT",
     "RADIUS_WINDOW",
     "RULES",
@@ -110,20 +144,27 @@ __all__ = [
     "UPDATE_RATIO_MIN_STEPS",
     "UPDATE_RATIO_SEVERE",
     "UPDATE_RATIO_TARGET",
+    "UPD_GRAD_SHARE",
+    "UPD_SPIKE",
     "Finding",
     "Rule",
     "RuleInfo",
+    "attention_logits",
+    "dead_units",
     "diagnose",
     "fp16_overflow",
     "init_depth",
+    "label_noise",
     "list_rules",
     "loss_degradation",
     "lr_too_high",
     "missing_normalization",
     "outlier_batch",
+    "output_logits",
     "recurrent_explosion",
     "register",
     "rule_info",
     "rule_infos",
     "single_bad_step",
+    "update_spike",
 ]

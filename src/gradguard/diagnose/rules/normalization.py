@@ -5,23 +5,32 @@ from __future__ import annotations
 from collections import Counter
 
 from ..records import RunLog
-from .base import Finding, _layer, _trouble, _weight_layers
+from .base import NONFINITE_KINDS, Finding, _layer, _trouble, _weight_layers
 from .registry import register
 
 #: Weight layers from which a plain (unnormalized) network counts as deep: beyond about 8-10
 #: layers plain nets needed careful init or BatchNorm to train at all (VGG, Simonyan & Zisserman
 #: 2014; He et al. 2015); a heuristic, applied only when the run had spikes or NaN.
 NORM_MIN_LAYERS = 8
+#: Spike events a run with no non-finite step and no lasting damage must have for its depth to be
+#: the story: a deep plain net that trains well through a spike or two is not missing anything.
+NORM_MIN_SPIKES = 3
 
 
 @register
 def missing_normalization(run: RunLog) -> Finding | None:
-    """A deep plain network (no normalization layer) that had spikes or non-finite gradients."""
+    """A deep plain network (no normalization layer) that had non-finite gradients, several
+    spikes, or spikes and a loss that ended well above its best."""
     if run.meta.get("normalization") is not False:  # absent: unknown, say nothing
         return None
     weights = _weight_layers(run)
     events = _trouble(run)
     if len(weights) < NORM_MIN_LAYERS or not events:
+        return None
+    from .progress import _degradation  # here: the rules register in their report order
+
+    nonfinite = any(e["kind"] in NONFINITE_KINDS for e in events)
+    if not nonfinite and len(events) < NORM_MIN_SPIKES and _degradation(run) is None:
         return None
     kinds = Counter(e["kind"] for e in events)
     return Finding(

@@ -14,14 +14,22 @@ from .registry import register
 RADIUS_LIMIT = 1.0
 #: Steps before/after a spike or NaN event within which a radius sample counts as "around" it.
 RADIUS_WINDOW = 100
+#: Without any event, a gradient norm that grew this many times over its first recorded steps'
+#: median while a radius was above 1 is the explosion itself, only gradual (the event detector
+#: calls a jump against recent history a spike, and a steady climb has none).
+RADIUS_GROWTH = 100.0
+#: First recorded steps whose median gradient norm is the start's level.
+RADIUS_START = 5
 
 
 @register
 def recurrent_explosion(run: RunLog) -> Finding | None:
     """A recurrent weight's spectral radius above 1 around spike or non-finite events."""
     recurrent = [str(n) for n in _list(run.meta.get("recurrent"))]
-    events = _trouble(run)
-    if not recurrent or not events:
+    if not recurrent:
+        return None
+    events = _trouble(run) or _growth(run)
+    if not events:
         return None
     samples = _radius_samples(run, recurrent)
     worst = _worst_around(events, samples)
@@ -42,10 +50,17 @@ def recurrent_explosion(run: RunLog) -> Finding | None:
             f"{layer}'s radius was {_g(first_sample[1])} at step {first_sample[0]}: training "
             "pushed it up"
         )
-    evidence.append(
-        f"{len(events)} spike/non-finite events, the first at step {events[0]['step']}; a radius "
-        "above 1 is what lets the gradient grow over time steps (Pascanu et al. 2013)"
-    )
+    if events[0].get("kind") == "growth":
+        evidence.append(
+            f"the gradient norm grew {events[0]['factor']:.3g}x over its start by step "
+            f"{events[0]['step']}, with no single spike: a steady climb; a radius above 1 is "
+            "what lets the gradient grow over time steps (Pascanu et al. 2013)"
+        )
+    else:
+        evidence.append(
+            f"{len(events)} spike/non-finite events, the first at step {events[0]['step']}; a "
+            "radius above 1 is what lets the gradient grow over time steps (Pascanu et al. 2013)"
+        )
     return Finding(
         cause="recurrent_explosion",
         title="Exploding recurrent weights",
@@ -59,6 +74,20 @@ def recurrent_explosion(run: RunLog) -> Finding | None:
         step=ev,
         layers=sorted(over, key=lambda n: -over[n][0]),
     )
+
+
+def _growth(run: RunLog) -> list[dict[str, Any]]:
+    """The step where the gradient norm first reached ``RADIUS_GROWTH`` times its start (or went
+    non-finite), as a pseudo-event; [] if it never did."""
+    norms = [(s["step"], s.get("grad_norm")) for s in run.steps if _step(s) is not None]
+    start = [v for _, v in norms[:RADIUS_START] if _num(v) is not None and v > 0]
+    if len(start) < RADIUS_START:
+        return []
+    level = sorted(start)[len(start) // 2]
+    for step, v in norms[RADIUS_START:]:
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v >= RADIUS_GROWTH * level:
+            return [{"step": step, "kind": "growth", "factor": v / level}]
+    return []
 
 
 def _radius_samples(run: RunLog, recurrent: list[str]) -> list[tuple[int, str, float]]:

@@ -1,0 +1,181 @@
+"""``update_spike``: the update jumped far above its own history while the gradient did not
+explain it, or the learning rate jumped from a flat level.
+
+At scale, update-norm spikes come before loss spikes (Wortsman et al. 2023, "Small-scale proxies
+for large-scale Transformer training instabilities"; Molybog et al. 2023, "A Theory on Adam
+Instability in Large-Scale Machine Learning"): an LR schedule that jumps (a bad warmup or resume),
+or Adam's second moment gone stale, makes one step move the weights far more than the steps before
+it, with the gradient looking normal. A spike the gradient explains (the gradient grew as much as
+the update) is the gradient's problem and is left to the other rules.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any
+
+from ..records import RunLog
+from .base import Finding, _g, _num, _step, _trouble
+from .registry import register
+
+#: A sampled update/weight ratio this many times the median of the samples before it is a spike.
+UPD_SPIKE = 10.0
+#: Samples needed before one can be called a spike, and how many earlier samples are compared.
+UPD_MIN_HISTORY = 5
+UPD_HISTORY = 20
+#: A spike is the gradient's when the gradient norm rose by at least this share of the update's
+#: rise (the update of SGD is the gradient times the LR: it cannot rise more on its own).
+UPD_GRAD_SHARE = 1 / 3
+#: The LR jumped: at least this many times its level over the records before, which were flat
+#: (within a factor ``LR_FLAT`` of each other: a warmup or a decay is not flat).
+LR_JUMP = 3.0
+LR_FLAT = 2.0
+LR_HISTORY = 10
+#: A jump matters when a spike or non-finite event, or a sampled update spike, came within this
+#: many steps after it began.
+UPD_AFTER = 50
+
+
+def _records(run: RunLog) -> list[dict[str, Any]]:
+    return [s for s in run.steps if _step(s) is not None]
+
+
+def update_series(run: RunLog) -> list[tuple[int, float]]:
+    """(step, largest per-layer update/weight ratio) on every step where it was measured: the
+    telemetry's sampled ``update_ratio``, or ``update_clip``'s per-step measurement."""
+    out = []
+    for s in _records(run):
+        ratios = [v for v in (_num(r) for r in (s.get("update_ratio") or [])) if v is not None]
+        metrics = s.get("metrics") if isinstance(s.get("metrics"), dict) else {}
+        measured = _num(metrics.get("update_clip.max_ratio"))
+        if ratios:
+            out.append((s["step"], max(ratios)))
+        elif measured is not None and measured > 0:
+            out.append((s["step"], measured))
+    return out
+
+
+def lr_jumps(run: RunLog) -> list[dict[str, Any]]:
+    """Each stretch of records whose LR jumped from a flat level: first and last step, the level
+    before, the largest factor over it."""
+    recs = [(s["step"], v) for s in _records(run) if (v := _num(s.get("lr"))) is not None and v > 0]
+    jumps: list[dict[str, Any]] = []
+    calm: list[float] = []
+    cur: dict[str, Any] | None = None
+    for step, lr in recs:
+        if cur is not None:
+            if lr >= math.sqrt(LR_JUMP) * cur["level"]:
+                cur["last"] = step
+                cur["factor"] = max(cur["factor"], lr / cur["level"])
+                continue
+            cur = None
+        prev = calm[-LR_HISTORY:]
+        if len(prev) >= UPD_MIN_HISTORY and max(prev) <= LR_FLAT * min(prev):
+            level = statistics.median(prev)
+            if lr >= LR_JUMP * level:
+                cur = {"first": step, "last": step, "level": level, "factor": lr / level}
+                jumps.append(cur)
+                continue
+        calm.append(lr)
+    return jumps
+
+
+def _grad_rise(run: RunLog, step: int) -> float | None:
+    """The gradient norm at ``step`` over the median of the recorded norms before it."""
+    norms = [(s["step"], _num(s.get("grad_norm"))) for s in _records(run)]
+    before = [v for s, v in norms if s < step and v is not None][-UPD_HISTORY * 5 :]
+    now = next((v for s, v in norms if s == step), None)
+    if now is None or len(before) < UPD_MIN_HISTORY:
+        return None
+    level = statistics.median(before)
+    return now / level if level > 0 else None
+
+
+def update_spikes(run: RunLog) -> list[dict[str, Any]]:
+    """Sampled updates ``UPD_SPIKE`` times the median of the samples before them."""
+    series = update_series(run)
+    out = []
+    for i, (step, ratio) in enumerate(series):
+        prev = [r for _, r in series[max(0, i - UPD_HISTORY) : i]]
+        if len(prev) < UPD_MIN_HISTORY:
+            continue
+        level = statistics.median(prev)
+        if level > 0 and ratio >= UPD_SPIKE * level:
+            out.append({"step": step, "ratio": ratio, "factor": ratio / level, "level": level})
+    return out
+
+
+def _explained_by_gradient(run: RunLog, spike: dict[str, Any]) -> bool:
+    rise = _grad_rise(run, spike["step"])
+    return rise is None or not math.isfinite(rise) or rise >= UPD_GRAD_SHARE * spike["factor"]
+
+
+@register
+def update_spike(run: RunLog) -> Finding | None:
+    """The update/weight ratio jumped far above its history (the gradient did not explain it),
+    or the LR jumped from a flat level and trouble followed."""
+    jumps = lr_jumps(run)
+    spikes = update_spikes(run)
+    trouble = [e["step"] for e in _trouble(run)]
+
+    def within(j: dict[str, Any], steps: list[int]) -> bool:
+        return any(j["first"] <= s <= j["last"] + UPD_AFTER for s in steps)
+
+    def in_jump(step: int) -> bool:
+        return any(j["first"] <= step <= j["last"] for j in jumps)
+
+    bad_jumps = [j for j in jumps if within(j, trouble + [s["step"] for s in spikes])]
+    lone = [s for s in spikes if not in_jump(s["step"]) and not _explained_by_gradient(run, s)]
+    if not bad_jumps and not lone:
+        return None
+    evidence = []
+    for j in bad_jumps[:3]:
+        evidence.append(
+            f"the learning rate jumped {j['factor']:.3g}x, from {_g(j['level'])} to "
+            f"{_g(j['level'] * j['factor'])}, at steps {j['first']}-{j['last']}"
+        )
+    for s in (spikes if bad_jumps else lone)[:3]:
+        rise = _grad_rise(run, s["step"])
+        grad = f"; the gradient norm {rise:.2g}x its level" if rise is not None else ""
+        evidence.append(
+            f"step {s['step']}: update/weight ratio {_g(s['ratio'])}, {s['factor']:.3g}x the "
+            f"median {_g(s['level'])} of the samples before{grad}"
+        )
+    first = min([j["first"] for j in bad_jumps] + [s["step"] for s in lone])
+    after = [t for t in trouble if t >= first]
+    if after:
+        evidence.append(f"the first spike or non-finite event after it came at step {after[0]}")
+    if bad_jumps:
+        summary = (
+            f"The learning rate jumped {bad_jumps[0]['factor']:.3g}x at step "
+            f"{bad_jumps[0]['first']} from a steady level, and the updates with it"
+            + (": the trouble that followed started there." if after else ".")
+        )
+    else:
+        summary = (
+            f"At step {lone[0]['step']} the update moved the weights {lone[0]['factor']:.3g}x "
+            "more than the steps before, while the gradient had not grown as much: the optimizer, "
+            "not the gradient, made the step too large."
+        )
+    advice = [
+        "Check the LR schedule around that step (a warmup that restarts, a resume that loses the "
+        "scheduler's state, a per-group LR set by hand): print the LR every step.",
+        "Bound the step itself, not only the gradient: policy 'default' includes update_clip, "
+        "which caps each layer's update relative to its weights; 'rollback' undoes a step that "
+        "ruined the run.",
+    ]
+    if not bad_jumps:
+        advice.append(
+            "With Adam, a gradient that grows after a long quiet stretch meets a stale second "
+            "moment: raise eps (1e-8 to 1e-6), lower beta2 (0.999 to 0.95), or warm up again."
+        )
+    return Finding(
+        cause="update_spike",
+        title="Update-norm spike",
+        summary=summary,
+        evidence=evidence,
+        advice=advice,
+        severity="high" if after else "medium",
+        step=first,
+    )
