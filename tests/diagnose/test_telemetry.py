@@ -195,11 +195,19 @@ def test_tensorboard_files_hold_the_kept_steps(tmp_path):
         "loss",
         "lr",
         "layer_grad_norm/fc1",
+        "logits/absmax",
+        "logits/logz",
+        "dead_units/fc1",
     } <= set(tags)
     pre = acc.Scalars("grad_norm/pre_clip")
     run = load_run(tmp_path)
     assert [e.step for e in pre] == [s["step"] for s in run.steps]
     assert [e.value for e in pre] == pytest.approx([s["grad_norm"] for s in run.steps], rel=1e-6)
+    logz = acc.Scalars("logits/logz")
+    assert [e.step for e in logz] == [0, 10]  # with the per-layer series
+    assert [e.value for e in logz] == pytest.approx(
+        [run.step_at(e.step)["logits"]["logz"] for e in logz], rel=1e-6
+    )
 
 
 def test_spectral_radius_of_recurrent_weights_is_recorded(tmp_path):
