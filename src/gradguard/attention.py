@@ -21,7 +21,7 @@ computes its softmax some other way (a fused kernel) reports its logits with
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, overload
 
@@ -434,10 +434,15 @@ class _Measure(TorchFunctionMode):
 class LogitMeter:
     """Hooks on each site's module that measure its max logits during every forward run with
     gradients enabled (a forward the next step trains on; evaluation under ``no_grad`` is not
-    counted). Gradient accumulation: the max over every micro-batch since the last reset."""
+    counted). Gradient accumulation: the max over every micro-batch since the last reset.
 
-    def __init__(self, sites: Sequence[AttentionSite]):
+    ``when``: called (no arguments) as each attention module's forward starts; the forward is
+    measured only if it returns True (default: every forward). The telemetry measures only the
+    forwards that feed a sampled step, so the other steps pay nothing but the call."""
+
+    def __init__(self, sites: Sequence[AttentionSite], when: Callable[[], bool] | None = None):
         self.sites = list(sites)
+        self.when = when
         for site in self.sites:
             self._attach(site)
 
@@ -445,7 +450,7 @@ class LogitMeter:
         active: list[_Measure] = []
 
         def pre(_m, _args):
-            if torch.is_grad_enabled():
+            if torch.is_grad_enabled() and (self.when is None or self.when()):
                 site.ran = True
                 mode = _Measure(site)
                 mode.__enter__()

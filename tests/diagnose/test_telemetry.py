@@ -8,6 +8,7 @@ import json
 import math
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -194,11 +195,19 @@ def test_tensorboard_files_hold_the_kept_steps(tmp_path):
         "loss",
         "lr",
         "layer_grad_norm/fc1",
+        "logits/absmax",
+        "logits/logz",
+        "dead_units/fc1",
     } <= set(tags)
     pre = acc.Scalars("grad_norm/pre_clip")
     run = load_run(tmp_path)
     assert [e.step for e in pre] == [s["step"] for s in run.steps]
     assert [e.value for e in pre] == pytest.approx([s["grad_norm"] for s in run.steps], rel=1e-6)
+    logz = acc.Scalars("logits/logz")
+    assert [e.step for e in logz] == [0, 10]  # with the per-layer series
+    assert [e.value for e in logz] == pytest.approx(
+        [run.step_at(e.step)["logits"]["logz"] for e in logz], rel=1e-6
+    )
 
 
 def test_spectral_radius_of_recurrent_weights_is_recorded(tmp_path):
@@ -324,3 +333,308 @@ print("tensorflow" in sys.modules)
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
     assert any(len(acc.Scalars(tag)) == 3 for tag in acc.Tags()["scalars"])
+
+
+# ----- output logits, attention logits, dead units ----------------------------------------------------
+class Wrapped(nn.Module):
+    """TinyNet whose output comes as a tensor, a tuple, an object with ``.logits`` (a Hugging
+    Face ModelOutput's attribute) or a dict; ``regression``: one output per row."""
+
+    def __init__(self, kind, regression=False):
+        super().__init__()
+        self.net = TinyNet(width=16, d_out=1 if regression else 3)
+        self.kind = kind
+
+    def forward(self, x):
+        y = self.net(x)
+        if self.kind == "tuple":
+            return (torch.arange(3), y, y * 2)  # the first floating tensor is the output
+        if self.kind == "attr":
+            return SimpleNamespace(loss=None, logits=y)
+        if self.kind == "dict":
+            return {"loss": y.sum(), "logits": y}
+        return y
+
+
+def logits_of(out):
+    if isinstance(out, tuple):
+        return out[1]
+    return out["logits"] if isinstance(out, dict) else getattr(out, "logits", out)
+
+
+@pytest.mark.parametrize("kind", ["tensor", "tuple", "attr", "dict", "regression"])
+def test_logits_are_the_training_forwards_absmax_and_logz(tmp_path, kind):
+    torch.manual_seed(0)
+    model = Wrapped("tensor" if kind == "regression" else kind, regression=kind == "regression")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    expected = {}
+    with gradguard.Guard(
+        model, opt, "clip_norm:1", telemetry=Telemetry(tmp_path, tensorboard=False)
+    ) as guard:
+        for step in range(5):
+            opt.zero_grad()
+            logits = logits_of(model(batch(step)[0] * (step + 1)))
+            loss = logits.square().mean() if kind == "regression" else logits.logsumexp(-1).mean()
+            loss.backward()
+            with torch.no_grad():  # an evaluation between the forward and the step: not counted
+                model(torch.randn(4, 6) * 100)
+            x = logits.detach()
+            logz = None if kind == "regression" else float(torch.logsumexp(x, -1).mean())
+            expected[step] = (float(x.abs().max()), logz)
+            guard.step()
+            with torch.no_grad():
+                model(torch.randn(4, 6) * 100)
+    run = load_run(tmp_path)
+    assert [s["step"] for s in run.steps] == list(range(5))
+    for s in run.steps:
+        absmax, logz = expected[s["step"]]
+        assert s["logits"]["absmax"] == pytest.approx(absmax, rel=1e-6)
+        if logz is None:
+            assert s["logits"]["logz"] is None
+        else:
+            assert s["logits"]["logz"] == pytest.approx(logz, rel=1e-6)
+
+
+def mha_max_by_hand(attn, h):
+    """nn.MultiheadAttention (batch_first, self-attention, no mask): the max of q.k / sqrt(d)."""
+    e, heads = attn.embed_dim, attn.num_heads
+    w, b = attn.in_proj_weight.detach().double(), attn.in_proj_bias.detach().double()
+    q = (h.double() @ w[:e].T + b[:e]).unflatten(-1, (heads, e // heads)).transpose(1, 2)
+    k = (h.double() @ w[e : 2 * e].T + b[e : 2 * e]).unflatten(-1, (heads, e // heads))
+    return float((q @ k.transpose(1, 2).transpose(-1, -2)).max() / math.sqrt(e // heads))
+
+
+def gpt_max_by_hand(attn, x):
+    """The bench GPT's causal attention (fused q|k|v Linear, SDPA): max of q.k / sqrt(d)."""
+    b, t, d = x.shape
+    z = x.double() @ attn.qkv.weight.detach().double().T + attn.qkv.bias.detach().double()
+    q, k = (u.view(b, t, attn.n_heads, attn.head_dim).transpose(1, 2) for u in z.split(d, -1)[:2])
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(attn.head_dim)
+    allowed = torch.ones(t, t, dtype=torch.bool).tril()
+    return float(s.masked_fill(~allowed, -math.inf).max())
+
+
+def attention_model(name):
+    from gradguard.bench.models import build_model
+
+    from tests.helpers import AttnNet
+
+    torch.manual_seed(0)
+    if name == "mha":
+        model = AttnNet(width=8)
+        sites = {"attn": (model.attn, mha_max_by_hand)}
+
+        def data(step):
+            x, y = batch(step)
+            return x * 3, lambda out: nn.functional.cross_entropy(out, y)
+
+    else:
+        model = build_model("gpt", (8,), 11, d_model=16, n_layers=2, n_heads=2)
+        sites = {f"blocks.{i}.attn": (b.attn, gpt_max_by_hand) for i, b in enumerate(model.blocks)}
+
+        def data(step):
+            idx = torch.randint(0, 11, (4, 8), generator=torch.Generator().manual_seed(step))
+            return idx, lambda out: nn.functional.cross_entropy(out.flatten(0, 1), idx.flatten())
+
+    return model, sites, data
+
+
+@pytest.mark.parametrize("name", ["mha", "gpt"])
+def test_attention_logits_match_q_dot_k_by_hand_on_sampled_steps(tmp_path, name):
+    model, sites, data = attention_model(name)
+    seen = {}
+    for site, (module, _) in sites.items():
+        module.register_forward_pre_hook(
+            lambda m, args, site=site: seen.__setitem__(site, args[0].detach().clone())
+        )
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    tel = Telemetry(tmp_path, update_every=3, tensorboard=False)
+    expected = {}
+    with gradguard.Guard(model, opt, "clip_norm:1", telemetry=tel) as guard:
+        for step in range(8):
+            opt.zero_grad()
+            x, loss_fn = data(step)
+            loss_fn(model(x)).backward()
+            # The gate: only the forwards feeding a sampled step are measured.
+            assert all((s.max_logit is not None) == (step % 3 == 0) for s in tel._meter.sites)
+            expected[step] = {n: by_hand(m, seen[n]) for n, (m, by_hand) in sites.items()}
+            guard.step()
+    run = load_run(tmp_path)
+    assert run.meta["attention"] == list(sites)
+    for s in run.steps:
+        if s["step"] % 3 == 0:
+            assert s["attn_logit"] == pytest.approx(expected[s["step"]], rel=1e-5)
+        else:
+            assert s["attn_logit"] is None
+
+
+def test_attention_logits_beside_qk_clip(tmp_path):
+    """qk_clip measures every forward, the telemetry only the sampled ones: each sees its own."""
+    from tests.helpers import AttnNet
+
+    torch.manual_seed(0)
+    model = AttnNet(width=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tel = Telemetry(tmp_path, update_every=2, tensorboard=False)
+    with gradguard.Guard(model, opt, "qk_clip:tau=0.05", telemetry=tel) as guard:
+        for step in range(6):
+            opt.zero_grad()
+            x, y = batch(step)
+            nn.functional.cross_entropy(model(x * 3), y).backward()
+            guard.step()
+    run = load_run(tmp_path)
+    assert run.step_at(0)["metrics"]["qk_clip.clipped"] == 2  # both heads
+    for s in run.steps:
+        measured = s["metrics"]["qk_clip.max_logit"]  # on every step: the gate is not qk_clip's
+        if s["step"] % 2 == 0:
+            assert s["attn_logit"] == {"attn": pytest.approx(measured, rel=1e-6)}
+        else:
+            assert s["attn_logit"] is None
+
+
+def test_attention_the_telemetry_cannot_measure_leaves_the_field_null(tmp_path, monkeypatch):
+    class WrongHeads(nn.Module):
+        """Found with 2 heads (its ``n_heads``), computes 4: qk_clip would raise; telemetry not."""
+
+        n_heads = 2
+
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(8, 24)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            q, k, v = (u.unflatten(-1, (4, 2)).transpose(1, 2) for u in self.qkv(x).split(8, -1))
+            y = nn.functional.scaled_dot_product_attention(q, k, v)
+            return self.head(y.transpose(1, 2).flatten(-2)).mean(1)
+
+    for case in ("wrong_heads", "find_raises"):
+        if case == "find_raises":
+            monkeypatch.setattr(
+                "gradguard.attention.find_attention", lambda m: (_ for _ in ()).throw(RuntimeError)
+            )
+        model = WrongHeads()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with gradguard.Guard(model, opt, log_dir=tmp_path / case) as guard:
+            for _ in range(2):
+                opt.zero_grad()
+                model(torch.randn(3, 5, 8)).sum().backward()
+                guard.step()
+        run = load_run(tmp_path / case)
+        assert run.meta["attention"] == ([] if case == "find_raises" else ["(root)"])
+        assert [s["attn_logit"] for s in run.steps] == [None, None]
+
+
+def test_logit_meter_gate():
+    from gradguard.attention import LogitMeter, find_attention
+
+    from tests.helpers import AttnNet
+
+    model = AttnNet(width=8)
+    gate = {"on": False}
+    meter = LogitMeter(find_attention(model), when=lambda: gate["on"])
+    (site,) = meter.sites
+    model(torch.randn(4, 6))
+    assert site.max_logit is None and not site.ran
+    gate["on"] = True
+    with torch.no_grad():
+        model(torch.randn(4, 6))
+    assert site.max_logit is None  # under no_grad: not a training forward
+    model(torch.randn(4, 6))
+    assert site.ran and site.max_logit is not None and site.max_logit.shape == (2,)
+    meter.close()
+
+
+class DeadNet(nn.Module):
+    """An embedding, a Linear+ReLU whose first ``dead`` units never fire, a LayerNorm, a head."""
+
+    def __init__(self, dead):
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.fc = nn.Linear(8, 16)
+        self.norm = nn.LayerNorm(16)
+        self.head = nn.Linear(16, 3)
+        with torch.no_grad():
+            self.fc.bias[:dead] = -1e3
+            self.fc.bias[dead:] = 1.0  # the others fire on every input
+
+    def forward(self, idx):
+        return self.head(self.norm(torch.relu(self.fc(self.emb(idx).mean(1)))))
+
+
+def dead_share_by_hand(module):
+    rows = [p.grad for p in module.parameters() if p.dim() >= 2]
+    return sum(int((g.flatten(1) == 0).all(1).sum()) for g in rows) / sum(g.shape[0] for g in rows)
+
+
+def test_dead_units_are_the_share_of_all_zero_gradient_rows(tmp_path):
+    torch.manual_seed(0)
+    model = DeadNet(dead=5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    tel = Telemetry(tmp_path, update_every=2, tensorboard=False)
+    expected = {}
+    # clip_norm scales the gradients the optimizer sees (and keeps their zeros).
+    with gradguard.Guard(model, opt, "clip_norm:0.01", telemetry=tel) as guard:
+        for step in range(6):
+            opt.zero_grad()
+            idx = torch.randint(0, 10, (32, 4), generator=torch.Generator().manual_seed(step))
+            y = torch.randint(0, 3, (32,), generator=torch.Generator().manual_seed(step))
+            nn.functional.cross_entropy(model(idx), y).backward()
+            expected[step] = [dead_share_by_hand(model.fc), dead_share_by_hand(model.head)]
+            guard.step()
+    run = load_run(tmp_path)
+    assert run.layers == ["emb", "fc", "norm", "head"]
+    assert expected[0][0] == 5 / 16
+    for s in run.steps:
+        assert s["clipped"]
+        if s["step"] % 2:
+            assert s["dead_units"] is None
+        else:
+            fc, head = expected[s["step"]]
+            assert s["dead_units"] == [None, fc, None, head]
+
+
+def test_new_fields_of_the_wrong_kind_are_read_as_not_recorded(tmp_path):
+    torch.manual_seed(0)
+    model = TinyNet(width=16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradguard.Guard(model, opt, telemetry=Telemetry(tmp_path, tensorboard=False)) as guard:
+        for step in range(6):
+            guard.step(loss=backward(model, step))
+    path = tmp_path / "telemetry.jsonl"
+    recs = [json.loads(line) for line in path.read_text().splitlines()]
+    meta, steps = recs[0], {r["step"]: r for r in recs if r["type"] == "step"}
+    assert meta["attention"] == [] and steps[0]["attn_logit"] is None
+    assert steps[0]["dead_units"] is not None and steps[1]["dead_units"] is None
+    meta["attention"] = "attn"
+    steps[1]["logits"], steps[2]["logits"] = "big", {"absmax": "x", "logz": 1.5}
+    steps[1]["attn_logit"], steps[2]["attn_logit"] = ["a", "b"], {"attn": "x"}
+    steps[1]["dead_units"], steps[2]["dead_units"] = "x", ["a", 0.5, 2.0]
+    path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    run = load_run(tmp_path)
+    s1, s2 = run.step_at(1), run.step_at(2)
+    assert run.meta["attention"] == []
+    assert s1["logits"] is None and s1["attn_logit"] is None and s1["dead_units"] is None
+    assert s2["logits"] == {"absmax": None, "logz": 1.5} and s2["attn_logit"] == {"attn": None}
+    assert s2["dead_units"] == [None, 0.5, None]
+    assert run.repaired == {
+        "meta.attention": 1,
+        "step.logits": 2,
+        "step.attn_logit": 2,
+        "step.dead_units": 2,
+    }
+    assert run.notes and "step.logits x2" in run.notes[-1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logz_of_large_logits_is_measured_a_block_of_rows_at_a_time(monkeypatch, dtype):
+    from gradguard.diagnose.telemetry import collect
+
+    x = (torch.randn(5, 7, 11) * 30).to(dtype)
+    whole = collect.output_stats(x)
+    monkeypatch.setattr(collect, "_LOGZ_BLOCK", 30)  # 2 rows of 11 a block: 18 blocks
+    blocked = collect.output_stats(x)
+    ref = [float(x.float().abs().max()), float(torch.logsumexp(x.float(), -1).mean())]
+    assert whole.dtype == blocked.dtype == torch.float32
+    assert whole.tolist() == pytest.approx(ref, rel=1e-6)
+    assert blocked.tolist() == pytest.approx(ref, rel=1e-6)

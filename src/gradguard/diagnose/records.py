@@ -12,7 +12,9 @@ Record types (key ``"type"``), version 1:
     class names), ``layer_params`` (parameter count per layer), ``forward_order`` (layer indices in
     the order their forward ran, input side first; empty if unknown), ``normalization`` (the model
     has a BatchNorm/LayerNorm/GroupNorm/RMSNorm-like layer), ``recurrent`` (names of recurrent
-    layers), ``amp`` (an fp16 GradScaler is in use), ``sampling`` (how steps are kept, see below).
+    layers), ``attention`` (names of the attention modules whose logits ``attn_logit`` records, as
+    :func:`gradguard.attention.find_attention` finds them; empty when none, absent in older
+    files), ``amp`` (an fp16 GradScaler is in use), ``sampling`` (how steps are kept, see below).
 
 ``step``
     ``step``; ``loss`` (float or null); ``lr`` (the first param group's LR as applied, after any
@@ -23,7 +25,23 @@ Record types (key ``"type"``), version 1:
     ``update_ratio`` (per-layer ``||w_after - w_before|| / ||w_before||``; null on steps where they
     were not sampled); ``nonfinite_layers`` (indices of layers with a NaN/Inf gradient; empty when
     finite); ``input`` (``mean``, ``std``, ``absmax`` of the batch fed to the model and ``batch``, its
-    leading dimension, absent in older files; or null);
+    leading dimension, absent in older files; or null); ``logits`` (the model's output on the
+    last forward with gradients enabled before the step: a floating tensor, the first floating
+    tensor of a tuple or list, or a Hugging Face-style output's ``logits``; ``absmax``, its
+    largest ``|x|``, and ``logz``, the mean over its rows of ``logsumexp`` over the last dimension,
+    null when that dimension has fewer than 2 entries (a regression output); both float32. What
+    the z-loss penalizes (``logz**2``) and the output-logit divergence it prevents: Wortsman et al.
+    2023, "Small-scale proxies for large-scale Transformer training instabilities". Null when the
+    output held no floating tensor); ``attn_logit`` (``{attention module: its largest
+    pre-softmax logit q.k * scale over the heads, the batch and the positions its mask allows}``,
+    measured in the forwards before the steps where ``update_ratio`` is sampled; null on other
+    steps and for a model without attention); ``dead_units`` (per layer, on the steps where
+    ``update_ratio`` is sampled and the optimizer stepped: the share of the layer's units whose
+    gradient is exactly zero, units being the rows (dim 0) of its parameters of 2 or more
+    dimensions, the gradients as the optimizer received them; null for a layer without such a
+    parameter and for an embedding, whose rows are tokens; the whole field null on other steps;
+    a ReLU unit dead for the whole batch has an all-zero row in the gradient of the layer that
+    feeds it). The three are absent in older files and in Keras runs.
     ``amp_scale`` (the GradScaler's scale, or null); ``radius`` (``{layer: spectral radius of its
     recurrent weights}`` on sampled steps, or null); ``rerun`` (the rerun attribution of a failing
     step given a replay: ``result`` ``transient``/``reproducible``, ``trigger``

@@ -62,6 +62,17 @@ def _nums(v: Any) -> tuple[Any, bool]:
     return out, all(_num(x)[1] for x in v)
 
 
+def _shares(v: Any) -> tuple[Any, bool]:
+    """A list of shares, numbers in [0, 1], or None (an entry of another kind or out of range
+    becomes None: not recorded)."""
+    if v is None:
+        return None, True
+    if not isinstance(v, list):
+        return None, False
+    out = [float(x) if _is_num(x) and 0.0 <= x <= 1.0 else None for x in v]
+    return out, all(x is None or y is not None for x, y in zip(v, out, strict=True))
+
+
 def _kept(v: Any, keep: Callable[[Any], bool]) -> tuple[Any, bool]:
     """A list with only the entries ``keep`` accepts (another value: an empty list)."""
     if not isinstance(v, list):
@@ -93,6 +104,14 @@ def _numbers_by_name(v: Any) -> tuple[Any, bool]:
     return out, all(isinstance(k, str) and _num(x)[1] for k, x in v.items())
 
 
+def _named_numbers(v: Any) -> tuple[Any, bool]:
+    """A dict of named numbers, or None for a value of another kind (not recorded: a field that
+    is null when it was not sampled)."""
+    if v is not None and not isinstance(v, Mapping):
+        return None, False
+    return _numbers_by_name(v)
+
+
 STEP: dict[str, Check] = {
     "loss": _num,
     "lr": _num,
@@ -109,6 +128,9 @@ STEP: dict[str, Check] = {
     "update_ratio": _nums,
     "nonfinite_layers": _layers,
     "input": _numbers_by_name,
+    "logits": _named_numbers,
+    "attn_logit": _named_numbers,
+    "dead_units": _shares,
     "amp_scale": _num,
     "radius": _numbers_by_name,
     "metrics": _numbers_by_name,
@@ -126,6 +148,7 @@ META: dict[str, Check] = {
     "layers": _texts,
     "layer_types": _texts,
     "forward_order": _layers,
+    "attention": _texts,
 }
 END: dict[str, Check] = {"counters": _mapping, "events": _mapping}
 SCHEMAS: dict[str, dict[str, Check]] = {

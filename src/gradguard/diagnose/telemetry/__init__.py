@@ -2,8 +2,9 @@
 
 Per step: the global norm before and after mitigation, per-layer gradient norms (from the
 per-parameter norms of the one fused pass: no second pass over the gradients), what each policy did,
-the loss, the LR, the input batch's mean/std/absmax, the AMP scale; on sampled steps the per-layer
-update/weight ratio and the spectral radius of recurrent weights. Events (``events.py``) are
+the loss, the LR, the input batch's mean/std/absmax, the output logits' absmax and logz, the AMP
+scale; on sampled steps the per-layer update/weight ratio and dead units, the attention modules'
+max logits and the spectral radius of recurrent weights. Events (``events.py``) are
 detected on every step; the file keeps a bounded record:
 
 * every step for the first 1000, then every 10th to 10 000, every 100th to 100 000, ... (``every``

@@ -1,6 +1,7 @@
 """Telemetry during the step, on the device: the step's numbers gathered into one small vector
 (``StepVector``), copied to the host without waiting (``_Pending``), and what is read from the model
-itself (the meta record, normalization layers, recurrent spectral radii, input statistics).
+itself (the meta record, normalization layers, recurrent spectral radii, input and output
+statistics, dead units, attention logits).
 
 The vector's layout is written by :class:`StepVector` and read back, in the same order, by
 :func:`gradguard.diagnose.telemetry.host.step_record`; the host ``fields`` say which parts it holds.
@@ -9,16 +10,19 @@ The vector's layout is written by :class:`StepVector` and read back, in the same
 from __future__ import annotations
 
 import datetime as _dt
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
+from ...attention import AttentionSite
 from ...stats import foreach_norms, layer_norms_from
 from ..records import VERSION
 
 if TYPE_CHECKING:
     from ...guard import Guard
+    from ...layout import ParamLayout
     from ...policies.base import StepContext
     from ...stats import GradStats
 
@@ -69,11 +73,135 @@ def input_stats(args: tuple) -> tuple[Tensor, int] | None:
     return None
 
 
+#: Elements of the logits turned to float32 at once for ``logz`` (64 MiB): a large vocabulary's
+#: logits are measured a block of rows at a time, never copied whole.
+_LOGZ_BLOCK = 1 << 24
+
+
+def output_logits(out: Any) -> Tensor | None:
+    """The logits in a forward's output: the output if it is a floating-point tensor, else the
+    ``logits`` of a Hugging Face-style output (``ModelOutput``'s attribute, a dict's key), else
+    the first floating-point tensor of a tuple or list; None if there is none."""
+    if isinstance(out, Tensor):
+        return out if out.is_floating_point() else None
+    logits = getattr(out, "logits", None)
+    if logits is None and isinstance(out, Mapping):
+        logits = out.get("logits")
+    if isinstance(logits, Tensor):
+        return logits if logits.is_floating_point() else None
+    if isinstance(out, (tuple, list)):
+        return next((t for t in out if isinstance(t, Tensor) and t.is_floating_point()), None)
+    return None
+
+
+def output_stats(out: Any) -> Tensor | None:
+    """``[absmax]`` or ``[absmax, logz]`` of a forward's logits (:func:`output_logits`), float32
+    on their device, without a sync: ``logz`` is the mean over the rows of ``logsumexp`` over the
+    last dimension (what the z-loss squares: Wortsman et al. 2023, "Small-scale proxies for
+    large-scale Transformer training instabilities"), left out when that dimension has fewer than
+    2 entries (a regression output). None when the output holds no logits."""
+    x = output_logits(out)
+    if x is None or x.numel() == 0:
+        return None
+    with torch.no_grad():
+        x = x.detach()
+        # max |x| in one reduction, exact in any dtype, without an |x| copy of the logits.
+        absmax = torch.linalg.vector_norm(x, ord=float("inf")).float()
+        if x.dim() == 0 or x.shape[-1] < 2:
+            return absmax.reshape(1)
+        rows = x.reshape(-1, x.shape[-1])
+        step = max(1, _LOGZ_BLOCK // rows.shape[1])
+        if rows.shape[0] <= step:
+            logz = torch.logsumexp(rows.float(), dim=-1).mean()
+        else:
+            sums = [
+                torch.logsumexp(rows[i : i + step].float(), dim=-1).sum()
+                for i in range(0, rows.shape[0], step)
+            ]
+            logz = torch.stack(sums).sum() / rows.shape[0]
+        return torch.stack([absmax, logz])
+
+
+_EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
+
+
+def unit_params(layout: ParamLayout, model: nn.Module | None) -> list[bool]:
+    """Per parameter of ``layout``: whether its rows (dim 0) are units whose gradient
+    ``dead_units`` checks: a parameter of 2 or more dimensions (a Linear's output features, a
+    Conv's output channels, an RNN's gate units) of a layer that is not an embedding (whose rows
+    are tokens)."""
+    by_name = dict(model.named_modules()) if model is not None else {}
+    out = []
+    for p, li in zip(layout.params, layout.layer_of, strict=True):
+        name = layout.layer_names[li]
+        m = by_name.get("" if name == "(root)" else name)
+        out.append(p.dim() >= 2 and not isinstance(m, _EMBEDDINGS))
+    return out
+
+
+def dead_rows(stats: GradStats, units: Sequence[bool]) -> tuple[Tensor, list[int]] | None:
+    """Per layer, how many unit rows (:func:`unit_params`) have an all-zero gradient, on the
+    device (no sync), and how many unit rows it has (host ints: 0 for a layer without units).
+    Gradients as the optimizer will see them: clipping scales them but keeps their zeros. Sparse
+    gradients and parameters without one are left out. None when no layer has units."""
+    device, n_layers = stats.device, stats.num_layers
+    layout = stats.layout
+    rows = [0] * n_layers
+    alive: list[Tensor] = []  # per unit row: does its gradient hold a nonzero?
+    layers: list[int] = []
+    sizes: list[int] = []
+    with torch.no_grad():
+        for g, i in zip(stats.grads, stats.param_index, strict=True):
+            if not units[i] or g.layout != torch.strided or g.dim() < 2:
+                continue
+            li = layout.layer_of[i]
+            rows[li] += g.shape[0]
+            # One reduction a parameter (``any`` reads the gradient once and writes no copy).
+            alive.append(g.reshape(g.shape[0], -1).any(dim=1).to(device))
+            layers.append(li)
+            sizes.append(g.shape[0])
+        if not alive:
+            return None
+        # Each row's layer, from cached per-parameter index tensors (no host-to-device copy).
+        row_layer = torch.repeat_interleave(
+            layout.index_tensor(layers, device),
+            layout.index_tensor(sizes, device),
+            output_size=sum(sizes),  # known on the host: no sync
+        )
+        dead = torch.cat(alive).logical_not().float()
+        counts = torch.zeros(n_layers, device=device).index_add_(0, row_layer, dead)
+    return counts, rows
+
+
+class QuietSite(AttentionSite):
+    """An attention site the telemetry measures: a measurement that fails (a head count the
+    logits do not match) is dropped instead of raising inside the model's forward: telemetry
+    never breaks training (``qk_clip``'s own sites raise, with the fix)."""
+
+    def record(self, per_head: Tensor) -> None:
+        try:
+            super().record(per_head)
+        except Exception:
+            self.max_logit = None
+
+    @classmethod
+    def of(cls, site: AttentionSite) -> QuietSite:
+        return cls(
+            site.name, site.module, site.heads, site.kv_heads, site.q, site.q_rows, site.k,
+            site.k_rows, site.q_bias, site.k_bias, how=site.how,
+        )  # fmt: skip
+
+
 def meta_record(
-    guard: Guard, forward_order: list[int], recurrent: list[str], sampling: dict[str, Any]
+    guard: Guard,
+    forward_order: list[int],
+    recurrent: list[str],
+    sampling: dict[str, Any],
+    attention: list[str] | None = None,
 ) -> dict[str, Any]:
     """The run's ``meta`` record: versions, policy, layers (names, types, parameter counts,
-    forward order), normalization, recurrent layers, AMP and the sampling settings."""
+    forward order), normalization, recurrent layers, attention modules, AMP and the sampling
+    settings."""
     layout, model = guard.layout, guard.model
     types = []
     by_name = dict(model.named_modules()) if model is not None else {}
@@ -96,6 +224,7 @@ def meta_record(
         "forward_order": forward_order,
         "normalization": _has_normalization(model),
         "recurrent": recurrent,
+        "attention": list(attention or []),
         "amp": guard.scaler is not None,
         "sampling": sampling,
     }
@@ -108,7 +237,9 @@ class StepVector:
     Parts, in order: the global norm before and after mitigation; the loss and the LR when they
     are tensors; a flag per policy whose "acted" is a tensor; the per-layer norms, before and (if
     modified) after mitigation; the per-layer update and weight norms (sampled steps); the input's
-    mean/std/absmax; the policies' tensor metrics.
+    mean/std/absmax; the per-layer count of dead unit rows (sampled steps); the output logits'
+    absmax (and logz); each attention module's max logit (sampled steps); the policies' tensor
+    metrics.
     """
 
     def __init__(self, ctx: StepContext, stats: GradStats, stepped: bool):
@@ -184,6 +315,27 @@ class StepVector:
         self.parts.append(stats.to(self.device))
         self.fields["has_input"] = True
         self.fields["input_batch"] = batch
+
+    def add_dead_units(self, counts: Tensor, rows: list[int]) -> None:
+        """Per layer, the unit rows with an all-zero gradient (device) and the unit rows (host)."""
+        self.parts.append(counts.to(self.device))
+        self.fields["dead_rows"] = rows
+
+    def add_logits(self, stats: Tensor) -> None:
+        """The output's ``[absmax]`` or ``[absmax, logz]`` (:func:`output_stats`)."""
+        self.parts.append(stats.to(self.device))
+        self.fields["logits_n"] = stats.numel()  # from the shape: no sync
+
+    def add_attention(self, sites: Sequence[AttentionSite]) -> None:
+        """The largest logit over the heads of each site measured since its last reset."""
+        names, maxima = [], []
+        for site in sites:
+            if site.max_logit is not None:
+                names.append(site.name)
+                maxima.append(site.max_logit.amax().float().reshape(1).to(self.device))
+        if names:
+            self.parts.extend(maxima)
+            self.fields["attn_names"] = names
 
     def add_metrics(self, ctx: StepContext) -> None:
         """Policy metrics (thresholds, ...): device values ride in the vector, floats stay here."""

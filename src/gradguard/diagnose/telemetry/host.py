@@ -53,6 +53,16 @@ def step_record(pending: PendingStep) -> dict[str, Any]:
     if f.get("has_input"):
         mean, std, absmax = v.take(3)
         inp = {"mean": mean, "std": std, "absmax": absmax, "batch": f.get("input_batch")}
+    dead_units = None
+    if "dead_rows" in f:
+        dead = v.take(L)
+        dead_units = [d / r if r else None for d, r in zip(dead, f["dead_rows"], strict=True)]
+    logits = None
+    if f.get("logits_n"):
+        stats = v.take(f["logits_n"])
+        logits = {"absmax": stats[0], "logz": stats[1] if len(stats) > 1 else None}
+    attn_names = f.get("attn_names") or []
+    attn_logit = dict(zip(attn_names, v.take(len(attn_names)), strict=True)) or None
     metrics = dict(f["metrics"])
     metrics.update(zip(f["metric_names"], v.take(len(f["metric_names"])), strict=True))
     return {
@@ -73,6 +83,9 @@ def step_record(pending: PendingStep) -> dict[str, Any]:
         "update_ratio": update_ratio,
         "nonfinite_layers": [i for i, x in enumerate(layer_norms) if not math.isfinite(x)],
         "input": inp,
+        "logits": logits,
+        "dead_units": dead_units,
+        "attn_logit": attn_logit,
         "amp_scale": f.get("amp_scale"),
         "radius": f.get("radius"),
         "metrics": metrics,

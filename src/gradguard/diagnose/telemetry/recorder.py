@@ -6,13 +6,25 @@ from __future__ import annotations
 
 import weakref
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor, nn
 
 from ..events import EventDetector
 from ..records import RecordWriter, event_counts
-from .collect import StepVector, _Pending, input_stats, meta_record, spectral_radius
+from .collect import (
+    QuietSite,
+    StepVector,
+    _Pending,
+    dead_rows,
+    input_stats,
+    meta_record,
+    output_stats,
+    spectral_radius,
+    unit_params,
+)
 from .host import PendingStep, step_record
 from .sampling import ContextWindow
 from .tensorboard import open_tensorboard, tb_event, tb_step
@@ -20,6 +32,7 @@ from .tensorboard import open_tensorboard, tb_event, tb_step
 if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
 
+    from ...attention import LogitMeter
     from ...guard import Guard
     from ...policies.base import StepContext
     from ...report import StepReport
@@ -37,10 +50,15 @@ class Telemetry:
         every: ``"auto"`` (see the module doc) or keep every n-th step.
         context: steps kept exactly before and after each event.
         update_every: sample the update/weight ratio every n steps (it needs a copy of the weights
-            before the step: one clone of the parameters, freed after the step).
+            before the step: one clone of the parameters, freed after the step), and on the same
+            steps the dead units (the share of each layer's units whose gradient is all zero)
+            and the attention modules' max logits (measured in the forward before those steps
+            only: one extra ``q @ k^T`` per attention call, as ``qk_clip`` measures them).
         radius_every: sample recurrent spectral radii every n steps (and on events' steps).
         tensorboard: write TensorBoard event files (``None``: if tensorboard is installed).
         watch_inputs: record mean/std/absmax of the model's first input (a forward pre-hook).
+        watch_outputs: record absmax and logz (the mean logsumexp over the last dimension) of
+            the model's output logits (a forward hook; one extra pass over the logits).
         detector: the :class:`EventDetector` (default settings if None).
     """
 
@@ -54,6 +72,7 @@ class Telemetry:
         radius_every: int = 100,
         tensorboard: bool | None = None,
         watch_inputs: bool = True,
+        watch_outputs: bool = True,
         detector: EventDetector | None = None,
     ):
         _check_settings(every, context, update_every, radius_every)
@@ -64,6 +83,7 @@ class Telemetry:
         self.update_every = update_every
         self.radius_every = radius_every
         self.watch_inputs = watch_inputs
+        self.watch_outputs = watch_outputs
         self._want_tb = tensorboard
         self._tb = None
         self.detector = detector
@@ -72,8 +92,12 @@ class Telemetry:
         self._window = ContextWindow(every, context)
         self._input: Tensor | None = None
         self._input_batch: int | None = None
-        self._hook: RemovableHandle | None = None
+        self._hooks: list[RemovableHandle] = []
+        self._logits: Tensor | None = None
         self._before: list[Tensor] | None = None
+        self._units: list[bool] = []
+        self._dead: tuple[Tensor, list[int]] | None = None
+        self._meter: LogitMeter | None = None
         self._recurrent: list[tuple[int, nn.RNNBase]] = []
         self.events: list[dict[str, Any]] = []
         self._event_counts: dict[str, int] = {}
@@ -91,6 +115,7 @@ class Telemetry:
         layout = guard.layout
         model = guard.model
         layout.watch_forward_order()
+        self._units = unit_params(layout, model)
         if model is not None:
             by_name = dict(model.named_modules())
             self._recurrent = [
@@ -99,7 +124,10 @@ class Telemetry:
                 if isinstance(m := by_name.get("" if name == "(root)" else name), nn.RNNBase)
             ]
             if self.watch_inputs:
-                self._hook = model.register_forward_pre_hook(self._on_input)
+                self._hooks.append(model.register_forward_pre_hook(self._on_input))
+            if self.watch_outputs:
+                self._hooks.append(model.register_forward_hook(self._on_output))
+            self._meter = _attention_meter(model, self._measures_next)
 
     def _start(self, guard: Guard) -> None:
         layout = guard.layout
@@ -111,7 +139,8 @@ class Telemetry:
             "update_every": self.update_every,
         }
         recurrent = [layout.layer_names[i] for i, _ in self._recurrent]
-        meta = meta_record(guard, self._forward_order(guard), recurrent, sampling)
+        attention = [s.name for s in self._meter.sites] if self._meter is not None else []
+        meta = meta_record(guard, self._forward_order(guard), recurrent, sampling, attention)
         self.writer.write(meta, flush=True)
         if self._want_tb is not False:
             self._tb = open_tensorboard(self.dir / "tb", required=bool(self._want_tb), stacklevel=3)
@@ -125,13 +154,32 @@ class Telemetry:
         if found is not None:
             self._input, self._input_batch = found
 
+    def _on_output(self, _module: nn.Module, _args: tuple, out: Any) -> None:
+        # The forward the next step trains on; an evaluation under no_grad does not count.
+        if not torch.is_grad_enabled():
+            return
+        try:
+            found = output_stats(out)
+        except Exception:  # an output dtype torch cannot reduce: no record, training goes on
+            return
+        if found is not None:
+            self._logits = found
+
+    def _measures_next(self) -> bool:
+        """Whether the attention logits of a forward are measured: it feeds the Guard's next step
+        (the index its ``_step`` holds until that step is taken), and that step is sampled."""
+        guard = self._guard() if self._guard is not None else None
+        return guard is not None and not self._closed and self.wants_update_ratio(guard._step)
+
     # ----- per step (called by the Guard) -----------------------------------------------------------
     def wants_update_ratio(self, step: int) -> bool:
         return step % self.update_every == 0
 
     def before_update(self, stats: GradStats) -> None:
-        """Keep the weights as they are before the optimizer step (sampled steps only)."""
+        """Keep the weights as they are before the optimizer step, and count the dead units of
+        the gradients it is about to apply (sampled steps only)."""
         self._before = [p.detach().clone() for p in stats.layout.params]
+        self._dead = dead_rows(stats, self._units) if self._units else None
 
     def after_step(
         self,
@@ -162,6 +210,16 @@ class Telemetry:
         if self._input is not None:
             vec.add_input(self._input, self._input_batch)
             self._input = None
+        if self._dead is not None:
+            vec.add_dead_units(*self._dead)
+            self._dead = None
+        if self._logits is not None:
+            vec.add_logits(self._logits)
+            self._logits = None
+        if self._meter is not None:
+            if self.wants_update_ratio(ctx.step):
+                vec.add_attention(self._meter.sites)
+            self._meter.reset()
         if guard.scaler is not None:
             vec.fields["amp_scale"] = guard.scaler.get_scale() if ctx.host is not None else None
         if self._recurrent and (ctx.step % self.radius_every == 0 or not stepped):
@@ -259,8 +317,7 @@ class Telemetry:
             return
         if not self._started:  # no step was taken: nothing to record
             self.writer.close()
-            if self._hook is not None:
-                self._hook.remove()
+            self._release()
             self._closed = True
             return
         self.drain()
@@ -278,9 +335,17 @@ class Telemetry:
         self.writer.close()
         if self._tb is not None:
             self._tb.close()
-        if self._hook is not None:
-            self._hook.remove()
+        self._release()
         self._closed = True
+
+    def _release(self) -> None:
+        """Remove the hooks on the model (inputs, outputs, attention)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        if self._meter is not None:
+            self._meter.close()
+            self._meter = None
 
     @property
     def closed(self) -> bool:
@@ -289,6 +354,19 @@ class Telemetry:
     def event_counts(self) -> dict[str, int]:
         self.drain()
         return dict(self._event_counts) if self._event_counts else event_counts(self.events)
+
+
+def _attention_meter(model: nn.Module, when: Callable[[], bool]) -> LogitMeter | None:
+    """A meter of the model's attention logits (:mod:`gradguard.attention`), measuring the
+    forwards ``when`` allows; None when the model has no attention it finds, or finding it
+    failed: telemetry never breaks training."""
+    from ...attention import LogitMeter, find_attention  # torch's function modes: on use
+
+    try:
+        sites = [QuietSite.of(s) for s in find_attention(model)]
+        return LogitMeter(sites, when=when) if sites else None
+    except Exception:
+        return None
 
 
 def _check_settings(every: Any, context: Any, update_every: Any, radius_every: Any) -> None:

@@ -34,8 +34,9 @@ def open_tensorboard(log_dir: Path, *, required: bool, stacklevel: int = 2) -> A
 
 
 def tb_step(tb: Any, rec: dict[str, Any], layers: list[str], clip_rate: float, dense: bool) -> None:
-    """One kept step: its scalars; per-layer series and the norms' histogram only every 10th step
-    and around events (``dense``)."""
+    """One kept step: its scalars; the output logits, the attention logits, per-layer series
+    (gradient norms, update ratios, dead units) and the norms' histogram only every 10th step and
+    around events (``dense``)."""
     s = rec["step"]
     for tag, val in (
         ("grad_norm/pre_clip", rec["grad_norm"]),
@@ -50,13 +51,21 @@ def tb_step(tb: Any, rec: dict[str, Any], layers: list[str], clip_rate: float, d
     # ~0.2 ms per scalar, so a tag per layer per step would cost more than the step itself.
     if s % 10 and not dense:
         return
+    logits = rec.get("logits") or {}
+    for tag, val in (("logits/absmax", logits.get("absmax")), ("logits/logz", logits.get("logz"))):
+        if val is not None and math.isfinite(val):
+            tb.add_scalar(tag, val, s)
+    for name, val in (rec.get("attn_logit") or {}).items():
+        if val is not None and math.isfinite(val):
+            tb.add_scalar(f"attn_logit/{name}", val, s)
     if len(layers) <= 64:
         for name, val in zip(layers, rec["layer_norms"], strict=False):
             if math.isfinite(val):
                 tb.add_scalar(f"layer_grad_norm/{name}", val, s)
-        for name, val in zip(layers, rec["update_ratio"] or [], strict=False):
-            if val is not None and math.isfinite(val):
-                tb.add_scalar(f"update_ratio/{name}", val, s)
+        for prefix in ("update_ratio", "dead_units"):
+            for name, val in zip(layers, rec.get(prefix) or [], strict=False):
+                if val is not None and math.isfinite(val):
+                    tb.add_scalar(f"{prefix}/{name}", val, s)
     finite = [x for x in rec["layer_norms"] if math.isfinite(x) and x > 0]
     if finite:
         tb.add_histogram("layer_grad_norm_log10", torch.tensor(finite).log10(), s)
