@@ -731,10 +731,145 @@ def test_loss_degradation_needs_enough_steps(tmp_path):
 
 def test_findings_sorted_by_severity(tmp_path):
     st = ratios(steps(layers=8), 3e-2)
-    run = write(tmp_path, deep_meta(8, normalization=False), st, [event(40)])
+    run = write(tmp_path, deep_meta(8, normalization=False), st, [event(i) for i in (40, 44, 48)])
     found = diagnose(run)
     assert [f.cause for f in found] == ["lr_too_high", "missing_normalization"]
     assert [f.severity for f in found] == ["high", "medium"]
+
+
+def test_missing_normalization_not_for_a_deep_plain_net_that_trains_through_a_spike(tmp_path):
+    run = write(tmp_path, deep_meta(10, normalization=False), steps(120, layers=10), [event(40)])
+    assert "missing_normalization" not in {f.cause for f in diagnose(run)}
+
+
+# ----- update_spike ------------------------------------------------------------------------------
+def test_update_spike_fires_on_an_lr_jump_followed_by_trouble(tmp_path):
+    st = steps(200)
+    for s in st[100:110]:
+        s["lr"] = 3e-2  # x30 for ten steps
+    run = write(tmp_path, meta(), st, [event(105, "loss_spike")])
+    f = next(f for f in diagnose(run) if f.cause == "update_spike")
+    assert f.step == 100 and "30x" in f.evidence[0]
+
+
+def test_update_spike_fires_on_an_update_the_gradient_does_not_explain(tmp_path):
+    st = steps(200)
+    st[150]["update_ratio"] = [0.05] * 6  # 50x the 1e-3 before it, gradient norm unchanged
+    f = next(f for f in diagnose(write(tmp_path, meta(), st)) if f.cause == "update_spike")
+    assert f.step == 150
+
+
+@pytest.mark.parametrize("case", ["warmup", "explained", "calm_jump"])
+def test_update_spike_near_miss(tmp_path, case):
+    st = steps(200)
+    ev = []
+    if case == "warmup":  # a linear warmup is not a jump from a flat level
+        for s in st:
+            s["lr"] = 1e-3 * min(1.0, (s["step"] + 1) / 100)
+        ev = [event(120, "loss_spike")]
+    elif case == "explained":  # the gradient grew as much as the update
+        st[150]["update_ratio"] = [0.05] * 6
+        st[150]["grad_norm"] = 40.0
+    else:  # the LR jumped but nothing followed
+        for s in st[100:110]:
+            s["lr"] = 3e-2
+    assert "update_spike" not in {f.cause for f in diagnose(write(tmp_path, meta(), st, ev))}
+
+
+# ----- label_noise -------------------------------------------------------------------------------
+def _label_burst(st: list[dict], first: int, n: int, peak: float = 8.0) -> list[dict]:
+    for s in st:
+        s["loss"] = 0.05 + 0.001 * (s["step"] % 3)
+    for s in st[first : first + n]:
+        s["loss"] = peak
+    return st
+
+
+def test_label_noise_fires_on_a_burst_of_loss_spikes_with_normal_inputs(tmp_path):
+    st = _label_burst(steps(300), 150, 6)
+    ev = [event(i, "loss_spike") for i in range(150, 156)]
+    f = next(f for f in diagnose(write(tmp_path, meta(), st, ev)) if f.cause == "label_noise")
+    assert f.step == 150 and "150-155" in f.summary
+
+
+@pytest.mark.parametrize("case", ["one_spike", "outlier_inputs", "lr_jump", "no_recovery"])
+def test_label_noise_near_miss(tmp_path, case):
+    st = _label_burst(steps(300), 150, 6)
+    ev = [event(i, "loss_spike") for i in range(150, 156)]
+    if case == "one_spike":
+        st = _label_burst(steps(300), 150, 1)
+        ev = ev[:1]
+    elif case == "outlier_inputs":
+        for s in st[150:156]:
+            s["input"] = {"mean": 0.0, "std": 300.0, "absmax": 3000.0}
+    elif case == "lr_jump":
+        for s in st[148:156]:
+            s["lr"] = 3e-2
+    else:
+        for s in st[150:]:
+            s["loss"] = 8.0
+    assert "label_noise" not in {f.cause for f in diagnose(write(tmp_path, meta(), st, ev))}
+
+
+# ----- dead_units --------------------------------------------------------------------------------
+def test_dead_units_fires_when_most_hidden_units_stop_getting_gradient(tmp_path):
+    st = steps(100)
+    for s in st:
+        share = 0.05 if s["step"] < 40 else 0.8
+        s["dead_units"] = [share] * 5 + [0.0] if s["step"] % 10 == 0 else None
+    f = next(f for f in diagnose(write(tmp_path, meta(), st)) if f.cause == "dead_units")
+    assert f.step == 40 and "80%" in f.summary
+
+
+def test_dead_units_from_zero_gradient_layers_in_files_without_the_field(tmp_path):
+    st = steps(100)
+    for s in st[50:]:
+        s["layer_norms"] = [0.0] * 5 + [0.3]
+    f = next(f for f in diagnose(write(tmp_path, meta(), st)) if f.cause == "dead_units")
+    assert f.step == 50
+
+
+@pytest.mark.parametrize("share", [0.0, 0.2, 0.45])
+def test_dead_units_near_miss(tmp_path, share):
+    st = steps(100)
+    for s in st:
+        s["dead_units"] = [share] * 5 + [0.0] if s["step"] % 10 == 0 else None
+    st[-1]["dead_units"] = [1.0] * 5 + [0.0]  # one dead sample at the end is not the end's median
+    assert "dead_units" not in {f.cause for f in diagnose(write(tmp_path, meta(), st))}
+
+
+# ----- attention_logits --------------------------------------------------------------------------
+def _attn(st: list[dict], values: Any) -> list[dict]:
+    for s in st:
+        v = values(s["step"])
+        s["attn_logit"] = (
+            {"blocks.0.attn": v, "blocks.1.attn": v / 2} if s["step"] % 10 == 0 else None
+        )
+    return st
+
+
+def test_attention_logits_fires_when_the_logits_grow(tmp_path):
+    st = _attn(steps(200), lambda i: 1.0 + i)  # 1 -> ~190
+    f = next(f for f in diagnose(write(tmp_path, meta(), st)) if f.cause == "attention_logits")
+    assert f.layers[0] == "blocks.0.attn" and "qk" in " ".join(f.advice).lower()
+
+
+@pytest.mark.parametrize("case", ["calm", "large_from_the_start"])
+def test_attention_logits_near_miss(tmp_path, case):
+    values = (lambda i: 1.0 + i / 20) if case == "calm" else (lambda i: 40.0 + i / 20)
+    st = _attn(steps(200), values)
+    assert "attention_logits" not in {f.cause for f in diagnose(write(tmp_path, meta(), st))}
+
+
+def test_init_depth_fires_on_outputs_far_too_large_at_the_first_step(tmp_path):
+    st = steps(60)
+    for s in st:
+        s["logits"] = {"absmax": 800.0 if s["step"] == 0 else 5.0, "logz": 3.0}
+    f = next(f for f in diagnose(write(tmp_path, meta(), st)) if f.cause == "init_depth")
+    assert "too large" in f.title and "800" in f.evidence[0]
+    for s in st:
+        s["logits"] = {"absmax": 5.0, "logz": 3.0}
+    assert "init_depth" not in {f.cause for f in diagnose(write(tmp_path / "calm", meta(), st))}
 
 
 #: One run on which each rule must fire: a new rule without a firing case fails the contract test.
@@ -747,6 +882,10 @@ FIRING = {
     "fp16_overflow": test_fp16_overflow_frequent,
     "recurrent_explosion": test_recurrent_explosion_fires,
     "loss_degradation": test_loss_degradation_fires,
+    "update_spike": test_update_spike_fires_on_an_lr_jump_followed_by_trouble,
+    "label_noise": test_label_noise_fires_on_a_burst_of_loss_spikes_with_normal_inputs,
+    "dead_units": test_dead_units_fires_when_most_hidden_units_stop_getting_gradient,
+    "attention_logits": test_attention_logits_fires_when_the_logits_grow,
 }
 
 

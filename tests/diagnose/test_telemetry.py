@@ -21,6 +21,12 @@ from gradguard.diagnose.telemetry import Telemetry, _keep_auto, spectral_radius
 from tests.helpers import TinyNet
 
 
+def sampled(step: int, every: int) -> bool:
+    """The steps the telemetry samples the update ratio (and dead units, attention) on: every
+    ``every``-th, and each of the first ``every``."""
+    return step < every or step % every == 0
+
+
 def batch(step):
     gen = torch.Generator().manual_seed(step)
     return torch.randn(32, 6, generator=gen), torch.randint(0, 3, (32,), generator=gen)
@@ -85,7 +91,7 @@ def test_recorded_norms_and_update_ratios_match_references(tmp_path):
                 assert s["layer_norms_after"][i] == pytest.approx(
                     layers[name][0] * factor, rel=1e-4
                 )
-        if s["step"] % 3 == 0:
+        if sampled(s["step"], 3):
             ratios = [layers[n][1] for n in run.layers]
             assert s["update_ratio"] == pytest.approx(ratios, rel=1e-4)
         else:
@@ -456,13 +462,13 @@ def test_attention_logits_match_q_dot_k_by_hand_on_sampled_steps(tmp_path, name)
             x, loss_fn = data(step)
             loss_fn(model(x)).backward()
             # The gate: only the forwards feeding a sampled step are measured.
-            assert all((s.max_logit is not None) == (step % 3 == 0) for s in tel._meter.sites)
+            assert all((s.max_logit is not None) == sampled(step, 3) for s in tel._meter.sites)
             expected[step] = {n: by_hand(m, seen[n]) for n, (m, by_hand) in sites.items()}
             guard.step()
     run = load_run(tmp_path)
     assert run.meta["attention"] == list(sites)
     for s in run.steps:
-        if s["step"] % 3 == 0:
+        if sampled(s["step"], 3):
             assert s["attn_logit"] == pytest.approx(expected[s["step"]], rel=1e-5)
         else:
             assert s["attn_logit"] is None
@@ -486,7 +492,7 @@ def test_attention_logits_beside_qk_clip(tmp_path):
     assert run.step_at(0)["metrics"]["qk_clip.clipped"] == 2  # both heads
     for s in run.steps:
         measured = s["metrics"]["qk_clip.max_logit"]  # on every step: the gate is not qk_clip's
-        if s["step"] % 2 == 0:
+        if sampled(s["step"], 2):
             assert s["attn_logit"] == {"attn": pytest.approx(measured, rel=1e-6)}
         else:
             assert s["attn_logit"] is None
@@ -587,7 +593,7 @@ def test_dead_units_are_the_share_of_all_zero_gradient_rows(tmp_path):
     assert expected[0][0] == 5 / 16
     for s in run.steps:
         assert s["clipped"]
-        if s["step"] % 2:
+        if not sampled(s["step"], 2):
             assert s["dead_units"] is None
         else:
             fc, head = expected[s["step"]]
@@ -598,14 +604,15 @@ def test_new_fields_of_the_wrong_kind_are_read_as_not_recorded(tmp_path):
     torch.manual_seed(0)
     model = TinyNet(width=16)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with gradguard.Guard(model, opt, telemetry=Telemetry(tmp_path, tensorboard=False)) as guard:
-        for step in range(6):
+    tel = Telemetry(tmp_path, update_every=10, tensorboard=False)
+    with gradguard.Guard(model, opt, telemetry=tel) as guard:
+        for step in range(12):
             guard.step(loss=backward(model, step))
     path = tmp_path / "telemetry.jsonl"
     recs = [json.loads(line) for line in path.read_text().splitlines()]
     meta, steps = recs[0], {r["step"]: r for r in recs if r["type"] == "step"}
     assert meta["attention"] == [] and steps[0]["attn_logit"] is None
-    assert steps[0]["dead_units"] is not None and steps[1]["dead_units"] is None
+    assert steps[0]["dead_units"] is not None and steps[11]["dead_units"] is None
     meta["attention"] = "attn"
     steps[1]["logits"], steps[2]["logits"] = "big", {"absmax": "x", "logz": 1.5}
     steps[1]["attn_logit"], steps[2]["attn_logit"] = ["a", "b"], {"attn": "x"}

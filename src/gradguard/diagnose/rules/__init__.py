@@ -34,8 +34,6 @@ rule                       module               fires when
                                                 the end (dead ReLUs, saturated units).
 ``attention_logits``       ``attention``        the largest attention logit grew past ~30 and
                                                 several times its start.
-``output_logits``          ``logits``           the output logits grew past ~100 and 10x their
-                                                start, with spikes or a degraded loss.
 ``loss_degradation``       ``progress``         the loss ended well above the best it reached
                                                 (it climbed, or rose and stalled), events or not.
 =========================  ===================  ===============================================
@@ -88,7 +86,6 @@ from .updates import (  # isort: skip
 from .labels import LABEL_JUMP, LABEL_MIN_STEPS, LABEL_RECOVER, label_noise  # isort: skip
 from .units import DEAD_LAYER, DEAD_SHARE, dead_units  # isort: skip
 from .attention import ATTN_GROWTH, ATTN_HIGH, attention_logits  # isort: skip
-from .logits import OUT_GROWTH, OUT_HIGH, output_logits  # isort: skip
 from .progress import (  # isort: skip
     DEGRADE_GIVE_BACK,
     DEGRADE_MIN_STEPS,
@@ -131,8 +128,6 @@ __all__ = [
     "OUTLIER_MIN_HISTORY",
     "OUTLIER_WINDOW",
     "OUTLIER_Z",
-    "OUT_GROWTH",
-    "OUT_HIGH",
     "RADIUS_GROWTH",
     "RADIUS_LIMIT",
     "RADIUS_WINDOW",
@@ -160,7 +155,6 @@ __all__ = [
     "lr_too_high",
     "missing_normalization",
     "outlier_batch",
-    "output_logits",
     "recurrent_explosion",
     "register",
     "rule_info",

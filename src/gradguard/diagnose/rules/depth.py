@@ -21,6 +21,10 @@ INIT_MIN_LAYERS = 6
 INIT_RATIO = 1e2
 #: Goodness of the log-linear fit (R^2) needed to say "geometric".
 INIT_MIN_R2 = 0.8
+#: The model's largest output logit on its first step beyond which the init is too large
+#: whatever the depth: a well-initialized network's outputs start at a few units (the loss near
+#: that of a uniform guess); at 50 the softmax is saturated for every example from step 0.
+INIT_LOGITS = 50.0
 
 
 def _fit(ys: list[float]) -> tuple[float, float]:
@@ -40,6 +44,9 @@ def _fit(ys: list[float]) -> tuple[float, float]:
 def init_depth(run: RunLog) -> Finding | None:
     """Per-layer gradient norms at the start grow or shrink geometrically toward the input."""
     early = _early_steps(run)
+    large = _large_outputs(run)
+    if large is not None:
+        return large
     if not early:
         return None
     layers, logs = _depth_profile(run, early)
@@ -76,6 +83,45 @@ def init_depth(run: RunLog) -> Finding | None:
         severity="high" if explode and trouble is not None else "medium",
         step=early[0]["step"],
         layers=[first, last],
+    )
+
+
+def _large_outputs(run: RunLog) -> Finding | None:
+    """The finding for outputs far too large from the first steps (``logits`` telemetry)."""
+    # The first step only: its forward ran on the initial weights (the later ones on weights a
+    # too-high LR may already have blown up).
+    first = [s for s in run.steps if _step(s) is not None][:1]
+    lg = first[0].get("logits") if first else None
+    big = _num(lg.get("absmax")) if isinstance(lg, dict) else None
+    if big is None or big < INIT_LOGITS:
+        return None
+    losses = [v for s in first if (v := _num(s.get("loss"))) is not None]
+    evidence = [
+        f"largest output logit {big:.3g} at step {first[0]['step']}, on the initial weights "
+        "(a well-initialized network starts at a few units)"
+    ]
+    if losses:
+        evidence.append(f"loss {losses[0]:.3g} at step {first[0]['step']}")
+    trouble = _first_trouble(run)
+    if trouble is not None:
+        evidence.append(f"the first spike or non-finite gradient came at step {trouble}")
+    return Finding(
+        cause="init_depth",
+        title="Initialization: outputs far too large from the start",
+        summary=(
+            f"The model's outputs start at up to {big:.3g}: the initial weights are too large, "
+            "so the loss and the gradients are huge from the first step."
+        ),
+        evidence=evidence,
+        advice=[
+            "Initialize at scale 1: He (nn.init.kaiming_normal_) for ReLU/GELU, Xavier with the "
+            "activation's gain for tanh; check any custom init or weight scaling.",
+            "Scale the output layer's init down (or zero it) so the first predictions are near "
+            "uniform; normalization layers keep activations from compounding.",
+            "Meanwhile clip: policy 'default' bounds the first steps' updates.",
+        ],
+        severity="high" if trouble is not None else "medium",
+        step=first[0]["step"],
     )
 
 

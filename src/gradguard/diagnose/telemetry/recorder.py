@@ -49,7 +49,7 @@ class Telemetry:
         log_dir: the run folder (created if missing; appended to if it exists).
         every: ``"auto"`` (see the module doc) or keep every n-th step.
         context: steps kept exactly before and after each event.
-        update_every: sample the update/weight ratio every n steps (it needs a copy of the weights
+        update_every: sample the update/weight ratio every n steps and on each of the first n (it needs a copy of the weights
             before the step: one clone of the parameters, freed after the step), and on the same
             steps the dead units (the share of each layer's units whose gradient is all zero)
             and the attention modules' max logits (measured in the forward before those steps
@@ -173,7 +173,9 @@ class Telemetry:
 
     # ----- per step (called by the Guard) -----------------------------------------------------------
     def wants_update_ratio(self, step: int) -> bool:
-        return step % self.update_every == 0
+        """Every ``update_every``-th step, and every one of the first ``update_every`` steps: a run
+        that blows up in its first steps (too high an LR) is then judged on several samples."""
+        return step < self.update_every or step % self.update_every == 0
 
     def before_update(self, stats: GradStats) -> None:
         """Keep the weights as they are before the optimizer step, and count the dead units of
