@@ -77,10 +77,10 @@ def recurrent_explosion(run: RunLog) -> Finding | None:
 
 
 def _growth(run: RunLog) -> list[dict[str, Any]]:
-    """The step where the gradient norm first reached ``RADIUS_GROWTH`` times its start (or went
-    non-finite), as a pseudo-event; [] if it never did."""
+    """The step where the gradient norm first reached ``RADIUS_GROWTH`` times its start (an
+    infinite norm counts), as a pseudo-event; [] if it never did."""
     norms = [(s["step"], s.get("grad_norm")) for s in run.steps if _step(s) is not None]
-    start = [v for _, v in norms[:RADIUS_START] if _num(v) is not None and v > 0]
+    start = [v for _, x in norms[:RADIUS_START] if (v := _num(x)) is not None and v > 0]
     if len(start) < RADIUS_START:
         return []
     level = sorted(start)[len(start) // 2]

@@ -47,7 +47,8 @@ def update_series(run: RunLog) -> list[tuple[int, float]]:
     out = []
     for s in _records(run):
         ratios = [v for v in (_num(r) for r in (s.get("update_ratio") or [])) if v is not None]
-        metrics = s.get("metrics") if isinstance(s.get("metrics"), dict) else {}
+        metrics = s.get("metrics")
+        metrics = metrics if isinstance(metrics, dict) else {}
         measured = _num(metrics.get("update_clip.max_ratio"))
         if ratios:
             out.append((s["step"], max(ratios)))
