@@ -43,10 +43,10 @@ def _fit(ys: list[float]) -> tuple[float, float]:
 @register
 def init_depth(run: RunLog) -> Finding | None:
     """Per-layer gradient norms at the start grow or shrink geometrically toward the input."""
-    early = _early_steps(run)
     large = _large_outputs(run)
     if large is not None:
         return large
+    early = _early_steps(run)
     if not early:
         return None
     layers, logs = _depth_profile(run, early)

@@ -56,7 +56,9 @@ def _losses(run: RunLog) -> list[tuple[int, float]]:
     ]
 
 
-def _judge(run: RunLog, burst: list[int], losses: list[tuple[int, float]]) -> dict[str, Any] | None:
+def _judge(
+    run: RunLog, burst: list[int], losses: list[tuple[int, float]], ctx: dict[str, Any]
+) -> dict[str, Any] | None:
     first, last = burst[0], burst[-1]
     before = [v for s, v in losses if first - LABEL_BEFORE <= s < first]
     at = next((v for s, v in losses if s == first), None)
@@ -71,18 +73,13 @@ def _judge(run: RunLog, burst: list[int], losses: list[tuple[int, float]]) -> di
     recs = [s for s in run.steps if _step(s) is not None and first <= s["step"] <= last]
     if not all(_finite_step(s) for s in recs):
         return None
-    if any(j["first"] <= last and j["last"] >= first - LABEL_BEFORE for j in lr_jumps(run)):
+    if any(j["first"] <= last and j["last"] >= first - LABEL_BEFORE for j in ctx["jumps"]):
         return None
-    ratios = [r for s, r in update_series(run) if s < first]
+    ratios = [r for s, r in ctx["updates"] if s < first]
     if ratios and statistics.median(ratios[-5:]) > UPDATE_RATIO_HIGH:
         return None
-    inputs = [
-        (s["step"], st)
-        for s in run.steps
-        if _step(s) is not None and (st := _input_stats(s)) is not None
-    ]
     for step in burst:
-        if _outlier({"step": step, "kind": "loss_spike"}, inputs, set(burst)) is not None:
+        if _outlier({"step": step, "kind": "loss_spike"}, ctx["inputs"], set(burst)) is not None:
             return None
     return {
         "first": first,
@@ -97,8 +94,20 @@ def _judge(run: RunLog, burst: list[int], losses: list[tuple[int, float]]) -> di
 @register
 def label_noise(run: RunLog) -> Finding | None:
     """A burst of loss spikes with normal inputs, LR and updates, from which the run recovered."""
+    bursts = _bursts(run)
+    if not bursts:
+        return None
     losses = _losses(run)
-    found = [b for burst in _bursts(run) if (b := _judge(run, burst, losses)) is not None]
+    ctx = {
+        "jumps": lr_jumps(run),
+        "updates": update_series(run),
+        "inputs": [
+            (s["step"], st)
+            for s in run.steps
+            if _step(s) is not None and (st := _input_stats(s)) is not None
+        ],
+    }
+    found = [b for burst in bursts if (b := _judge(run, burst, losses, ctx)) is not None]
     if not found:
         return None
     b = found[0]

@@ -82,9 +82,8 @@ def lr_jumps(run: RunLog) -> list[dict[str, Any]]:
     return jumps
 
 
-def _grad_rise(run: RunLog, step: int) -> float | None:
+def _grad_rise(norms: list[tuple[int, float | None]], step: int) -> float | None:
     """The gradient norm at ``step`` over the median of the recorded norms before it."""
-    norms = [(s["step"], _num(s.get("grad_norm"))) for s in _records(run)]
     before = [v for s, v in norms if s < step and v is not None][-UPD_HISTORY * 5 :]
     now = next((v for s, v in norms if s == step), None)
     if now is None or len(before) < UPD_MIN_HISTORY:
@@ -107,8 +106,7 @@ def update_spikes(run: RunLog) -> list[dict[str, Any]]:
     return out
 
 
-def _explained_by_gradient(run: RunLog, spike: dict[str, Any]) -> bool:
-    rise = _grad_rise(run, spike["step"])
+def _explained_by_gradient(rise: float | None, spike: dict[str, Any]) -> bool:
     return rise is None or not math.isfinite(rise) or rise >= UPD_GRAD_SHARE * spike["factor"]
 
 
@@ -119,6 +117,8 @@ def update_spike(run: RunLog) -> Finding | None:
     jumps = lr_jumps(run)
     spikes = update_spikes(run)
     trouble = [e["step"] for e in _trouble(run)]
+    norms = [(s["step"], _num(s.get("grad_norm"))) for s in _records(run)]
+    rises = {s["step"]: _grad_rise(norms, s["step"]) for s in spikes}
 
     def within(j: dict[str, Any], steps: list[int]) -> bool:
         return any(j["first"] <= s <= j["last"] + UPD_AFTER for s in steps)
@@ -127,7 +127,11 @@ def update_spike(run: RunLog) -> Finding | None:
         return any(j["first"] <= step <= j["last"] for j in jumps)
 
     bad_jumps = [j for j in jumps if within(j, trouble + [s["step"] for s in spikes])]
-    lone = [s for s in spikes if not in_jump(s["step"]) and not _explained_by_gradient(run, s)]
+    lone = [
+        s
+        for s in spikes
+        if not in_jump(s["step"]) and not _explained_by_gradient(rises[s["step"]], s)
+    ]
     if not bad_jumps and not lone:
         return None
     evidence = []
@@ -137,7 +141,7 @@ def update_spike(run: RunLog) -> Finding | None:
             f"{_g(j['level'] * j['factor'])}, at steps {j['first']}-{j['last']}"
         )
     for s in (spikes if bad_jumps else lone)[:3]:
-        rise = _grad_rise(run, s["step"])
+        rise = rises[s["step"]]
         grad = f"; the gradient norm {rise:.2g}x its level" if rise is not None else ""
         evidence.append(
             f"step {s['step']}: update/weight ratio {_g(s['ratio'])}, {s['factor']:.3g}x the "
