@@ -34,7 +34,6 @@ case, ``benchmarks/bench_diagnosis.py`` all of them over seeds and prints the co
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +46,7 @@ import gradguard
 from gradguard import faults
 from gradguard.bench.models import build_model
 from gradguard.bench.tasks import make_task
+from gradguard.bench.train import pinned_threads
 from gradguard.diagnose import diagnose, load_run
 
 #: Steps per run for the small models (the GPT and the RNN take fewer).
@@ -456,8 +456,10 @@ BY_NAME = {c.name: c for c in CASES}
 
 
 def make(case: Case, strength: Any, seed: int, run_dir: Path) -> dict[str, Any]:
-    """Train one run of ``case`` into ``run_dir``; what is true of the trained model."""
-    return case.make(strength, seed, Path(run_dir))
+    """Train one run of ``case`` into ``run_dir`` with one CPU thread (so the run is the same on
+    any machine); what is true of the trained model."""
+    with pinned_threads(1):
+        return case.make(strength, seed, Path(run_dir))
 
 
 def diagnosed(run_dir: Path) -> set[str]:
@@ -491,7 +493,3 @@ def judge(
         "missed": sorted(case.expect - found),
         "false": sorted(found - case.expect - allowed(case, measured)),
     }
-
-
-def finite(x: float | None) -> bool:
-    return x is not None and math.isfinite(x)

@@ -639,6 +639,20 @@ def rnn_run(tmp_path, radii: dict[int, float], ev: list[dict]) -> RunLog:
     return write(tmp_path, m, st, ev)
 
 
+@pytest.mark.parametrize("radius", [1.4, 0.9])
+def test_recurrent_explosion_on_a_steady_climb_without_events(tmp_path, radius):
+    st = steps(60)
+    for s in st:
+        s["grad_norm"] = 1.2 ** s["step"]  # ~5e4 by the end, never a jump against recent history
+        s["radius"] = {"rnn": radius} if s["step"] % 10 == 0 else None
+    m = meta(layers=["emb", "rnn", "fc2", "fc3", "fc4", "head"], recurrent=["rnn"])
+    m["layer_types"] = ["Linear", "RNN", "Linear", "Linear", "Linear", "Linear"]
+    found = {f.cause: f for f in diagnose(write(tmp_path, m, st))}
+    assert ("recurrent_explosion" in found) == (radius > 1)
+    if radius > 1:
+        assert "steady climb" in " ".join(found["recurrent_explosion"].evidence)
+
+
 def test_recurrent_explosion_fires(tmp_path):
     radii = {0: 0.9, 10: 0.98, 20: 1.05, 30: 1.2, 40: 1.35, 50: 1.5}
     f = recurrent_explosion(rnn_run(tmp_path, radii, [event(45)]))
@@ -759,7 +773,7 @@ def test_update_spike_fires_on_an_update_the_gradient_does_not_explain(tmp_path)
     assert f.step == 150
 
 
-@pytest.mark.parametrize("case", ["warmup", "explained", "calm_jump"])
+@pytest.mark.parametrize("case", ["warmup", "staged_warmup", "explained", "calm_jump"])
 def test_update_spike_near_miss(tmp_path, case):
     st = steps(200)
     ev = []
@@ -767,6 +781,10 @@ def test_update_spike_near_miss(tmp_path, case):
         for s in st:
             s["lr"] = 1e-3 * min(1.0, (s["step"] + 1) / 100)
         ev = [event(120, "loss_spike")]
+    elif case == "staged_warmup":  # doubling every 3 steps: each stage 2x, never from a flat level
+        for s in st:
+            s["lr"] = 1e-5 * 2 ** min(s["step"] // 3, 7)
+        ev = [event(30, "loss_spike")]
     elif case == "explained":  # the gradient grew as much as the update
         st[150]["update_ratio"] = [0.05] * 6
         st[150]["grad_norm"] = 40.0
