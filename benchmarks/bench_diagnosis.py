@@ -202,6 +202,12 @@ def main(argv: list[str] | None = None) -> int:
         for seed in range(args.seeds)
         if _key(c.name, s, seed) not in done
     ]
+    if not cases:
+        ap.error(
+            f"no case starts with {' or '.join(args.cases)}; cases: {', '.join(corpus.BY_NAME)}"
+        )
+    if args.seeds < 1 or args.workers < 1:
+        ap.error("--seeds and --workers must be at least 1")
     t0 = time.perf_counter()
     if todo and not args.table:
         if args.fresh and store.exists():
