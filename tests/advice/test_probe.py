@@ -123,3 +123,38 @@ def test_candidates_carry_the_threshold_and_parse(value):
     for s in specs[1:]:
         parse_spec(s)
     assert "clip_norm:1" in [c.spec for c in candidates(math.nan)]
+
+
+LR_FINDING = {
+    "cause": "lr_too_high",
+    "summary": "updates 1.6e-2 of the weights",
+    "advice": [
+        "Divide the learning rate by about 16 (from 0.3 to about 0.019): ...",
+        "Warm the learning rate up linearly ...",
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    "diverged, expect",
+    [
+        # Diverges from x1: the probe's highest trained LR is advised, not the ratio's estimate.
+        ({1.0: "nonfinite_loss", 3.0: "x", 10.0: "x", 30.0: "x"}, "use 0.03 (x0.3 yours) or lower"),
+        # Trains at the user's LR: no LR change.
+        ({10.0: "x", 30.0: "x"}, "no change is needed to train; the LR probe trained unguarded"),
+        # Nothing trains, down to the lowest factor: no LR at all.
+        ({f: "at_chance" for f in PROBE_FACTORS}, "lowering it alone is not shown to help"),
+    ],
+)
+def test_the_lr_advice_follows_the_probes_measurements(diverged, expect):
+    """advise never suggests an LR its own probe measured against: the LR rule's estimate (from
+    the update ratio) is replaced by what the probe's unguarded runs did."""
+    from gradguard.advice.diagnosis import with_probe_lr
+
+    entries, runs, steps = fake_probe(diverged)
+    probe = analyze(entries, runs, steps.__getitem__)
+    got = with_probe_lr(LR_FINDING, probe, 0.1)
+    assert got["advice"][0].startswith("Learning rate: ") and expect in got["advice"][0]
+    assert not any(a.startswith("Divide the learning rate") for a in got["advice"])
+    assert got["advice"][1:] == LR_FINDING["advice"][1:]  # the rest of the advice is kept
+    assert got["summary"] == LR_FINDING["summary"] and LR_FINDING["advice"][0].startswith("Divide")

@@ -233,3 +233,53 @@ def test_when_the_runs_only_fail_to_learn_the_answer_says_they_are_too_short(
     probe = SimpleNamespace(rows=[SimpleNamespace(steps_run=300)], trains_up_to=0.3)
     text = _reason(chosen, list(rows.values()), trains, probe, 0.3, True, "test accuracy")
     assert "Lower the LR (unguarded training trains up to lr 0.09)" in text
+
+
+def test_the_why_states_the_ranking_rule_and_what_kept_each_higher_scorer_out():
+    """The chosen row need not score highest: the why says by which rule it won and, for each
+    candidate that scored higher, what ranked it lower (failed seeds, the final loss, the margin)."""
+    from types import SimpleNamespace
+
+    from gradguard.advice.advisor import RANKING_RULE, _reason, _why_lower
+
+    rows, chosen, trains = evidence(
+        {
+            "lossy": {1.0: ok(metric=0.963, loss=0.5), 3.0: ok()},
+            "fragile": {1.0: [*ok(metric=0.98, n=1), *bad(n=1)], 3.0: ok()},
+            "narrow": {1.0: ok(metric=0.962, loss=0.1), 3.0: bad()},
+            "chosen": {1.0: ok(metric=0.96, loss=0.1), 3.0: ok()},
+            "worse": {1.0: ok(metric=0.5, loss=0.1), 3.0: ok()},
+        }
+    )
+    assert chosen.spec == "chosen" and trains
+    probe = SimpleNamespace(rows=[], trains_up_to=3.0)
+    text = _reason(chosen, list(rows.values()), trains, probe, 0.3, True, "test accuracy")
+    assert RANKING_RULE in text
+    assert "the best accuracy" not in text  # it is not: three candidates scored higher
+    assert "fragile (0.98: diverged or did not learn in 1/2 seeds at your LR)" in text
+    assert "lossy (0.9635: final loss 0.5, above the noise of the lowest, 0.1)" in text
+    assert "and 1 more (the evidence table has them)" in text  # the two highest are named
+    assert _why_lower(rows["narrow"], chosen) == (
+        "narrow (0.9625: within the noise of the best, with a narrower LR margin, x1)"
+    )
+    assert "worse" not in text
+    assert rows["worse"].excluded == "score outside the seeds' noise of the best, 0.9635"
+    assert chosen.excluded == "" and rows["narrow"].excluded == ""
+
+    # The best scorer chosen: said so, and nothing is listed as ranked lower.
+    rows, chosen, trains = evidence({"a": {1.0: ok(metric=0.95)}, "b": {1.0: ok(metric=0.9)}})
+    text = _reason(chosen, list(rows.values()), trains, probe, 0.3, True, "test accuracy")
+    assert "(the best accuracy of all candidates)" in text and "ranked lower" not in text
+
+
+def test_recommending_none_says_the_guard_still_skips_nonfinite_steps():
+    from types import SimpleNamespace
+
+    from gradguard.advice.advisor import _reason
+
+    rows, chosen, trains = evidence(
+        {"none": {1.0: ok(metric=0.95), 3.0: ok()}, "clip_norm:1": {1.0: ok(metric=0.9)}}
+    )
+    assert chosen.spec == "none" and trains
+    text = _reason(chosen, list(rows.values()), trains, SimpleNamespace(rows=[]), 0.3, True, "acc")
+    assert "policy='none' still skips a step whose loss or gradient is not finite" in text

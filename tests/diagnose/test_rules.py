@@ -232,6 +232,33 @@ def test_lr_too_high_needs_several_sampled_steps(tmp_path):
     assert f is not None and f.step == 11
 
 
+def test_lr_too_high_on_a_run_damaged_in_its_first_steps(tmp_path):
+    """Updates 30% of the weights on the first sampled steps, then tiny (the units died): most
+    samples come after the damage, so the early ones are judged on their own too."""
+    st = ratios(steps(), 0.3, until=15)  # sampled steps 0, 5, 10 of 12
+    f = lr_too_high(write(tmp_path / "three", meta(), st))
+    assert f is not None and f.severity == "medium" and f.step == 0
+    assert "3 sampled steps" in f.evidence[0]
+    st = ratios(steps(), 0.3, until=10)  # two early steps: no evidence
+    assert lr_too_high(write(tmp_path / "two", meta(), st)) is None
+
+
+def test_lr_too_high_before_a_quiet_degradation(tmp_path):
+    """Updates 2% of the weights (20x the rule of thumb) are a matter of taste in a run that
+    trains; before a loss that climbs back with no event they are the LR."""
+    st = shaped("u_turn", 0, 0.01)
+    for s in st:
+        if s["update_ratio"] is not None:
+            s["update_ratio"] = [2e-2 * (1 + 0.01 * i) for i in range(6)]
+    f = lr_too_high(write(tmp_path / "u", meta(), st))
+    assert f is not None and any("degraded or stalled from step" in e for e in f.evidence)
+    healthy = shaped("healthy", 0, 0.01)
+    for s in healthy:
+        if s["update_ratio"] is not None:
+            s["update_ratio"] = [2e-2 * (1 + 0.01 * i) for i in range(6)]
+    assert lr_too_high(write(tmp_path / "h", meta(), healthy)) is None
+
+
 def test_lr_too_high_sustained_with_a_lone_nan(tmp_path):
     """Updates 30% of the weights on every sampled step: the LR, with or without one NaN step."""
     st = ratios(steps(), 0.3)
@@ -696,6 +723,13 @@ def shaped(shape: str, seed: int, noise: float, n: int = 300) -> list[dict]:
             "healthy": 0.2 + 2.0 * math.exp(-8 * t),
             "slow_calm": 2.0 - 0.1 * t,  # learns slowly but calmly
             "converged": 0.3 + 2.0 * math.exp(-25 * t),  # flat for the last two thirds
+            # converging to a high floor (the data's): its early trend promised that floor
+            "high_floor": 1.2 + 1.2 * math.exp(-10 * t),
+            "power": 0.5 + 2.0 / (1 + 20 * t),  # a power law: slows down, never stops
+            # falling steadily, then flat far above where that trend was heading (units dying,
+            # logits saturating): a stall
+            "knee_stall": 2.3 - 2.0 * min(t, 0.3) / 0.35,
+            "late_knee": 2.3 - 1.5 * min(t, 0.4) / 0.4,
         }[shape]
         s["loss"] = loss * (1 + noise * rng.gauss(0, 1))
     return st
@@ -716,11 +750,42 @@ def test_loss_degradation_without_events_is_not_healthy(tmp_path, shape, seed, n
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("noise", [0.01, 0.05, 0.15])
-@pytest.mark.parametrize("shape", ["healthy", "slow_calm", "converged"])
+@pytest.mark.parametrize("shape", ["healthy", "slow_calm", "converged", "high_floor", "power"])
 def test_loss_degradation_negative_controls(tmp_path, shape, seed, noise):
     run = write(tmp_path, meta(), shaped(shape, seed, noise))
     assert diagnose(run) == []
     assert html.verdict(run, [])[0] == "healthy"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("noise", [0.01, 0.05])
+@pytest.mark.parametrize("shape", ["knee_stall", "late_knee"])
+def test_a_stall_far_above_the_early_trend_is_not_healthy(tmp_path, shape, seed, noise):
+    """No climb, no event: the loss fell steadily, then stopped far above where that trend was
+    heading. Converging to a high floor (the negative controls' ``high_floor``) is not this."""
+    run = write(tmp_path, meta(), shaped(shape, seed, noise))
+    found = diagnose(run)
+    assert [f.cause for f in found] == ["loss_degradation"]
+    f = found[0]
+    assert f.title == "Loss stalled far above its early trend" and f.severity == "medium"
+    assert "without any event" in f.summary and f.step is not None and f.step >= 120
+    assert html.verdict(run, found)[0] != "healthy"
+
+
+def test_the_stall_needs_early_learning_and_a_flat_second_half(tmp_path):
+    from gradguard.diagnose.rules.progress import _stall
+
+    base = shaped("knee_stall", 0, 0.01)
+    assert _stall(write(tmp_path / "base", meta(), base)) is not None
+    # Still learning in the second half (a tenth of the early rate): not flat.
+    late = [dict(s) for s in base]
+    for s in late:
+        if s["step"] >= 90:
+            s["loss"] -= 0.0008 * (s["step"] - 90)
+    assert _stall(write(tmp_path / "late", meta(), late)) is None
+    # Flat from the start (nothing learned early): no trend promised anything.
+    flat = [{**s, "loss": 2.3 * (1 + 0.01 * math.sin(s["step"]))} for s in base]
+    assert _stall(write(tmp_path / "flat", meta(), flat)) is None
 
 
 def test_loss_degradation_fires(tmp_path):

@@ -442,33 +442,51 @@ def _code(spec: str) -> str:
     return f'guard = gradguard.Guard(model, optimizer, policy="{spec}")'
 
 
+#: advise's ranking rule (docs/advise.md, "How it chooses"), as the "why" states it.
+RANKING_RULE = (
+    "ranked by: trains at your LR in every seed, then within the seeds' noise of the best score "
+    "and of the lowest final loss, then the widest LR margin"
+)
+
+
 def _reason(chosen, table, trains, probe, lr, higher, metric) -> str:
     if not trains:
         return _reason_untrained(chosen, table, probe, lr)
     _n_bad, n = chosen.runs.get("x1", [0, 0])
-    parts = [f"{chosen.spec} trained at your LR in {n}/{n} seeds"]
-    band = [r for r in table if r.in_band]
-    best = max(band, key=lambda r: (1 if higher else -1) * r.score)
     word = "accuracy" if "accuracy" in metric else metric
-    if best is chosen:
-        parts.append(f"with the best {word} there ({chosen.score:.4g})")
-    else:
-        parts.append(
-            f"with {word} {chosen.score:.4g}, within the seeds' noise of the best ({best.spec}: "
-            f"{best.score:.4g})"
-        )
+    sign = 1.0 if higher else -1.0
+    parts = [f"{chosen.spec} trained at your LR in {n}/{n} seeds with {word} {chosen.score:.4g}"]
+    above = sorted(
+        (r for r in table if r is not chosen and sign * (r.score - chosen.score) > 0),
+        key=lambda r: -sign * r.score,
+    )
+    if not above:
+        parts.append(f"(the best {word} of all candidates)")
     if chosen.margin is not None and chosen.margin > 1:
         parts.append(f"and kept training in every seed up to x{chosen.margin:g} your LR")
-    wider = [r for r in table if r.margin is not None and (chosen.margin or 0) < r.margin]
-    if wider:
+    parts.append(f"({RANKING_RULE})")
+    if above:
         parts.append(
-            f"({', '.join(r.spec for r in wider[:2])} survived higher LRs but scored worse at "
-            "yours)"
+            "; scored higher but ranked lower: "
+            + "; ".join(_why_lower(r, chosen) for r in above[:2])
         )
+        if len(above) > 2:
+            parts.append(f"and {len(above) - 2} more (the evidence table has them)")
     parts += _unguarded_part(chosen, table)
     if chosen.spec != "none" and math.isfinite(chosen.overhead):
         parts.append(f"; overhead {chosen.overhead:.1%} of training time")
     return " ".join(parts).replace(" ;", ";") + "."
+
+
+def _why_lower(r, chosen) -> str:
+    """Why a candidate that scored higher than the chosen one ranks below it."""
+    head = f"{r.spec} ({r.score:.4g}"
+    if r.excluded:
+        return f"{head}: {r.excluded})"
+    mine, theirs = chosen.margin or 0.0, r.margin or 0.0
+    if theirs < mine:
+        return f"{head}: within the noise of the best, with a narrower LR margin, x{theirs:g})"
+    return f"{head}: within the noise of the best, ranked by the final loss and overhead)"
 
 
 def _reason_untrained(chosen, table, probe, lr) -> str:
@@ -510,7 +528,11 @@ def _unguarded_part(chosen, table) -> list[str]:
             return [f"; without a Guard {nb}/{nn} seeds diverged or did not learn at your LR"]
         return [f"; without a Guard every seed trained up to x{none.margin:g}"]
     if none is chosen:
-        return ["; no policy did better, so no mitigation is needed at this LR"]
+        return [
+            "; no policy did better, so no mitigation is needed at this LR (a Guard with "
+            "policy='none' still skips a step whose loss or gradient is not finite, and changes "
+            "nothing else)"
+        ]
     return []
 
 

@@ -10,6 +10,7 @@ what it is for, not a fault of the model.
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -48,5 +49,45 @@ def diagnose_probe(out: str | Path, probe: ProbeResult, lr: float) -> list[dict[
             if f.cause in found or (row is not user and f.cause == "lr_too_high"):
                 continue
             found[f.cause] = {**f.as_dict(), "lr": row.lr, "run": where}
+    if "lr_too_high" in found:
+        found["lr_too_high"] = with_probe_lr(found["lr_too_high"], probe, lr)
     rank = {s: i for i, s in enumerate(SEVERITIES)}
     return sorted(found.values(), key=lambda f: rank.get(f["severity"], len(rank)))
+
+
+def with_probe_lr(finding: dict[str, Any], probe: ProbeResult, lr: float) -> dict[str, Any]:
+    """``lr_too_high`` with its LR change taken from what the probe measured, never against it.
+
+    The rule's factor is an estimate from the update/weight ratio; the probe trained the model
+    unguarded at each LR, so its measurements replace it: the LR advised is the highest probed LR
+    that trained; none when your LR itself trained unguarded; no LR at all when no probed LR
+    trained (lowering the LR alone did not help there)."""
+    advice = [a for a in finding.get("advice", []) if not a.startswith(RULE_LR_CHANGE)]
+    up, down = probe.trains_up_to, probe.diverges_at
+    diverges = f" (it diverges from x{down:g})" if down is not None else ""
+    if up is None:
+        low = min((r.factor for r in probe.rows), default=1.0)
+        line = (
+            "Learning rate: lowering it alone is not shown to help; in the LR probe no LR down to "
+            f"{lr * low:.3g} (x{low:g}) trained unguarded. See the other findings "
+            "(initialization, normalization, inputs) first."
+        )
+    elif up >= 1:
+        line = (
+            "Learning rate: no change is needed to train; the LR probe trained unguarded at your "
+            f"LR{diverges}. Updates this large leave little margin: warm the LR up, or keep a Guard."
+        )
+    else:
+        row = probe.row(up)
+        score = f", score {row.metric:.3g}" if row is not None and math.isfinite(row.metric) else ""
+        line = (
+            f"Learning rate: use {lr * up:.3g} (x{up:g} yours) or lower: the highest LR that "
+            f"trained unguarded in the LR probe{score}{diverges}. This is measured; it replaces "
+            "the estimate from the update ratio."
+        )
+    return {**finding, "advice": [line, *advice]}
+
+
+#: How the LR rule's own LR change begins (``gradguard.diagnose.rules.learning_rate``): dropped
+#: from the advice where the probe measured the LRs.
+RULE_LR_CHANGE = "Divide the learning rate"

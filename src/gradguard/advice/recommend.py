@@ -76,6 +76,9 @@ class Evidence:
     eligible: bool = False
     in_band: bool = False
     rank: int = 0
+    # What kept this row out of the band of the best (step 1 or 2), in words; "" when in it:
+    # "diverged or did not learn in 1/2 seeds at your LR", "final training loss 0.0755, above ..."
+    excluded: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -236,6 +239,12 @@ def choose(
     for r in rows:
         n_bad, n = r.runs.get("x1", [0, 0])
         r.eligible = n > 0 and n_bad == 0 and math.isfinite(r.score)
+        if not r.eligible:
+            r.excluded = (
+                f"diverged or did not learn in {n_bad}/{n} seeds at your LR"
+                if n_bad
+                else "no finished run with a score at your LR"
+            )
     eligible = [r for r in rows if r.eligible]
     if eligible:
         top = max(eligible, key=signed)
@@ -243,11 +252,18 @@ def choose(
         std = seed_std(eligible)
         for r in eligible:
             r.in_band = best - signed(r) <= tolerance(top, r, higher_is_better, std) + 1e-12
+            if not r.in_band:
+                r.excluded = f"score outside the seeds' noise of the best, {top.score:.4g}"
         band = [r for r in eligible if r.in_band and math.isfinite(r.final_loss)]
         if band and use_loss:
             lowest = min(band, key=lambda r: r.final_loss)
             for r in band:
                 r.in_band = r.final_loss - lowest.final_loss <= loss_tolerance(lowest, r) + 1e-12
+                if not r.in_band:
+                    r.excluded = (
+                        f"final loss {r.final_loss:.3g}, above the noise of the lowest, "
+                        f"{lowest.final_loss:.3g}"
+                    )
 
     def key(r: Evidence):
         n_bad, n = r.runs.get("x1", [0, 0])

@@ -30,30 +30,74 @@ UPDATE_RATIO_MIN_STEPS = 3
 def lr_too_high(run: RunLog) -> Finding | None:
     """Update/weight ratio far above ~1e-3 on several sampled steps before the first spike or NaN.
 
+    The sampled steps are judged all together and, on their own, the ones from the start for as
+    long as each is too large: a run that blows up, or kills its units, within a few steps has
+    most of its samples after the damage, where updates are small again. A loss that degraded or stalled with no event
+    (``loss_degradation``) is trouble too: the steps before it are judged as before a spike.
     A lone non-finite step the run recovered from (``single_bad_step``) says nothing about the
     LR: such a run is judged on all its sampled steps with the thresholds of a run without
     events (the median layer, or one layer, moving 10% per step)."""
     lone = bool(_lone_nonfinite(run))
     first = None if lone else _first_trouble(run)
-    sampled = _sampled_before(run, first)
+    quiet = _quiet_trouble(run) if first is None and not lone else None
+    troubled = first is not None or quiet is not None
+    sampled = _sampled_before(run, first if first is not None else quiet)
+    median_limit = UPDATE_RATIO_HIGH if troubled else UPDATE_RATIO_SEVERE
+    layer_limit = UPDATE_RATIO_LAYER_HIGH if troubled or lone else math.inf
+    for chosen in (sampled, _leading(sampled, median_limit, layer_limit)):
+        verdict = _judge(chosen, median_limit, layer_limit)
+        if verdict is not None:
+            return _finding(run, chosen, *verdict, first, quiet)
+    return None
+
+
+def _quiet_trouble(run: RunLog) -> int | None:
+    """The step from which the loss degraded or stalled without any event, or None."""
+    from .progress import _degradation, _stall  # here: the rules register in their report order
+
+    d = _degradation(run)
+    if d is not None:
+        return int(d["best"][1])
+    st = _stall(run)
+    return int(st["half"][0]) if st is not None else None
+
+
+def _judge(
+    sampled: list[dict[str, Any]], median_limit: float, layer_limit: float
+) -> tuple[dict[int, float], float, int] | None:
+    """(each layer's median ratio, the median layer's, the worst layer) when the updates of
+    ``sampled`` are too large, on at least :data:`UPDATE_RATIO_MIN_STEPS` steps; else None."""
     by_layer = _median_ratios(sampled)
     if not by_layer:
         return None
     typical = statistics.median(by_layer.values())
     worst = max(by_layer, key=lambda i: by_layer[i])
-    median_limit = UPDATE_RATIO_HIGH if first is not None else UPDATE_RATIO_SEVERE
-    layer_limit = UPDATE_RATIO_LAYER_HIGH if first is not None or lone else math.inf
     fires = typical > median_limit or by_layer[worst] > layer_limit
     if (
         not fires
         or _steps_too_high(sampled, worst, median_limit, layer_limit) < UPDATE_RATIO_MIN_STEPS
     ):
         return None
+    return by_layer, typical, worst
+
+
+def _finding(
+    run: RunLog,
+    sampled: list[dict[str, Any]],
+    by_layer: dict[int, float],
+    typical: float,
+    worst: int,
+    first: int | None,
+    quiet: int | None,
+) -> Finding:
     lrs = [v for v in (_num(s.get("lr")) for s in sampled) if v is not None]
     lr = statistics.median(lrs) if lrs else None
     hot = sorted(
         (i for i, r in by_layer.items() if r > UPDATE_RATIO_HIGH), key=lambda i: -by_layer[i]
     )
+    evidence = _evidence(run, sampled, by_layer, typical, worst, lr, first)
+    if quiet is not None:
+        evidence.append(f"the loss degraded or stalled from step {quiet}, without any event")
     return Finding(
         cause="lr_too_high",
         title="Learning rate too high",
@@ -62,7 +106,7 @@ def lr_too_high(run: RunLog) -> Finding | None:
             f"{_g(typical if typical > UPDATE_RATIO_HIGH else by_layer[worst])} of their size, "
             "far above the ~1e-3 that trains stably."
         ),
-        evidence=_evidence(run, sampled, by_layer, typical, worst, lr, first),
+        evidence=evidence,
         advice=_advice(run, by_layer, typical, worst, lr),
         severity="high" if first is not None else "medium",
         step=first if first is not None else sampled[0]["step"],
@@ -81,6 +125,21 @@ def _sampled_before(run: RunLog, first: int | None) -> list[dict[str, Any]]:
         and not s.get("rolled_back")
         and (first is None or s["step"] < first)
     ]
+
+
+def _leading(
+    sampled: list[dict[str, Any]], median_limit: float, layer_limit: float
+) -> list[dict[str, Any]]:
+    """The sampled steps from the first one for as long as each on its own is too large."""
+    out: list[dict[str, Any]] = []
+    for s in sampled:
+        ratios = [v for v in map(_num, s["update_ratio"]) if v is not None and v > 0]
+        if not ratios or not (
+            statistics.median(ratios) > median_limit or max(ratios) > layer_limit
+        ):
+            break
+        out.append(s)
+    return out
 
 
 def _steps_too_high(

@@ -69,6 +69,56 @@ def _degradation(run: RunLog) -> dict[str, Any] | None:
     return {"first": first, "best": best, "last": last, "gain": gain, "rise": rise, "need": need}
 
 
+def _stall(run: RunLog) -> dict[str, Any] | None:
+    """The numbers of a stall far above the early trend's promise, or None.
+
+    The early trend is read from the first three windows' medians ``m0, m1, m2``: gains
+    ``g1 = m0 - m1`` and ``g2 = m1 - m2`` shrinking by ``q = g2 / g1`` per window, as a loss that
+    converges to a floor does, promise a floor ``F = m2 - g2 q / (1 - q)`` (the geometric tail;
+    minus infinity when the gains do not shrink). The run stalled when its second half made no
+    progress (:data:`STALL_FLAT`) while the end is still above ``F`` by more than
+    :data:`STALL_KEPT` of what the trend promised to lose from the start (``m0 - F``). A run that
+    converges to its floor, however high the floor, ends at ``F`` and never fires; a run that keeps
+    learning, however slowly, is not flat."""
+    wins = _windows(run)
+    if len(wins) < DEGRADE_WINDOWS // 2 + 3:
+        return None
+    meds = [w[2] for w in wins]
+    m0, m1, m2, end = meds[0], meds[1], meds[2], meds[-1]
+    noise = statistics.median(
+        statistics.median(abs(v - w[2]) for v in w[3]) * 1.4826 / math.sqrt(len(w[3])) for w in wins
+    )
+    g1, g2 = m0 - m1, m1 - m2
+    # The early windows must have learned, clearly: above the medians' noise and by 10% of m0.
+    if not (end > 0 and g1 > DEGRADE_NOISE * noise and g2 > 0 and m0 - m2 > STALL_EARLY * m0):
+        return None
+    q = g2 / g1
+    floor = m2 - g2 * q / (1 - q) if q < 1 else -math.inf
+    half = len(meds) // 2
+    progress = min(meds[:half]) - min(meds[half:])
+    flat = progress <= max(STALL_FLAT * (m0 - end), DEGRADE_NOISE * noise)
+    far = not math.isfinite(floor) or end - floor > STALL_KEPT * (m0 - floor)
+    if not flat or not far:
+        return None
+    return {
+        "first": wins[0],
+        "early": wins[2],
+        "last": wins[-1],
+        "floor": floor,
+        "progress": progress,
+        "half": wins[half],
+    }
+
+
+#: The first three windows must have lowered the loss by this share of its start.
+STALL_EARLY = 0.1
+#: The second half's progress (its best against the first half's best) below this share of what
+#: the run gained overall: flat.
+STALL_FLAT = 0.02
+#: A stalled end still above the promised floor by this share of the promised drop: far above.
+STALL_KEPT = 0.5
+
+
 def _is_transformer(run: RunLog) -> bool:
     types = [t for t in run.meta.get("layer_types") or [] if isinstance(t, str)]
     names = [n for n in run.meta.get("layers") or [] if isinstance(n, str)]
@@ -83,10 +133,12 @@ def _span(w: tuple[int, int, float, list[float]]) -> str:
 
 @register
 def loss_degradation(run: RunLog) -> Finding | None:
-    """The loss ended well above the best it reached (it climbed, or rose and stalled there)."""
+    """The loss ended well above the best it reached (it climbed, or rose and stalled there), or
+    stalled far above what its own early trend promised."""
     d = _degradation(run)
     if d is None:
-        return None
+        st = _stall(run)
+        return _stall_finding(run, st) if st is not None else None
     first, best, last = d["first"], d["best"], d["last"]
     climbed_from_start = d["gain"] == 0.0
     gave = f"{d['rise'] / d['gain']:.0%} of its progress" if d["gain"] > 0 else "more than 5%"
@@ -140,4 +192,50 @@ def loss_degradation(run: RunLog) -> Finding | None:
         advice=advice,
         severity="high" if not trouble else "medium",
         step=best[1],
+    )
+
+
+def _stall_finding(run: RunLog, st: dict[str, Any]) -> Finding:
+    first, early, last = st["first"], st["early"], st["last"]
+    trouble = _trouble(run)
+    floor = st["floor"]
+    promise = (
+        f"a floor near {_g(floor)}" if math.isfinite(floor) and floor > 0 else "no slowing down"
+    )
+    evidence = [
+        f"median loss {_g(first[2])} at the start ({_span(first)}), {_g(early[2])} by "
+        f"{_span(early)}: the early trend promised {promise}",
+        f"from step {st['half'][0]} on it gained {_g(max(st['progress'], 0.0))}: flat, ending at "
+        f"{_g(last[2])} ({_span(last)})",
+        (
+            f"{len(trouble)} spike/non-finite event(s), the first at step {trouble[0]['step']}"
+            if trouble
+            else "no spike or non-finite event: the loss stalled quietly"
+        ),
+    ]
+    advice = [
+        "Look at the other findings first (dead units, attention logits, the LR): a loss that "
+        "stops falling far above its trend is usually units that died, logits that saturated, or "
+        "an LR too high for the loss to settle (try it 3-10x lower) or decayed too early.",
+        "If this is the data's floor (label noise, an irreducible error), the finding does not "
+        "apply: compare with a run at a lower LR or a longer warmup to confirm.",
+    ]
+    if _is_transformer(run):
+        advice.insert(
+            1,
+            "In a transformer, attention logits that grow without bound make the loss stall "
+            "without any NaN: qk-layernorm or gradguard's qk_clip; a small z-loss on the output "
+            "logits (Wortsman et al. 2023).",
+        )
+    return Finding(
+        cause="loss_degradation",
+        title="Loss stalled far above its early trend",
+        summary=(
+            f"The loss stopped falling at {_g(last[2])}, far above where its early trend was "
+            "heading: the run stopped learning" + (", without any event." if not trouble else ".")
+        ),
+        evidence=evidence,
+        advice=advice,
+        severity="medium",
+        step=st["half"][0],
     )
