@@ -263,6 +263,7 @@ def test_the_why_states_the_ranking_rule_and_what_kept_each_higher_scorer_out():
         "narrow (0.9625: within the noise of the best, with a narrower LR margin, x1)"
     )
     assert "worse" not in text
+    assert "kept training at higher LRs" not in text  # none survived more than the chosen x3
     assert rows["worse"].excluded == "score outside the seeds' noise of the best, 0.9635"
     assert chosen.excluded == "" and rows["narrow"].excluded == ""
 
@@ -283,3 +284,21 @@ def test_recommending_none_says_the_guard_still_skips_nonfinite_steps():
     assert chosen.spec == "none" and trains
     text = _reason(chosen, list(rows.values()), trains, SimpleNamespace(rows=[]), 0.3, True, "acc")
     assert "policy='none' still skips a step whose loss or gradient is not finite" in text
+
+
+def test_the_why_names_a_wider_margin_that_ranked_lower():
+    """A candidate that kept training at a higher LR than the chosen one but scored lower: the
+    why says so and what kept it out (the margin decides only among the ones as good)."""
+    from types import SimpleNamespace
+
+    from gradguard.advice.advisor import _reason
+
+    rows, chosen, trains = evidence(
+        {
+            "best": {1.0: ok(metric=0.96, loss=0.01), 3.0: ok(), 10.0: bad()},
+            "sturdy": {1.0: ok(metric=0.9, loss=0.01), 3.0: ok(), 10.0: ok()},
+        }
+    )
+    assert chosen.spec == "best" and rows["sturdy"].margin == 10
+    text = _reason(chosen, list(rows.values()), trains, SimpleNamespace(rows=[]), 0.3, True, "acc")
+    assert "kept training at higher LRs but ranked lower: sturdy (up to x10: score outside" in text

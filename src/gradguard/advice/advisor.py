@@ -472,6 +472,19 @@ def _reason(chosen, table, trains, probe, lr, higher, metric) -> str:
         )
         if len(above) > 2:
             parts.append(f"and {len(above) - 2} more (the evidence table has them)")
+    wider = [
+        r
+        for r in table
+        if r not in above and r.margin is not None and (chosen.margin or 0) < r.margin
+    ]
+    if wider:
+        parts.append(
+            "; kept training at higher LRs but ranked lower: "
+            + "; ".join(
+                f"{r.spec} (up to x{r.margin:g}: {r.excluded or 'a lower score'})"
+                for r in wider[:2]
+            )
+        )
     parts += _unguarded_part(chosen, table)
     if chosen.spec != "none" and math.isfinite(chosen.overhead):
         parts.append(f"; overhead {chosen.overhead:.1%} of training time")
