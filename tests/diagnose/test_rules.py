@@ -955,6 +955,38 @@ def test_init_depth_fires_on_outputs_far_too_large_at_the_first_step(tmp_path):
     assert "init_depth" not in {f.cause for f in diagnose(write(tmp_path / "calm", meta(), st))}
 
 
+def stuck_at_start(n: int = 120, absmax: float = 5e-3, dead: float = 0.0) -> list[dict]:
+    """A run whose outputs start near zero (``absmax``) and whose loss never moves from ln 10."""
+    st = steps(n)
+    rng = random.Random(3)
+    for s in st:
+        s["loss"] = math.log(10) * (1 + 1e-4 * rng.gauss(0, 1))
+        s["logits"] = {"absmax": absmax * (1 + s["step"] / n), "logz": math.log(10)}
+        if s["update_ratio"] is not None:
+            s["dead_units"] = [dead] * 5 + [None]
+    return st
+
+
+def test_init_depth_fires_on_outputs_near_zero_and_a_loss_that_never_moved(tmp_path):
+    f = next(
+        f for f in diagnose(write(tmp_path, meta(), stuck_at_start())) if f.cause == "init_depth"
+    )
+    assert f.title == "Initialization: outputs near zero from the start" and f.severity == "high"
+    assert "0.005" in f.evidence[0] and "within 2% of 2.3" in f.evidence[1]
+
+
+@pytest.mark.parametrize("case", ["learns", "normal_outputs", "dead_from_the_start"])
+def test_init_depth_near_zero_outputs_near_miss(tmp_path, case):
+    st = stuck_at_start(
+        absmax=0.5 if case == "normal_outputs" else 5e-3,
+        dead=1.0 if case == "dead_from_the_start" else 0.0,
+    )
+    if case == "learns":  # tiny outputs at first, but the loss falls 5%: it is learning
+        for s in st:
+            s["loss"] *= 1 - 0.05 * s["step"] / len(st)
+    assert init_depth(write(tmp_path, meta(), st)) is None
+
+
 #: One run on which each rule must fire: a new rule without a firing case fails the contract test.
 FIRING = {
     "lr_too_high": test_lr_too_high_fires_before_a_spike,

@@ -25,6 +25,10 @@ INIT_MIN_R2 = 0.8
 #: whatever the depth: a well-initialized network's outputs start at a few units (the loss near
 #: that of a uniform guess); at 50 the softmax is saturated for every example from step 0.
 INIT_LOGITS = 50.0
+#: ... and below which, on a run whose loss then never moved, it is too small: the signal dies
+#: on its way through the layers (a 12-layer ReLU net at 0.6x He starts at ~5e-3; a healthy one
+#: at a few units), so the gradients vanish as well.
+INIT_LOGITS_SMALL = 0.05
 
 
 def _fit(ys: list[float]) -> tuple[float, float]:
@@ -43,9 +47,9 @@ def _fit(ys: list[float]) -> tuple[float, float]:
 @register
 def init_depth(run: RunLog) -> Finding | None:
     """Per-layer gradient norms at the start grow or shrink geometrically toward the input."""
-    large = _large_outputs(run)
-    if large is not None:
-        return large
+    extreme = _large_outputs(run) or _small_outputs(run)
+    if extreme is not None:
+        return extreme
     early = _early_steps(run)
     if not early:
         return None
@@ -86,15 +90,61 @@ def init_depth(run: RunLog) -> Finding | None:
     )
 
 
+def _first_logits(run: RunLog) -> tuple[dict[str, Any] | None, float | None]:
+    """The first step's record and its largest output logit: its forward ran on the initial
+    weights (the later ones on weights a too-high LR may already have changed)."""
+    first = next((s for s in run.steps if _step(s) is not None), None)
+    lg = first.get("logits") if first is not None else None
+    return first, _num(lg.get("absmax")) if isinstance(lg, dict) else None
+
+
+def _small_outputs(run: RunLog) -> Finding | None:
+    """Outputs near zero on the initial weights, and a loss that never moved, with the units
+    alive (units dead from the start, e.g. biases pushed negative, are ``dead_units``)."""
+    from .progress import (
+        NO_PROGRESS,
+        _no_progress,
+    )  # here: the rules register in their report order
+    from .units import _dead, _profiles
+
+    first, small = _first_logits(run)
+    if first is None or small is None or small > INIT_LOGITS_SMALL or not _no_progress(run):
+        return None
+    profiles = _profiles(run, _weight_layers(run)[:-1])
+    if profiles and _dead(profiles[0][1]):
+        return None
+    losses = [v for s in run.steps if (v := _num(s.get("loss"))) is not None]
+    return Finding(
+        cause="init_depth",
+        title="Initialization: outputs near zero from the start",
+        summary=(
+            f"The model's outputs start at most {small:.2g} and the loss never moved from "
+            f"{losses[0]:.3g}: the initial weights are too small, so the signal, and the "
+            "gradients, die on their way through the layers."
+        ),
+        evidence=[
+            f"largest output logit {small:.2g} at step {first['step']}, on the initial weights "
+            "(a well-initialized network starts at a few units)",
+            f"the loss stayed within {NO_PROGRESS:.0%} of {losses[0]:.3g} over the whole run "
+            f"({len(losses)} steps)",
+        ],
+        advice=[
+            "Initialize with He (kaiming_normal_, for ReLU) or Xavier (for tanh) init at gain 1, "
+            "not scaled down; check any custom init's std against 1/sqrt(fan_in).",
+            "Normalization (LayerNorm/BatchNorm) or residual connections keep the signal's size "
+            "through depth whatever the init.",
+        ],
+        severity="high",
+        step=first["step"],
+    )
+
+
 def _large_outputs(run: RunLog) -> Finding | None:
     """The finding for outputs far too large from the first steps (``logits`` telemetry)."""
-    # The first step only: its forward ran on the initial weights (the later ones on weights a
-    # too-high LR may already have blown up).
-    first = [s for s in run.steps if _step(s) is not None][:1]
-    lg = first[0].get("logits") if first else None
-    big = _num(lg.get("absmax")) if isinstance(lg, dict) else None
-    if big is None or big < INIT_LOGITS:
+    step0, big = _first_logits(run)
+    if step0 is None or big is None or big < INIT_LOGITS:
         return None
+    first = [step0]
     losses = [v for s in first if (v := _num(s.get("loss"))) is not None]
     evidence = [
         f"largest output logit {big:.3g} at step {first[0]['step']}, on the initial weights "

@@ -110,6 +110,17 @@ def _stall(run: RunLog) -> dict[str, Any] | None:
     }
 
 
+def _no_progress(run: RunLog) -> bool:
+    """The loss never moved: every window's median within :data:`NO_PROGRESS` of the first's."""
+    wins = _windows(run)
+    if len(wins) < DEGRADE_WINDOWS // 2:
+        return False
+    m0 = wins[0][2]
+    return m0 > 0 and all(abs(w[2] - m0) <= NO_PROGRESS * m0 for w in wins)
+
+
+#: The share of its start the loss stays within, everywhere, in a run that never learned.
+NO_PROGRESS = 0.02
 #: The first three windows must have lowered the loss by this share of its start.
 STALL_EARLY = 0.1
 #: The second half's progress (its best against the first half's best) below this share of what
