@@ -62,7 +62,9 @@ def with_probe_lr(finding: dict[str, Any], probe: ProbeResult, lr: float) -> dic
     unguarded at each LR, so its measurements replace it: the LR advised is the highest probed LR
     that trained; none when your LR itself trained unguarded; no LR at all when no probed LR
     trained (lowering the LR alone did not help there)."""
-    advice = [a for a in finding.get("advice", []) if not a.startswith(RULE_LR_CHANGE)]
+    from ..diagnose.rules.learning_rate import LR_CHANGE
+
+    advice = [a for a in finding.get("advice", []) if not a.startswith(LR_CHANGE)]
     up, down = probe.trains_up_to, probe.diverges_at
     diverges = f" (it diverges from x{down:g})" if down is not None else ""
     if up is None:
@@ -86,8 +88,3 @@ def with_probe_lr(finding: dict[str, Any], probe: ProbeResult, lr: float) -> dic
             "the estimate from the update ratio."
         )
     return {**finding, "advice": [line, *advice]}
-
-
-#: How the LR rule's own LR change begins (``gradguard.diagnose.rules.learning_rate``): dropped
-#: from the advice where the probe measured the LRs.
-RULE_LR_CHANGE = "Divide the learning rate"

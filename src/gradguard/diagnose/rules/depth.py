@@ -101,10 +101,8 @@ def _first_logits(run: RunLog) -> tuple[dict[str, Any] | None, float | None]:
 def _small_outputs(run: RunLog) -> Finding | None:
     """Outputs near zero on the initial weights, and a loss that never moved, with the units
     alive (units dead from the start, e.g. biases pushed negative, are ``dead_units``)."""
-    from .progress import (
-        NO_PROGRESS,
-        _no_progress,
-    )  # here: the rules register in their report order
+    # Imported here: the rules register in their report order.
+    from .progress import NO_PROGRESS, _no_progress
     from .units import _dead, _profiles
 
     first, small = _first_logits(run)
@@ -141,17 +139,16 @@ def _small_outputs(run: RunLog) -> Finding | None:
 
 def _large_outputs(run: RunLog) -> Finding | None:
     """The finding for outputs far too large from the first steps (``logits`` telemetry)."""
-    step0, big = _first_logits(run)
-    if step0 is None or big is None or big < INIT_LOGITS:
+    first, big = _first_logits(run)
+    if first is None or big is None or big < INIT_LOGITS:
         return None
-    first = [step0]
-    losses = [v for s in first if (v := _num(s.get("loss"))) is not None]
     evidence = [
-        f"largest output logit {big:.3g} at step {first[0]['step']}, on the initial weights "
+        f"largest output logit {big:.3g} at step {first['step']}, on the initial weights "
         "(a well-initialized network starts at a few units)"
     ]
-    if losses:
-        evidence.append(f"loss {losses[0]:.3g} at step {first[0]['step']}")
+    loss = _num(first.get("loss"))
+    if loss is not None:
+        evidence.append(f"loss {loss:.3g} at step {first['step']}")
     trouble = _first_trouble(run)
     if trouble is not None:
         evidence.append(f"the first spike or non-finite gradient came at step {trouble}")
@@ -171,7 +168,7 @@ def _large_outputs(run: RunLog) -> Finding | None:
             "Meanwhile clip: policy 'default' bounds the first steps' updates.",
         ],
         severity="high" if trouble is not None else "medium",
-        step=first[0]["step"],
+        step=first["step"],
     )
 
 

@@ -21,6 +21,9 @@ UPDATE_RATIO_LAYER_HIGH = 0.1
 #: the rule of thumb that it is not a matter of taste (Adam at lr 3e-4 on weights of std 0.02 gives
 #: about 1.5e-2, which trains well).
 UPDATE_RATIO_SEVERE = 0.1
+#: How the advice's LR change begins (``gradguard advise`` replaces that line with what its LR
+#: probe measured).
+LR_CHANGE = "Divide the learning rate"
 #: Sampled steps (every 10th by default) whose updates must be too large: one sampled step is no
 #: evidence (Adam's first steps move every weight by about the LR, whatever the LR's later fate).
 UPDATE_RATIO_MIN_STEPS = 3
@@ -32,8 +35,9 @@ def lr_too_high(run: RunLog) -> Finding | None:
 
     The sampled steps are judged all together and, on their own, the ones from the start for as
     long as each is too large: a run that blows up, or kills its units, within a few steps has
-    most of its samples after the damage, where updates are small again. A loss that degraded or stalled with no event
-    (``loss_degradation``) is trouble too: the steps before it are judged as before a spike.
+    most of its samples after the damage, where updates are small again. A loss that degraded
+    or stalled with no event (``loss_degradation``) is trouble too: the steps before it are
+    judged as before a spike.
     A lone non-finite step the run recovered from (``single_bad_step``) says nothing about the
     LR: such a run is judged on all its sampled steps with the thresholds of a run without
     events (the median layer, or one layer, moving 10% per step)."""
@@ -133,10 +137,7 @@ def _leading(
     """The sampled steps from the first one for as long as each on its own is too large."""
     out: list[dict[str, Any]] = []
     for s in sampled:
-        ratios = [v for v in map(_num, s["update_ratio"]) if v is not None and v > 0]
-        if not ratios or not (
-            statistics.median(ratios) > median_limit or max(ratios) > layer_limit
-        ):
+        if not _too_large(s, median_limit, layer_limit):
             break
         out.append(s)
     return out
@@ -147,16 +148,24 @@ def _steps_too_high(
 ) -> int:
     """How many sampled steps on their own show updates too large: the median layer above
     ``median_limit``, or the worst layer above ``layer_limit``."""
-    count = 0
-    for s in sampled:
-        ratios = [v for v in map(_num, s["update_ratio"]) if v is not None and v > 0]
-        if not ratios:
-            continue
+    return sum(1 for s in sampled if _too_large(s, median_limit, layer_limit, worst))
+
+
+def _too_large(
+    s: dict[str, Any], median_limit: float, layer_limit: float, worst: int | None = None
+) -> bool:
+    """Whether one sampled step's updates are too large: its median layer above
+    ``median_limit``, or layer ``worst`` (any layer when None) above ``layer_limit``; False
+    when it has no ratio."""
+    ratios = [v for v in map(_num, s["update_ratio"]) if v is not None and v > 0]
+    if not ratios:
+        return False
+    if worst is None:
+        w: float | None = max(ratios)
+    else:
         r = s["update_ratio"]
         w = _num(r[worst]) if worst < len(r) else None
-        if statistics.median(ratios) > median_limit or (w is not None and w > layer_limit):
-            count += 1
-    return count
+    return statistics.median(ratios) > median_limit or (w is not None and w > layer_limit)
 
 
 def _median_ratios(sampled: list[dict[str, Any]]) -> dict[int, float]:
@@ -209,7 +218,7 @@ def _advice(
         # with the weights it inflates; it no longer scales linearly with the LR.
         target = f" (from {_g(lr)} to {lr / 10:.2g} or less)" if lr is not None else ""
         advice.append(
-            f"Divide the learning rate by 10 or more{target} and measure again: at updates "
+            f"{LR_CHANGE} by 10 or more{target} and measure again: at updates "
             f"{_g(typical)}x the weights the run is already diverging, so this ratio overstates "
             "the factor (updates scale about linearly with the LR only near the ~1e-3 working point)."
         )
@@ -217,7 +226,7 @@ def _advice(
         factor = typical / UPDATE_RATIO_TARGET
         target = f" (from {_g(lr)} to about {lr / factor:.2g})" if lr is not None else ""
         advice.append(
-            f"Divide the learning rate by about {factor:.0f}{target}: the update grows about "
+            f"{LR_CHANGE} by about {factor:.0f}{target}: the update grows about "
             "linearly with the LR for SGD and Adam, and ~1e-3 of the weights per step is the "
             "usual working point."
         )
