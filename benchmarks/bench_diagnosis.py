@@ -99,8 +99,9 @@ def scores(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     for r in rows:
         case = corpus.BY_NAME[r["case"]]
         found = set(r["found"])
-        ok = case.expect | corpus.allowed(case, r.get("truth"))
-        for cause in case.expect:
+        must = corpus.expected(case, r.get("truth"))
+        ok = must | corpus.allowed(case, r.get("truth"))
+        for cause in must:
             out[cause]["expected"] += 1
             out[cause]["recalled"] += cause in found
         for cause in found:
@@ -143,7 +144,9 @@ def report(rows: list[dict[str, Any]]) -> tuple[str, bool]:
         "",
         "* expected, + allowed (a true effect of the cause; see the corpus); dead_units is also",
         f"allowed in any run whose trained model had >= {corpus.DEAD_TRUTH:.0%} of its ReLU units",
-        "measured dead on the training inputs",
+        "measured dead on the training inputs; a dead_relu/lr run whose trained model was",
+        "measured non-finite must find lr_too_high (dead_units allowed: its units may have died",
+        "before the NaN)",
         "",
     ]
     lines.append(f"{'cause':24s} {'recall':>8s} {'precision':>10s}   (runs expecting / finding)")

@@ -64,6 +64,10 @@ class Case:
     strengths: tuple[Any, ...]
     make: Callable[[Any, int, Path], dict[str, Any]]
     why_allowed: str = ""
+    #: What a run must be diagnosed with instead when its trained model was measured non-finite
+    #: (the cause took that run past its usual effect, to NaN weights; ``expect`` is then allowed:
+    #: it may have shown before the NaN); None: ``expect`` holds whatever the run did.
+    if_nonfinite: frozenset[str] | None = None
 
     @property
     def label(self) -> str:
@@ -364,9 +368,13 @@ def _case(
     make: Callable[[Any, int, Path], dict[str, Any]],
     allow: tuple[str, ...] = (),
     why: str = "",
+    if_nonfinite: tuple[str, ...] | None = None,
 ) -> Case:
     exp = (expect,) if isinstance(expect, str) else expect
-    return Case(name, frozenset(e for e in exp if e), frozenset(allow), strengths, make, why)
+    nonfinite = None if if_nonfinite is None else frozenset(if_nonfinite)
+    return Case(
+        name, frozenset(e for e in exp if e), frozenset(allow), strengths, make, why, nonfinite
+    )
 
 
 _DEGRADES = "the injected cause ruins the run, so the loss ends far above its best"
@@ -410,7 +418,9 @@ CASES: list[Case] = [
         (0.3, 0.2),
         _dead_lr,
         ("lr_too_high", "missing_normalization", "loss_degradation"),
-        "the units die because the LR is too high for a deep plain net",
+        "the units die because the LR is too high for a deep plain net; on some float paths the "
+        "same LR then takes the weights to NaN, and the too-high LR is what must be found",
+        if_nonfinite=("lr_too_high",),
     ),
     _case("dead_relu/bias", "dead_units", (-3.0, -10.0), _dead_bias),
     _case("outlier", "outlier_batch", (1e3, 1e2), _outlier, ("loss_degradation",), _DEGRADES),
@@ -482,14 +492,27 @@ def allowed(case: Case, measured: dict[str, Any] | None = None) -> frozenset[str
         layer is not None and layer >= DEAD_TRUTH_LAYER
     )
     extra = {"dead_units"} if is_dead else set()
+    if expected(case, measured) is not case.expect:
+        # a run that went non-finite may have shown the case's usual effect before the NaN (its
+        # units dying), which no measurement of its NaN weights can confirm or refute
+        extra |= case.expect
     return case.allow | extra
+
+
+def expected(case: Case, measured: dict[str, Any] | None = None) -> frozenset[str]:
+    """What the diagnosis must find in a run of ``case``: its ``expect``, or its ``if_nonfinite``
+    where the trained model was measured non-finite."""
+    if case.if_nonfinite is not None and (measured or {}).get("finite") is False:
+        return case.if_nonfinite
+    return case.expect
 
 
 def judge(
     case: Case, found: set[str], measured: dict[str, Any] | None = None
 ) -> dict[str, list[str]]:
     """What the diagnosis got right and wrong on one run of ``case``."""
+    must = expected(case, measured)
     return {
-        "missed": sorted(case.expect - found),
-        "false": sorted(found - case.expect - allowed(case, measured)),
+        "missed": sorted(must - found),
+        "false": sorted(found - must - allowed(case, measured)),
     }

@@ -34,7 +34,7 @@ def test_runs_with_a_known_cause_are_diagnosed_with_it(tmp_path):
         d = tmp_path / case.name.replace("/", "_")
         measured = corpus.make(case, case.strengths[0], 0, d)
         found = corpus.diagnosed(d)
-        found_causes |= found & case.expect
+        found_causes |= found & corpus.expected(case, measured)
         verdict = corpus.judge(case, found, measured)
         if verdict["missed"] or verdict["false"]:
             wrong[case.name] = (sorted(found), verdict)
@@ -47,8 +47,8 @@ def test_runs_with_a_known_cause_are_diagnosed_with_it(tmp_path):
             if case.expect <= found_causes:
                 break
             d = tmp_path / f"{case.name.replace('/', '_')}-{strength}-{seed}"
-            corpus.make(case, strength, seed, d)
-            found_causes |= corpus.diagnosed(d) & case.expect
+            measured = corpus.make(case, strength, seed, d)
+            found_causes |= corpus.diagnosed(d) & corpus.expected(case, measured)
     assert found_causes == {c for case in CAUSES for c in case.expect}, wrong
 
 
@@ -65,3 +65,12 @@ def test_the_judge_counts_misses_and_false_findings():
     assert corpus.judge(case, {"outlier_batch", "dead_units"}, {"dead": 0.1})["false"] == [
         "dead_units"
     ]
+    # a dead-ReLU run whose weights went NaN before its units died must show the too-high LR
+    dead = corpus.BY_NAME["dead_relu/lr"]
+    assert corpus.judge(dead, {"lr_too_high"}, {"finite": False}) == {"missed": [], "false": []}
+    assert corpus.judge(dead, {"lr_too_high"}, {"finite": True})["missed"] == ["dead_units"]
+    assert corpus.judge(dead, {"missing_normalization"}, {"finite": False})["missed"] == [
+        "lr_too_high"
+    ]
+    # ... and may still show the units that died before the NaN; a finite run may not skip them
+    assert corpus.judge(dead, {"lr_too_high", "dead_units"}, {"finite": False})["false"] == []

@@ -485,6 +485,34 @@ def test_missing_normalization_near_miss(tmp_path, case):
     assert missing_normalization(write(tmp_path, m, steps(layers=len(m["layers"])), ev)) is None
 
 
+def _dying(st: list[dict], layers: int, dead_from: int) -> list[dict]:
+    """Sampled dead-unit shares: alive (5%) before ``dead_from``, all dead from it on."""
+    for s in st:
+        share = 0.05 if s["step"] < dead_from else 1.0
+        s["dead_units"] = [share] * (layers - 1) + [0.0] if s["step"] % 10 == 0 else None
+    return st
+
+
+def test_missing_normalization_fires_when_training_kills_a_deep_plain_nets_units(tmp_path):
+    # no spike, no NaN: the deep plain net's units die at step 60 and it never learns again
+    st = _dying(steps(200, layers=10), 10, dead_from=60)
+    run = write(tmp_path, deep_meta(10, normalization=False), st)
+    f = missing_normalization(run)
+    assert f is not None and f.step == 60
+    assert "units died from step 60" in f.summary
+    assert {"dead_units", "missing_normalization"} <= {f.cause for f in diagnose(run)}
+
+
+@pytest.mark.parametrize("case", ["dead_from_start", "shallow", "normalized", "alive"])
+def test_missing_normalization_near_miss_on_dead_units(tmp_path, case):
+    layers = 7 if case == "shallow" else 10
+    dead_from = {"dead_from_start": 0, "alive": 10**6}.get(case, 60)
+    st = _dying(steps(200, layers=layers), layers, dead_from)
+    m = deep_meta(layers, normalization=case == "normalized")
+    # dead from the first step is an init (negative biases), not what the depth did in training
+    assert missing_normalization(write(tmp_path, m, st)) is None
+
+
 # ----- outlier_batch ----------------------------------------------------------------------------------
 
 

@@ -16,7 +16,8 @@ rule                       module               fires when
 ``init_depth``             ``depth``            gradient norms grow or shrink geometrically with
                                                 depth from the start.
 ``missing_normalization``  ``normalization``    a deep plain network without normalization
-                                                layers had spikes/NaN.
+                                                layers had spikes/NaN, or training killed
+                                                its units.
 ``outlier_batch``          ``outliers``         a spike or NaN came with a batch whose inputs
                                                 are far larger (or shifted) than the rest,
                                                 beyond what its size explains.

@@ -1,4 +1,5 @@
-"""``missing_normalization``: a deep plain network without normalization layers had spikes/NaN."""
+"""``missing_normalization``: a deep plain network without normalization layers had spikes/NaN,
+or the training killed its units."""
 
 from __future__ import annotations
 
@@ -20,34 +21,56 @@ NORM_MIN_SPIKES = 3
 @register
 def missing_normalization(run: RunLog) -> Finding | None:
     """A deep plain network (no normalization layer) that had non-finite gradients, several
-    spikes, or spikes and a loss that ended well above its best."""
+    spikes, spikes and a loss that ended well above its best, or hidden units that were alive at
+    the start and dead at the end."""
     if run.meta.get("normalization") is not False:  # absent: unknown, say nothing
         return None
     weights = _weight_layers(run)
-    events = _trouble(run)
-    if len(weights) < NORM_MIN_LAYERS or not events:
+    if len(weights) < NORM_MIN_LAYERS:
         return None
-    from .progress import _degradation  # here: the rules register in their report order
+    # here: the rules register in their report order
+    from .progress import _degradation
+    from .units import died_during
 
+    events = _trouble(run)
+    died = died_during(run)
     nonfinite = any(e["kind"] in NONFINITE_KINDS for e in events)
-    if not nonfinite and len(events) < NORM_MIN_SPIKES and _degradation(run) is None:
+    if (
+        died is None
+        and not nonfinite
+        and (not events or (len(events) < NORM_MIN_SPIKES and _degradation(run) is None))
+    ):
         return None
     kinds = Counter(e["kind"] for e in events)
+    had = [f"it had {len(events)} spike or non-finite events"] if events else []
+    if died is not None:
+        had.append(f"its hidden units died from step {died} on")
+    evidence = [
+        f"{len(weights)} weight layers ({_layer(run, weights[0])} ... "
+        f"{_layer(run, weights[-1])}); no BatchNorm/LayerNorm/GroupNorm/RMSNorm layer"
+    ]
+    if events:
+        evidence.append(
+            "events: "
+            + ", ".join(f"{k} x{n}" for k, n in kinds.most_common())
+            + f"; the first at step {events[0]['step']}"
+        )
+    if died is not None:
+        evidence.append(
+            f"alive at the first sampled step, most hidden units get no gradient from step {died}"
+            " on (see Dead units)"
+        )
+    starts = [e["step"] for e in events[:1]] + ([died] if died is not None else [])
     return Finding(
         cause="missing_normalization",
         title="No normalization layers",
         summary=(
             f"The model stacks {len(weights)} weight layers without any normalization layer, so "
-            "the size of activations and gradients compounds with depth; it had "
-            f"{len(events)} spike or non-finite events."
+            "the size of activations and gradients compounds with depth; "
+            + ", and ".join(had)
+            + "."
         ),
-        evidence=[
-            f"{len(weights)} weight layers ({_layer(run, weights[0])} ... "
-            f"{_layer(run, weights[-1])}); no BatchNorm/LayerNorm/GroupNorm/RMSNorm layer",
-            "events: "
-            + ", ".join(f"{k} x{n}" for k, n in kinds.most_common())
-            + f"; the first at step {events[0]['step']}",
-        ],
+        evidence=evidence,
         advice=[
             "Add normalization: BatchNorm after each conv (before the activation) in a CNN, "
             "LayerNorm in an MLP, transformer (pre-norm) or on an RNN's input and hidden state "
@@ -56,5 +79,5 @@ def missing_normalization(run: RunLog) -> Finding | None:
             "Residual connections help too; until then keep policy 'default' to skip and clip.",
         ],
         severity="medium",
-        step=events[0]["step"],
+        step=min(starts),
     )

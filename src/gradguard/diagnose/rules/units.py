@@ -71,6 +71,17 @@ def _since(profiles: list[tuple[int, dict[int, float]]]) -> int:
     return since
 
 
+def died_during(run: RunLog) -> int | None:
+    """The sampled step from which the hidden layers were dead to the end of the run, when they
+    were alive at the first sample (the training killed them); None when they are alive at the
+    end, or were dead from the start (an init, e.g. negative biases, killed them)."""
+    hidden = _weight_layers(run)[:-1]
+    profiles = _profiles(run, hidden) if hidden else []
+    if len(profiles) < DEAD_LAST or not _dead(_end_shares(profiles)) or _dead(profiles[0][1]):
+        return None
+    return _since(profiles)
+
+
 @register
 def dead_units(run: RunLog) -> Finding | None:
     """Most units of the hidden layers (or all of one) get exactly zero gradient at the end."""
