@@ -166,6 +166,15 @@ def report(rows: list[dict[str, Any]]) -> tuple[str, bool]:
         dead = (r.get("truth") or {}).get("dead")
         shown = "" if dead is None else f" (measured dead share {dead:.2f})"
         lines.append(f"  {r['key']}: found {r['found']}{shown}")
+    for case in corpus.CASES:
+        rs = by_case.get(case.name, [])
+        if case.if_nonfinite is not None and rs:
+            n = sum((r.get("truth") or {}).get("finite") is False for r in rs)
+            must = ", ".join(sorted(case.if_nonfinite))
+            lines.append(
+                f"  {case.name}: {n} of {len(rs)} runs ended with non-finite weights (judged on "
+                f"{must})"
+            )
     lines.append(
         f"targets: precision >= {PRECISION_TARGET}, recall >= {RECALL_TARGET} per cause: "
         + ("PASS" if ok else "FAIL")
