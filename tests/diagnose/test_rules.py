@@ -503,6 +503,20 @@ def test_missing_normalization_fires_when_training_kills_a_deep_plain_nets_units
     assert {"dead_units", "missing_normalization"} <= {f.cause for f in diagnose(run)}
 
 
+def test_missing_normalization_not_for_units_killed_after_an_init_that_was_off(tmp_path):
+    # the gradient norms fall geometrically through the layers from the start (init_depth): the
+    # init, not the missing normalization, is the account of the units that died later
+    st = _dying(graded(10, -0.3, n=200), 10, dead_from=60)
+    run = write(tmp_path, deep_meta(10, normalization=False), st)
+    assert init_depth(run) is not None
+    assert missing_normalization(run) is None
+    # the same dying units without the init's profile do fire
+    flat = write(
+        tmp_path / "flat", deep_meta(10, normalization=False), _dying(steps(200, layers=10), 10, 60)
+    )
+    assert missing_normalization(flat) is not None
+
+
 @pytest.mark.parametrize("case", ["dead_from_start", "shallow", "normalized", "alive"])
 def test_missing_normalization_near_miss_on_dead_units(tmp_path, case):
     layers = 7 if case == "shallow" else 10
@@ -866,6 +880,24 @@ def test_update_spike_fires_on_an_update_the_gradient_does_not_explain(tmp_path)
     assert f.step == 150
 
 
+@pytest.mark.parametrize("rise, fires", [(5.0, True), (3.5, True), (2.5, False)])
+def test_update_spike_fires_on_an_lr_jump_the_updates_followed_without_trouble(
+    tmp_path, rise, fires
+):
+    # x10 for ten steps, no event after: the sampled update inside the jump rose with the LR
+    st = steps(200)
+    for s in st[100:110]:
+        s["lr"] = 1e-2
+    st[100]["update_ratio"] = [1e-3 * rise] * 6
+    f = next((f for f in diagnose(write(tmp_path, meta(), st)) if f.cause == "update_spike"), None)
+    assert (f is not None) == fires
+    if fires:
+        assert f.step == 100 and f.severity == "medium"
+        said = [e for e in f.evidence if "x the samples just before the jump" in e]
+        factor = float(said[0].split(", ")[1].split("x the")[0])
+        assert factor == pytest.approx(rise, rel=0.2)  # over the samples' 10% noise
+
+
 @pytest.mark.parametrize("case", ["warmup", "staged_warmup", "explained", "calm_jump"])
 def test_update_spike_near_miss(tmp_path, case):
     st = steps(200)
@@ -901,6 +933,27 @@ def test_label_noise_fires_on_a_burst_of_loss_spikes_with_normal_inputs(tmp_path
     ev = [event(i, "loss_spike") for i in range(150, 156)]
     f = next(f for f in diagnose(write(tmp_path, meta(), st, ev)) if f.cause == "label_noise")
     assert f.step == 150 and "150-155" in f.summary
+
+
+@pytest.mark.parametrize("back_to, fires", [(0.5, True), (4.0, False)])
+def test_label_noise_after_a_memorized_level_relearns_slowly(tmp_path, back_to, fires):
+    # loss ~0 before (memorized batches), a 20-step burst to 15, then chance (2.3) for a while and
+    # a slow way back: it came back to ``back_to``, far above 3x the level, within 150 steps
+    st = steps(400)
+    for s in st:
+        s["loss"] = 1e-3
+    for s in st[150:170]:
+        s["loss"] = 15.0
+    for s in st[170:]:
+        k = s["step"] - 170
+        s["loss"] = 2.3 if k < 60 else max(back_to, 2.3 - 0.03 * (k - 60))
+    ev = [event(i, "loss_spike") for i in range(150, 170)]
+    f = next(
+        (f for f in diagnose(write(tmp_path, meta(), st, ev)) if f.cause == "label_noise"), None
+    )
+    assert (f is not None) == fires
+    if fires:
+        assert f.step == 150
 
 
 @pytest.mark.parametrize("case", ["one_spike", "outlier_inputs", "lr_jump", "no_recovery"])

@@ -30,9 +30,12 @@ LABEL_JUMP = 3.0
 #: Steps before the burst that set its level.
 LABEL_BEFORE = 20
 #: The run recovered: within this many steps after the burst the loss came back to at most
-#: ``LABEL_RECOVER`` times the level before it.
+#: ``LABEL_RECOVER`` times the level before it, or gave back all but ``LABEL_BACK`` of its jump
+#: (a model that had memorized its batches, loss ~0 before, relearns from a long burst in more
+#: than those steps, but its loss comes back down all the same).
 LABEL_AFTER = 150
 LABEL_RECOVER = 3.0
+LABEL_BACK = 0.1
 
 
 def _bursts(run: RunLog) -> list[list[int]]:
@@ -67,8 +70,9 @@ def _judge(
     level = statistics.median(before)
     if level <= 0 or at < LABEL_JUMP * level:
         return None
+    peak = max(v for s, v in losses if first <= s <= last)
     after = [v for s, v in losses if last < s <= last + LABEL_AFTER]
-    if not after or min(after) > LABEL_RECOVER * level:
+    if not after or min(after) > max(LABEL_RECOVER * level, level + LABEL_BACK * (peak - level)):
         return None
     recs = [s for s in run.steps if _step(s) is not None and first <= s["step"] <= last]
     if not all(_finite_step(s) for s in recs):
@@ -86,7 +90,7 @@ def _judge(
         "last": last,
         "steps": len(burst),
         "level": level,
-        "peak": max(v for s, v in losses if first <= s <= last),
+        "peak": peak,
         "back": min(after),
     }
 

@@ -29,11 +29,14 @@ def missing_normalization(run: RunLog) -> Finding | None:
     if len(weights) < NORM_MIN_LAYERS:
         return None
     # here: the rules register in their report order
+    from .depth import init_depth
     from .progress import _degradation
     from .units import died_during
 
     events = _trouble(run)
-    died = died_during(run)
+    # units killed in training are the depth's doing when the init was sound: an init that was
+    # off (init_depth) is the account of a run whose signal died through the layers
+    died = died_during(run) if init_depth(run) is None else None
     nonfinite = any(e["kind"] in NONFINITE_KINDS for e in events)
     if (
         died is None

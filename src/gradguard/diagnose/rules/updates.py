@@ -33,7 +33,9 @@ LR_JUMP = 3.0
 LR_FLAT = 2.0
 LR_HISTORY = 10
 #: A jump matters when a spike or non-finite event, or a sampled update spike, came within this
-#: many steps after it began.
+#: many steps after it began, or when a sampled update inside it rose at least ``LR_JUMP`` times
+#: the median of the samples just before the jump (the updates followed the LR: an update spike
+#: of the LR's making, however the run took it).
 UPD_AFTER = 50
 
 
@@ -113,7 +115,7 @@ def _explained_by_gradient(rise: float | None, spike: dict[str, Any]) -> bool:
 @register
 def update_spike(run: RunLog) -> Finding | None:
     """The update/weight ratio jumped far above its history (the gradient did not explain it),
-    or the LR jumped from a flat level and trouble followed."""
+    or the LR jumped from a flat level and the updates or trouble followed."""
     jumps = lr_jumps(run)
     spikes = update_spikes(run)
     trouble = [e["step"] for e in _trouble(run)]
@@ -126,7 +128,25 @@ def update_spike(run: RunLog) -> Finding | None:
     def in_jump(step: int) -> bool:
         return any(j["first"] <= step <= j["last"] for j in jumps)
 
-    bad_jumps = [j for j in jumps if within(j, trouble + [s["step"] for s in spikes])]
+    series = update_series(run)
+
+    def followed(j: dict[str, Any]) -> tuple[int, float, float] | None:
+        """(step, ratio, factor) of the largest sampled update inside the jump, when it rose
+        ``LR_JUMP`` times the samples just before it."""
+        before = [r for st, r in series if st < j["first"]][-UPD_MIN_HISTORY:]
+        inside = [(r, st) for st, r in series if j["first"] <= st <= j["last"]]
+        if len(before) < UPD_MIN_HISTORY or not inside:
+            return None
+        level = statistics.median(before)
+        ratio, step = max(inside)
+        return (step, ratio, ratio / level) if level > 0 and ratio >= LR_JUMP * level else None
+
+    follows = {j["first"]: followed(j) for j in jumps}
+    bad_jumps = [
+        j
+        for j in jumps
+        if within(j, trouble + [s["step"] for s in spikes]) or follows[j["first"]] is not None
+    ]
     lone = [
         s
         for s in spikes
@@ -140,6 +160,11 @@ def update_spike(run: RunLog) -> Finding | None:
             f"the learning rate jumped {j['factor']:.3g}x, from {_g(j['level'])} to "
             f"{_g(j['level'] * j['factor'])}, at steps {j['first']}-{j['last']}"
         )
+        if (f := follows[j["first"]]) is not None:
+            evidence.append(
+                f"step {f[0]}: update/weight ratio {_g(f[1])}, {f[2]:.3g}x the samples just "
+                "before the jump"
+            )
     for s in (spikes if bad_jumps else lone)[:3]:
         rise = rises[s["step"]]
         grad = f"; the gradient norm {rise:.2g}x its level" if rise is not None else ""
