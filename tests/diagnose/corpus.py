@@ -21,6 +21,8 @@ case                         what is injected
 ``fp16``                     frequent fp16 overflows under a GradScaler
 ``rnn_radius``               a vanilla RNN whose recurrent init puts its spectral radius > 1
 ``attention``                a GPT char LM at a high AdamW LR without qk-layernorm
+``output_logits/mlp|gpt``    the output logits' common mode walked down a fixed step each
+                             step (``logit_drift``: an output bias, or a bias-free head's rows)
 ``nan_once``                 one NaN gradient at one step, skipped by ``skip_nonfinite``
 ``lr_burst``                 the LR multiplied for a few steps (an update-norm spike)
 ``healthy/...``              negative controls: every model family trained well; data whose
@@ -289,6 +291,23 @@ def _gpt(lr: float, seed: int, run_dir: Path, *, qk_layernorm: bool = False) -> 
     return train(s, seed, run_dir)
 
 
+def _logit_drift_mlp(rate: float, seed: int, run_dir: Path) -> dict[str, Any]:
+    """A shallow MLP at a healthy Adam LR whose output bias walks down ``rate`` nats a step."""
+    s = mlp_setup(seed, "adam", 1e-3, depth=4, width=64)
+    s.faults = f"logit_drift:rate={rate},p=1"
+    return train(s, seed, run_dir)
+
+
+def _logit_drift_gpt(rate: float, seed: int, run_dir: Path) -> dict[str, Any]:
+    """The GPT at a healthy AdamW LR whose bias-free head's rows walk along its mean input."""
+    task = _charlm()
+    _seeded(seed)
+    net = build_model("gpt", task.input_shape, task.num_outputs, d_model=64, n_layers=2)
+    s = Setup(task, net, _opt("adamw", net.parameters(), 1e-3), steps=200, batch_size=32)
+    s.faults = f"logit_drift:rate={rate},p=1"
+    return train(s, seed, run_dir)
+
+
 def _nan_once(at: int, seed: int, run_dir: Path) -> dict[str, Any]:
     s = mlp_setup(seed, "adam" if seed % 2 else "momentum", 1e-3 if seed % 2 else 0.03, depth=4)
     s.faults = f"nan:at={at}"
@@ -442,6 +461,8 @@ CASES: list[Case] = [
         ("lr_too_high", "loss_degradation"),
         "the logits grow because the LR is too high without qk-layernorm",
     ),
+    _case("output_logits/mlp", "output_logits", (0.5, 0.2), _logit_drift_mlp),
+    _case("output_logits/gpt", "output_logits", (0.5, 0.2), _logit_drift_gpt),
     _case("nan_once", "single_bad_step", (3, 150), _nan_once),
     _case(
         "lr_burst",

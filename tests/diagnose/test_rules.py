@@ -1025,6 +1025,72 @@ def test_attention_logits_near_miss(tmp_path, case):
     assert "attention_logits" not in {f.cause for f in diagnose(write(tmp_path, meta(), st))}
 
 
+# ----- output_logits -----------------------------------------------------------------------------
+def _logits(st: list[dict], mean: Any, spread: float = 8.0, with_mean: bool = True) -> list[dict]:
+    """Logits whose common mode is ``mean(step)`` and whose spread about it is ``spread``."""
+    for s in st:
+        m = mean(s["step"])
+        s["logits"] = {"absmax": abs(m) + spread, "logz": m + spread / 2}
+        if with_mean:
+            s["logits"]["mean"] = m
+    return st
+
+
+@pytest.mark.parametrize("sign", [-1.0, 1.0])
+def test_output_logits_fires_when_the_logits_drift_together(tmp_path, sign):
+    st = _logits(steps(200), lambda i: sign * 0.2 * i)  # 0 -> +-40 nats
+    f = next(f for f in diagnose(write(tmp_path, meta(), st)) if f.cause == "output_logits")
+    assert ("very negative" in f.title) == (sign < 0) and f.severity == "medium"
+    assert "z-loss" in " ".join(f.advice) and "weight decay" in " ".join(f.advice)
+    assert "by ~39" in f.evidence[0] and "bf16" in f.evidence[-1]
+
+
+@pytest.mark.parametrize("case", ["calm", "apart", "jumped_back", "short"])
+def test_output_logits_near_miss(tmp_path, case):
+    """Healthy logits; logits growing apart (an overconfident or exploding model: the mean moved
+    but the size is the spread); a drift that came back; too few steps to judge."""
+    n = 8 if case == "short" else 200
+    mean = {
+        "calm": lambda i: 0.004 * i,
+        "apart": lambda i: -0.1 * i,
+        "jumped_back": lambda i: -40.0 if 80 <= i < 190 else 0.0,
+        "short": lambda i: -10.0 * i,
+    }[case]
+    st = _logits(steps(n), mean, spread=200.0 if case == "apart" else 8.0)
+    assert "output_logits" not in {f.cause for f in diagnose(write(tmp_path, meta(), st))}
+
+
+def test_output_logits_without_the_mean_reads_a_log_z_far_below_zero(tmp_path):
+    st = _logits(steps(200), lambda i: -0.2 * i, with_mean=False)  # log Z 4 -> -36
+    f = next(f for f in diagnose(write(tmp_path, meta(), st)) if f.cause == "output_logits")
+    assert f.evidence[0].startswith("the log Z")
+    # a log Z that rose (confident logits) says nothing without the mean
+    st = _logits(steps(200), lambda i: 0.2 * i, with_mean=False)
+    assert "output_logits" not in {f.cause for f in diagnose(write(tmp_path / "up", meta(), st))}
+
+
+@pytest.mark.parametrize("spec", ["logit_drift:rate=0.3,p=1", "none"])
+def test_output_logits_on_a_real_run_whose_logits_drift(tmp_path, spec):
+    """A small classifier under the Guard's telemetry; with the drift injected, the finding; without
+    it, none (the same run and data)."""
+    torch.manual_seed(0)
+    x = torch.randn(512, 8)
+    y = (x[:, :3] @ torch.tensor([1.0, -1.0, 0.5])).gt(0).long() + x[:, 3].gt(0).long()
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    plan = gradguard.faults.parse(spec, seed=0)
+    with gradguard.Guard(model, opt, "none", log_dir=tmp_path) as guard:
+        for step in range(120):
+            idx = torch.arange(step * 32, step * 32 + 32) % 512
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            loss.backward()
+            plan.on_gradients(step, model)
+            guard.step(loss)
+    found = {f.cause for f in diagnose(load_run(tmp_path))}
+    assert ("output_logits" in found) == (spec != "none"), found
+
+
 def test_init_depth_fires_on_outputs_far_too_large_at_the_first_step(tmp_path):
     st = steps(60)
     for s in st:

@@ -203,6 +203,7 @@ def test_tensorboard_files_hold_the_kept_steps(tmp_path):
         "layer_grad_norm/fc1",
         "logits/absmax",
         "logits/logz",
+        "logits/mean",
         "dead_units/fc1",
     } <= set(tags)
     pre = acc.Scalars("grad_norm/pre_clip")
@@ -386,19 +387,21 @@ def test_logits_are_the_training_forwards_absmax_and_logz(tmp_path, kind):
                 model(torch.randn(4, 6) * 100)
             x = logits.detach()
             logz = None if kind == "regression" else float(torch.logsumexp(x, -1).mean())
-            expected[step] = (float(x.abs().max()), logz)
+            mean = None if kind == "regression" else float(x.mean())
+            expected[step] = (float(x.abs().max()), logz, mean)
             guard.step()
             with torch.no_grad():
                 model(torch.randn(4, 6) * 100)
     run = load_run(tmp_path)
     assert [s["step"] for s in run.steps] == list(range(5))
     for s in run.steps:
-        absmax, logz = expected[s["step"]]
+        absmax, logz, mean = expected[s["step"]]
         assert s["logits"]["absmax"] == pytest.approx(absmax, rel=1e-6)
         if logz is None:
-            assert s["logits"]["logz"] is None
+            assert s["logits"]["logz"] is None and s["logits"]["mean"] is None
         else:
             assert s["logits"]["logz"] == pytest.approx(logz, rel=1e-6)
+            assert s["logits"]["mean"] == pytest.approx(mean, rel=1e-5, abs=1e-6)
 
 
 def mha_max_by_hand(attn, h):
@@ -641,7 +644,11 @@ def test_logz_of_large_logits_is_measured_a_block_of_rows_at_a_time(monkeypatch,
     whole = collect.output_stats(x)
     monkeypatch.setattr(collect, "_LOGZ_BLOCK", 30)  # 2 rows of 11 a block: 18 blocks
     blocked = collect.output_stats(x)
-    ref = [float(x.float().abs().max()), float(torch.logsumexp(x.float(), -1).mean())]
+    ref = [
+        float(x.float().abs().max()),
+        float(torch.logsumexp(x.float(), -1).mean()),
+        float(x.float().mean()),
+    ]
     assert whole.dtype == blocked.dtype == torch.float32
     assert whole.tolist() == pytest.approx(ref, rel=1e-6)
     assert blocked.tolist() == pytest.approx(ref, rel=1e-6)

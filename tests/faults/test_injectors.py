@@ -407,3 +407,68 @@ def test_the_default_guard_keeps_accuracy_within_a_point_of_the_clean_run(spec):
             return (model(x).argmax(1) == (x @ TEACHER).argmax(1)).float().mean().item()
 
     assert accuracy(spec) >= accuracy("none") - 0.01
+
+
+# ----- logit_drift --------------------------------------------------------------------------------
+class BiasFreeHead(nn.Module):
+    """A LayerNorm then a bias-free head, as a GPT ends."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.LayerNorm(16))
+        self.head = nn.Linear(16, 5, bias=False)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def _drifted(model, spec, steps):
+    """Run ``steps`` struck steps of ``spec`` (forward, backward, hook, no optimizer): the logits
+    of a fixed batch before and after, and the plan."""
+    plan = faults.parse(spec, seed=0)
+    x, _ = batch(0)
+    with torch.no_grad():
+        before = model(x)
+    for step in range(steps):
+        model.zero_grad()
+        model(x).logsumexp(-1).mean().backward()
+        plan.on_gradients(step, model)
+    with torch.no_grad():
+        after = model(x)
+    return before, after, plan
+
+
+@pytest.mark.parametrize(("direction", "sign"), [("down", -1.0), ("up", 1.0)])
+def test_logit_drift_moves_every_logit_of_a_biased_head_by_rate_and_no_probability(direction, sign):
+    torch.manual_seed(0)
+    model = TinyNet(width=16)
+    before, after, plan = _drifted(model, f"logit_drift:rate=0.25,direction={direction},p=1", 8)
+    assert torch.allclose(after - before, torch.full_like(before, sign * 2.0), atol=1e-5)
+    assert torch.allclose(after.softmax(-1), before.softmax(-1), atol=1e-6)  # the loss is blind
+    assert [(s.step, s.where) for s in plan.strikes] == [(i, "head") for i in range(8)]
+
+
+def test_logit_drift_moves_a_bias_free_heads_rows_along_its_mean_input():
+    torch.manual_seed(0)
+    model = BiasFreeHead()
+    before, after, plan = _drifted(model, "logit_drift:rate=0.5,p=1", 9)
+    # the first strike only hooks the head (no forward seen yet): 8 moves of 0.5
+    assert [s.step for s in plan.strikes] == list(range(1, 9))
+    moved = after - before
+    # every logit of a row moved by the same amount: no probability changed ...
+    assert torch.allclose(moved, moved[:, :1].expand_as(moved), atol=1e-4)
+    assert torch.allclose(after.softmax(-1), before.softmax(-1), atol=1e-5)
+    # ... and the batch's mean logit by rate a strike (its inputs are the mean's direction)
+    assert float(moved.mean()) == pytest.approx(-4.0, rel=1e-4)
+
+
+def test_logit_drift_names_its_layer_or_says_how():
+    with pytest.raises(faults.FaultSpecError, match=r"no nn\.Linear; name the output layer"):
+        faults.parse("logit_drift:p=1").on_gradients(0, nn.Sequential(nn.Conv1d(2, 2, 1)))
+    with pytest.raises(faults.FaultSpecError, match=r"layer='nope' matches no nn\.Linear"):
+        faults.parse("logit_drift:p=1,layer=nope").on_gradients(0, TinyNet(width=4))
+    model = TinyNet(width=4)
+    plan = faults.parse("logit_drift:rate=1,p=1,layer=fc1")
+    head_bias = model.head.bias.detach().clone()
+    plan.on_gradients(0, model)
+    assert torch.equal(model.head.bias, head_bias) and plan.strikes[0].where == "fc1"

@@ -25,7 +25,10 @@ LAYERS = ["fc1", "fc2", "head", "fc*", "*", "f?2", "[fh]*"]
     [
         ("", "empty fault spec; write 'none'"),
         ("   ", "empty fault spec"),
-        ("meteor", r"unknown fault 'meteor'; valid faults: fp16_overflow, inf, lr_burst, nan"),
+        (
+            "meteor",
+            r"unknown fault 'meteor'; valid faults: fp16_overflow, inf, logit_drift, lr_burst, nan",
+        ),
         ("NaN:p=0.1", r"did you mean 'nan'"),
         ("nan:q=1", r"unknown option 'q'; options: p, at, layer"),
         ("spike:sacle=1e4", r"did you mean 'scale'"),

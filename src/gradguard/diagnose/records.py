@@ -28,10 +28,11 @@ Record types (key ``"type"``), version 1:
     leading dimension, absent in older files; or null); ``logits`` (the model's output on the
     last forward with gradients enabled before the step: a floating tensor, the first floating
     tensor of a tuple or list, or a Hugging Face-style output's ``logits``; ``absmax``, its
-    largest ``|x|``, and ``logz``, the mean over its rows of ``logsumexp`` over the last dimension,
-    null when that dimension has fewer than 2 entries (a regression output); both float32. What
-    the z-loss penalizes (``logz**2``) and the output-logit divergence it prevents: Wortsman et al.
-    2023, "Small-scale proxies for large-scale Transformer training instabilities". Null when the
+    largest ``|x|``, ``logz``, the mean over its rows of ``logsumexp`` over the last dimension, and
+    ``mean``, the mean logit (their common mode; absent in older files), the two null when that
+    dimension has fewer than 2 entries (a regression output); all float32. What the z-loss
+    penalizes (``logz**2``) and the output-logit divergence it prevents: Wortsman et al. 2023,
+    "Small-scale proxies for large-scale Transformer training instabilities". Null when the
     output held no floating tensor); ``attn_logit`` (``{attention module: its largest
     pre-softmax logit q.k * scale over the heads, the batch and the positions its mask allows}``,
     measured in the forwards before the steps where ``update_ratio`` is sampled; null on other

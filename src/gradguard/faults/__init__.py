@@ -34,6 +34,10 @@ at)
 ``lr_burst``       every param group's LR x ``factor`` (100) for ``steps`` (10) steps from ``at``
 (factor, steps,    (required); restored exactly after each step, whatever a scheduler did
 at)
+``logit_drift``    every output logit moved by ``rate`` (0.5) nats, ``direction=down`` (or up),
+(rate, direction,  on each struck step (``p=1``: a steady drift): the common mode the loss cannot
+p, at, layer)      see (output-logit divergence); the bias of ``layer`` (default: the last
+                   ``nn.Linear``), or without one its rows along its mean input
 ``fp16_overflow``  an Inf in a (scaled) gradient before ``GradScaler.unscale_``: the scaler skips
 (p, at)            the step and halves its scale
 =================  ==============================================================================
@@ -48,6 +52,7 @@ from .injectors import (
     CHECKPOINT_MODES,
     Fp16Overflow,
     InfGrad,
+    LogitDrift,
     LrBurst,
     NanGrad,
     PoisonBatch,
@@ -75,6 +80,7 @@ __all__ = [
     "FaultSpecError",
     "Fp16Overflow",
     "InfGrad",
+    "LogitDrift",
     "LrBurst",
     "NanGrad",
     "Option",

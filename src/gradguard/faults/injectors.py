@@ -285,6 +285,95 @@ class Fp16Overflow(_LayerFault):
                 self._record(step, name, value=math.inf)
 
 
+@register
+class LogitDrift(Fault):
+    """Every output logit moved by the same ``rate`` nats (0.5), down (or ``direction=up``), on
+    each struck step (``p=1``: every step, a steady drift): the logits' common mode, which the
+    softmax loss cannot see and so nothing pulls back. At scale Adam's per-coordinate steps walk
+    it without weight decay: Wortsman et al. 2023's output-logit divergence, the logits "very
+    negative", which costs precision in bf16 and which the z-loss prevents. The output layer is
+    ``layer=`` (a module name) or the model's last ``nn.Linear``; its bias moves, or, without
+    one, each row of its weight by the same vector along the layer's mean input of the last
+    forward (the output embeddings' mean drifting); before the step, after backward."""
+
+    name = "logit_drift"
+    phase = 1
+    options = (
+        Option(
+            "rate",
+            float,
+            0.5,
+            "rate is the nats each strike moves every logit: give rate > 0",
+            above=0.0,
+        ),
+        Option(
+            "direction",
+            str,
+            "down",
+            "direction=down moves the logits down (toward very negative), direction=up up",
+            choices=("down", "up"),
+        ),
+        P,
+        AT,
+        Option(
+            "layer",
+            str,
+            None,
+            "layer is the output layer's module name (default: the model's last nn.Linear)",
+            glob=True,
+        ),
+    )
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._hooked: tuple[nn.Module, Any] | None = None
+        self._mean_input: torch.Tensor | None = None
+
+    def _layer(self, model: nn.Module) -> tuple[str, nn.Linear]:
+        pattern = self.values.get("layer")
+        linears = [(n or "(root)", m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        if pattern is not None:
+            linears = [(n, m) for n, m in linears if fnmatch.fnmatchcase(n, pattern)]
+        if not linears:
+            raise FaultSpecError(
+                f"fault {self.name!r}: "
+                + (
+                    f"layer={pattern!r} matches no nn.Linear"
+                    if pattern
+                    else "the model has no nn.Linear"
+                )
+                + "; name the output layer with layer=NAME (an nn.Linear)"
+            )
+        return linears[-1]
+
+    def _record_input(self, _m: nn.Module, args: tuple[Any, ...], _out: Any) -> None:
+        x = args[0] if args else None
+        if torch.is_tensor(x) and x.is_floating_point() and x.numel():
+            self._mean_input = x.detach().reshape(-1, x.shape[-1]).float().mean(0)
+
+    def on_gradients(self, step: int, model: nn.Module) -> None:
+        name, layer = self._layer(model)
+        if layer.bias is None and (self._hooked is None or self._hooked[0] is not layer):
+            # the next forwards' mean input gives the direction a bias-free layer's rows move in
+            if self._hooked is not None:
+                self._hooked[1].remove()
+            self._hooked = (layer, layer.register_forward_hook(self._record_input))
+            self._mean_input = None
+        if not self.scheduled(step):
+            return
+        shift = -self.values["rate"] if self.values["direction"] == "down" else self.values["rate"]
+        with torch.no_grad():
+            if layer.bias is not None:
+                layer.bias.add_(shift)
+            else:
+                h = self._mean_input
+                if h is None or not bool(torch.isfinite(h).all()) or float(h.square().sum()) == 0:
+                    return  # no forward seen yet (the hook came with this step) or no direction
+                v = (shift * h / h.square().sum()).to(layer.weight.dtype)
+                layer.weight.add_(v.to(layer.weight.device))  # each row: the same vector
+        self._record(step, name, shift=shift)
+
+
 CHECKPOINT_MODES = ("truncate", "garbage")
 
 

@@ -35,6 +35,8 @@ rule                       module               fires when
                                                 the end (dead ReLUs, saturated units).
 ``attention_logits``       ``attention``        the largest attention logit grew past ~30 and
                                                 several times its start.
+``output_logits``          ``outputs``          the output logits' mean drifted tens of nats
+                                                from its start, the logits moving together.
 ``loss_degradation``       ``progress``         the loss ended well above the best it reached
                                                 (it climbed, or rose and stalled), events or not.
 =========================  ===================  ===============================================
@@ -87,6 +89,7 @@ from .updates import (  # isort: skip
 from .labels import LABEL_JUMP, LABEL_MIN_STEPS, LABEL_RECOVER, label_noise  # isort: skip
 from .units import DEAD_LAYER, DEAD_SHARE, dead_units  # isort: skip
 from .attention import ATTN_GROWTH, ATTN_HIGH, attention_logits  # isort: skip
+from .outputs import OUT_COMMON, OUT_DRIFT, output_logits  # isort: skip
 from .progress import (  # isort: skip
     DEGRADE_GIVE_BACK,
     DEGRADE_MIN_STEPS,
@@ -129,6 +132,8 @@ __all__ = [
     "OUTLIER_MIN_HISTORY",
     "OUTLIER_WINDOW",
     "OUTLIER_Z",
+    "OUT_COMMON",
+    "OUT_DRIFT",
     "RADIUS_GROWTH",
     "RADIUS_LIMIT",
     "RADIUS_WINDOW",
@@ -156,6 +161,7 @@ __all__ = [
     "lr_too_high",
     "missing_normalization",
     "outlier_batch",
+    "output_logits",
     "recurrent_explosion",
     "register",
     "rule_info",

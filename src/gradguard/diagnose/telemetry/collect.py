@@ -95,11 +95,13 @@ def output_logits(out: Any) -> Tensor | None:
 
 
 def output_stats(out: Any) -> Tensor | None:
-    """``[absmax]`` or ``[absmax, logz]`` of a forward's logits (:func:`output_logits`), float32
-    on their device, without a sync: ``logz`` is the mean over the rows of ``logsumexp`` over the
-    last dimension (what the z-loss squares: Wortsman et al. 2023, "Small-scale proxies for
-    large-scale Transformer training instabilities"), left out when that dimension has fewer than
-    2 entries (a regression output). None when the output holds no logits."""
+    """``[absmax]`` or ``[absmax, logz, mean]`` of a forward's logits (:func:`output_logits`),
+    float32 on their device, without a sync: ``logz`` is the mean over the rows of ``logsumexp``
+    over the last dimension (what the z-loss squares: Wortsman et al. 2023, "Small-scale proxies
+    for large-scale Transformer training instabilities"), ``mean`` the mean logit (the logits'
+    common mode, which the softmax loss cannot see: output-logit divergence moves it); both left
+    out when that dimension has fewer than 2 entries (a regression output). None when the output
+    holds no logits."""
     x = output_logits(out)
     if x is None or x.numel() == 0:
         return None
@@ -119,7 +121,8 @@ def output_stats(out: Any) -> Tensor | None:
                 for i in range(0, rows.shape[0], step)
             ]
             logz = torch.stack(sums).sum() / rows.shape[0]
-        return torch.stack([absmax, logz])
+        mean = x.mean(dtype=torch.float32)  # accumulated in float32, no float32 copy
+        return torch.stack([absmax, logz, mean])
 
 
 _EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
@@ -322,7 +325,7 @@ class StepVector:
         self.fields["dead_rows"] = rows
 
     def add_logits(self, stats: Tensor) -> None:
-        """The output's ``[absmax]`` or ``[absmax, logz]`` (:func:`output_stats`)."""
+        """The output's ``[absmax]`` or ``[absmax, logz, mean]`` (:func:`output_stats`)."""
         self.parts.append(stats.to(self.device))
         self.fields["logits_n"] = stats.numel()  # from the shape: no sync
 

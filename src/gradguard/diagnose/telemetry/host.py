@@ -60,7 +60,11 @@ def step_record(pending: PendingStep) -> dict[str, Any]:
     logits = None
     if f.get("logits_n"):
         stats = v.take(f["logits_n"])
-        logits = {"absmax": stats[0], "logz": stats[1] if len(stats) > 1 else None}
+        logits = {
+            "absmax": stats[0],
+            "logz": stats[1] if len(stats) > 1 else None,
+            "mean": stats[2] if len(stats) > 2 else None,
+        }
     attn_names = f.get("attn_names") or []
     attn_logit = dict(zip(attn_names, v.take(len(attn_names)), strict=True)) or None
     metrics = dict(f["metrics"])

@@ -52,7 +52,11 @@ def tb_step(tb: Any, rec: dict[str, Any], layers: list[str], clip_rate: float, d
     if s % 10 and not dense:
         return
     logits = rec.get("logits") or {}
-    for tag, val in (("logits/absmax", logits.get("absmax")), ("logits/logz", logits.get("logz"))):
+    for tag, val in (
+        ("logits/absmax", logits.get("absmax")),
+        ("logits/logz", logits.get("logz")),
+        ("logits/mean", logits.get("mean")),
+    ):
         if val is not None and math.isfinite(val):
             tb.add_scalar(tag, val, s)
     for name, val in (rec.get("attn_logit") or {}).items():
