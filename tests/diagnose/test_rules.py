@@ -1148,6 +1148,7 @@ FIRING = {
     "label_noise": test_label_noise_fires_on_a_burst_of_loss_spikes_with_normal_inputs,
     "dead_units": test_dead_units_fires_when_most_hidden_units_stop_getting_gradient,
     "attention_logits": test_attention_logits_fires_when_the_logits_grow,
+    "output_logits": test_output_logits_fires_when_the_logits_drift_together,
 }
 
 
