@@ -13,7 +13,7 @@ import statistics
 from collections.abc import Mapping
 
 from ..records import RunLog
-from .base import Finding, _g, _num, _step, _trouble
+from .base import Finding, _g, _num, _step, _trouble, _trouble_text
 from .registry import register
 
 #: The end's largest logit beyond which the softmax is near one-hot: exp(30) puts 1e13 times more
@@ -74,9 +74,7 @@ def attention_logits(run: RunLog) -> Finding | None:
     ]
     evidence.append(f"peak {_g(peak)} at step {peak_step} ({worst})")
     if trouble:
-        evidence.append(
-            f"{len(trouble)} spike/non-finite event(s), the first at step {trouble[0]['step']}"
-        )
+        evidence.append(_trouble_text(trouble))
     return Finding(
         cause="attention_logits",
         title="Attention logits growing",

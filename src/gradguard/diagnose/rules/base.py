@@ -88,6 +88,11 @@ def _trouble(run: RunLog) -> list[dict[str, Any]]:
     return sorted(out, key=lambda e: e["step"])
 
 
+def _trouble_text(trouble: list[dict[str, Any]]) -> str:
+    """The evidence line for a run's trouble events (:func:`_trouble`, not empty)."""
+    return f"{len(trouble)} spike/non-finite event(s), the first at step {trouble[0]['step']}"
+
+
 def _first_trouble(run: RunLog) -> int | None:
     """The first step with a spike or non-finite event (or, without AMP, a non-finite step)."""
     steps = [e["step"] for e in _trouble(run)]

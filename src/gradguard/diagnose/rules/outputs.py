@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..records import RunLog
-from .base import Finding, _g, _num, _step, _trouble
+from .base import Finding, _g, _num, _step, _trouble, _trouble_text
 from .registry import register
 
 #: The move of the mean logit (nats) from its start that is a drift: e^10 ~ 2e4, far beyond any
@@ -113,9 +113,7 @@ def output_logits(run: RunLog) -> Finding | None:
         )
     trouble = _trouble(run)
     if trouble:
-        evidence.append(
-            f"{len(trouble)} spike/non-finite event(s), the first at step {trouble[0]['step']}"
-        )
+        evidence.append(_trouble_text(trouble))
     return Finding(
         cause="output_logits",
         title="Output logits drifting" + (" very negative" if down else " up"),

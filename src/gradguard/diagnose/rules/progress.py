@@ -15,7 +15,7 @@ import statistics
 from typing import Any
 
 from ..records import RunLog
-from .base import Finding, _g, _num, _step, _trouble
+from .base import Finding, _g, _num, _step, _trouble, _trouble_text
 from .registry import register
 
 #: Step ranges the run is cut into; the last one is "the end of the run".
@@ -164,7 +164,7 @@ def loss_degradation(run: RunLog) -> Finding | None:
             else f"the run gave back {gave}"
         ),
         (
-            f"{len(trouble)} spike/non-finite event(s), the first at step {trouble[0]['step']}"
+            _trouble_text(trouble)
             if trouble
             else "no spike or non-finite event: the loss degraded quietly"
         ),
@@ -219,7 +219,7 @@ def _stall_finding(run: RunLog, st: dict[str, Any]) -> Finding:
         f"from step {st['half'][0]} on it gained {_g(max(st['progress'], 0.0))}: flat, ending at "
         f"{_g(last[2])} ({_span(last)})",
         (
-            f"{len(trouble)} spike/non-finite event(s), the first at step {trouble[0]['step']}"
+            _trouble_text(trouble)
             if trouble
             else "no spike or non-finite event: the loss stalled quietly"
         ),
