@@ -140,6 +140,60 @@ def test_spikes_with_a_falling_loss_leave_the_lr_alone_and_with_a_loss_spike_cut
     assert scales[:30] == [1.0] * 30 and scales[30] == 0.5
 
 
+def test_confirm_spares_spikes_the_loss_kept_falling_after_and_counts_the_rest():
+    """``confirm=3``: each spike is judged on the 3 losses after it. Falling losses: no cut.
+    Losses that stay up after each spike: the second spike's verdict, 3 steps after it, cuts."""
+    spikes = {20, 30}
+    falling = [2.0 * 0.98**i for i in range(40)]
+    spec = "adaptive_clip+lr_backoff:confirm=3"
+    assert _run(falling, spikes, spec) == [1.0] * 40
+    up = [v * (4.0 if any(0 <= i - s < 5 for s in spikes) else 1.0) for i, v in enumerate(falling)]
+    scales = _run(up, spikes, spec)
+    assert scales[:33] == [1.0] * 33 and scales[33] == 0.5
+    # Two spikes judged together (the second joined the first): both count at the verdict.
+    close = {20, 21}
+    up = [v * (4.0 if 20 <= i < 26 else 1.0) for i, v in enumerate(falling)]
+    scales = _run(up, close, spec)
+    assert scales[:23] == [1.0] * 23 and scales[23] == 0.5
+    # Too few losses before the spike to tell its level: it counts at once, as without confirm.
+    scales = _run(falling[:12], {3, 5}, spec)
+    assert scales[:5] == [1.0] * 5 and scales[5] == 0.5
+
+
+def test_a_judged_spike_survives_a_checkpoint():
+    p = lr_backoff(confirm=4)
+    for step in range(10):
+        p.apply(ctx_at(step, 1.0))
+    p.apply(ctx_at(10, 1.0, anomaly=True))
+    p.apply(ctx_at(11, 2.0))
+    sd = p.state_dict()
+    assert sd["pending"] == {"step": 10, "level": 1.0, "count": 1, "after": [2.0]}
+    q = lr_backoff(confirm=4)
+    q.check_state(sd)
+    q.load_state_dict(sd)
+    assert q.state_dict() == sd
+    for step in (12, 13, 14):
+        q.apply(ctx_at(step, 2.0))
+    assert q.state_dict()["recent"] == [14] and q.state_dict()["pending"] is None
+    assert "pending" not in lr_backoff().state_dict()  # nothing held without confirm
+
+
+@pytest.mark.parametrize(
+    "pending, words",
+    [
+        ({"step": 1, "level": 1.0}, "pending"),
+        ({"step": -1, "level": 1.0, "count": 1, "after": []}, "pending.step"),
+        ({"step": 1, "level": float("nan"), "count": 1, "after": []}, "pending.level"),
+        ({"step": 1, "level": 1.0, "count": 1, "after": [1.0] * 5}, "pending.after"),
+        ("soon", "pending"),
+    ],
+)
+def test_a_bad_saved_pending_spike_is_refused(pending, words):
+    p = lr_backoff(confirm=4)
+    with pytest.raises(ConfigError, match=words):
+        p.check_state({**p.state_dict(), "pending": pending})
+
+
 def test_state_round_trips_and_an_older_state_without_losses_loads():
     p = lr_backoff()
     for step in range(12):
@@ -173,6 +227,8 @@ def test_bad_saved_losses_are_refused(losses, words):
         ("lr_backoff:loss_z=inf", "loss_z"),
         ("lr_backoff:loss_z=true", "loss_z"),
         ("lr_backoff:loss_window=0", "loss_window"),
+        ("lr_backoff:confirm=-1", "confirm"),
+        ("lr_backoff:confirm=2.5", "confirm"),
     ],
 )
 def test_bad_parameters_are_refused(spec, words):
@@ -181,20 +237,48 @@ def test_bad_parameters_are_refused(spec, words):
 
 
 class Twin:
-    """The backoff as it reads in plain Python: the steps of the recent incidents in a list."""
+    """The backoff as it reads in plain Python: the steps of the recent incidents in a list, and
+    (``confirm``) the spike being judged as a dict."""
 
-    def __init__(self, factor, events, window, recover, min_scale, loss_z, loss_window):
+    def __init__(self, factor, events, window, recover, min_scale, loss_z, loss_window, confirm):
         self.factor, self.events, self.window, self.recover = factor, events, window, recover
         self.min_scale, self.loss_z, self.loss_window = min_scale, loss_z, loss_window
+        self.confirm, self.pending, self.outcomes = confirm, None, set()
         self.scale, self.recent, self.last, self.cuts, self.losses = 1.0, [], None, 0, []
+
+    def judged(self, step, spike, loss):
+        """(this step's spike counting at once, held spikes counting now)."""
+        counted, held = 0, self.pending
+        if held is not None:
+            if math.isfinite(loss):
+                held["after"].append(loss)
+            if step - held["step"] >= self.confirm:
+                after = held["after"]
+                fell = bool(after) and statistics.median(after) < held["level"]
+                self.outcomes.add(fell)
+                counted, self.pending = (0 if fell else held["count"]), None
+            elif spike:
+                held["count"] += 1
+                return False, 0
+        if not spike or self.pending is not None:
+            return False, counted
+        if len(self.losses) >= 8 and math.isfinite(loss):
+            level = statistics.median(self.losses)
+            self.pending = {"step": step, "level": level, "count": 1, "after": []}
+            return False, counted
+        return True, counted
 
     def step(self, step, hard, anomaly, loss):
         recent = [s for s in self.recent if step - s < self.window]
-        event = hard or (anomaly and (loss is None or out_of_line(self.losses, loss, self.loss_z)))
+        spike = anomaly and (loss is None or out_of_line(self.losses, loss, self.loss_z))
+        counted = 0
+        if self.confirm and loss is not None:
+            spike, counted = self.judged(step, spike, loss)
         if loss is not None and math.isfinite(loss):
             self.losses = [*self.losses, loss][-self.loss_window :]
-        if event:
-            recent.append(step)
+        k = int(hard or spike) + counted
+        if k:
+            recent += [step] * k
             self.last = step
             if len(recent) >= self.events:
                 self.scale = max(self.scale * self.factor, self.min_scale)
@@ -213,6 +297,9 @@ class Twin:
         {"events": 1, "window": 3, "recover": 4},
         {"events": 3, "window": 7, "recover": 5, "factor": 0.3, "min_scale": 0.05},
         {"loss_z": 2.0, "loss_window": 12, "events": 2, "window": 10, "recover": 6},
+        {"confirm": 3},
+        {"confirm": 1, "events": 3, "window": 12, "recover": 5},
+        {"confirm": 5, "loss_z": 1.0, "loss_window": 10, "events": 2, "window": 20},
     ],
 )
 def test_the_rule_backs_off_as_its_twin(kw):
@@ -220,8 +307,11 @@ def test_the_rule_backs_off_as_its_twin(kw):
     twin, over long random sequences of skips, spikes and losses: the same LR scale at every step
     and the same saved state."""
     p = lr_backoff(**kw)
-    twin = Twin(p.factor, p.events, p.window, p.recover, p.min_scale, p.loss_z, p.loss_window)
-    rng = torch.Generator().manual_seed(len(kw))
+    twin = Twin(
+        p.factor, p.events, p.window, p.recover, p.min_scale, p.loss_z, p.loss_window, p.confirm
+    )
+    rng = torch.Generator().manual_seed(len(kw) + p.confirm)
+    judged = 0
     for step in range(600):
         u = torch.rand(3, generator=rng).tolist()
         hard, anomaly = u[0] < 0.04, u[1] < 0.08
@@ -236,7 +326,17 @@ def test_the_rule_backs_off_as_its_twin(kw):
         sd = p.state_dict()
         assert sd["recent"] == twin.recent and sd["cuts"] == twin.cuts
         assert sd["last_event"] == twin.last and sd["losses"] == twin.losses
+        assert sd.get("pending") == twin.pending
+        judged += twin.pending is not None
+        if step % 97 == 0:  # the saved state resumes the same rule
+            q = lr_backoff(**kw)
+            q.check_state(sd)
+            q.load_state_dict(sd)
+            assert q.state_dict() == sd
+            p = q
     assert twin.cuts > 3
+    assert bool(judged) == bool(p.confirm)
+    assert twin.outcomes == ({True, False} if p.confirm else set())  # both verdicts were reached
 
 
 def test_lr_backoff_scales_only_the_step():

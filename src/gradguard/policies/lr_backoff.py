@@ -37,6 +37,17 @@ class lr_backoff(RulePolicy):
     (``loss_z=2`` took the quick suite's LR 0.1 and 0.3 from 0.929 and 0.769 to 0.870 and 0.624
     over 10 seeds), so the default counts every spike.
 
+    With ``confirm=K > 0`` (default 0: off) a mitigated spike is judged by what the loss did
+    after it: it counts, ``K`` steps later, unless the median of the finite losses of the ``K``
+    steps after it is below the median of the last ``loss_window`` losses before it (the loss kept
+    falling: the clip contained the spike). Spikes that come while one is being judged join it
+    and count with it, one incident each. Where it cannot be told (no loss given at the spike,
+    fewer than 8 losses before it, no finite loss after it) the spike counts at once. That spares
+    the benign spikes of a healthy run (a CNN whose gradient norm rises as it starts to learn: the
+    stability suite's held-out CNN lost 2.5 points to them), at the price of a cut ``K`` steps
+    later on a run whose LR is too high. Opt-in: the default keeps ``confirm=0`` until the
+    stability, quick and faults suites are re-run with it.
+
     The scale is applied only around the optimizer step (the param groups' ``lr`` is restored right
     after), so LR schedulers see and set their own values untouched and compose with it.
     Runs after the detecting policies whatever its position in the chain.
@@ -61,6 +72,7 @@ class lr_backoff(RulePolicy):
         min_scale: float = 1e-3,
         loss_z: float = 0.0,
         loss_window: int = 32,
+        confirm: int = 0,
     ):
         super().__init__()
         if not 0.0 < factor < 1.0:
@@ -79,6 +91,13 @@ class lr_backoff(RulePolicy):
                     f"{n} must be at most {MAX_SLOTS}, got {v!r} (held in a buffer of that many "
                     "slots)"
                 )
+        if not isinstance(confirm, int) or isinstance(confirm, bool) or confirm < 0:
+            raise SpecError(f"confirm must be an integer >= 0 (0: off), got {confirm!r}")
+        if confirm > MAX_SLOTS:
+            raise SpecError(
+                f"confirm must be at most {MAX_SLOTS}, got {confirm!r} (held in a buffer of that "
+                "many slots)"
+            )
         if not 0.0 < min_scale <= 1.0:
             raise SpecError(f"min_scale must be in (0, 1], got {min_scale!r}")
         if not isinstance(loss_z, (int, float)) or isinstance(loss_z, bool):
@@ -92,6 +111,7 @@ class lr_backoff(RulePolicy):
         self.min_scale = float(min_scale)
         self.loss_z = float(loss_z)
         self.loss_window = loss_window
+        self.confirm = confirm
         self.state = initial_host_state(self.fields())
 
     # ----- the rule, written once (host numbers, keras.ops) --------------------------------------
@@ -118,6 +138,14 @@ class lr_backoff(RulePolicy):
         if self.given_loss:
             out["losses"] = Field((self.loss_window,))
             out["losses_count"] = Field(kind="int")
+            if self.confirm:
+                # The spike being judged (``pend_step`` -1: none), the losses' median before it,
+                # the spikes judged with it, and the finite losses after it (``after_count``).
+                out["pend_step"] = Field(kind="int", init=-1)
+                out["pend_level"] = Field()
+                out["pend_count"] = Field(kind="int")
+                out["after"] = Field((self.confirm,))
+                out["after_count"] = Field(kind="int")
         return out
 
     def decide(
@@ -127,24 +155,34 @@ class lr_backoff(RulePolicy):
         step = inputs.step
         loss = inputs.loss
         out_of_line: Any = True
+        spike = inputs.anomaly
+        confirmed: Any = 0  # spikes judged this step that count
         if loss is not None and "losses" in state:
             n = xp.minimum(state["losses_count"], self.loss_window)
             if self.loss_z:
                 out_of_line = loss_out_of_line(xp, self, state["losses"], n, loss)
+            spike = xp.logical_and(spike, out_of_line)
+            if self.confirm:
+                spike, confirmed = judge_spikes(xp, self, state, new, step, spike, loss, n)
             finite = xp.isfinite(loss)
             slot = xp.mod(state["losses_count"], self.loss_window)
             new["losses"] = xp.put(state["losses"], slot, loss, finite)
             new["losses_count"] = state["losses_count"] + xp.as_int(finite)
-        # A hard incident counts as it is; a spike a clip mitigated, where the loss is out of line.
-        event = xp.logical_or(inputs.incident, xp.logical_and(inputs.anomaly, out_of_line))
+        # A hard incident counts as it is; a spike a clip mitigated, where the loss is out of line
+        # (one incident for the step, either or both); held spikes judged now, one each.
+        k = xp.as_int(xp.logical_or(inputs.incident, spike)) + confirmed
+        event = k > 0
         first = xp.maximum(step - self.window + 1, 0)  # the window's first step
         recent = xp.mask_below(state["recent"], first, -1)
-        n_events = xp.count_at_least(recent, first) + 1
+        n_events = xp.count_at_least(recent, first) + k
         last = state["last_event"]
         scale, cut = backoff_scale(xp, self, state["scale"], event, n_events, last, step)
-        added = xp.put(recent, xp.mod(state["incidents"], self.events), step, event)
+        # Below a cut, fewer than ``events - live`` incidents came: each takes the next slot.
+        added = recent
+        for j in range(self.events):
+            added = xp.put(added, xp.mod(state["incidents"] + j, self.events), step, j < k)
         new["recent"] = xp.where(cut, xp.full_like(recent, -1), added)
-        new["incidents"] = state["incidents"] + xp.as_int(event)
+        new["incidents"] = state["incidents"] + k
         new["last_event"] = xp.where(event, step, last)
         new["cuts"] = state["cuts"] + xp.as_int(cut)
         new["scale"] = scale
@@ -168,7 +206,9 @@ class lr_backoff(RulePolicy):
     # ----- state representation -----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The saved form: ``scale``, ``recent`` (the incidents' steps, ascending),
-        ``last_event`` (None before the first), ``cuts``, ``losses`` (oldest first)."""
+        ``last_event`` (None before the first), ``cuts``, ``losses`` (oldest first); with
+        ``confirm``, ``pending``: the spike being judged (``step``, ``level``, ``count``, the
+        finite losses ``after`` it), or None."""
         st = self.state
         losses: list[float] = []
         if "losses" in st:
@@ -176,21 +216,39 @@ class lr_backoff(RulePolicy):
             at = count % self.loss_window
             losses = ring[:count] if count <= self.loss_window else ring[at:] + ring[:at]
         last = int(st["last_event"])
-        return {
+        out: dict[str, Any] = {
             "scale": float(st["scale"]),
             "recent": sorted(int(s) for s in st["recent"] if s >= 0),
             "last_event": None if last < 0 else last,
             "cuts": int(st["cuts"]),
             "losses": losses,
         }
+        if "pend_step" in st:
+            held = int(st["pend_step"])
+            out["pending"] = (
+                None
+                if held < 0
+                else {
+                    "step": held,
+                    "level": float(st["pend_level"]),
+                    "count": int(st["pend_count"]),
+                    "after": [float(v) for v in list(st["after"])[: int(st["after_count"])]],
+                }
+            )
+        return out
 
     def check_state(self, state: Any) -> None:
         """``scale`` in (0, 1], ``recent`` fewer than ``events`` step numbers, ``last_event`` a
         step number (None before the first incident), ``cuts`` an integer >= 0, ``losses`` the
         recent finite losses (optional: a state saved before it existed loads with none)."""
         check_keys(
-            self.name, state, ("scale", "recent", "last_event", "cuts"), optional=("losses",)
+            self.name,
+            state,
+            ("scale", "recent", "last_event", "cuts"),
+            optional=("losses", "pending"),
         )
+        if state.get("pending") is not None:
+            self._check_pending(state["pending"])
         if "losses" in state:
             losses = state["losses"]
             if not isinstance(losses, (list, tuple)) or len(losses) > self.loss_window:
@@ -217,6 +275,20 @@ class lr_backoff(RulePolicy):
         )
         check_number(self.name, "cuts", state["cuts"], integer=True, nonneg=True)
 
+    def _check_pending(self, pending: Any) -> None:
+        """A held spike: its step, its level, how many spikes it holds, the losses after it."""
+        if not isinstance(pending, Mapping) or set(pending) != {"step", "level", "count", "after"}:
+            refuse_state(
+                self.name,
+                "pending",
+                pending,
+                "it must be None or a mapping with step, level, count and after",
+            )
+        check_number(self.name, "pending.step", pending["step"], integer=True, nonneg=True)
+        check_number(self.name, "pending.level", pending["level"])
+        check_number(self.name, "pending.count", pending["count"], integer=True, nonneg=True)
+        check_numbers(self.name, "pending.after", pending["after"], max_length=max(self.confirm, 1))
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         st = initial_host_state(self.fields())
         recent = sorted(int(s) for s in state.get("recent", []))
@@ -231,6 +303,14 @@ class lr_backoff(RulePolicy):
             losses = [float(v) for v in state.get("losses", [])][-self.loss_window :]
             st["losses"] = losses + [0.0] * (self.loss_window - len(losses))
             st["losses_count"] = len(losses)
+        held = state.get("pending")
+        if "pend_step" in st and held is not None:
+            after = [float(v) for v in held["after"]][: self.confirm]
+            st["pend_step"] = int(held["step"])
+            st["pend_level"] = float(held["level"])
+            st["pend_count"] = int(held["count"])
+            st["after"] = after + [0.0] * (self.confirm - len(after))
+            st["after_count"] = len(after)
         self.state = st
 
 
@@ -243,6 +323,45 @@ def loss_out_of_line(xp: ArrayNamespace, p: lr_backoff, losses: Any, n: Any, los
     unknown = xp.logical_or(n < 8, xp.logical_not(xp.isfinite(loss)))
     above = loss > med + p.loss_z * MAD_TO_STD * mad
     return xp.logical_or(unknown, above)
+
+
+def judge_spikes(
+    xp: ArrayNamespace,
+    p: lr_backoff,
+    state: Mapping[str, Any],
+    new: dict[str, Any],
+    step: Any,
+    spike: Any,
+    loss: Any,
+    n: Any,
+) -> tuple[Any, Any]:
+    """lr_backoff's ``confirm`` test, written once: ``(this step's spike counting at once, the
+    held spikes that count now)``; the held spike's fields go into ``new``. ``n``: the losses in
+    the ring before this step's. A spike is held where its level (the ring's median) is known (8
+    losses or more, and its own loss finite); spikes that come while it is held join it; they are
+    judged together ``confirm`` steps after it, against the median of the finite losses after
+    it: they count unless it is below the level."""
+    pending = state["pend_step"] >= 0
+    finite = xp.isfinite(loss)
+    into_after = xp.logical_and(pending, finite)
+    after = xp.put(state["after"], xp.mod(state["after_count"], p.confirm), loss, into_after)
+    after_count = state["after_count"] + xp.as_int(into_after)
+    due = xp.logical_and(pending, step - state["pend_step"] >= p.confirm)
+    med_after, _ = xp.window_median_mad(after, after_count)
+    kept_falling = xp.logical_and(after_count > 0, med_after < state["pend_level"])
+    counted = xp.where(xp.logical_and(due, xp.logical_not(kept_falling)), state["pend_count"], 0)
+    still = xp.logical_and(pending, xp.logical_not(due))
+    level, _ = xp.window_median_mad(state["losses"], n)
+    knowable = xp.logical_and(n >= 8, finite)
+    fresh = xp.logical_and(spike, xp.logical_not(still))  # a spike with none held
+    hold = xp.logical_and(fresh, knowable)
+    new["pend_step"] = xp.where(hold, step, xp.where(still, state["pend_step"], -1))
+    new["pend_level"] = xp.where(hold, level, xp.where(still, state["pend_level"], 0.0))
+    joined = state["pend_count"] + xp.as_int(xp.logical_and(spike, still))
+    new["pend_count"] = xp.where(hold, 1, xp.where(still, joined, 0))
+    new["after"] = after
+    new["after_count"] = xp.where(still, after_count, 0)
+    return xp.logical_and(fresh, xp.logical_not(knowable)), counted
 
 
 def backoff_scale(
