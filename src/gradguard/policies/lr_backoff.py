@@ -85,19 +85,14 @@ class lr_backoff(RulePolicy):
         ):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise SpecError(f"{n} must be an integer >= 1, got {v!r}")
-        for n, v in (("events", events), ("loss_window", loss_window)):
+        if not isinstance(confirm, int) or isinstance(confirm, bool) or confirm < 0:
+            raise SpecError(f"confirm must be an integer >= 0 (0: off), got {confirm!r}")
+        for n, v in (("events", events), ("loss_window", loss_window), ("confirm", confirm)):
             if v > MAX_SLOTS:
                 raise SpecError(
                     f"{n} must be at most {MAX_SLOTS}, got {v!r} (held in a buffer of that many "
                     "slots)"
                 )
-        if not isinstance(confirm, int) or isinstance(confirm, bool) or confirm < 0:
-            raise SpecError(f"confirm must be an integer >= 0 (0: off), got {confirm!r}")
-        if confirm > MAX_SLOTS:
-            raise SpecError(
-                f"confirm must be at most {MAX_SLOTS}, got {confirm!r} (held in a buffer of that "
-                "many slots)"
-            )
         if not 0.0 < min_scale <= 1.0:
             raise SpecError(f"min_scale must be in (0, 1], got {min_scale!r}")
         if not isinstance(loss_z, (int, float)) or isinstance(loss_z, bool):
