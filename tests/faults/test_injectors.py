@@ -381,8 +381,8 @@ def test_unguarded_run_is_harmed_and_the_default_guard_holds(spec):
                 "it ends at 0.932 against 0.953 clean (without lr_backoff 0.967; default_v1 0.938 "
                 "against its own clean 0.920). lr_backoff:events=3 fixes this case but loses the "
                 "quick suite's LR 0.1 and 0.3 (0.61 and 0.49 against 0.94 and 0.86); so does "
-                "lr_backoff:loss_z=2 (a spike counts only with its loss out of line: 0.955), which "
-                "loses them too (0.870 and 0.624 against 0.929 and 0.769 over 10 seeds)",
+                "lr_backoff:loss_z=3 (a spike counts only with its loss above its trend: 0.955), "
+                "which loses the quick suite's LR 0.1 (0.884 against 0.933 over 10 seeds)",
             ),
         ),
     ],

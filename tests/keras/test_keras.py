@@ -196,6 +196,24 @@ def test_keras_default_is_the_torch_default_without_update_clip():
         parse_keras_spec("update_clip")
 
 
+def test_the_keras_ring_trend_is_the_hosts():
+    """An array op no Keras rule reaches yet (lr_backoff's loss test never runs without a
+    loss), checked against the host's so that a rule using it is right on Keras too."""
+    from gradguard.keras.xp import KERAS
+    from gradguard.policies.xp import HOST
+
+    rng = np.random.default_rng(1)
+    for size, count in [(8, 1), (8, 5), (8, 8), (8, 19), (32, 40)]:
+        ring = rng.normal(2.0, 0.3, size).tolist()
+        want = HOST.ring_trend(ring, count)
+        got = KERAS.ring_trend(keras.ops.convert_to_tensor(ring, "float32"), count)
+        got = tuple(float(keras.ops.convert_to_numpy(v)) for v in got)
+        if math.isinf(want[0]):
+            assert all(math.isinf(v) for v in got)
+        else:
+            assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
+
+
 def test_lr_backoff_loss_test_is_refused_in_keras_saying_why():
     with pytest.raises(
         ConfigError,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import statistics
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -25,13 +26,21 @@ from gradguard.policies.base import HostView, StepContext
 from tests.helpers import TinyNet, data, train_step
 
 
+def trend(past: list[float]) -> tuple[float, float]:
+    """numpy's least-squares line through ``past`` (oldest first) at the next step, and the
+    median absolute deviation of ``past`` about the line."""
+    x = np.arange(len(past))
+    slope, intercept = np.polyfit(x, past, 1)
+    res = np.asarray(past) - (intercept + slope * x)
+    return float(intercept + slope * len(past)), float(np.median(np.abs(res - np.median(res))))
+
+
 def out_of_line(past: list[float], loss: float, z: float) -> bool:
-    """The twin: above the median of ``past`` by more than z robust standard deviations."""
+    """The twin: above the trend of ``past`` by more than z robust standard deviations."""
     if z == 0 or len(past) < 8 or not math.isfinite(loss):
         return True
-    med = statistics.median(past)
-    mad = statistics.median([abs(v - med) for v in past])
-    return loss > med + z * 1.4826 * mad
+    pred, mad = trend(past)
+    return loss > pred + z * 1.4826 * mad
 
 
 def with_losses(p: lr_backoff, past: list[float]) -> lr_backoff:
@@ -50,14 +59,30 @@ def ctx_at(step: int, loss: float | None, **flags) -> StepContext:
 
 
 def test_the_loss_test_matches_its_twin():
+    """Random windows, flat and falling, held in a ring that has wrapped or not."""
     rng = torch.Generator().manual_seed(0)
     for trial in range(200):
         n = int(torch.randint(0, 40, (1,), generator=rng))
-        past = (2.0 + 0.3 * torch.randn(n, generator=rng)).tolist()
-        loss = float(2.0 + 1.5 * torch.randn(1, generator=rng))
+        slope = [0.0, -0.05, 0.02][trial % 3]
+        past = (2.0 + slope * torch.arange(n) + 0.3 * torch.randn(n, generator=rng)).tolist()
+        loss = float(2.0 + slope * n + 1.5 * torch.randn(1, generator=rng))
         z = [0.0, 1.0, 2.0, 3.5][trial % 4]
-        p = with_losses(lr_backoff(loss_z=z, loss_window=64), past)
-        assert p.loss_out_of_line(loss) == out_of_line(past, loss, z), (past, loss, z)
+        window = [64, 16][trial % 2]
+        p = lr_backoff(loss_z=z, loss_window=window)
+        for step, v in enumerate(past):  # written one by one: a ring that wraps past 16
+            p.apply(ctx_at(step, v))
+        assert p.loss_out_of_line(loss) == out_of_line(past[-window:], loss, z), (past, loss, z)
+
+
+def test_a_loss_jump_on_a_falling_curve_is_out_of_line_and_the_curve_itself_is_not():
+    """Early in training the loss falls fast: a jump that is still below the window's median
+    is out of line with its trend, and the next point of the curve is not."""
+    falling = [3.0 - 0.06 * i + 0.01 * (-1) ** i for i in range(32)]
+    p = with_losses(lr_backoff(loss_z=3), falling)
+    median = statistics.median(falling)
+    jump = falling[-1] + 0.3
+    assert jump < median and p.loss_out_of_line(jump)
+    assert not p.loss_out_of_line(falling[-1] - 0.06)
     p = with_losses(lr_backoff(loss_z=2), [1.0] * 10)
     assert p.loss_out_of_line(None)  # no loss given: it cannot be told, so it counts
     assert p.loss_out_of_line(float("nan"))
@@ -130,7 +155,7 @@ def _run(losses: list[float], spikes: set[int], spec: str) -> list[float]:
 def test_spikes_with_a_falling_loss_leave_the_lr_alone_and_with_a_loss_spike_cut_it():
     spikes = {20, 30}
     falling = [2.0 * 0.98**i for i in range(40)]
-    spec = "adaptive_clip+lr_backoff:loss_z=2"
+    spec = "adaptive_clip+lr_backoff:loss_z=3"
     assert _run(falling, spikes, spec) == [1.0] * 40
     jumping = [v * (4.0 if i in spikes else 1.0) for i, v in enumerate(falling)]
     scales = _run(jumping, spikes, spec)

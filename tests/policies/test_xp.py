@@ -71,6 +71,27 @@ def test_buffer_ops_agree():
         assert TORCH.keep_first(tbuf, T(n)).tolist() == kept
 
 
+def test_ring_trend_is_numpys_line_through_the_ring_in_order():
+    rng = np.random.default_rng(0)
+    for size, count in [(8, 0), (8, 1), (8, 2), (8, 5), (8, 8), (8, 13), (5, 21), (32, 40)]:
+        written = (3.0 - 0.1 * np.arange(count) + rng.normal(0, 0.2, count)).tolist()
+        ring = [0.0] * size
+        for i, v in enumerate(written):
+            ring[i % size] = v
+        pred, mad = HOST.ring_trend(ring, count)
+        tpred, tmad = TORCH.ring_trend(T(ring, dtype=torch.float64), T(count))
+        held = written[-size:]
+        if len(held) < 2:
+            assert pred == mad == float(tpred) == float(tmad) == math.inf
+            continue
+        x = np.arange(len(held))
+        slope, intercept = np.polyfit(x, held, 1)
+        res = np.asarray(held) - (intercept + slope * x)
+        want = (intercept + slope * len(held), np.median(np.abs(res - np.median(res))))
+        assert (pred, mad) == pytest.approx(want, rel=1e-9, abs=1e-12)
+        assert (float(tpred), float(tmad)) == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
 norm_seq = st.lists(
     st.one_of(st.floats(0.01, 1e3), st.sampled_from([math.nan, math.inf, 1e5])),
     min_size=1,

@@ -104,6 +104,25 @@ class _Keras:
         return ops.where(none, float("inf"), med), ops.where(none, float("inf"), mad)
 
     @staticmethod
+    def ring_trend(buf: Any, count: Any) -> tuple[Any, Any]:
+        size = buf.shape[0]
+        k = ops.arange(size, dtype="int32")
+        n = ops.minimum(count, size)
+        start = ops.where(count > size, ops.mod(count, size), 0)
+        w = ops.take(buf, ops.mod(k + start, size))  # oldest first
+        valid = k < n
+        nf = ops.cast(n, "float32")
+        x = ops.cast(k, "float32")
+        mx = (nf - 1.0) / 2.0
+        my = ops.sum(ops.where(valid, w, 0.0)) / ops.maximum(nf, 1.0)
+        dx = ops.where(valid, x - mx, 0.0)
+        slope = ops.sum(dx * (w - my)) / ops.maximum(ops.sum(dx * dx), 1e-30)
+        _, mad = _Keras.window_median_mad(w - (my + slope * (x - mx)), n)
+        few = n < 2
+        inf = float("inf")
+        return ops.where(few, inf, my + slope * (nf - mx)), ops.where(few, inf, mad)
+
+    @staticmethod
     def put(buf: Any, index: Any, value: Any, when: Any) -> Any:
         # A mask, not a scatter: portable to every backend and to XLA.
         at = ops.arange(buf.shape[0], dtype="int32") == index

@@ -100,6 +100,14 @@ class ArrayNamespace(Protocol):
         (the mean of the two middle values for an even ``n``); +inf for both when ``n`` is 0."""
         ...
 
+    def ring_trend(self, buf: Any, count: Any) -> tuple[Any, Any]:
+        """The least-squares line through a ring's entries in the order they were written
+        (``count`` written so far, each at slot ``count % len(buf)``, so the last
+        ``min(count, len(buf))`` are held, the oldest at ``count % len(buf)`` once it is full):
+        its value one step after the newest, and the median absolute deviation (unscaled) of the
+        entries about the line; +inf for both with fewer than 2 entries."""
+        ...
+
     def put(self, buf: Any, index: Any, value: Any, when: Any) -> Any:
         """``buf`` with ``buf[index] = value`` where ``when`` holds (a new array; ``index`` a
         scalar, never read to the host)."""
@@ -228,6 +236,22 @@ class _Host:
         w = sorted(list(buf)[:n])
         med = _middle(w)
         return med, _middle(sorted(abs(v - med) for v in w))
+
+    @staticmethod
+    def ring_trend(buf: Sequence[float], count: int) -> tuple[float, float]:
+        size = len(buf)
+        n = min(count, size)
+        if n < 2:
+            return math.inf, math.inf
+        at = count % size
+        w = list(buf[:n]) if count <= size else [*buf[at:], *buf[:at]]
+        mx, my = (n - 1) / 2, math.fsum(w) / n
+        slope = math.fsum((x - mx) * (y - my) for x, y in enumerate(w)) / math.fsum(
+            (x - mx) ** 2 for x in range(n)
+        )
+        res = sorted(y - (my + slope * (x - mx)) for x, y in enumerate(w))
+        med = _middle(res)
+        return my + slope * (n - mx), _middle(sorted(abs(r - med) for r in res))
 
     @staticmethod
     def put(buf: list[float], index: int, value: float, when: bool) -> list[float]:
@@ -371,6 +395,24 @@ class _Torch:
         mad = middle(torch.where(valid, (buf - med).abs(), 0.0))
         none = n <= 0
         return torch.where(none, math.inf, med), torch.where(none, math.inf, mad)
+
+    @staticmethod
+    def ring_trend(buf: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
+        size = buf.numel()
+        k = torch.arange(size, device=buf.device)
+        n = torch.clamp(count, max=size)
+        start = torch.where(count > size, torch.remainder(count, size), 0)
+        w = buf.index_select(0, torch.remainder(k + start, size))  # oldest first
+        valid = k < n
+        nf = n.to(buf.dtype)
+        x = k.to(buf.dtype)
+        mx = (nf - 1) / 2
+        my = torch.where(valid, w, 0.0).sum() / nf.clamp(min=1.0)
+        dx = torch.where(valid, x - mx, 0.0)
+        slope = (dx * (w - my)).sum() / (dx * dx).sum().clamp(min=1e-30)
+        _, mad = _Torch.window_median_mad(w - (my + slope * (x - mx)), n)
+        few = n < 2
+        return torch.where(few, math.inf, my + slope * (nf - mx)), torch.where(few, math.inf, mad)
 
     @staticmethod
     def put(buf: Tensor, index: Tensor, value: Tensor, when: Tensor) -> Tensor:
