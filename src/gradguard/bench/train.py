@@ -55,9 +55,13 @@ def pinned_threads(n: int) -> Iterator[None]:
 
 
 def make_optimizer(res: Resolved, params) -> torch.optim.Optimizer:
+    """The run's optimizer. ``foreach=True`` everywhere: torch picks the per-tensor loop on the
+    CPU, whose steps on the bench's many small tensors are bound by dispatch (a fifth of a quick
+    suite run); the foreach kernels take the same steps bit for bit (tests/bench/test_train.py)
+    in a few calls a step."""
     cfg = res.config
     if res.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     if res.optimizer in ("momentum", "nesterov"):
         return torch.optim.SGD(
             params,
@@ -65,10 +69,11 @@ def make_optimizer(res: Resolved, params) -> torch.optim.Optimizer:
             momentum=res.momentum,
             nesterov=res.optimizer == "nesterov",
             weight_decay=cfg.weight_decay,
+            foreach=True,
         )
     if res.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
 
 
 def lr_lambda(cfg: RunConfig) -> Callable[[int], float]:
