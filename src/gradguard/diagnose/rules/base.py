@@ -143,6 +143,22 @@ def _lone_nonfinite(run: RunLog) -> list[int]:
     return bad
 
 
+def _lone_spikes(run: RunLog) -> list[int]:
+    """The steps of a run's only trouble when it is a gradient spike on at most
+    ``LONE_MAX_STEPS`` steps and nothing went non-finite, or []. On its own that is no trend:
+    a rule may count it as trouble only with other evidence (the loss degrading after it)."""
+    trouble = _trouble(run)
+    if not trouble or any(e["kind"] in NONFINITE_KINDS for e in trouble):
+        return []
+    spikes = sorted({e["step"] for e in trouble})
+    if len(spikes) > LONE_MAX_STEPS:
+        return []
+    steps = [s for s in run.steps if _step(s) is not None]
+    if not run.meta.get("amp") and not all(_finite_step(s) for s in steps):
+        return []
+    return spikes
+
+
 _WEIGHT_TYPES = re.compile(r"Linear|Conv|Bilinear")
 
 

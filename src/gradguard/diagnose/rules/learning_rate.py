@@ -7,7 +7,16 @@ import statistics
 from typing import Any
 
 from ..records import RunLog
-from .base import Finding, _first_trouble, _g, _layer, _lone_nonfinite, _num, _step
+from .base import (
+    Finding,
+    _first_trouble,
+    _g,
+    _layer,
+    _lone_nonfinite,
+    _lone_spikes,
+    _num,
+    _step,
+)
 from .registry import register
 
 #: The update:data ratio rule of thumb: each step should change a weight matrix by about 1e-3 of
@@ -27,6 +36,8 @@ LR_CHANGE = "Divide the learning rate"
 #: Sampled steps (every 10th by default) whose updates must be too large: one sampled step is no
 #: evidence (Adam's first steps move every weight by about the LR, whatever the LR's later fate).
 UPDATE_RATIO_MIN_STEPS = 3
+#: The leading too-large steps may start this many samples in (momentum's build-up).
+LEAD_START = 3
 
 
 @register
@@ -40,9 +51,13 @@ def lr_too_high(run: RunLog) -> Finding | None:
     judged as before a spike.
     A lone non-finite step the run recovered from (``single_bad_step``) says nothing about the
     LR: such a run is judged on all its sampled steps with the thresholds of a run without
-    events (the median layer, or one layer, moving 10% per step)."""
+    events (the median layer, or one layer, moving 10% per step). Nor do one or two gradient
+    spikes after which the loss neither degraded nor stalled: that run is judged as one without
+    events (Adam's healthy updates are ~1e-2 of the weights, the troubled threshold)."""
     lone = bool(_lone_nonfinite(run))
     first = None if lone else _first_trouble(run)
+    if first is not None and _lone_spikes(run) and _quiet_trouble(run) is None:
+        first = None  # one or two spikes the loss shrugged off: no trouble to judge the LR by
     quiet = _quiet_trouble(run) if first is None and not lone else None
     troubled = first is not None or quiet is not None
     sampled = _sampled_before(run, first if first is not None else quiet)
@@ -134,12 +149,16 @@ def _sampled_before(run: RunLog, first: int | None) -> list[dict[str, Any]]:
 def _leading(
     sampled: list[dict[str, Any]], median_limit: float, layer_limit: float
 ) -> list[dict[str, Any]]:
-    """The sampled steps from the first one for as long as each on its own is too large."""
+    """The sampled steps from the first that is too large on its own, for as long as each is;
+    the first must come among the first :data:`LEAD_START` samples (SGD with momentum builds its
+    step up: its first update is ``1 - beta`` of the later ones, so a too-high LR can show only
+    from the second sampled step)."""
     out: list[dict[str, Any]] = []
-    for s in sampled:
-        if not _too_large(s, median_limit, layer_limit):
+    for i, s in enumerate(sampled):
+        if _too_large(s, median_limit, layer_limit):
+            out.append(s)
+        elif out or i + 1 >= LEAD_START:
             break
-        out.append(s)
     return out
 
 
