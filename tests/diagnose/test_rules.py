@@ -159,6 +159,9 @@ def test_lr_too_high_takes_a_lone_spike_the_loss_shrugged_off_as_no_trouble(tmp_
     assert lr_too_high(write(tmp_path / "two", meta(), st, [event(40), event(50)])) is None
     f = lr_too_high(write(tmp_path / "three", meta(), st, [event(40), event(50), event(55)]))
     assert f is not None and f.step == 40
+    # a loss spike is the loss not shrugging it off
+    f = lr_too_high(write(tmp_path / "loss", meta(), st, [event(40, "loss_spike")]))
+    assert f is not None and f.step == 40
     worse = ratios(shaped("u_turn", 0, 0.01), 3e-2)
     f = lr_too_high(write(tmp_path / "degraded", meta(), worse, [event(12)]))
     assert f is not None

@@ -112,6 +112,7 @@ LONE_MAX_STEPS = 2
 LONE_RECOVERY = 5
 
 NONFINITE_KINDS = ("nonfinite_grad", "nonfinite_loss")
+GRAD_SPIKE_KINDS = ("grad_spike", "layer_spike")
 
 
 def _finite_step(s: Mapping[str, Any]) -> bool:
@@ -144,11 +145,12 @@ def _lone_nonfinite(run: RunLog) -> list[int]:
 
 
 def _lone_spikes(run: RunLog) -> list[int]:
-    """The steps of a run's only trouble when it is a gradient spike on at most
-    ``LONE_MAX_STEPS`` steps and nothing went non-finite, or []. On its own that is no trend:
-    a rule may count it as trouble only with other evidence (the loss degrading after it)."""
+    """The steps of a run's only trouble when it is a gradient spike (of the global norm or a
+    layer's) on at most ``LONE_MAX_STEPS`` steps, the loss did not spike and nothing went
+    non-finite, or []. On its own that is no trend: a rule may count it as trouble only with
+    other evidence (the loss degrading after it)."""
     trouble = _trouble(run)
-    if not trouble or any(e["kind"] in NONFINITE_KINDS for e in trouble):
+    if not trouble or any(e["kind"] not in GRAD_SPIKE_KINDS for e in trouble):
         return []
     spikes = sorted({e["step"] for e in trouble})
     if len(spikes) > LONE_MAX_STEPS:
