@@ -19,6 +19,7 @@ Run
     python benchmarks/bench_diagnosis.py --seeds 5 --workers 2 --out /tmp/diag
     python benchmarks/bench_diagnosis.py --cases lr/ attention --seeds 1
     python benchmarks/bench_diagnosis.py --out DIR --table  # re-print from DIR's stored runs
+    python benchmarks/bench_diagnosis.py --off-grid          # the cases at other strengths
 
 Runs are stored one JSON line each in ``OUT/runs.jsonl`` (keyed by case, strength and seed), so an
 interrupted benchmark resumes where it stopped; ``--fresh`` recomputes. Each run trains with one
@@ -197,8 +198,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="folder for runs.jsonl (resumable)")
     ap.add_argument("--fresh", action="store_true", help="recompute stored runs")
     ap.add_argument("--table", action="store_true", help="only print the table from --out")
+    ap.add_argument(
+        "--off-grid",
+        action="store_true",
+        help="the cases at their other strengths (corpus.OFF_GRID) instead of their own",
+    )
     args = ap.parse_args(argv)
     from tests.diagnose import corpus
+
+    def strengths(case: Any) -> tuple[Any, ...]:
+        return corpus.OFF_GRID[case.name] if args.off_grid else case.strengths
 
     out = args.out or Path(tempfile.mkdtemp(prefix="gradguard-diagnosis-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -210,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     todo = [
         (c.name, s, seed)
         for c in cases
-        for s in c.strengths
+        for s in strengths(c)
         for seed in range(args.seeds)
         if _key(c.name, s, seed) not in done
     ]
@@ -234,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{i}/{len(todo)}] {row['key']}: {row['found']}", file=sys.stderr)
     names = {c.name for c in cases}
     rows = [r for r in done.values() if r["case"] in names and r["seed"] < args.seeds]
-    rows = [r for r in rows if r["strength"] in corpus.BY_NAME[r["case"]].strengths]
+    rows = [r for r in rows if r["strength"] in strengths(corpus.BY_NAME[r["case"]])]
     text, ok = report(rows)
     print(text)
     print(f"\n{len(todo)} runs trained in {time.perf_counter() - t0:.0f} s; stored in {store}")

@@ -74,3 +74,9 @@ def test_the_judge_counts_misses_and_false_findings():
     ]
     # ... and may still show the units that died before the NaN; a finite run may not skip them
     assert corpus.judge(dead, {"lr_too_high", "dead_units"}, {"finite": False})["false"] == []
+
+
+def test_every_case_has_other_strengths_for_the_off_grid_benchmark():
+    assert set(corpus.OFF_GRID) == set(corpus.BY_NAME)
+    for name, strengths in corpus.OFF_GRID.items():
+        assert strengths and not set(strengths) & set(corpus.BY_NAME[name].strengths), name
