@@ -372,6 +372,7 @@ TABLES: dict[str, Table] = {
     "guard-share": Table("guard-share", text_block),
     "telemetry-overhead": Table("telemetry-overhead", text_block),
     "diagnosis-corpus": Table("diagnosis-corpus", text_block),
+    "diagnosis-off-grid": Table("diagnosis-off-grid", text_block),
     # The rnn and transformer suites (docs/bench.md) have tables here once their results are
     # stored again after the thread-pinning change: `store rnn ...`, then add the markers.
     "rnn": Table("rnn", bench_long),
