@@ -311,11 +311,15 @@ def test_single_bad_step_fires(tmp_path):
     assert any("skip_nonfinite" in a for a in f.advice)
 
 
-@pytest.mark.parametrize("case", ["three_steps", "with_spike", "no_recovery", "amp", "nan_after"])
+@pytest.mark.parametrize(
+    "case", ["three_steps", "with_spike", "no_recovery", "amp", "nan_after", "huge_init"]
+)
 def test_single_bad_step_near_miss(tmp_path, case):
     st = steps()
     bad = {"three_steps": (10, 20, 30), "no_recovery": (57,)}.get(case, (20,))
     ev = nan_at(st, *bad)
+    if case == "huge_init":  # outputs of 1e4 on the initial weights: the NaN is the init's
+        st[0]["logits"] = {"absmax": 1.4e4, "logz": 1.4e4, "mean": -5e3}
     if case == "with_spike":
         ev.append(event(40))
     if case == "nan_after":  # the loss NaN from step 45 on, without events (a diverged run)
@@ -1081,15 +1085,17 @@ def test_output_logits_fires_when_the_logits_drift_together(tmp_path, sign):
     assert "by ~39" in f.evidence[0] and "bf16" in f.evidence[-1]
 
 
-@pytest.mark.parametrize("case", ["calm", "apart", "jumped_back", "short"])
+@pytest.mark.parametrize("case", ["calm", "apart", "jumped_back", "back_from_the_init", "short"])
 def test_output_logits_near_miss(tmp_path, case):
     """Healthy logits; logits growing apart (an overconfident or exploding model: the mean moved
-    but the size is the spread); a drift that came back; too few steps to judge."""
+    but the size is the spread); a drift that came back; a mean that started far off (a ReLU net
+    at 3x He init starts at ~-5e6) and came down toward 0; too few steps to judge."""
     n = 8 if case == "short" else 200
     mean = {
         "calm": lambda i: 0.004 * i,
         "apart": lambda i: -0.1 * i,
         "jumped_back": lambda i: -40.0 if 80 <= i < 190 else 0.0,
+        "back_from_the_init": lambda i: -5e6 * 0.5**i,
         "short": lambda i: -10.0 * i,
     }[case]
     st = _logits(steps(n), mean, spread=200.0 if case == "apart" else 8.0)

@@ -13,10 +13,16 @@ def single_bad_step(run: RunLog) -> Finding | None:
 
     Such a step is evidence about that batch (a NaN in its inputs or labels, a ``log(0)`` or a
     division by zero its values trigger in the loss, a rare overflow), not about the learning rate
-    or the model: the run recovered at once.
+    or the model: the run recovered at once. Not where the model's outputs were already far
+    too large on its first step (``init_depth``'s bound): that run's NaN is its init's doing.
     """
+    from .depth import INIT_LOGITS, _first_logits  # here: the rules register in report order
+
     bad = _lone_nonfinite(run)
     if not bad:
+        return None
+    _, start = _first_logits(run)
+    if start is not None and start >= INIT_LOGITS:
         return None
     events = [e for e in _trouble(run) if e["step"] in bad]
     kinds = sorted({str(e["kind"]) for e in events})

@@ -13,7 +13,8 @@ The telemetry's ``logits`` holds, per step, the output's largest ``|x|``, ``logz
 ``logsumexp`` of its rows) and ``mean`` (the mean logit: the common mode). A drift is the mean
 logit moving far from its start while the logits' size is mostly that move (the logits moved
 together): a run whose logits grow apart (an overconfident or exploding model) is another story,
-told by the other rules. Files without ``mean`` are judged on ``logz`` alone, which only a common
+told by the other rules, and so is one whose mean logit moved back toward 0 (outputs far too
+large from the init, coming down). Files without ``mean`` are judged on ``logz`` alone, which only a common
 downward move takes far below zero (``logz`` is at least the largest logit of its row).
 """
 
@@ -84,6 +85,7 @@ def output_logits(run: RunLog) -> Finding | None:
         if not (
             abs(mean["move"]) >= OUT_DRIFT
             and mean["steady"]
+            and abs(mean["end"]) > abs(mean["start"])  # away from 0, not back from a bad init
             and (size is None or abs(mean["move"]) >= OUT_COMMON * size)
         ):
             return None
