@@ -10,7 +10,7 @@ from ..errors import SpecError
 from .base import StepContext, check_keys, check_number, check_numbers, refuse_state
 from .registry import register
 from .rule import Decision, Field, RuleInputs, RulePolicy, initial_host_state
-from .xp import HOST, ArrayNamespace
+from .xp import HOST, ArrayNamespace, ring_in_order
 
 #: MAD to standard deviation for a normal distribution.
 MAD_TO_STD = 1.4826
@@ -157,13 +157,13 @@ class lr_backoff(RulePolicy):
         spike = inputs.anomaly
         confirmed: Any = 0  # spikes judged this step that count
         if loss is not None and "losses" in state:
-            n = xp.minimum(state["losses_count"], self.loss_window)
             if self.loss_z:
                 out_of_line = loss_out_of_line(
                     xp, self, state["losses"], state["losses_count"], loss
                 )
             spike = xp.logical_and(spike, out_of_line)
             if self.confirm:
+                n = xp.minimum(state["losses_count"], self.loss_window)
                 spike, confirmed = judge_spikes(xp, self, state, new, step, spike, loss, n)
             finite = xp.isfinite(loss)
             slot = xp.mod(state["losses_count"], self.loss_window)
@@ -212,9 +212,7 @@ class lr_backoff(RulePolicy):
         st = self.state
         losses: list[float] = []
         if "losses" in st:
-            ring, count = list(st["losses"]), int(st["losses_count"])
-            at = count % self.loss_window
-            losses = ring[:count] if count <= self.loss_window else ring[at:] + ring[:at]
+            losses = ring_in_order(list(st["losses"]), int(st["losses_count"]))
         last = int(st["last_event"])
         out: dict[str, Any] = {
             "scale": float(st["scale"]),

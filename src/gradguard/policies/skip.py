@@ -12,7 +12,7 @@ from .base import Policy, StepContext, check_keys, check_numbers
 from .clip import _check_positive
 from .registry import register
 from .rule import Decision, Field, RuleInputs, RulePolicy, initial_host_state
-from .xp import ArrayNamespace
+from .xp import ArrayNamespace, ring_in_order
 
 #: The longest window (and run of outliers): each is held in a ring of that many slots.
 MAX_WINDOW = 1_000_000
@@ -217,13 +217,7 @@ class skip_spike(RulePolicy):
             if pre + "values" not in st:
                 out[ch], out[f"{ch}_outliers"] = [], []
                 continue
-            ring, count = list(st[pre + "values"]), int(st[pre + "count"])
-            if count <= self.window:
-                window = ring[:count]
-            else:
-                at = count % self.window
-                window = ring[at:] + ring[:at]
-            out[ch] = window
+            out[ch] = ring_in_order(list(st[pre + "values"]), int(st[pre + "count"]))
             out[f"{ch}_outliers"] = list(st[pre + "outliers"])[: int(st[pre + "run"])]
         return out
 

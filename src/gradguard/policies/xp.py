@@ -239,12 +239,10 @@ class _Host:
 
     @staticmethod
     def ring_trend(buf: Sequence[float], count: int) -> tuple[float, float]:
-        size = len(buf)
-        n = min(count, size)
+        w = ring_in_order(buf, count)
+        n = len(w)
         if n < 2:
             return math.inf, math.inf
-        at = count % size
-        w = list(buf[:n]) if count <= size else [*buf[at:], *buf[:at]]
         mx, my = (n - 1) / 2, math.fsum(w) / n
         slope = math.fsum((x - mx) * (y - my) for x, y in enumerate(w)) / math.fsum(
             (x - mx) ** 2 for x in range(n)
@@ -297,6 +295,16 @@ class _Host:
     @staticmethod
     def searchsorted(buf: Sequence[float], x: float, right: bool) -> int:
         return (bisect.bisect_right if right else bisect.bisect_left)(buf, x)
+
+
+def ring_in_order(buf: Sequence[float], count: int) -> list[float]:
+    """A host ring's entries oldest first: ``count`` written so far, each at slot
+    ``count % len(buf)``, so the last ``min(count, len(buf))`` are held."""
+    size = len(buf)
+    if count <= size:
+        return list(buf[:count])
+    at = count % size
+    return [*buf[at:], *buf[:at]]
 
 
 def _middle(w: Sequence[float]) -> float:

@@ -122,17 +122,24 @@ def _finite_step(s: Mapping[str, Any]) -> bool:
     return not bad and not _list(s.get("nonfinite_layers"))
 
 
+def _few_trouble_steps(run: RunLog, kinds: tuple[str, ...]) -> list[int]:
+    """The steps of the run's trouble events when every one is of ``kinds`` and they fall on at
+    most ``LONE_MAX_STEPS`` steps, ascending; else []."""
+    trouble = _trouble(run)
+    if not trouble or any(e["kind"] not in kinds for e in trouble):
+        return []
+    steps = sorted({e["step"] for e in trouble})
+    return steps if len(steps) <= LONE_MAX_STEPS else []
+
+
 def _lone_nonfinite(run: RunLog) -> list[int]:
     """The steps of an isolated non-finite episode, or []: the run's only trouble is a NaN/Inf
     on at most ``LONE_MAX_STEPS`` steps (no spike event), each followed by ``LONE_RECOVERY``
     finite steps. One bad batch is not a trend: it says nothing about the learning rate."""
     if run.meta.get("amp"):  # with fp16 loss scaling a non-finite gradient is routine
         return []
-    trouble = _trouble(run)
-    if not trouble or any(e["kind"] not in NONFINITE_KINDS for e in trouble):
-        return []
-    bad = sorted({e["step"] for e in trouble})
-    if len(bad) > LONE_MAX_STEPS:
+    bad = _few_trouble_steps(run, NONFINITE_KINDS)
+    if not bad:
         return []
     steps = [s for s in run.steps if _step(s) is not None]
     if any(not _finite_step(s) and s["step"] not in bad for s in steps):
@@ -149,14 +156,9 @@ def _lone_spikes(run: RunLog) -> list[int]:
     layer's) on at most ``LONE_MAX_STEPS`` steps, the loss did not spike and nothing went
     non-finite, or []. On its own that is no trend: a rule may count it as trouble only with
     other evidence (the loss degrading after it)."""
-    trouble = _trouble(run)
-    if not trouble or any(e["kind"] not in GRAD_SPIKE_KINDS for e in trouble):
-        return []
-    spikes = sorted({e["step"] for e in trouble})
-    if len(spikes) > LONE_MAX_STEPS:
-        return []
+    spikes = _few_trouble_steps(run, GRAD_SPIKE_KINDS)
     steps = [s for s in run.steps if _step(s) is not None]
-    if not run.meta.get("amp") and not all(_finite_step(s) for s in steps):
+    if not spikes or (not run.meta.get("amp") and not all(_finite_step(s) for s in steps)):
         return []
     return spikes
 

@@ -14,8 +14,9 @@ The telemetry's ``logits`` holds, per step, the output's largest ``|x|``, ``logz
 logit moving far from its start while the logits' size is mostly that move (the logits moved
 together): a run whose logits grow apart (an overconfident or exploding model) is another story,
 told by the other rules, and so is one whose mean logit moved back toward 0 (outputs far too
-large from the init, coming down). Files without ``mean`` are judged on ``logz`` alone, which only a common
-downward move takes far below zero (``logz`` is at least the largest logit of its row).
+large from the init, coming down). Files without ``mean`` are judged on ``logz`` alone, which
+only a common downward move takes far below zero (``logz`` is at least the largest logit of its
+row).
 """
 
 from __future__ import annotations
