@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import statistics
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from gradguard.diagnose.rules import (
     lr_too_high,
     missing_normalization,
     outlier_batch,
+    progress,
     recurrent_explosion,
     single_bad_step,
 )
@@ -290,6 +292,58 @@ def test_lr_too_high_before_a_quiet_degradation(tmp_path):
         if s["update_ratio"] is not None:
             s["update_ratio"] = [2e-2 * (1 + 0.01 * i) for i in range(6)]
     assert lr_too_high(write(tmp_path / "h", meta(), healthy)) is None
+
+
+def bouncing(n: int, jumps: int, *, low: float = 0.05, high: float = 0.5) -> list[dict]:
+    """A loss that falls from 2 to ``low`` over 30 steps and then jumps to ``high`` on ``jumps``
+    steps spread over the rest, with update ratios 2e-2 (20x the rule of thumb)."""
+    st = steps(n)
+    at = set(range(40, n, (n - 40) // jumps)[:jumps])
+    for s in st:
+        i = s["step"]
+        s["loss"] = high if i in at else max(low, 2.0 - i * (2.0 - low) / 30)
+        if s["update_ratio"] is not None:
+            s["update_ratio"] = [2e-2 * (1 + 0.01 * k) for k in range(6)]
+    return st
+
+
+def test_lr_too_high_on_an_erratic_loss_without_events(tmp_path):
+    """Adam at too high an LR on a small net: the loss reaches a low level and keeps bouncing
+    off it, the gradients calm. Updates of 2e-2 are a matter of taste in a run that trains; with
+    a loss that jumps 10x on 12 steps they are the LR."""
+    f = lr_too_high(write(tmp_path / "erratic", meta(), bouncing(200, 12)))
+    assert f is not None and f.severity == "medium"
+    assert any("jumped to over 3x its recent median on 12 steps" in e for e in f.evidence)
+    # Fewer jumps than ERRATIC_MIN_JUMPS, or no jump at all: a matter of taste.
+    few = bouncing(200, progress.ERRATIC_MIN_JUMPS - 1)
+    assert lr_too_high(write(tmp_path / "few", meta(), few)) is None
+    assert lr_too_high(write(tmp_path / "calm", meta(), bouncing(200, 12, high=0.05))) is None
+    # Bounces near zero (5x, but by less than 5% of the starting loss) are no jumps.
+    tiny = bouncing(200, 12, low=0.002, high=0.01)
+    assert lr_too_high(write(tmp_path / "tiny", meta(), tiny)) is None
+    # An erratic loss with updates at the rule of thumb says nothing about the LR.
+    small = ratios(bouncing(200, 12), 1e-3)
+    assert lr_too_high(write(tmp_path / "small", meta(), small)) is None
+
+
+def test_loss_jumps_against_a_plain_reading(tmp_path):
+    """progress._loss_jumps against its definition read directly: a loss above 3x the median of
+    the 20 before it, by more than 5% of the median of the first five."""
+    rng = random.Random(3)
+    st = steps(150)
+    for s in st:
+        s["loss"] = 0.1 + rng.random() * (1.5 if rng.random() < 0.15 else 0.05)
+    run = write(tmp_path, meta(), st)
+    losses = [s["loss"] for s in st]
+    start = statistics.median(losses[:5])
+    want = [
+        i
+        for i in range(20, len(losses))
+        if losses[i] > 3 * (m := statistics.median(losses[i - 20 : i]))
+        and losses[i] - m > 0.05 * start
+    ]
+    assert len(want) >= progress.ERRATIC_MIN_JUMPS
+    assert progress._loss_jumps(run) == want
 
 
 def test_lr_too_high_sustained_with_a_lone_nan(tmp_path):

@@ -48,7 +48,10 @@ def lr_too_high(run: RunLog) -> Finding | None:
     long as each is too large: a run that blows up, or kills its units, within a few steps has
     most of its samples after the damage, where updates are small again. A loss that degraded
     or stalled with no event (``loss_degradation``) is trouble too: the steps before it are
-    judged as before a spike.
+    judged as before a spike. So is a loss that keeps jumping far above its recent level with no
+    event (``progress._loss_jumps``): Adam at too high an LR on a small net can reach a low loss
+    and bounce off it every few steps, with calm gradients; its updates are judged all together
+    against the troubled threshold.
     A lone non-finite step the run recovered from (``single_bad_step``) says nothing about the
     LR: such a run is judged on all its sampled steps with the thresholds of a run without
     events (the median layer, or one layer, moving 10% per step). Nor do one or two gradient
@@ -59,15 +62,23 @@ def lr_too_high(run: RunLog) -> Finding | None:
     if first is not None and _lone_spikes(run) and _quiet_trouble(run) is None:
         first = None  # one or two spikes the loss shrugged off: no trouble to judge the LR by
     quiet = _quiet_trouble(run) if first is None and not lone else None
-    troubled = first is not None or quiet is not None
+    jumps = _erratic(run) if first is None and quiet is None and not lone else []
+    troubled = first is not None or quiet is not None or bool(jumps)
     sampled = _sampled_before(run, first if first is not None else quiet)
     median_limit = UPDATE_RATIO_HIGH if troubled else UPDATE_RATIO_SEVERE
     layer_limit = UPDATE_RATIO_LAYER_HIGH if troubled or lone else math.inf
     for chosen in (sampled, _leading(sampled, median_limit, layer_limit)):
         verdict = _judge(chosen, median_limit, layer_limit)
         if verdict is not None:
-            return _finding(run, chosen, *verdict, first, quiet)
+            return _finding(run, chosen, *verdict, first, quiet, jumps)
     return None
+
+
+def _erratic(run: RunLog) -> list[int]:
+    """The steps of the loss's jumps when it is erratic without any event, or []."""
+    from .progress import _loss_jumps  # here: the rules register in their report order
+
+    return _loss_jumps(run)
 
 
 def _quiet_trouble(run: RunLog) -> int | None:
@@ -108,6 +119,7 @@ def _finding(
     worst: int,
     first: int | None,
     quiet: int | None,
+    jumps: list[int],
 ) -> Finding:
     lrs = [v for v in (_num(s.get("lr")) for s in sampled) if v is not None]
     lr = statistics.median(lrs) if lrs else None
@@ -117,6 +129,11 @@ def _finding(
     evidence = _evidence(run, sampled, by_layer, typical, worst, lr, first)
     if quiet is not None:
         evidence.append(f"the loss degraded or stalled from step {quiet}, without any event")
+    if jumps:
+        evidence.append(
+            f"the loss jumped to over 3x its recent median on {len(jumps)} steps (the first at "
+            f"step {jumps[0]}) without any gradient event: steps too large for it to settle"
+        )
     return Finding(
         cause="lr_too_high",
         title="Learning rate too high",

@@ -130,6 +130,44 @@ STALL_FLAT = 0.02
 STALL_KEPT = 0.5
 
 
+#: A loss jump: a finite loss above :data:`JUMP_RATIO` times the median of the
+#: :data:`JUMP_WINDOW` finite losses before it ...
+JUMP_RATIO = 3.0
+JUMP_WINDOW = 20
+#: ... and above that median by this share of the run's starting loss (the median of its first
+#: five), so that a loss near zero bouncing between 0.001 and 0.005 is no jump.
+JUMP_FLOOR = 0.05
+#: Jumps on this many steps make the loss erratic. Measured on the diagnosis corpus: healthy MLP,
+#: CNN, LSTM and GPT runs have 0 or 1; an MLP under Adam at LR 0.03-0.05 (loss ending near 0.02,
+#: no gradient event) has 22-32.
+ERRATIC_MIN_JUMPS = 8
+
+
+def _loss_jumps(run: RunLog) -> list[int]:
+    """The steps at which the loss jumped (:data:`JUMP_RATIO` over its recent median, by more
+    than :data:`JUMP_FLOOR` of the starting loss) when there are at least
+    :data:`ERRATIC_MIN_JUMPS` of them, ascending; else []. A loss that keeps bouncing far above
+    its own level while the gradients stay calm is the noise of steps too large for the loss
+    to settle."""
+    pts = [
+        (s["step"], v)
+        for s in run.steps
+        if _step(s) is not None and (v := _num(s.get("loss"))) is not None
+    ]
+    if len(pts) < DEGRADE_MIN_STEPS:
+        return []
+    start = statistics.median(v for _, v in pts[:5])
+    if not start > 0:
+        return []
+    jumps = []
+    for i in range(JUMP_WINDOW, len(pts)):
+        med = statistics.median(v for _, v in pts[i - JUMP_WINDOW : i])
+        step, v = pts[i]
+        if v > JUMP_RATIO * med and v - med > JUMP_FLOOR * start:
+            jumps.append(step)
+    return jumps if len(jumps) >= ERRATIC_MIN_JUMPS else []
+
+
 def _is_transformer(run: RunLog) -> bool:
     types = [t for t in run.meta.get("layer_types") or [] if isinstance(t, str)]
     names = [n for n in run.meta.get("layers") or [] if isinstance(n, str)]
