@@ -31,13 +31,18 @@ DEGRADE_REL = 0.05
 DEGRADE_NOISE = 2.0
 
 
-def _windows(run: RunLog) -> list[tuple[int, int, float, list[float]]]:
-    """(first step, last step, median loss, losses) per non-empty step range, in order."""
-    pts = [
+def _losses(run: RunLog) -> list[tuple[int, float]]:
+    """(step, loss) of every recorded step with a finite loss, in order."""
+    return [
         (s["step"], v)
         for s in run.steps
         if _step(s) is not None and (v := _num(s.get("loss"))) is not None
     ]
+
+
+def _windows(run: RunLog) -> list[tuple[int, int, float, list[float]]]:
+    """(first step, last step, median loss, losses) per non-empty step range, in order."""
+    pts = _losses(run)
     if len(pts) < DEGRADE_MIN_STEPS:
         return []
     lo, hi = pts[0][0], pts[-1][0]
@@ -149,11 +154,7 @@ def _loss_jumps(run: RunLog) -> list[int]:
     :data:`ERRATIC_MIN_JUMPS` of them, ascending; else []. A loss that keeps bouncing far above
     its own level while the gradients stay calm is the noise of steps too large for the loss
     to settle."""
-    pts = [
-        (s["step"], v)
-        for s in run.steps
-        if _step(s) is not None and (v := _num(s.get("loss"))) is not None
-    ]
+    pts = _losses(run)
     if len(pts) < DEGRADE_MIN_STEPS:
         return []
     start = statistics.median(v for _, v in pts[:5])
