@@ -130,9 +130,12 @@ def _finding(
     if quiet is not None:
         evidence.append(f"the loss degraded or stalled from step {quiet}, without any event")
     if jumps:
+        from .progress import JUMP_RATIO  # here: the rules register in their report order
+
         evidence.append(
-            f"the loss jumped to over 3x its recent median on {len(jumps)} steps (the first at "
-            f"step {jumps[0]}) without any gradient event: steps too large for it to settle"
+            f"the loss jumped to over {JUMP_RATIO:g}x its recent median on {len(jumps)} steps "
+            f"(the first at step {jumps[0]}) without any gradient event: steps too large for it "
+            "to settle"
         )
     return Finding(
         cause="lr_too_high",
