@@ -486,9 +486,9 @@ CASES: list[Case] = [
 BY_NAME = {c.name: c for c in CASES}
 
 #: A second set of strengths per case, between and beyond the corpus's own (``python
-#: benchmarks/bench_diagnosis.py --off-grid``). Not held out: the rules' thresholds were revisited
-#: on it once (issue 16: the lone-spike, momentum build-up and init bounds), after which it is
-#: reported beside the corpus, misses included.
+#: benchmarks/bench_diagnosis.py --off-grid``). Not held out: the rules were revisited on it
+#: twice (issue 16: the lone-spike, momentum build-up and init bounds; then the loss-jump evidence
+#: for a too-high LR), and it is reported beside the corpus, misses included.
 OFF_GRID: dict[str, tuple[Any, ...]] = {
     "lr/sgd": (1.5, 3.0),
     "lr/momentum": (0.3, 0.7),
