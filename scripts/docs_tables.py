@@ -368,6 +368,7 @@ TABLES: dict[str, Table] = {
     ),
     "stability": Table("stability", stability),
     "advise-example": Table("advise-example", text_block),
+    "advise-validation": Table("advise-validation", text_block),
     "guard-overhead-cpu": Table("guard-overhead-cpu", text_block),
     "guard-share": Table("guard-share", text_block),
     "telemetry-overhead": Table("telemetry-overhead", text_block),
