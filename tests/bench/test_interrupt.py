@@ -29,6 +29,13 @@ HANG_GUARD_S = 600
 LINE = re.compile(r"interrupted: (\d+) of (\d+) runs done; rerun the same command to resume")
 
 
+def _sigint_default() -> None:
+    """In the child before it starts Python: SIGINT back to its default. A shell starts a
+    background job with SIGINT ignored, the child would inherit that, and Python installs its
+    Ctrl-C handler only where SIGINT is not ignored (a test run launched with ``&`` would fail)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _cli(*argv: str) -> list[str]:
     return [sys.executable, "-m", "gradguard", *argv]
 
@@ -53,6 +60,7 @@ def _interrupt_after_a_run(args: list[str], db: Path, group: bool) -> tuple[int,
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=_sigint_default,
     )
     deadline = time.monotonic() + HANG_GUARD_S
     while _done(db) < 1 and proc.poll() is None and time.monotonic() < deadline:
@@ -153,6 +161,7 @@ def test_ctrl_c_during_train_says_the_step(tmp_path, group=True):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         start_new_session=True,
+        preexec_fn=_sigint_default,
     )
     chunks: list[bytes] = []
 
