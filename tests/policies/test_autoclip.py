@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -209,6 +209,16 @@ def test_reservoir_through_the_guard_and_resume():
 
 
 # ----- properties ------------------------------------------------------------------------------------
+def float32_percentile_slack(history: list[float], percentile: float) -> float:
+    """How far float32 arithmetic (the Guard's history lives on the device in float32) may move
+    ``numpy.percentile(history, percentile)``: each value is rounded once (eps * max), and the
+    interpolation position ``percentile / 100 * (n - 1)`` is rounded (eps * pos) before it weights
+    the spread between the two neighbours (at most max - min)."""
+    eps = 2.0**-23
+    pos = percentile / 100.0 * (len(history) - 1)
+    return eps * (max(history) + (pos + 1.0) * (max(history) - min(history)))
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     base=st.lists(st.floats(0.01, 100.0), min_size=1, max_size=30),
@@ -216,6 +226,8 @@ def test_reservoir_through_the_guard_and_resume():
     percentile=st.floats(0.0, 100.0),
     history=st.one_of(st.none(), st.integers(1, 10)),
 )
+# float32 rounds the interpolation position 4.0125; the spread 168 amplifies it to 1e-5 relative
+@example(base=[1.0] * 5, last=169.0, percentile=80.25, history=None)
 def test_property_autoclip_post_clip_norm_direction_untouched(base, last, percentile, history):
     norms = [*base, last]
     model = small_model()
@@ -229,15 +241,17 @@ def test_property_autoclip_post_clip_norm_direction_untouched(base, last, percen
         norm = global_norm(grads_in)
         guard.step()
         thr, _ = ref.step(norm)
+        slack = float32_percentile_slack(ref.history, percentile)
         got = [g.double() for g in opt.seen[-1]]
         after = global_norm(got)
-        assert after <= thr * (1 + 1e-5), (i, after, thr)
-        assert min(thr, norm) * (1 - 1e-5) - 1e-6 <= after  # never shrinks below the threshold
+        assert after <= thr * (1 + 1e-5) + slack, (i, after, thr)
+        # never shrinks below the threshold
+        assert min(thr, norm) * (1 - 1e-5) - 1e-6 - slack <= after, (i, after, thr)
         cos = float(
             torch.cat([g.reshape(-1) for g in grads_in]) @ torch.cat([g.reshape(-1) for g in got])
         ) / (norm * after)
         assert cos == pytest.approx(1.0, abs=1e-6)
-        if norm + 1e-6 < thr * (1 - 1e-5):
+        if norm + 1e-6 < thr * (1 - 1e-5) - slack:
             assert all(torch.equal(a, b) for a, b in zip(got, grads_in, strict=True))
 
 
