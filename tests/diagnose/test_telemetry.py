@@ -571,9 +571,24 @@ class DeadNet(nn.Module):
         return self.head(self.norm(torch.relu(self.fc(self.emb(idx).mean(1)))))
 
 
-def dead_share_by_hand(module):
+def zero_rows_by_hand(module) -> torch.Tensor:
+    """Per unit row of ``module``'s weights (2-D or more): is its gradient all zero?"""
     rows = [p.grad for p in module.parameters() if p.dim() >= 2]
-    return sum(int((g.flatten(1) == 0).all(1).sum()) for g in rows) / sum(g.shape[0] for g in rows)
+    return torch.cat([(g.flatten(1) == 0).all(1) for g in rows])
+
+
+def windows(sampled_steps: list[int]) -> dict[int, list[int]]:
+    """Each sampled step's window: the steps since the previous sampled one, itself included."""
+    out, prev = {}, -1
+    for s in sampled_steps:
+        out[s], prev = list(range(prev + 1, s + 1)), s
+    return out
+
+
+def dead_share(zero: dict[int, torch.Tensor], steps: list[int]) -> float:
+    """The share of rows whose gradient was zero on every one of ``steps``."""
+    both = torch.stack([zero[s] for s in steps]).all(0)
+    return int(both.sum()) / both.numel()
 
 
 def test_dead_units_are_the_share_of_all_zero_gradient_rows(tmp_path):
@@ -581,26 +596,72 @@ def test_dead_units_are_the_share_of_all_zero_gradient_rows(tmp_path):
     model = DeadNet(dead=5)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     tel = Telemetry(tmp_path, update_every=2, tensorboard=False)
-    expected = {}
+    zero = {}
     # clip_norm scales the gradients the optimizer sees (and keeps their zeros).
     with gradguard.Guard(model, opt, "clip_norm:0.01", telemetry=tel) as guard:
-        for step in range(6):
+        for step in range(7):
             opt.zero_grad()
             idx = torch.randint(0, 10, (32, 4), generator=torch.Generator().manual_seed(step))
             y = torch.randint(0, 3, (32,), generator=torch.Generator().manual_seed(step))
             nn.functional.cross_entropy(model(idx), y).backward()
-            expected[step] = [dead_share_by_hand(model.fc), dead_share_by_hand(model.head)]
+            zero[step] = (zero_rows_by_hand(model.fc), zero_rows_by_hand(model.head))
             guard.step()
     run = load_run(tmp_path)
     assert run.layers == ["emb", "fc", "norm", "head"]
-    assert expected[0][0] == 5 / 16
+    assert dead_share({0: zero[0][0]}, [0]) == 5 / 16
+    win = windows([s for s in range(7) if sampled(s, 2)])
+    assert win[4] == [3, 4]
     for s in run.steps:
         assert s["clipped"]
         if not sampled(s["step"], 2):
             assert s["dead_units"] is None
         else:
-            fc, head = expected[s["step"]]
+            steps = win[s["step"]]
+            fc = dead_share({k: zero[k][0] for k in steps}, steps)
+            head = dead_share({k: zero[k][1] for k in steps}, steps)
             assert s["dead_units"] == [None, fc, None, head]
+
+
+class SometimesNet(nn.Module):
+    """One input through a Linear+ReLU of 4 units: unit 0 fires only on positive inputs, unit 1
+    never, units 2 and 3 always; then a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(1, 4)
+        self.head = nn.Linear(4, 2)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.tensor([[1.0], [0.0], [0.0], [0.0]]))
+            self.fc.bias.copy_(torch.tensor([0.0, -1e3, 10.0, 10.0]))
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc(x)))
+
+
+def test_a_unit_silent_on_one_batch_but_active_on_another_in_the_window_is_not_dead(tmp_path):
+    """Batches alternate between inputs that leave unit 0 silent and inputs that fire it. Read
+    batch by batch, half the layer would look dead on every even step; over the steps since the
+    last reading only unit 1 is."""
+    model = SometimesNet()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    tel = Telemetry(tmp_path, update_every=2, tensorboard=False)
+    per_batch = {}
+    with gradguard.Guard(model, opt, "none", telemetry=tel) as guard:
+        for step in range(9):
+            opt.zero_grad()
+            sign = 1.0 if step % 2 else -1.0
+            x = sign * (1.0 + torch.rand(16, 1, generator=torch.Generator().manual_seed(step)))
+            y = torch.randint(0, 2, (16,), generator=torch.Generator().manual_seed(step))
+            nn.functional.cross_entropy(model(x), y).backward()
+            per_batch[step] = float(zero_rows_by_hand(model.fc).float().mean())
+            guard.step()
+    dead = {s["step"]: s["dead_units"] for s in load_run(tmp_path).steps if s["dead_units"]}
+    assert sorted(dead) == [0, 1, 2, 4, 6, 8]
+    # the first steps, each read alone, and step 2 (its window is itself): batch by batch
+    assert [dead[s][0] for s in (0, 1, 2)] == [0.5, 0.25, 0.5]
+    assert per_batch[4] == per_batch[6] == per_batch[8] == 0.5
+    for s in (4, 6, 8):  # windows of an odd (firing) and an even (silent) batch
+        assert dead[s][0] == 0.25
 
 
 def test_new_fields_of_the_wrong_kind_are_read_as_not_recorded(tmp_path):

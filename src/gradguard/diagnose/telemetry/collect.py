@@ -142,38 +142,66 @@ def unit_params(layout: ParamLayout, model: nn.Module | None) -> list[bool]:
     return out
 
 
-def dead_rows(stats: GradStats, units: Sequence[bool]) -> tuple[Tensor, list[int]] | None:
-    """Per layer, how many unit rows (:func:`unit_params`) have an all-zero gradient, on the
-    device (no sync), and how many unit rows it has (host ints: 0 for a layer without units).
-    Gradients as the optimizer will see them: clipping scales them but keeps their zeros. Sparse
-    gradients and parameters without one are left out. None when no layer has units."""
-    device, n_layers = stats.device, stats.num_layers
-    layout = stats.layout
-    rows = [0] * n_layers
-    alive: list[Tensor] = []  # per unit row: does its gradient hold a nonzero?
-    layers: list[int] = []
-    sizes: list[int] = []
-    with torch.no_grad():
-        for g, i in zip(stats.grads, stats.param_index, strict=True):
-            if not units[i] or g.layout != torch.strided or g.dim() < 2:
-                continue
-            li = layout.layer_of[i]
-            rows[li] += g.shape[0]
-            # One reduction a parameter (``any`` reads the gradient once and writes no copy).
-            alive.append(g.reshape(g.shape[0], -1).any(dim=1).to(device))
-            layers.append(li)
-            sizes.append(g.shape[0])
+class DeadUnitMeter:
+    """Which unit rows (:func:`unit_params`) got a nonzero gradient on any step since the last
+    reading, on the device (no sync).
+
+    A unit counts as dead only if its gradient row was exactly zero on every batch observed since
+    the previous reading (up to the telemetry's ``update_every`` steps): one batch of 64 inputs
+    leaves a rarely active ReLU unit silent by chance, and a per-batch share reads such a layer as
+    mostly dead when a few hundred inputs show it is not. Gradients as the optimizer will see
+    them: clipping scales them but keeps their zeros. Sparse gradients and parameters without one
+    are left out; a step the Guard skipped is not observed (its gradients are not applied).
+    """
+
+    def __init__(self, units: Sequence[bool]):
+        self.units = list(units)
+        self._alive: dict[int, Tensor] = {}  # parameter index -> per row: nonzero seen
+        self.batches = 0
+
+    def observe(self, stats: GradStats) -> None:
+        """OR this step's nonzero rows into what has been seen since the last reading."""
+        with torch.no_grad():
+            for g, i in zip(stats.grads, stats.param_index, strict=True):
+                if not self.units[i] or g.layout != torch.strided or g.dim() < 2:
+                    continue
+                # One reduction a parameter (``any`` reads the gradient once and writes no copy).
+                now = g.reshape(g.shape[0], -1).any(dim=1)
+                seen = self._alive.get(i)
+                if seen is None or seen.shape != now.shape or seen.device != now.device:
+                    self._alive[i] = now
+                else:
+                    seen.logical_or_(now)
+        self.batches += 1
+
+    def read(self, layout: ParamLayout, device: torch.device) -> tuple[Tensor, list[int]] | None:
+        """Per layer, how many unit rows had an all-zero gradient on every observed step, on
+        ``device``, and how many unit rows it has (host ints: 0 for a layer without units); then
+        start over. None when nothing was observed or no layer has units."""
+        alive, self._alive, self.batches = self._alive, {}, 0
         if not alive:
             return None
-        # Each row's layer, from cached per-parameter index tensors (no host-to-device copy).
-        row_layer = torch.repeat_interleave(
-            layout.index_tensor(layers, device),
-            layout.index_tensor(sizes, device),
-            output_size=sum(sizes),  # known on the host: no sync
-        )
-        dead = torch.cat(alive).logical_not().float()
-        counts = torch.zeros(n_layers, device=device).index_add_(0, row_layer, dead)
-    return counts, rows
+        n_layers = len(layout.layer_names)
+        rows = [0] * n_layers
+        layers: list[int] = []
+        sizes: list[int] = []
+        flags: list[Tensor] = []
+        for i in sorted(alive):
+            li = layout.layer_of[i]
+            rows[li] += alive[i].numel()
+            layers.append(li)
+            sizes.append(alive[i].numel())
+            flags.append(alive[i].to(device))
+        with torch.no_grad():
+            # Each row's layer, from cached per-parameter index tensors (no host-to-device copy).
+            row_layer = torch.repeat_interleave(
+                layout.index_tensor(layers, device),
+                layout.index_tensor(sizes, device),
+                output_size=sum(sizes),  # known on the host: no sync
+            )
+            dead = torch.cat(flags).logical_not().float()
+            counts = torch.zeros(n_layers, device=device).index_add_(0, row_layer, dead)
+        return counts, rows
 
 
 class QuietSite(AttentionSite):

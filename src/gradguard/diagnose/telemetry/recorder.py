@@ -15,10 +15,10 @@ from torch import Tensor, nn
 from ..events import EventDetector
 from ..records import RecordWriter, event_counts
 from .collect import (
+    DeadUnitMeter,
     QuietSite,
     StepVector,
     _Pending,
-    dead_rows,
     input_stats,
     meta_record,
     output_stats,
@@ -51,8 +51,9 @@ class Telemetry:
         context: steps kept exactly before and after each event.
         update_every: sample the update/weight ratio every n steps and on each of the first n (it needs a copy of the weights
             before the step: one clone of the parameters, freed after the step), and on the same
-            steps the dead units (the share of each layer's units whose gradient is all zero)
-            and the attention modules' max logits (measured in the forward before those steps
+            steps the dead units (the share of each layer's units whose gradient was all zero
+            on every step since the previous sample: a :class:`DeadUnitMeter` reads every
+            step's gradients) and the attention modules' max logits (measured in the forward before those steps
             only: one extra ``q @ k^T`` per attention call, as ``qk_clip`` measures them).
         radius_every: sample recurrent spectral radii every n steps (and on events' steps).
         tensorboard: write TensorBoard event files (``None``: if tensorboard is installed).
@@ -95,8 +96,7 @@ class Telemetry:
         self._hooks: list[RemovableHandle] = []
         self._logits: Tensor | None = None
         self._before: list[Tensor] | None = None
-        self._units: list[bool] = []
-        self._dead: tuple[Tensor, list[int]] | None = None
+        self._dead: DeadUnitMeter | None = None
         self._meter: LogitMeter | None = None
         self._recurrent: list[tuple[int, nn.RNNBase]] = []
         self.events: list[dict[str, Any]] = []
@@ -115,7 +115,8 @@ class Telemetry:
         layout = guard.layout
         model = guard.model
         layout.watch_forward_order()
-        self._units = unit_params(layout, model)
+        units = unit_params(layout, model)
+        self._dead = DeadUnitMeter(units) if any(units) else None
         if model is not None:
             by_name = dict(model.named_modules())
             self._recurrent = [
@@ -178,10 +179,8 @@ class Telemetry:
         return step < self.update_every or step % self.update_every == 0
 
     def before_update(self, stats: GradStats) -> None:
-        """Keep the weights as they are before the optimizer step, and count the dead units of
-        the gradients it is about to apply (sampled steps only)."""
+        """Keep the weights as they are before the optimizer step (sampled steps only)."""
         self._before = [p.detach().clone() for p in stats.layout.params]
-        self._dead = dead_rows(stats, self._units) if self._units else None
 
     def after_step(
         self,
@@ -213,8 +212,12 @@ class Telemetry:
             vec.add_input(self._input, self._input_batch)
             self._input = None
         if self._dead is not None:
-            vec.add_dead_units(*self._dead)
-            self._dead = None
+            if stepped:  # the gradients the optimizer applied; a skipped step's are not
+                self._dead.observe(stats)
+            if self.wants_update_ratio(ctx.step):
+                dead = self._dead.read(guard.layout, stats.device)
+                if dead is not None:
+                    vec.add_dead_units(*dead)
         if self._logits is not None:
             vec.add_logits(self._logits)
             self._logits = None
