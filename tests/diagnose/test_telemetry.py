@@ -263,6 +263,8 @@ def test_bad_settings_fail_clearly(tmp_path):
         gradguard.Guard(model, opt, log_dir=tmp_path, telemetry=Telemetry(tmp_path / "b"))
     with pytest.raises(ValueError, match="every"):
         Telemetry(tmp_path, every=0)
+    with pytest.raises(ValueError, match="dead_window must be a positive int"):
+        Telemetry(tmp_path, dead_window=0)
     with pytest.raises(gradguard.ConfigError, match="no telemetry"):
         load_run(tmp_path / "nothing")
 
@@ -577,11 +579,12 @@ def zero_rows_by_hand(module) -> torch.Tensor:
     return torch.cat([(g.flatten(1) == 0).all(1) for g in rows])
 
 
-def windows(sampled_steps: list[int]) -> dict[int, list[int]]:
-    """Each sampled step's window: the steps since the previous sampled one, itself included."""
+def windows(sampled_steps: list[int], length: int) -> dict[int, list[int]]:
+    """Each sampled step's window: the last ``length`` steps since the previous sampled one,
+    itself included."""
     out, prev = {}, -1
     for s in sampled_steps:
-        out[s], prev = list(range(prev + 1, s + 1)), s
+        out[s], prev = list(range(max(prev + 1, s + 1 - length), s + 1)), s
     return out
 
 
@@ -591,15 +594,17 @@ def dead_share(zero: dict[int, torch.Tensor], steps: list[int]) -> float:
     return int(both.sum()) / both.numel()
 
 
-def test_dead_units_are_the_share_of_all_zero_gradient_rows(tmp_path):
+@pytest.mark.parametrize(("every", "window"), [(2, 5), (4, 2)])
+def test_dead_units_are_the_share_of_all_zero_gradient_rows(tmp_path, every, window):
     torch.manual_seed(0)
     model = DeadNet(dead=5)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    tel = Telemetry(tmp_path, update_every=2, tensorboard=False)
+    tel = Telemetry(tmp_path, update_every=every, dead_window=window, tensorboard=False)
     zero = {}
+    steps = 11
     # clip_norm scales the gradients the optimizer sees (and keeps their zeros).
     with gradguard.Guard(model, opt, "clip_norm:0.01", telemetry=tel) as guard:
-        for step in range(7):
+        for step in range(steps):
             opt.zero_grad()
             idx = torch.randint(0, 10, (32, 4), generator=torch.Generator().manual_seed(step))
             y = torch.randint(0, 3, (32,), generator=torch.Generator().manual_seed(step))
@@ -608,12 +613,15 @@ def test_dead_units_are_the_share_of_all_zero_gradient_rows(tmp_path):
             guard.step()
     run = load_run(tmp_path)
     assert run.layers == ["emb", "fc", "norm", "head"]
+    assert run.meta["sampling"]["dead_window"] == min(every, window)
     assert dead_share({0: zero[0][0]}, [0]) == 5 / 16
-    win = windows([s for s in range(7) if sampled(s, 2)])
-    assert win[4] == [3, 4]
+    win = windows([s for s in range(steps) if sampled(s, every)], window)
+    assert win[4] == ([3, 4] if every == 2 else [4])
+    if every == 4:
+        assert win[8] == [7, 8]
     for s in run.steps:
         assert s["clipped"]
-        if not sampled(s["step"], 2):
+        if not sampled(s["step"], every):
             assert s["dead_units"] is None
         else:
             steps = win[s["step"]]
@@ -638,13 +646,16 @@ class SometimesNet(nn.Module):
         return self.head(torch.relu(self.fc(x)))
 
 
-def test_a_unit_silent_on_one_batch_but_active_on_another_in_the_window_is_not_dead(tmp_path):
+@pytest.mark.parametrize("window", [2, 1])
+def test_a_unit_silent_on_one_batch_but_active_on_another_in_the_window_is_not_dead(
+    tmp_path, window
+):
     """Batches alternate between inputs that leave unit 0 silent and inputs that fire it. Read
-    batch by batch, half the layer would look dead on every even step; over the steps since the
-    last reading only unit 1 is."""
+    batch by batch (a window of 1), half the layer looks dead on every even step; over a window
+    of two steps only unit 1 is."""
     model = SometimesNet()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    tel = Telemetry(tmp_path, update_every=2, tensorboard=False)
+    tel = Telemetry(tmp_path, update_every=2, dead_window=window, tensorboard=False)
     per_batch = {}
     with gradguard.Guard(model, opt, "none", telemetry=tel) as guard:
         for step in range(9):
@@ -660,8 +671,8 @@ def test_a_unit_silent_on_one_batch_but_active_on_another_in_the_window_is_not_d
     # the first steps, each read alone, and step 2 (its window is itself): batch by batch
     assert [dead[s][0] for s in (0, 1, 2)] == [0.5, 0.25, 0.5]
     assert per_batch[4] == per_batch[6] == per_batch[8] == 0.5
-    for s in (4, 6, 8):  # windows of an odd (firing) and an even (silent) batch
-        assert dead[s][0] == 0.25
+    for s in (4, 6, 8):  # windows of an odd (firing) and an even (silent) batch, or the even one
+        assert dead[s][0] == (0.25 if window == 2 else 0.5)
 
 
 def test_new_fields_of_the_wrong_kind_are_read_as_not_recorded(tmp_path):

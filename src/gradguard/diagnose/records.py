@@ -38,8 +38,8 @@ Record types (key ``"type"``), version 1:
     measured in the forwards before the steps where ``update_ratio`` is sampled; null on other
     steps and for a model without attention); ``dead_units`` (per layer, on the steps where
     ``update_ratio`` is sampled: the share of the layer's units whose gradient was exactly zero
-    on every step the optimizer took since the previous such step (older files: on that step's
-    batch alone), units being the rows (dim 0) of its parameters of 2 or more
+    on every step the optimizer took of the ``sampling.dead_window`` steps up to that one (older
+    files: on that step's batch alone), units being the rows (dim 0) of its parameters of 2 or more
     dimensions, the gradients as the optimizer received them; null for a layer without such a
     parameter and for an embedding, whose rows are tokens; the whole field null on other steps;
     a ReLU unit dead for the whole batch has an all-zero row in the gradient of the layer that

@@ -3,9 +3,9 @@ ReLUs, or saturated tanh/sigmoid units), and stayed so to the end of the run.
 
 A ReLU unit whose input is negative for every example of a batch passes no gradient: the row of
 the weight gradient that feeds it is exactly zero (the telemetry's ``dead_units``, the share of
-such rows per layer that stayed zero on every batch since the previous sampled step: one batch
-alone leaves a rarely active unit silent by chance). Once most units of a layer are dead the layers below it get
-no gradient either, and the network can no longer learn: a large update that pushed the biases
+such rows per layer that stayed zero on every batch of the few steps up to a sampled step: one
+batch alone leaves a rarely active unit silent by chance). Once most units of a layer are dead
+the layers below it get no gradient either, and the network can no longer learn: a large update that pushed the biases
 negative (too high an LR), a negative bias init, or a large init that saturated the units does it
 (Lu et al. 2019, "Dying ReLU and Initialization"). Files without ``dead_units`` are read through
 the per-layer gradient norms: a hidden layer whose gradient is exactly zero is wholly dead.

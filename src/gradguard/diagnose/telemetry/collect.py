@@ -147,7 +147,7 @@ class DeadUnitMeter:
     reading, on the device (no sync).
 
     A unit counts as dead only if its gradient row was exactly zero on every batch observed since
-    the previous reading (up to the telemetry's ``update_every`` steps): one batch of 64 inputs
+    the previous reading (the telemetry's ``dead_window`` steps): one batch of 64 inputs
     leaves a rarely active ReLU unit silent by chance, and a per-batch share reads such a layer as
     mostly dead when a few hundred inputs show it is not. Gradients as the optimizer will see
     them: clipping scales them but keeps their zeros. Sparse gradients and parameters without one
@@ -156,7 +156,7 @@ class DeadUnitMeter:
 
     def __init__(self, units: Sequence[bool]):
         self.units = list(units)
-        self._alive: dict[int, Tensor] = {}  # parameter index -> per row: nonzero seen
+        self._alive: dict[int, Tensor] = {}  # parameter index -> per row: largest |grad| seen
         self.batches = 0
 
     def observe(self, stats: GradStats) -> None:
@@ -165,13 +165,14 @@ class DeadUnitMeter:
             for g, i in zip(stats.grads, stats.param_index, strict=True):
                 if not self.units[i] or g.layout != torch.strided or g.dim() < 2:
                     continue
-                # One reduction a parameter (``any`` reads the gradient once and writes no copy).
-                now = g.reshape(g.shape[0], -1).any(dim=1)
+                # Each row's largest |grad| (zero exactly when the row is; NaN counts as alive),
+                # kept as a running max: ``abs().amax`` costs under half of ``any`` on a CPU.
+                now = g.reshape(g.shape[0], -1).abs().amax(dim=1)
                 seen = self._alive.get(i)
                 if seen is None or seen.shape != now.shape or seen.device != now.device:
                     self._alive[i] = now
                 else:
-                    seen.logical_or_(now)
+                    torch.maximum(seen, now, out=seen)
         self.batches += 1
 
     def read(self, layout: ParamLayout, device: torch.device) -> tuple[Tensor, list[int]] | None:
@@ -191,7 +192,7 @@ class DeadUnitMeter:
             rows[li] += alive[i].numel()
             layers.append(li)
             sizes.append(alive[i].numel())
-            flags.append(alive[i].to(device))
+            flags.append(alive[i].eq(0).to(device))  # dead: no nonzero gradient seen
         with torch.no_grad():
             # Each row's layer, from cached per-parameter index tensors (no host-to-device copy).
             row_layer = torch.repeat_interleave(
@@ -199,7 +200,7 @@ class DeadUnitMeter:
                 layout.index_tensor(sizes, device),
                 output_size=sum(sizes),  # known on the host: no sync
             )
-            dead = torch.cat(flags).logical_not().float()
+            dead = torch.cat(flags).float()
             counts = torch.zeros(n_layers, device=device).index_add_(0, row_layer, dead)
         return counts, rows
 

@@ -49,12 +49,15 @@ class Telemetry:
         log_dir: the run folder (created if missing; appended to if it exists).
         every: ``"auto"`` (see the module doc) or keep every n-th step.
         context: steps kept exactly before and after each event.
-        update_every: sample the update/weight ratio every n steps and on each of the first n (it needs a copy of the weights
-            before the step: one clone of the parameters, freed after the step), and on the same
-            steps the dead units (the share of each layer's units whose gradient was all zero
-            on every step since the previous sample: a :class:`DeadUnitMeter` reads every
-            step's gradients) and the attention modules' max logits (measured in the forward before those steps
-            only: one extra ``q @ k^T`` per attention call, as ``qk_clip`` measures them).
+        update_every: sample the update/weight ratio every n steps and on each of the first n
+            (it needs a copy of the weights before the step: one clone of the parameters, freed
+            after the step), and on the same steps the dead units and the attention modules' max
+            logits (measured in the forward before those steps only: one extra ``q @ k^T`` per
+            attention call, as ``qk_clip`` measures them).
+        dead_window: the dead units of a sample are the share of each layer's units whose
+            gradient was all zero on every one of the last ``dead_window`` steps up to it
+            (at most ``update_every``; a :class:`DeadUnitMeter` reads those steps' gradients,
+            one ``abs().amax`` per matrix): a unit silent on one batch by chance is not dead.
         radius_every: sample recurrent spectral radii every n steps (and on events' steps).
         tensorboard: write TensorBoard event files (``None``: if tensorboard is installed).
         watch_inputs: record mean/std/absmax of the model's first input (a forward pre-hook).
@@ -70,18 +73,20 @@ class Telemetry:
         every: int | str = "auto",
         context: int = 32,
         update_every: int = 10,
+        dead_window: int = 5,
         radius_every: int = 100,
         tensorboard: bool | None = None,
         watch_inputs: bool = True,
         watch_outputs: bool = True,
         detector: EventDetector | None = None,
     ):
-        _check_settings(every, context, update_every, radius_every)
+        _check_settings(every, context, update_every, radius_every, dead_window)
         self.writer = RecordWriter(log_dir)
         self.dir = self.writer.dir
         self.every = every
         self.context = context
         self.update_every = update_every
+        self.dead_window = min(dead_window, update_every)
         self.radius_every = radius_every
         self.watch_inputs = watch_inputs
         self.watch_outputs = watch_outputs
@@ -138,6 +143,7 @@ class Telemetry:
             "every": self.every,
             "context": self.context,
             "update_every": self.update_every,
+            "dead_window": self.dead_window,
         }
         recurrent = [layout.layer_names[i] for i, _ in self._recurrent]
         attention = [s.name for s in self._meter.sites] if self._meter is not None else []
@@ -178,6 +184,11 @@ class Telemetry:
         that blows up in its first steps (too high an LR) is then judged on several samples."""
         return step < self.update_every or step % self.update_every == 0
 
+    def _counts_dead(self, step: int) -> bool:
+        """Whether ``step``'s gradients enter the dead units: the ``dead_window`` steps up to and
+        including each sampled step."""
+        return self.wants_update_ratio(step) or (-step) % self.update_every < self.dead_window
+
     def before_update(self, stats: GradStats) -> None:
         """Keep the weights as they are before the optimizer step (sampled steps only)."""
         self._before = [p.detach().clone() for p in stats.layout.params]
@@ -212,7 +223,8 @@ class Telemetry:
             vec.add_input(self._input, self._input_batch)
             self._input = None
         if self._dead is not None:
-            if stepped:  # the gradients the optimizer applied; a skipped step's are not
+            # the gradients the optimizer applied (a skipped step's are not), in the window
+            if stepped and self._counts_dead(ctx.step):
                 self._dead.observe(stats)
             if self.wants_update_ratio(ctx.step):
                 dead = self._dead.read(guard.layout, stats.device)
@@ -374,13 +386,16 @@ def _attention_meter(model: nn.Module, when: Callable[[], bool]) -> LogitMeter |
         return None
 
 
-def _check_settings(every: Any, context: Any, update_every: Any, radius_every: Any) -> None:
+def _check_settings(
+    every: Any, context: Any, update_every: Any, radius_every: Any, dead_window: Any
+) -> None:
     if every != "auto" and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
         raise ValueError(f"every must be 'auto' or a positive int, got {every!r}")
     for name, v in (
         ("context", context),
         ("update_every", update_every),
         ("radius_every", radius_every),
+        ("dead_window", dead_window),
     ):
         if not isinstance(v, int) or v < (0 if name == "context" else 1):
             raise ValueError(
