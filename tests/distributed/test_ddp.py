@@ -349,3 +349,35 @@ def test_a_rerun_verdict_is_the_same_on_every_rank(two_ranks):
         }
     )
     assert_close(states[0]["weights"], states[1]["weights"])
+
+
+def say_and_exit(status: int) -> int:
+    """A spawned rank: print without a newline (left in the buffer), and return ``status`` on
+    rank 1."""
+    print(f"rank {os.environ['RANK']} done", end="")
+    return status if os.environ["RANK"] == "1" else 0
+
+
+def test_spawned_ranks_print_everything_and_their_status_reaches_the_parent():
+    code = (
+        "import sys, torch.multiprocessing as mp\n"
+        "from gradguard.bench import parallel\n"
+        "from tests.distributed.test_ddp import say_and_exit\n"
+        "try:\n"
+        "    parallel.spawn(2, say_and_exit, int(sys.argv[1]))\n"
+        "except mp.ProcessExitedException as e:\n"
+        "    sys.exit(100 + e.exit_code)\n"
+    )
+    for status, rc in ((0, 0), (3, 103)):
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(status)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            cwd=Path(__file__).resolve().parents[2],
+            # stdout a pipe and buffered, as under a user's `| tee`
+            env={k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"},
+        )
+        assert done.returncode == rc, done.stderr[-2000:]
+        assert "rank 0 done" in done.stdout and "rank 1 done" in done.stdout
