@@ -25,8 +25,9 @@ case                         what is injected
                              step (``logit_drift``: an output bias, or a bias-free head's rows)
 ``nan_once``                 one NaN gradient at one step, skipped by ``skip_nonfinite``
 ``lr_burst``                 the LR multiplied for a few steps (an update-norm spike)
-``healthy/...``              negative controls: every model family trained well; data whose
-                             epochs end in a small last batch; a slow, calm learner
+``healthy/...``              negative controls: every model family trained well (a vanilla
+                             RNN at 1-1.3x its default recurrent init: radius 0.6-0.85); data
+                             whose epochs end in a small last batch; a slow, calm learner
 ===========================  =================================================================
 
 ``make(case, strength, seed, run_dir)`` trains it; ``CASES`` holds every case; ``diagnosed``
@@ -478,6 +479,7 @@ CASES: list[Case] = [
     _case("healthy/deep_mlp", (), (12, 10), _healthy_deep),
     _case("healthy/cnn", (), (32, 64), _healthy_cnn),
     _case("healthy/lstm", (), (64, 32), _healthy_rnn),
+    _case("healthy/rnn", (), (1.0, 1.3), _rnn("sgd", 0.05)),
     _case("healthy/gpt", (), (1e-3, 3e-4), _healthy_gpt),
     _case("healthy/small_last_batch", (), (3, 1), _small_last_batch),
     _case("healthy/slow_calm", (), (0.003, 0.001), _slow_calm),
@@ -514,6 +516,7 @@ OFF_GRID: dict[str, tuple[Any, ...]] = {
     "healthy/deep_mlp": (8,),
     "healthy/cnn": (48,),
     "healthy/lstm": (48,),
+    "healthy/rnn": (0.8, 1.15),
     "healthy/gpt": (6e-4,),
     "healthy/small_last_batch": (2,),
     "healthy/slow_calm": (0.002,),

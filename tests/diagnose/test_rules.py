@@ -825,10 +825,40 @@ def test_recurrent_explosion_fires(tmp_path):
     assert any("was 0.9 at step 0" in e for e in f.evidence)
 
 
-@pytest.mark.parametrize("case", ["contractive", "no_events", "far_away", "not_recurrent"])
+@pytest.mark.parametrize("vanilla", [True, False])
+def test_recurrent_radius_above_1_without_events_is_the_edge_for_a_vanilla_rnn_only(
+    tmp_path, vanilla
+):
+    radii = {0: 1.04, 10: 1.02, 20: 1.06, 30: 1.08, 40: 1.05}
+    run = rnn_run(tmp_path, radii, [])
+    if not vanilla:  # an LSTM's gates bound the growth a radius above 1 allows
+        run.meta["layer_types"][1] = "LSTM"
+    f = recurrent_explosion(run)
+    if not vanilla:
+        assert f is None
+        return
+    assert f is not None and f.severity == "medium" and f.layers == ["rnn"] and f.step == 0
+    assert "stability edge" in f.title and "1.05" in f.summary  # the median of the five
+    assert any("no spike" in e for e in f.evidence)
+    assert not any("pushed it up" in e for e in f.evidence)  # 1.04 -> 1.08 is not 10%
+    assert any("LSTM or GRU" in a for a in f.advice)
+
+
+@pytest.mark.parametrize("radii", [{0: 1.3, 10: 0.9, 20: 0.8}, {0: 1.0, 10: 1.0, 20: 1.0}])
+def test_recurrent_edge_needs_the_median_radius_above_1(tmp_path, radii):
+    assert recurrent_explosion(rnn_run(tmp_path, radii, [])) is None
+
+
+def test_recurrent_edge_says_when_training_pushed_the_radius_up(tmp_path):
+    f = recurrent_explosion(rnn_run(tmp_path, {0: 0.95, 10: 1.1, 20: 1.2}, []))
+    assert f is not None and any("rose from 0.95 to 1.2" in e for e in f.evidence)
+    assert any("Lower the learning rate" in a for a in f.advice)
+
+
+@pytest.mark.parametrize("case", ["contractive", "far_away", "not_recurrent"])
 def test_recurrent_explosion_near_miss(tmp_path, case):
     radii = {s: (0.95 if case == "contractive" else 1.4) for s in range(0, 60, 10)}
-    ev = [] if case == "no_events" else [event(45)]
+    ev = [event(45)]
     if case == "far_away":
         radii = {0: 1.4, 1: 1.4}
         st = steps(300)

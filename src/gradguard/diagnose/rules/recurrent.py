@@ -1,7 +1,9 @@
-"""``recurrent_explosion``: a recurrent weight's spectral radius is above 1 around the events."""
+"""``recurrent_explosion``: a recurrent weight's spectral radius is above 1 around the events, or
+a vanilla RNN's stays above 1 (the condition itself, before any explosion shows)."""
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +22,14 @@ RADIUS_WINDOW = 100
 RADIUS_GROWTH = 100.0
 #: First recorded steps whose median gradient norm is the start's level.
 RADIUS_START = 5
+#: Layer type whose radius above 1 is itself the finding, with no event: a vanilla ``nn.RNN``. Its
+#: hidden state is ``f(W_hh h + ...)`` with no gate, so a radius above 1 is Pascanu et al.'s
+#: necessary condition for the gradient to grow with every time step, present in the weights
+#: before any blow-up. An LSTM's or GRU's gates bound that growth: theirs counts only at events.
+VANILLA = "RNN"
+#: Without events, a radius that rose by this factor over its first sample was pushed up by the
+#: training (smaller moves are the noise of a few SGD steps).
+EDGE_GREW = 1.1
 
 
 @register
@@ -28,10 +38,10 @@ def recurrent_explosion(run: RunLog) -> Finding | None:
     recurrent = [str(n) for n in _list(run.meta.get("recurrent"))]
     if not recurrent:
         return None
+    samples = _radius_samples(run, recurrent)
     events = _trouble(run) or _growth(run)
     if not events:
-        return None
-    samples = _radius_samples(run, recurrent)
+        return _edge(run, samples)
     worst = _worst_around(events, samples)
     over = {n: w for n, w in worst.items() if w[0] > RADIUS_LIMIT}
     if not over:
@@ -72,6 +82,52 @@ def recurrent_explosion(run: RunLog) -> Finding | None:
         advice=_advice(run, over, grew),
         severity="high",
         step=ev,
+        layers=sorted(over, key=lambda n: -over[n][0]),
+    )
+
+
+def _edge(run: RunLog, samples: list[tuple[int, str, float]]) -> Finding | None:
+    """No event: a vanilla RNN whose recurrent radius was above 1 on most of its samples (the
+    median: one sample over the line on the way down is not it)."""
+    types = dict(zip(_names(run), _list(run.meta.get("layer_types")), strict=False))
+    by_layer: dict[str, list[tuple[int, float]]] = {}
+    for step, name, r in samples:
+        if types.get(name) == VANILLA:
+            by_layer.setdefault(name, []).append((step, r))
+    over = {}
+    for name, rs in by_layer.items():
+        median = statistics.median(r for _, r in rs)
+        if median > RADIUS_LIMIT:
+            over[name] = (median, rs[0], max(rs, key=lambda t: t[1]))
+    if not over:
+        return None
+    layer = max(over, key=lambda n: over[n][0])
+    median, (s0, r0), (_, r1) = over[layer]
+    evidence = [
+        f"{n}: median spectral radius {_g(w[0])} over {len(by_layer[n])} sampled step(s) "
+        f"(step {w[1][0]}: {_g(w[1][1])}; largest {_g(w[2][1])} at step {w[2][0]})"
+        for n, w in sorted(over.items(), key=lambda t: -t[1][0])
+    ]
+    grew = r1 >= EDGE_GREW * r0
+    if grew:
+        evidence.append(f"{layer}'s radius rose from {_g(r0)} to {_g(r1)}: training pushed it up")
+    evidence.append(
+        "no spike, NaN or steady climb was recorded in this run; the condition is in the "
+        "weights: a radius above 1 is what lets the gradient grow over time steps (Pascanu et "
+        "al. 2013), so longer sequences, a larger LR or a worse batch can set it off"
+    )
+    return Finding(
+        cause="recurrent_explosion",
+        title="Recurrent weights past the stability edge",
+        summary=(
+            f"Recurrent weights past the stability edge: the spectral radius of {layer}'s "
+            f"recurrent weights stayed above 1 ({_g(median)}, median of its samples), so the "
+            "gradient can grow with every time step; it has not exploded yet."
+        ),
+        evidence=evidence,
+        advice=_advice(run, {n: (w[0], 0, 0) for n, w in over.items()}, grew),
+        severity="medium",
+        step=s0,
         layers=sorted(over, key=lambda n: -over[n][0]),
     )
 
