@@ -10,6 +10,8 @@ and are judged each."""
 from __future__ import annotations
 
 import pytest
+import torch
+from torch import nn
 
 from tests.diagnose import corpus
 
@@ -74,6 +76,32 @@ def test_the_judge_counts_misses_and_false_findings():
     ]
     # ... and may still show the units that died before the NaN; a finite run may not skip them
     assert corpus.judge(dead, {"lr_too_high", "dead_units"}, {"finite": False})["false"] == []
+
+
+def test_a_recurrent_radius_is_judged_on_the_measured_radius():
+    rnn, healthy = corpus.BY_NAME["rnn_radius/sgd"], corpus.BY_NAME["healthy/rnn"]
+    # an init scale that left this seed's radius below 1: there is nothing to find
+    assert corpus.judge(rnn, set(), {"radius": 0.95}) == {"missed": [], "false": []}
+    assert corpus.judge(rnn, set(), {"radius": 1.05})["missed"] == ["recurrent_explosion"]
+    assert corpus.judge(rnn, set(), {"radius": float("inf")})["missed"] == ["recurrent_explosion"]
+    # a control whose training took the radius past 1 may be told so, one below 1 may not
+    found = {"recurrent_explosion"}
+    assert corpus.judge(healthy, found, {"radius": 1.1})["false"] == []
+    assert corpus.judge(healthy, found, {"radius": 0.9})["false"] == ["recurrent_explosion"]
+
+
+def test_the_measured_radius_is_the_largest_eigenvalue_of_the_vanilla_rnns_weights():
+    net = nn.Sequential(nn.RNN(3, 4, num_layers=2), nn.LSTM(4, 4))
+    with torch.no_grad():
+        net[0].weight_hh_l0.copy_(torch.diag(torch.tensor([0.5, -1.2, 0.3, 0.1])))
+        net[0].weight_hh_l1.copy_(
+            torch.tensor([[0.0, 0.9, 0, 0], [-0.9, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
+        )
+        net[1].weight_hh_l0.mul_(100.0)  # an LSTM's gates: not counted
+    assert corpus.recurrent_radius(net) == pytest.approx(1.2)
+    with torch.no_grad():
+        net[0].weight_hh_l1[0, 0] = float("nan")
+    assert corpus.recurrent_radius(net) == float("inf")
 
 
 def test_every_case_has_other_strengths_for_the_off_grid_benchmark():
