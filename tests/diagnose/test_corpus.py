@@ -83,10 +83,14 @@ def test_a_recurrent_radius_is_judged_on_the_measured_radius():
     # an init scale that left this seed's radius below 1: there is nothing to find
     assert corpus.judge(rnn, set(), {"radius": 0.95}) == {"missed": [], "false": []}
     assert corpus.judge(rnn, set(), {"radius": 1.05})["missed"] == ["recurrent_explosion"]
+    # at 1.02 (in the band about 1) finding it and not are both right
+    assert corpus.judge(rnn, set(), {"radius": 1.02}) == {"missed": [], "false": []}
+    found = {"recurrent_explosion"}
+    assert corpus.judge(rnn, found, {"radius": 1.02}) == {"missed": [], "false": []}
     assert corpus.judge(rnn, set(), {"radius": float("inf")})["missed"] == ["recurrent_explosion"]
     # a control whose training took the radius past 1 may be told so, one below 1 may not
-    found = {"recurrent_explosion"}
     assert corpus.judge(healthy, found, {"radius": 1.1})["false"] == []
+    assert corpus.judge(healthy, found, {"radius": 0.98})["false"] == []
     assert corpus.judge(healthy, found, {"radius": 0.9})["false"] == ["recurrent_explosion"]
 
 
