@@ -44,9 +44,10 @@ LEAD_START = 3
 def lr_too_high(run: RunLog) -> Finding | None:
     """Update/weight ratio far above ~1e-3 on several sampled steps before the first spike or NaN.
 
-    The sampled steps are judged all together and, on their own, the ones from the start for as
-    long as each is too large: a run that blows up, or kills its units, within a few steps has
-    most of its samples after the damage, where updates are small again. A loss that degraded
+    The sampled steps are judged all together and, where the run shows the damage (trouble, or
+    units ``dead_units`` finds dead), on their own the ones from the start for as long as each is
+    too large: a run that blows up, or kills its units, within a few steps has most of its
+    samples after the damage, where updates are small again. A loss that degraded
     or stalled with no event (``loss_degradation``) is trouble too: the steps before it are
     judged as before a spike. So is a loss that keeps jumping far above its recent level with no
     event (``progress._loss_jumps``): Adam at too high an LR on a small net can reach a low loss
@@ -67,11 +68,22 @@ def lr_too_high(run: RunLog) -> Finding | None:
     sampled = _sampled_before(run, first if first is not None else quiet)
     median_limit = UPDATE_RATIO_HIGH if troubled else UPDATE_RATIO_SEVERE
     layer_limit = UPDATE_RATIO_LAYER_HIGH if troubled or lone else math.inf
-    for chosen in (sampled, _leading(sampled, median_limit, layer_limit)):
+    # The lead-in judged on its own needs the damage it stands for: trouble, or units that died
+    # (a vanilla RNN at 1.5x init moved its weights by ~0.2 a step for three samples, then
+    # trained well with no event: large first steps alone are not a too-high LR).
+    lead = troubled or lone or _units_died(run)
+    for chosen in (sampled, _leading(sampled, median_limit, layer_limit)) if lead else (sampled,):
         verdict = _judge(chosen, median_limit, layer_limit)
         if verdict is not None:
             return _finding(run, chosen, *verdict, first, quiet, jumps)
     return None
+
+
+def _units_died(run: RunLog) -> bool:
+    """Whether ``dead_units`` finds dead units in the run."""
+    from .units import dead_units  # here: the rules register in their report order
+
+    return dead_units(run) is not None
 
 
 def _erratic(run: RunLog) -> list[int]:
