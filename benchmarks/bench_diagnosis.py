@@ -180,8 +180,8 @@ def report(rows: list[dict[str, Any]]) -> tuple[str, bool]:
                 f"  {case.name}: {n} of {len(rs)} runs ended with non-finite weights (judged on "
                 f"{must})"
             )
-        radii = [(r.get("truth") or {}).get("radius") for r in rs]
         if "recurrent_explosion" in case.expect and rs:
+            radii = [(r.get("truth") or {}).get("radius") for r in rs]
             edge = corpus.RADIUS_TRUTH + corpus.RADIUS_BAND
             low = sum(x is not None and x <= edge for x in radii)
             lines.append(
