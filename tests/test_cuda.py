@@ -281,3 +281,30 @@ def test_telemetry_on_cuda_matches_the_reports_and_names_the_layer(tmp_path):
     (event,) = [e for e in run.events if e["kind"] == "nonfinite_grad"]
     assert event["step"] == 30 and event["layers"] == ["2"] and event["action"] == "skipped"
     assert run.localizations[0]["origin"] == "2"
+
+
+def test_a_bench_run_on_the_gpu_trains_as_on_the_cpu_and_repeats_exactly(tmp_path):
+    from gradguard.bench.config import RunConfig
+    from gradguard.bench.train import train_run
+
+    base = {
+        "task": "digits",
+        "model": "cnn",
+        "optimizer": "momentum",
+        "lr": 0.05,
+        "steps": 60,
+        "batch_size": 32,
+        "eval_every": 30,
+        "mitigation": "default",
+    }
+    cpu, cpu_steps = train_run(RunConfig(**base))
+    gpu, steps = train_run(RunConfig(**base, device=DEV), log_dir=tmp_path)
+    again, steps_again = train_run(RunConfig(**base, device=DEV))
+    assert gpu["outcome"] == cpu["outcome"] == "trained"
+    # Another order of sums, not another run: the losses agree to float error at first.
+    assert abs(steps[0]["loss"] - cpu_steps[0]["loss"]) < 1e-4
+    assert abs(gpu["test_metric"] - cpu["test_metric"]) < 0.05
+    # Deterministic cuDNN: the same GPU run twice is the same run.
+    assert [s["loss"] for s in steps] == [s["loss"] for s in steps_again]
+    assert again["test_metric"] == gpu["test_metric"]
+    assert any(tmp_path.iterdir())  # the telemetry of a GPU run was written

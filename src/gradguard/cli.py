@@ -85,7 +85,7 @@ def _bench_configs(args: argparse.Namespace):
         overrides["seed"] = list(range(args.seeds))
     settings = {
         k: getattr(args, k)
-        for k in ("steps", "batch_size", "threads")
+        for k in ("steps", "batch_size", "threads", "device")
         if getattr(args, k) is not None
     }
     options = {
@@ -180,6 +180,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             "batch_size",
             "faults",
             "threads",
+            "device",
         )
     }
     task_options = _key_values(args.task_option, "--task-option")
@@ -300,6 +301,10 @@ _ADVISE_BENCH_FLAGS = (
     "momentum",
     "weight_decay",
     "threads",
+)
+_DEVICE_HELP = (
+    "where each torch run trains: cpu (default), cuda or cuda:N (the runs of a bench share it; "
+    "--workers sets how many at once); part of the run's config"
 )
 _THREADS_HELP = (
     "CPU threads each run trains with (default 1), whatever the cores and workers: part of the "
@@ -423,6 +428,7 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--steps", type=int)
     bench.add_argument("--batch-size", type=int)
     bench.add_argument("--threads", type=int, help=_THREADS_HELP)
+    bench.add_argument("--device", help=_DEVICE_HELP)
     bench.add_argument("--workers", type=int, help="worker processes (default: one per core)")
     bench.add_argument(
         "--out", help="results folder (default results/bench-SUITE); rerun to resume"
@@ -500,6 +506,7 @@ def _add_train_run_flags(train: argparse.ArgumentParser, defaults: dict) -> None
         "--batch-size", type=int, default=defaults["batch_size"], help="default %(default)s"
     )
     train.add_argument("--threads", type=int, default=1, help=_THREADS_HELP)
+    train.add_argument("--device", default="cpu", help=_DEVICE_HELP)
     train.add_argument("--out", help="record telemetry to this folder (then: gradguard report OUT)")
     train.add_argument(
         "--nproc",

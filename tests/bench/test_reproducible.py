@@ -112,3 +112,41 @@ def test_an_entry_run_trains_with_its_own_threads():
     finally:
         torch.set_num_threads(old)
     assert out[0] == out[1]
+
+
+def test_the_device_is_part_of_a_gpu_runs_config_and_a_cpu_run_keeps_its_old_key():
+    cpu = RunConfig(**SMALL).as_dict()
+    assert "device" not in cpu  # a CPU run's key is the one it had before devices existed
+    gpu = {**cpu, "device": "cuda"}
+    assert run_key(gpu) != run_key(cpu)
+    assert RunConfig.from_dict(gpu).device == "cuda"
+
+
+@pytest.mark.parametrize(
+    ("bad", "says"),
+    [
+        ("gpu", "'cpu', 'cuda' or 'cuda:N'"),
+        ("cuda:x", "'cuda:N'"),
+        ("cuda:", "'cuda:N'"),
+        (0, "a string"),
+    ],
+)
+def test_a_malformed_device_is_refused_before_any_run(bad, says):
+    with pytest.raises(ConfigError, match=f"device must be .*{says}"):
+        expand_grid({**SMALL, "device": bad}, {"mitigation": ["none"]})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_a_gpu_run_on_a_machine_without_one_is_refused_with_the_fix():
+    with pytest.raises(ConfigError, match=r"no CUDA GPU .* drop --device to train on the CPU"):
+        expand_grid({**SMALL, "device": "cuda"}, {"mitigation": ["none", "zclip"]})
+
+
+def test_a_keras_model_on_a_gpu_is_refused(monkeypatch):
+    # As on a machine with one GPU: the Keras path trains on the CPU only.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match="Keras model, which the bench trains on the CPU"):
+        resolve(RunConfig(task="digits", model="keras_mlp", device="cuda"))
+    with pytest.raises(ConfigError, match="has 1 CUDA GPU"):
+        resolve(RunConfig(**SMALL, device="cuda:1"))

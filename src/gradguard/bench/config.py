@@ -50,6 +50,10 @@ class RunConfig:
     #: whatever machine, worker count or executor runs it: a float reduction split over more
     #: threads sums in another order, so the thread count is part of what the run is.
     threads: int = 1
+    #: Where the torch model trains: ``"cpu"``, or ``"cuda"`` / ``"cuda:N"`` on a machine with a
+    #: GPU (the Guard and its policies run there too; batches are drawn on the CPU, as the seed
+    #: fixes them, and moved). Part of what the run is: a GPU sums in another order.
+    device: str = "cpu"
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -57,6 +61,8 @@ class RunConfig:
         d["model_options"] = dict(self.model_options)
         if d["faults"] == "none":
             del d["faults"]  # so a fault-free run keeps the key it had before faults existed
+        if d["device"] == "cpu":
+            del d["device"]  # likewise: a CPU run keeps the key it had before devices existed
         # ``threads`` is always kept, 1 included: a row stored before runs pinned their threads
         # does not say how many it had, so it is not taken for a pinned run's result.
         return d
@@ -145,6 +151,11 @@ def resolve(cfg: RunConfig) -> Resolved:
     _check_names(cfg, mopts, spec)
     _check_faults(cfg)
     if keras_train.is_keras_model(cfg.model):
+        if cfg.device != "cpu":
+            raise ConfigError(
+                f"model {cfg.model!r} is a Keras model, which the bench trains on the CPU; drop "
+                f"device {cfg.device!r} (or pick a torch model)"
+            )
         keras_train.check_config(cfg, mopts, spec)
         keras_train.check_policy(cfg, policy)
     return Resolved(cfg, opt, mom, mopts, policy)
@@ -194,7 +205,7 @@ def _check_names(cfg: RunConfig, mopts: Mapping[str, Any], mitigation: str) -> N
         )
 
 
-_STR_FIELDS = ("task", "model", "optimizer", "mitigation", "schedule", "faults")
+_STR_FIELDS = ("task", "model", "optimizer", "mitigation", "schedule", "faults", "device")
 _NUM_FIELDS = ("lr", "momentum", "weight_decay")
 
 
@@ -232,9 +243,33 @@ def validate_basics(cfg: RunConfig) -> None:
             raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
     if not isinstance(cfg.warmup, int) or isinstance(cfg.warmup, bool) or cfg.warmup < 0:
         raise ConfigError(f"warmup must be an integer >= 0, got {cfg.warmup!r}")
+    _check_device(cfg.device)
     # Here, not in every run: torch.manual_seed refuses seeds >= 2**64, fault schedules negative ones.
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or not 0 <= cfg.seed < 2**63:
         raise ConfigError(f"seed must be an integer in [0, 2**63), got {cfg.seed!r}")
+
+
+def _check_device(device: object) -> None:
+    """``cpu``, or ``cuda``/``cuda:N`` naming a GPU this machine has (checked before any run)."""
+    if not isinstance(device, str) or not (
+        device == "cpu" or device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())
+    ):
+        raise ConfigError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if device == "cpu":
+        return
+    import torch
+
+    index = int(device[5:]) if ":" in device else 0
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"device {device!r}: this machine has no CUDA GPU that torch can use "
+            f"(torch {torch.__version__}); drop --device to train on the CPU"
+        )
+    if index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+        )
 
 
 # ----- grids and suites ---------------------------------------------------------------------------

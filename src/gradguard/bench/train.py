@@ -158,7 +158,22 @@ def train_run(
     with pinned_threads(cfg.threads):
         if keras_train.is_keras_model(cfg.model):
             return keras_train.train_run(cfg, on_step=on_step, log_dir=log_dir)
-        return _train_torch(cfg, on_step, log_dir)
+        with deterministic_cudnn():
+            return _train_torch(cfg, on_step, log_dir)
+
+
+@contextmanager
+def deterministic_cudnn() -> Iterator[None]:
+    """Run the block with cuDNN's deterministic kernels and no autotuning (a no-op on the CPU),
+    then restore the caller's settings: a GPU run is then the same run each time it is made on
+    the same GPU and software, as a CPU run is."""
+    flags = torch.backends.cudnn
+    old = flags.deterministic, flags.benchmark
+    flags.deterministic, flags.benchmark = True, False
+    try:
+        yield
+    finally:
+        flags.deterministic, flags.benchmark = old
 
 
 def _train_torch(
@@ -170,6 +185,12 @@ def _train_torch(
     ranks = current()
     if ranks is not None:
         check_divisible(cfg.batch_size, ranks.world_size)
+        if cfg.device != "cpu" and ranks.device.type != "cuda":
+            raise ConfigError(
+                f"device {cfg.device!r} under a {ranks.device.type} process group: each rank "
+                "trains where its backend puts it (nccl: its own GPU); drop device, or "
+                "initialize the group with nccl"
+            )
         log_dir = from_main(log_dir, ranks)  # every rank builds the Guard rank 0 builds
     main = ranks is None or ranks.is_main
     torch.manual_seed(cfg.seed)
@@ -227,6 +248,8 @@ def _build_net(
     wrapper when distributed (then seeded per rank for the dropout masks)."""
     model = build_model(cfg.model, task.input_shape, task.num_outputs, **res.model_options)
     net: nn.Module = model
+    if ranks is None and cfg.device != "cpu":
+        model = net = model.to(cfg.device)
     if ranks is not None:
         model = model.to(ranks.device)
         if ranks.device.type == "cuda":
@@ -247,8 +270,9 @@ def _torch_forward(
     plan: Any,
     ranks: Ranks | None,
 ) -> Forward:
-    """The loop's ``forward``: the step's batch (faults on it, this rank's slice), its forward
-    and backward passes, and the replay closure."""
+    """The loop's ``forward``: the step's batch (faults on it, this rank's slice, moved to the
+    model's device), its forward and backward passes, and the replay closure."""
+    device = next(model.parameters()).device
 
     def forward(step: int) -> tuple[torch.Tensor, Callable[[], torch.Tensor]]:
         x, y = next(batches)
@@ -257,6 +281,8 @@ def _torch_forward(
         if ranks is not None:
             x, y = rank_slice((x, y), ranks.rank, ranks.world_size)
             x, y = x.to(ranks.device), y.to(ranks.device)
+        elif device.type != "cpu":
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         opt.zero_grad(set_to_none=True)
         loss = task.loss(net(x), y)
         loss.backward()  # DDP: the gradients arrive averaged over the ranks
