@@ -997,6 +997,28 @@ def test_missing_normalization_not_for_a_deep_plain_net_that_trains_through_a_sp
     assert "missing_normalization" not in {f.cause for f in diagnose(run)}
 
 
+@pytest.mark.parametrize("loss_end, fires", [(2.1, True), (1.2, False)])
+def test_missing_normalization_for_a_deep_plain_net_with_a_spike_that_never_learned(
+    tmp_path, loss_end, fires
+):
+    # a 24-layer plain ReLU net at momentum LR 0.1: one spike, the loss near 2.3 throughout
+    # (measured 2.30 -> 2.11); one that learned (to 1.2) after its spike has nothing missing
+    st = steps(200, layers=10)
+    for s in st:
+        s["loss"] = 2.3 + (loss_end - 2.3) * s["step"] / 199 + 0.05 * math.sin(s["step"])
+    run = write(tmp_path, deep_meta(10, normalization=False), st, [event(40)])
+    f = missing_normalization(run)
+    assert (f is not None) == fires
+    if fires:
+        assert any("did not learn" in e for e in f.evidence)
+        assert "its loss stayed near where it started" in f.summary
+    # the same loss with no spike at all is not the depth's (a slow, calm learner)
+    assert (
+        missing_normalization(write(tmp_path / "calm", deep_meta(10, normalization=False), st))
+        is None
+    )
+
+
 # ----- update_spike ------------------------------------------------------------------------------
 def test_update_spike_fires_on_an_lr_jump_followed_by_trouble(tmp_path):
     st = steps(200)
@@ -1030,6 +1052,19 @@ def test_update_spike_fires_on_an_lr_jump_the_updates_followed_without_trouble(
         said = [e for e in f.evidence if "x the samples just before the jump" in e]
         factor = float(said[0].split(", ")[1].split("x the")[0])
         assert factor == pytest.approx(rise, rel=0.2)  # over the samples' 10% noise
+
+
+@pytest.mark.parametrize("gap, fires", [(10, False), (19, False), (25, True)])
+def test_update_spike_carried_by_momentum_from_a_recent_gradient_spike_is_the_gradients(
+    tmp_path, gap, fires
+):
+    # an outlier batch's gradient (40x) at step 150 - gap; the momentum buffer still carries it
+    # at step 150, where the gradient is calm again and the update 50x its level
+    st = steps(200)
+    st[150 - gap]["grad_norm"] = 40.0
+    st[150]["update_ratio"] = [0.05] * 6
+    found = {f.cause for f in diagnose(write(tmp_path, meta(), st))}
+    assert ("update_spike" in found) == fires
 
 
 @pytest.mark.parametrize("case", ["warmup", "staged_warmup", "explained", "calm_jump"])

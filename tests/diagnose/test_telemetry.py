@@ -217,6 +217,31 @@ def test_tensorboard_files_hold_the_kept_steps(tmp_path):
     )
 
 
+def test_a_kept_steps_scalars_travel_in_one_tensorboard_event(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    torch.manual_seed(0)
+    model = TinyNet(width=16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with gradguard.Guard(model, opt, "clip_norm:0.5", log_dir=tmp_path) as guard:
+        for step in range(12):
+            guard.step(loss=backward(model, step))
+    (path,) = (tmp_path / "tb").glob("events.out.tfevents.*")
+    scalar_events: dict[int, list[set[str]]] = {}
+    for event in EventFileLoader(str(path)).Load():
+        # (the loader reads scalars as TensorBoard does: as 0-d tensors)
+        tags = {v.tag for v in event.summary.value if not v.tensor.tensor_shape.dim}
+        tags.discard("events")
+        if tags:
+            scalar_events.setdefault(event.step, []).append(tags)
+    assert sorted(scalar_events) == list(range(12))
+    # One event a step, holding all of its scalars (a per-layer series on the 10th steps too).
+    assert all(len(events) == 1 for events in scalar_events.values())
+    assert {"grad_norm/pre_clip", "loss", "lr"} <= scalar_events[3][0]
+    assert "layer_grad_norm/fc1" in scalar_events[10][0] - scalar_events[3][0]
+
+
 def test_spectral_radius_of_recurrent_weights_is_recorded(tmp_path):
     torch.manual_seed(0)
     rnn = nn.RNN(3, 8, batch_first=True)
@@ -250,6 +275,41 @@ def test_spectral_radius_of_recurrent_weights_is_recorded(tmp_path):
     assert run.meta["recurrent"] == ["rnn"]
     assert run.step_at(0)["radius"]["rnn"] == pytest.approx(1.5, rel=1e-3)
     assert run.step_at(1)["radius"] is None and run.step_at(5)["radius"] is not None
+
+
+@pytest.mark.parametrize("radius_every", [5, 3])  # on the sampled steps, and off them
+def test_the_recurrent_radius_is_the_one_the_steps_gradient_went_through(tmp_path, radius_every):
+    # Measured before the update: a first update too large for the weights sets any radius
+    # (a GRU at SGD LR 20: 0.6 at init, 2.96 after step 0), which is the LR's doing.
+    torch.manual_seed(0)
+    rnn = nn.RNN(3, 8, batch_first=True)
+    with torch.no_grad():
+        rnn.weight_hh_l0.copy_(torch.eye(8) * 0.5)
+
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = rnn
+            self.head = nn.Linear(8, 1)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0][:, -1])
+
+    model = Seq()
+    opt = torch.optim.SGD(model.parameters(), lr=50.0)
+    tel = Telemetry(tmp_path, radius_every=radius_every, update_every=4, tensorboard=False)
+    before = {}
+    with gradguard.Guard(model, opt, "none", check_finite=False, telemetry=tel) as guard:
+        for step in range(radius_every + 1):
+            before[step] = spectral_radius(rnn)
+            opt.zero_grad()
+            model(torch.randn(4, 5, 3)).pow(2).mean().backward()
+            guard.step()
+    run = load_run(tmp_path)
+    assert run.step_at(0)["radius"]["rnn"] == pytest.approx(0.5, rel=1e-4)
+    assert spectral_radius(rnn) != pytest.approx(0.5, rel=1e-2)  # the updates moved it
+    later = run.step_at(radius_every)["radius"]["rnn"]
+    assert later == pytest.approx(before[radius_every], rel=1e-4)
 
 
 def test_bad_settings_fail_clearly(tmp_path):

@@ -45,7 +45,8 @@ Record types (key ``"type"``), version 1:
     a ReLU unit dead for the whole batch has an all-zero row in the gradient of the layer that
     feeds it). The three are absent in older files and in Keras runs.
     ``amp_scale`` (the GradScaler's scale, or null); ``radius`` (``{layer: spectral radius of its
-    recurrent weights}`` on sampled steps, or null); ``rerun`` (the rerun attribution of a failing
+    recurrent weights}`` on sampled steps, measured before the step's update: the recurrence its
+    gradient went through; or null); ``rerun`` (the rerun attribution of a failing
     step given a replay: ``result`` ``transient``/``reproducible``, ``trigger``
     ``nonfinite``/``spike``, the rerun's ``grad_norm`` and ``loss``, ``origin`` when it found one;
     null, or absent in files written before it existed, when the step was not rerun).

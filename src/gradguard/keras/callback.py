@@ -245,7 +245,7 @@ class GuardTelemetry(keras.callbacks.Callback):
 
     def _sample_weights(self, opt: GuardedOptimizer, next_step: int) -> None:
         """Keep the weights before a step whose update/weight ratio is sampled."""
-        if self.telemetry.wants_update_ratio(next_step):
+        if self.telemetry.samples(next_step):
             self._before = _weights(opt)
 
     def _start(self, opt: GuardedOptimizer) -> None:

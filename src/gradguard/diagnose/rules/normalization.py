@@ -1,12 +1,12 @@
-"""``missing_normalization``: a deep plain network without normalization layers had spikes/NaN,
-or the training killed its units."""
+"""``missing_normalization``: a deep plain network without normalization layers had spikes/NaN
+(several, or with a loss that degraded or never fell), or the training killed its units."""
 
 from __future__ import annotations
 
 from collections import Counter
 
 from ..records import RunLog
-from .base import NONFINITE_KINDS, Finding, _layer, _trouble, _weight_layers
+from .base import NONFINITE_KINDS, Finding, _g, _layer, _trouble, _weight_layers
 from .registry import register
 
 #: Weight layers from which a plain (unnormalized) network counts as deep: beyond about 8-10
@@ -21,8 +21,8 @@ NORM_MIN_SPIKES = 3
 @register
 def missing_normalization(run: RunLog) -> Finding | None:
     """A deep plain network (no normalization layer) that had non-finite gradients, several
-    spikes, spikes and a loss that ended well above its best, or hidden units that were alive at
-    the start and dead at the end."""
+    spikes, spikes and a loss that ended well above its best or never fell, or hidden units that
+    were alive at the start and dead at the end."""
     if run.meta.get("normalization") is not False:  # absent: unknown, say nothing
         return None
     weights = _weight_layers(run)
@@ -30,7 +30,7 @@ def missing_normalization(run: RunLog) -> Finding | None:
         return None
     # here: the rules register in their report order
     from .depth import init_depth
-    from .progress import _degradation
+    from .progress import _degradation, did_not_learn
     from .units import died_during
 
     events = _trouble(run)
@@ -38,9 +38,13 @@ def missing_normalization(run: RunLog) -> Finding | None:
     # off (init_depth) is the account of a run whose signal died through the layers
     died = died_during(run) if init_depth(run) is None else None
     nonfinite = any(e["kind"] in NONFINITE_KINDS for e in events)
+    # spikes in a net that never learned: a deep plain net at an LR its depth cannot take sits at
+    # its starting loss, its signal blown up and damped layer by layer, with no NaN
+    stuck = did_not_learn(run) if events else None
     if (
         died is None
         and not nonfinite
+        and stuck is None
         and (not events or (len(events) < NORM_MIN_SPIKES and _degradation(run) is None))
     ):
         return None
@@ -48,6 +52,8 @@ def missing_normalization(run: RunLog) -> Finding | None:
     had = [f"it had {len(events)} spike or non-finite events"] if events else []
     if died is not None:
         had.append(f"its hidden units died from step {died} on")
+    if stuck is not None and died is None and not nonfinite:
+        had.append(f"its loss stayed near where it started ({_g(stuck[0])} to {_g(stuck[1])})")
     evidence = [
         f"{len(weights)} weight layers ({_layer(run, weights[0])} ... "
         f"{_layer(run, weights[-1])}); no BatchNorm/LayerNorm/GroupNorm/RMSNorm layer"
@@ -62,6 +68,11 @@ def missing_normalization(run: RunLog) -> Finding | None:
         evidence.append(
             f"alive at the first sampled step, most hidden units get no gradient from step {died}"
             " on (see Dead units)"
+        )
+    if stuck is not None:
+        evidence.append(
+            f"median loss {_g(stuck[0])} over the first tenth of the run and {_g(stuck[1])} over "
+            "the last: it did not learn"
         )
     starts = [e["step"] for e in events[:1]] + ([died] if died is not None else [])
     return Finding(

@@ -124,6 +124,20 @@ def _no_progress(run: RunLog) -> bool:
     return m0 > 0 and all(abs(w[2] - m0) <= NO_PROGRESS * m0 for w in wins)
 
 
+def did_not_learn(run: RunLog) -> tuple[float, float] | None:
+    """(first, last) window median losses of a run that did not learn: it ended above
+    ``1 - NOT_LEARNED`` of where it started; None if it learned (or is too short to say)."""
+    wins = _windows(run)
+    if len(wins) < DEGRADE_WINDOWS // 2:
+        return None
+    m0, end = wins[0][2], wins[-1][2]
+    return (m0, end) if m0 > 0 and end >= (1 - NOT_LEARNED) * m0 else None
+
+
+#: A run that lowered its loss by less than this share of its start did not learn (digits: a net
+#: that learns goes from 2.3 to under 0.5 in a few hundred steps; a deep plain net stuck at
+#: chance stays within 10% of 2.3).
+NOT_LEARNED = 0.2
 #: The share of its start the loss stays within, everywhere, in a run that never learned.
 NO_PROGRESS = 0.02
 #: The first three windows must have lowered the loss by this share of its start.

@@ -104,6 +104,7 @@ class Telemetry:
         self._dead: DeadUnitMeter | None = None
         self._meter: LogitMeter | None = None
         self._recurrent: list[tuple[int, nn.RNNBase]] = []
+        self._radius: dict[str, float] | None = None  # measured before this step's update
         self.events: list[dict[str, Any]] = []
         self._event_counts: dict[str, int] = {}
         self.localizations: list[dict[str, Any]] = []
@@ -176,22 +177,42 @@ class Telemetry:
         """Whether the attention logits of a forward are measured: it feeds the Guard's next step
         (the index its ``_step`` holds until that step is taken), and that step is sampled."""
         guard = self._guard() if self._guard is not None else None
-        return guard is not None and not self._closed and self.wants_update_ratio(guard._step)
+        return guard is not None and not self._closed and self.samples(guard._step)
 
     # ----- per step (called by the Guard) -----------------------------------------------------------
     def wants_update_ratio(self, step: int) -> bool:
-        """Every ``update_every``-th step, and every one of the first ``update_every`` steps: a run
-        that blows up in its first steps (too high an LR) is then judged on several samples."""
+        """Whether :meth:`before_update` is wanted before ``step``'s update: on the sampled steps
+        (:meth:`samples`) and where the recurrent radius is due (measured before the update)."""
+        return self.samples(step) or self._radius_due(step)
+
+    def samples(self, step: int) -> bool:
+        """Whether ``step`` is sampled (update/weight ratio, dead units, attention logits): every
+        ``update_every``-th step, and every one of the first ``update_every`` steps: a run that
+        blows up in its first steps (too high an LR) is then judged on several samples."""
         return step < self.update_every or step % self.update_every == 0
+
+    def _radius_due(self, step: int) -> bool:
+        return bool(self._recurrent) and step % self.radius_every == 0
 
     def _counts_dead(self, step: int) -> bool:
         """Whether ``step``'s gradients enter the dead units: the ``dead_window`` steps up to and
         including each sampled step."""
-        return self.wants_update_ratio(step) or (-step) % self.update_every < self.dead_window
+        return self.samples(step) or (-step) % self.update_every < self.dead_window
 
     def before_update(self, stats: GradStats) -> None:
-        """Keep the weights as they are before the optimizer step (sampled steps only)."""
-        self._before = [p.detach().clone() for p in stats.layout.params]
+        """Before the optimizer step: keep the weights as they are (sampled steps), and measure
+        the recurrent radii (their steps): the radius the step's gradient went through, not one
+        its update made (a first update too large for the weights sets any radius)."""
+        guard = self._guard() if self._guard is not None else None
+        step = guard._step if guard is not None else 0
+        if self.samples(step):
+            self._before = [p.detach().clone() for p in stats.layout.params]
+        if self._radius_due(step):
+            self._radius = self._radii(guard)
+
+    def _radii(self, guard: Guard | None) -> dict[str, float]:
+        names = guard.layout.layer_names if guard is not None else []
+        return {names[i]: spectral_radius(m) for i, m in self._recurrent}
 
     def after_step(
         self,
@@ -226,7 +247,7 @@ class Telemetry:
             # the gradients the optimizer applied (a skipped step's are not), in the window
             if stepped and self._counts_dead(ctx.step):
                 self._dead.observe(stats)
-            if self.wants_update_ratio(ctx.step):
+            if self.samples(ctx.step):
                 dead = self._dead.read(guard.layout, stats.device)
                 if dead is not None:
                     vec.add_dead_units(*dead)
@@ -234,15 +255,16 @@ class Telemetry:
             vec.add_logits(self._logits)
             self._logits = None
         if self._meter is not None:
-            if self.wants_update_ratio(ctx.step):
+            if self.samples(ctx.step):
                 vec.add_attention(self._meter.sites)
             self._meter.reset()
         if guard.scaler is not None:
             vec.fields["amp_scale"] = guard.scaler.get_scale() if ctx.host is not None else None
         if self._recurrent and (ctx.step % self.radius_every == 0 or not stepped):
-            vec.fields["radius"] = {
-                guard.layout.layer_names[i]: spectral_radius(m) for i, m in self._recurrent
-            }
+            # Measured before the update where it was due (a skipped step's weights are as they
+            # were before it).
+            vec.fields["radius"] = self._radius if self._radius is not None else self._radii(guard)
+        self._radius = None
         vec.add_metrics(ctx)
         if localization is not None:
             vec.fields["localization"] = localization
