@@ -182,16 +182,20 @@ def test_replay_localizes_a_backward_nan_to_its_module(tmp_path):
     assert [lc["method"] for lc in run.localizations] == ["replay"]
 
 
+def _clipped_tiny_run(log_dir, steps: int) -> None:
+    torch.manual_seed(0)
+    model = TinyNet(width=16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with gradguard.Guard(model, opt, "clip_norm:0.5", log_dir=log_dir) as guard:
+        for step in range(steps):
+            guard.step(loss=backward(model, step))
+
+
 def test_tensorboard_files_hold_the_kept_steps(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    torch.manual_seed(0)
-    model = TinyNet(width=16)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    with gradguard.Guard(model, opt, "clip_norm:0.5", log_dir=tmp_path) as guard:
-        for step in range(15):
-            guard.step(loss=backward(model, step))
+    _clipped_tiny_run(tmp_path, 15)
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
     tags = acc.Tags()["scalars"]
@@ -221,12 +225,7 @@ def test_a_kept_steps_scalars_travel_in_one_tensorboard_event(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-    torch.manual_seed(0)
-    model = TinyNet(width=16)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    with gradguard.Guard(model, opt, "clip_norm:0.5", log_dir=tmp_path) as guard:
-        for step in range(12):
-            guard.step(loss=backward(model, step))
+    _clipped_tiny_run(tmp_path, 12)
     (path,) = (tmp_path / "tb").glob("events.out.tfevents.*")
     scalar_events: dict[int, list[set[str]]] = {}
     for event in EventFileLoader(str(path)).Load():
