@@ -20,6 +20,7 @@ Run
     python benchmarks/bench_diagnosis.py --cases lr/ attention --seeds 1
     python benchmarks/bench_diagnosis.py --out DIR --table  # re-print from DIR's stored runs
     python benchmarks/bench_diagnosis.py --off-grid          # the cases at other strengths
+    python benchmarks/bench_diagnosis.py --across            # the causes on other models
 
 Runs are stored one JSON line each in ``OUT/runs.jsonl`` (keyed by case, strength and seed), so an
 interrupted benchmark resumes where it stopped; ``--fresh`` recomputes. Each run trains with one
@@ -123,7 +124,7 @@ def report(rows: list[dict[str, Any]]) -> tuple[str, bool]:
     from tests.diagnose import corpus
 
     causes = sorted(
-        {c for r in rows for c in r["found"]} | {c for k in corpus.CASES for c in k.expect}
+        {c for r in rows for c in r["found"]} | {c for k in _all_cases() for c in k.expect}
     )
     lines = ["Confusion: runs of each case (rows) in which each cause was found (columns).", ""]
     short = {c: c[:10] for c in causes}
@@ -131,7 +132,7 @@ def report(rows: list[dict[str, Any]]) -> tuple[str, bool]:
     by_case: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         by_case[r["case"]].append(r)
-    for case in corpus.CASES:
+    for case in _all_cases():
         rs = by_case.get(case.name)
         if not rs:
             continue
@@ -171,7 +172,7 @@ def report(rows: list[dict[str, Any]]) -> tuple[str, bool]:
         dead = (r.get("truth") or {}).get("dead")
         shown = "" if dead is None else f" (measured dead share {dead:.2f})"
         lines.append(f"  {r['key']}: found {r['found']}{shown}")
-    for case in corpus.CASES:
+    for case in _all_cases():
         rs = by_case.get(case.name, [])
         if case.if_nonfinite is not None and rs:
             n = sum((r.get("truth") or {}).get("finite") is False for r in rs)
@@ -195,6 +196,12 @@ def report(rows: list[dict[str, Any]]) -> tuple[str, bool]:
     return "\n".join(lines), ok
 
 
+def _all_cases() -> list[Any]:
+    from tests.diagnose import corpus
+
+    return [*corpus.CASES, *corpus.ACROSS]
+
+
 def _wrong(r: dict[str, Any]) -> bool:
     from tests.diagnose import corpus
 
@@ -215,8 +222,16 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="the cases at their other strengths (corpus.OFF_GRID) instead of their own",
     )
+    ap.add_argument(
+        "--across",
+        action="store_true",
+        help="the causes on other models and optimizers (corpus.ACROSS) instead of the corpus",
+    )
     args = ap.parse_args(argv)
     from tests.diagnose import corpus
+
+    if args.across and args.off_grid:
+        ap.error("--across cases have one set of strengths: give --across or --off-grid")
 
     def strengths(case: Any) -> tuple[Any, ...]:
         return corpus.OFF_GRID[case.name] if args.off_grid else case.strengths
@@ -225,9 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     store = out / "runs.jsonl"
     done = {} if args.fresh else _load(store)
-    cases = [
-        c for c in corpus.CASES if not args.cases or any(c.name.startswith(p) for p in args.cases)
-    ]
+    among = corpus.ACROSS if args.across else corpus.CASES
+    cases = [c for c in among if not args.cases or any(c.name.startswith(p) for p in args.cases)]
     todo = [
         (c.name, s, seed)
         for c in cases

@@ -374,6 +374,7 @@ TABLES: dict[str, Table] = {
     "telemetry-overhead": Table("telemetry-overhead", text_block),
     "diagnosis-corpus": Table("diagnosis-corpus", text_block),
     "diagnosis-off-grid": Table("diagnosis-off-grid", text_block),
+    "diagnosis-across": Table("diagnosis-across", text_block),
     # The rnn and transformer suites (docs/bench.md) have tables here once their results are
     # stored again after the thread-pinning change: `store rnn ...`, then add the markers.
     "rnn": Table("rnn", bench_long),

@@ -250,12 +250,16 @@ def _label_noise(burst: int, seed: int, run_dir: Path) -> dict[str, Any]:
     return train(s, seed, run_dir)
 
 
-def _fp16(p: float, seed: int, run_dir: Path) -> dict[str, Any]:
-    s = mlp_setup(seed, "sgd", 0.05, depth=4, width=64)
+def _overflowing(s: Setup, p: float) -> Setup:
+    """``s`` under a GradScaler whose steps overflow with probability ``p``, skipped."""
     s.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
     s.faults = f"fp16_overflow:p={p}"
     s.policy = "skip_nonfinite"
-    return train(s, seed, run_dir)
+    return s
+
+
+def _fp16(p: float, seed: int, run_dir: Path) -> dict[str, Any]:
+    return train(_overflowing(mlp_setup(seed, "sgd", 0.05, depth=4, width=64), p), seed, run_dir)
 
 
 def _sequence_task(T: int, seed: int) -> Any:
@@ -544,6 +548,129 @@ OFF_GRID: dict[str, tuple[Any, ...]] = {
     "healthy/small_last_batch": (2,),
     "healthy/slow_calm": (0.002,),
 }
+
+
+# ----- across models: the causes on models and optimizers the corpus's cases do not use ---------
+def _cnn(seed: int, opt: str, lr: float, steps: int = 200, **model: Any) -> Setup:
+    task = digits(seed)
+    _seeded(seed)
+    net = build_model("cnn", task.input_shape, task.num_outputs, **model)
+    return Setup(task, net, _opt(opt, net.parameters(), lr), steps=steps)
+
+
+def _seq(seed: int, model: str, opt: str, lr: float, T: int = 20, **options: Any) -> Setup:
+    task = make_task("adding", T=T, seed=seed)
+    _seeded(seed)
+    net = build_model(model, task.input_shape, task.num_outputs, **options)
+    return Setup(task, net, _opt(opt, net.parameters(), lr), steps=150)
+
+
+def _gpt3(seed: int, lr: float) -> Setup:
+    """A wider, deeper GPT than the corpus's (d_model 96, 3 layers)."""
+    task = _charlm()
+    _seeded(seed)
+    net = build_model("gpt", task.input_shape, task.num_outputs, d_model=96, n_layers=3)
+    return Setup(task, net, _opt("adamw", net.parameters(), lr), steps=200, batch_size=32)
+
+
+def _with(
+    setup: Callable[..., Setup],
+    *args: Any,
+    faults: Callable[[Any, int], str] | None = None,
+    policy: str = "none",
+    **kw: Any,
+) -> Callable[[Any, int, Path], dict[str, Any]]:
+    """A case's ``make``: trains ``setup(seed, *args, **kw)`` (an ``arg`` that is
+    :func:`_strength` is the case's strength) with ``faults(strength, seed)`` and ``policy``."""
+
+    def make(strength: Any, seed: int, run_dir: Path) -> dict[str, Any]:
+        s = setup(seed, *(strength if a is _strength else a for a in args), **kw)
+        if faults is not None:
+            s.faults = faults(strength, seed)
+        s.policy = policy
+        return train(s, seed, run_dir)
+
+    return make
+
+
+def _strength(x: Any) -> Any:
+    """In :func:`_with`'s arguments: the case's strength goes here."""
+    return x
+
+
+def _cnn_bias(bias: float, seed: int, run_dir: Path) -> dict[str, Any]:
+    s = _cnn(seed, "momentum", 0.01, depth=4, width=32)
+    with torch.no_grad():
+        for m in [m for m in s.model.modules() if isinstance(m, nn.Conv2d)][1:]:
+            m.bias.fill_(bias)
+    return train(s, seed, run_dir)
+
+
+def _mlp_bias_sgd(bias: float, seed: int, run_dir: Path) -> dict[str, Any]:
+    s = mlp_setup(seed, "sgd", 0.05, depth=8, width=48)
+    with torch.no_grad():
+        for m in [m for m in s.model.modules() if isinstance(m, nn.Linear)][2:-1]:
+            m.bias.fill_(bias)
+    return train(s, seed, run_dir)
+
+
+def _fp16_cnn(p: float, seed: int, run_dir: Path) -> dict[str, Any]:
+    return train(_overflowing(_cnn(seed, "sgd", 0.05, depth=3, width=32), p), seed, run_dir)
+
+
+def _radius_h32(init_scale: float, seed: int, run_dir: Path) -> dict[str, Any]:
+    s = _seq(seed, "rnn", "sgd", 0.03, T=30, hidden=32, init_scale=init_scale)
+    start = recurrent_radius(s.model)
+    measured = train(s, seed, run_dir)
+    measured["radius"] = max(start, recurrent_radius(s.model))
+    return measured
+
+
+_ACROSS_DEEP = ("lr_too_high", "init_depth", "dead_units", "loss_degradation")
+_ACROSS_LR = ("loss_degradation",)
+
+#: The causes of the corpus injected into models and optimizers its cases do not use: CNNs
+#: (plain, batch-normed), a GRU and LSTMs, AdamW, wider and deeper MLPs, a 3-layer GPT
+#: (``python benchmarks/bench_diagnosis.py --across``). Not held out: made in the session that
+#: fixed four rules on them (the radius before the update, the momentum-carried update spike, a
+#: deep plain net that never learned, the lead-in blow-up, the outlier the run took).
+ACROSS: list[Case] = [
+    _case("across/lr/cnn_sgd", "lr_too_high", (1.5,), _with(_cnn, "sgd", _strength, depth=3, width=32), _ACROSS_LR, _DEGRADES),
+    _case("across/lr/cnn_adam", "lr_too_high", (0.05,), _with(_cnn, "adam", _strength, depth=3, width=32), _ACROSS_LR, _DEGRADES),
+    _case("across/lr/mlp_adamw", "lr_too_high", (0.08,), _with(mlp_setup, "adamw", _strength, depth=4, width=96), _ACROSS_LR, _DEGRADES),
+    _case("across/lr/gru_sgd", "lr_too_high", (20.0,), _with(_seq, "gru", "sgd", _strength, hidden=48), _ACROSS_LR, _DEGRADES),
+    _case("across/lr/lstm_adam", "lr_too_high", (0.3,), _with(_seq, "lstm", "adam", _strength, hidden=64), _ACROSS_LR, _DEGRADES),
+    _case("across/init/cnn_large", "init_depth", (3.0,), _with(_cnn, "sgd", 0.01, depth=6, width=32, init_scale=3.0), ("lr_too_high", "loss_degradation", "dead_units"), "outputs far too large at the start make every update too large for the LR"),
+    _case("across/init/cnn_small", "init_depth", (0.4,), _with(_cnn, "sgd", 0.01, depth=8, width=32, init_scale=0.4)),
+    _case("across/init/tanh_small", "init_depth", (0.45,), _with(mlp_setup, "sgd", 0.01, depth=14, width=48, activation="tanh", init_scale=0.45)),
+    _case("across/deep_plain/mlp20_sgd", "missing_normalization", (0.3,), _with(mlp_setup, "sgd", _strength, depth=20, width=48), _ACROSS_DEEP, "as deep_plain"),
+    _case("across/deep_plain/mlp24_momentum", "missing_normalization", (0.1,), _with(mlp_setup, "momentum", _strength, depth=24, width=64), _ACROSS_DEEP, "as deep_plain"),
+    _case("across/deep_plain/cnn12", "missing_normalization", (0.05,), _with(_cnn, "momentum", _strength, depth=12, width=32), _ACROSS_DEEP, "as deep_plain"),
+    _case("across/dead_relu/mlp_bias_sgd", "dead_units", (-6.0,), _mlp_bias_sgd),
+    _case("across/dead_relu/cnn_bias", "dead_units", (-4.0,), _cnn_bias),
+    _case("across/outlier/cnn", "outlier_batch", (500.0,), _with(_cnn, "momentum", 0.01, depth=3, width=32, faults=lambda k, seed: f"poison:mode=scale,scale={k},at={40 + 5 * seed}"), _ACROSS_LR, _DEGRADES),
+    _case("across/outlier/lstm", "outlier_batch", (300.0,), _with(_seq, "lstm", "adam", 3e-3, hidden=48, faults=lambda k, seed: f"poison:mode=scale,scale={k},at={60 + 5 * seed}"), _ACROSS_LR, _DEGRADES),
+    _case("across/label_noise/cnn", "label_noise", (8,), _with(_cnn, "momentum", 0.01, steps=300, depth=3, width=32, faults=lambda k, seed: "poison:mode=shuffle,at=" + "|".join(str(160 + 3 * seed + i) for i in range(k)))),
+    _case("across/fp16/cnn", "fp16_overflow", (0.4,), _fp16_cnn),
+    _case("across/rnn_radius/h32_T30", "recurrent_explosion", (2.2,), _radius_h32, ("lr_too_high", "loss_degradation"), "a recurrence that explodes makes every update too large for the LR"),
+    _case("across/attention/gpt3", "attention_logits", (2e-2,), _with(_gpt3, _strength), ("lr_too_high", "loss_degradation"), "the logits grow because the LR is too high without qk-layernorm"),
+    _case("across/output_logits/cnn", "output_logits", (0.3,), _with(_cnn, "adam", 1e-3, depth=3, width=32, faults=lambda k, _: f"logit_drift:rate={k},p=1")),
+    _case("across/nan_once/cnn", "single_bad_step", (80,), _with(_cnn, "adam", 1e-3, depth=3, width=32, faults=lambda k, _: f"nan:at={k}", policy="skip_nonfinite")),
+    _case("across/nan_once/gru", "single_bad_step", (30,), _with(_seq, "gru", "adam", 3e-3, hidden=48, faults=lambda k, _: f"nan:at={k}", policy="skip_nonfinite")),
+    _case("across/nan_once/gpt", "single_bad_step", (60,), _with(_gpt3, 1e-3, faults=lambda k, _: f"nan:at={k}", policy="skip_nonfinite")),
+    _case("across/lr_burst/adam", "update_spike", (40.0,), _with(mlp_setup, "adam", 1e-3, depth=4, width=64, faults=lambda k, seed: f"lr_burst:factor={k},steps=8,at={120 + 9 * seed}"), ("lr_too_high", "loss_degradation"), "during the burst the LR is too high"),
+    _case("across/healthy/cnn_adam", (), (1e-3,), _with(_cnn, "adam", _strength, depth=3, width=32)),
+    _case("across/healthy/cnn_sgd", (), (0.05,), _with(_cnn, "sgd", _strength, depth=2, width=16)),
+    _case("across/healthy/cnn_batchnorm", (), (0.05,), _with(_cnn, "momentum", _strength, depth=4, width=32, norm="batch")),
+    _case("across/healthy/gru_adam", (), (3e-3,), _with(_seq, "gru", "adam", _strength, hidden=48)),
+    _case("across/healthy/gru_adamw", (), (5e-3,), _with(_seq, "gru", "adamw", _strength, hidden=32)),
+    _case("across/healthy/lstm_T10", (), (5e-3,), _with(_seq, "lstm", "adam", _strength, T=10, hidden=48)),
+    _case("across/healthy/mlp_adamw", (), (1e-3,), _with(mlp_setup, "adamw", _strength, depth=5, width=96)),
+    _case("across/healthy/mlp_wide_sgd", (), (0.05,), _with(mlp_setup, "sgd", _strength, depth=2, width=256)),
+    _case("across/healthy/gpt3", (), (1e-3,), _with(_gpt3, _strength)),
+]  # fmt: skip
+
+BY_NAME.update({c.name: c for c in ACROSS})
 
 
 def make(case: Case, strength: Any, seed: int, run_dir: Path) -> dict[str, Any]:

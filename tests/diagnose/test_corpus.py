@@ -54,6 +54,29 @@ def test_runs_with_a_known_cause_are_diagnosed_with_it(tmp_path):
     assert found_causes == {c for case in CAUSES for c in case.expect}, wrong
 
 
+ACROSS_HEALTHY = [c for c in corpus.ACROSS if not c.expect]
+ACROSS_CAUSES = [c for c in corpus.ACROSS if c.expect]
+
+
+@pytest.mark.parametrize("case", ACROSS_HEALTHY, ids=[c.name for c in ACROSS_HEALTHY])
+def test_a_healthy_control_of_another_model_is_diagnosed_healthy(tmp_path, case):
+    corpus.make(case, case.strengths[0], 0, tmp_path)
+    assert corpus.diagnosed(tmp_path) == set()
+
+
+def test_the_causes_on_other_models_are_diagnosed_with_them(tmp_path):
+    """The corpus's causes in CNNs, a GRU, LSTMs, AdamW, deeper plain nets and a 3-layer GPT
+    (``corpus.ACROSS``; the benchmark's ``--across``), judged together with the same margin."""
+    wrong = {}
+    for case in ACROSS_CAUSES:
+        d = tmp_path / case.name.replace("/", "_")
+        measured = corpus.make(case, case.strengths[0], 0, d)
+        verdict = corpus.judge(case, corpus.diagnosed(d), measured)
+        if verdict["missed"] or verdict["false"]:
+            wrong[case.name] = verdict
+    assert len(wrong) <= MAX_WRONG, wrong
+
+
 def test_the_judge_counts_misses_and_false_findings():
     case = corpus.BY_NAME["outlier"]
     assert corpus.judge(case, {"outlier_batch"}) == {"missed": [], "false": []}

@@ -264,6 +264,50 @@ def test_lr_too_high_on_a_run_damaged_in_its_first_steps(tmp_path):
     assert lr_too_high(write(tmp_path / "two", meta(), st)) is None
 
 
+@pytest.mark.parametrize(("jump", "fires"), [(72.0, True), (12.0, True), (4.0, False)])
+def test_large_first_steps_with_a_loss_that_blew_up_in_them_are_a_too_high_lr(
+    tmp_path, jump, fires
+):
+    """An LSTM under Adam at LR 0.3: updates 4x the weights at step 0, the loss from 1.3 to 96 at
+    step 1, then Adam caught up and it trained, with no event (the detector had no history)."""
+    st = ratios(steps(), 0.3, until=15)
+    for s in st:
+        s["dead_units"] = [0.05] * 5 + [0.0] if s["step"] % 10 == 0 else None
+    st[1]["loss"] = st[0]["loss"] * jump
+    f = lr_too_high(write(tmp_path, meta(), st))
+    assert (f is not None) == fires
+    if fires:
+        assert f.step == 0 and f.severity == "medium"
+
+
+def test_large_first_steps_of_a_run_that_then_never_learned_are_a_too_high_lr(tmp_path):
+    """A CNN at SGD LR 1.5: updates 0.2-2.9x the weights on its first three steps, then at chance
+    for 200 steps (two late spikes, no NaN): the lead-in is judged on its own."""
+    st = ratios(steps(200), 0.5, until=15)
+    for s in st:
+        s["loss"] = 2.3 + 0.02 * math.sin(s["step"])
+    f = lr_too_high(write(tmp_path, meta(), st))
+    assert f is not None and f.step == 0
+    # the same loss with small first steps: a net that did not learn, but not from its LR
+    calm = ratios(steps(200), 1e-3)
+    for s in calm:
+        s["loss"] = 2.3 + 0.02 * math.sin(s["step"])
+    assert lr_too_high(write(tmp_path / "calm", meta(), calm)) is None
+
+
+def test_spikes_that_all_came_on_outlier_batches_are_no_evidence_about_the_lr(tmp_path):
+    """An LSTM under Adam 3e-3 (updates ~3e-2 of its weights, as Adam's are) spiked only on a
+    batch scaled 300x: judged as a run without events."""
+    st = ratios(steps(200), 3e-2)
+    st[70]["input"] = {"mean": 90.0, "std": 300.0, "absmax": 900.0}
+    run = write(tmp_path, meta(), st, [event(70, "loss_spike"), event(71)])
+    assert lr_too_high(run) is None
+    assert outlier_batch(run) is not None
+    # a spike on an ordinary batch besides it is the LR's evidence again
+    run = write(tmp_path / "more", meta(), st, [event(70, "loss_spike"), event(120)])
+    assert lr_too_high(run) is not None
+
+
 def test_large_first_steps_of_a_run_that_then_trains_calmly_are_no_finding(tmp_path):
     """The same three large leading samples with no damage after them (no event, the loss falls,
     every unit alive): a vanilla RNN at 1.5x init did this and trained well."""
@@ -717,6 +761,31 @@ def test_outlier_batch_scaled_batch_among_small_last_batches(tmp_path, seed, sca
     f = outlier_batch(write(tmp_path, meta(), st, ev))
     assert f is not None and f.step == 150
     assert any("1 of 15 spike/non-finite steps" in e for e in f.evidence)
+
+
+@pytest.mark.parametrize(("factor", "fires"), [(300.0, True), (12.0, True), (5.0, False)])
+def test_outlier_batch_without_any_event_is_said_when_10x_the_usual(tmp_path, factor, fires):
+    # an LSTM took a batch scaled 300x with no spike (its gates saturate): said, at medium
+    st = steps(60)
+    usual = st[0]["input"]
+    st[45]["input"] = dict(usual, std=usual["std"] * factor, absmax=usual["absmax"] * factor)
+    f = outlier_batch(write(tmp_path, meta(), st))
+    assert (f is not None) == fires
+    if fires:
+        assert f.step == 45 and f.severity == "medium" and "took it" in f.title
+        assert "no spike or non-finite step followed" in f.evidence[-1]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_outlier_batch_without_events_not_for_heavy_tailed_data_or_small_last_batches(
+    tmp_path, seed
+):
+    st = sampled_inputs(300, 21, 3, seed)
+    assert outlier_batch(write(tmp_path / "plain", meta(), st)) is None
+    inp = st[150]["input"]
+    st[150]["input"] = dict(inp, std=inp["std"] * 30, absmax=inp["absmax"] * 30)
+    f = outlier_batch(write(tmp_path / "scaled", meta(), st))
+    assert f is not None and f.step == 150
 
 
 def test_outlier_batch_smaller_inputs_are_never_an_outlier(tmp_path):

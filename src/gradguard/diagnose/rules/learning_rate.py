@@ -16,6 +16,7 @@ from .base import (
     _lone_spikes,
     _num,
     _step,
+    _trouble,
 )
 from .registry import register
 
@@ -44,8 +45,9 @@ LEAD_START = 3
 def lr_too_high(run: RunLog) -> Finding | None:
     """Update/weight ratio far above ~1e-3 on several sampled steps before the first spike or NaN.
 
-    The sampled steps are judged all together and, where the run shows the damage (trouble, or
-    units ``dead_units`` finds dead), on their own the ones from the start for as long as each is
+    The sampled steps are judged all together and, where the run shows the damage (trouble,
+    units ``dead_units`` finds dead, a loss that rose 10x in its first steps or never fell), on
+    their own the ones from the start for as long as each is
     too large: a run that blows up, or kills its units, within a few steps has most of its
     samples after the damage, where updates are small again. A loss that degraded
     or stalled with no event (``loss_degradation``) is trouble too: the steps before it are
@@ -57,9 +59,10 @@ def lr_too_high(run: RunLog) -> Finding | None:
     LR: such a run is judged on all its sampled steps with the thresholds of a run without
     events (the median layer, or one layer, moving 10% per step). Nor do one or two gradient
     spikes after which the loss neither degraded nor stalled: that run is judged as one without
-    events (Adam's healthy updates are ~1e-2 of the weights, the troubled threshold)."""
+    events (Adam's healthy updates are ~1e-2 of the weights, the troubled threshold), nor spikes
+    that all came on outlier batches (the data's doing)."""
     lone = bool(_lone_nonfinite(run))
-    first = None if lone else _first_trouble(run)
+    first = None if lone or _data_trouble_only(run) else _first_trouble(run)
     if first is not None and _lone_spikes(run) and _quiet_trouble(run) is None:
         first = None  # one or two spikes the loss shrugged off: no trouble to judge the LR by
     quiet = _quiet_trouble(run) if first is None and not lone else None
@@ -68,15 +71,59 @@ def lr_too_high(run: RunLog) -> Finding | None:
     sampled = _sampled_before(run, first if first is not None else quiet)
     median_limit = UPDATE_RATIO_HIGH if troubled else UPDATE_RATIO_SEVERE
     layer_limit = UPDATE_RATIO_LAYER_HIGH if troubled or lone else math.inf
-    # The lead-in judged on its own needs the damage it stands for: trouble, or units that died
-    # (a vanilla RNN at 1.5x init moved its weights by ~0.2 a step for three samples, then
-    # trained well with no event: large first steps alone are not a too-high LR).
-    lead = troubled or lone or _units_died(run)
+    # The lead-in judged on its own needs the damage it stands for: trouble, units that died or a
+    # loss that blew up in it (a vanilla RNN at 1.5x init moved its weights by ~0.2 a step for
+    # three samples, then trained well with no event: large first steps alone are not a too-high
+    # LR).
+    lead = troubled or lone or _units_died(run) or _early_blowup(run) or _never_learned(run)
     for chosen in (sampled, _leading(sampled, median_limit, layer_limit)) if lead else (sampled,):
         verdict = _judge(chosen, median_limit, layer_limit)
         if verdict is not None:
             return _finding(run, chosen, *verdict, first, quiet, jumps)
     return None
+
+
+def _data_trouble_only(run: RunLog) -> bool:
+    """Whether every spike or non-finite event came on an outlier batch or within
+    :data:`OUTLIER_AFTER` steps after one: trouble the data made, not the LR (an LSTM under Adam
+    3e-3, updates ~3e-2 of its weights as Adam's are, spiked only on a batch scaled 300x)."""
+    from .outliers import outlier_steps  # here: the rules register in their report order
+
+    bad = outlier_steps(run)
+    steps = {e["step"] for e in _trouble(run)}
+    return bool(bad) and all(any(0 <= s - b <= OUTLIER_AFTER for b in bad) for s in steps)
+
+
+#: Steps after an outlier batch whose spikes are still that batch's (momentum carries it).
+OUTLIER_AFTER = 2
+
+
+def _never_learned(run: RunLog) -> bool:
+    """Whether the loss ended above 80% of where it started (``progress.did_not_learn``): a CNN
+    at SGD LR 1.5 moved its weights by 0.2-2.9x their size on its first three steps and then sat
+    at chance for 200 steps, with two late spikes and no NaN."""
+    from .progress import did_not_learn  # here: the rules register in their report order
+
+    return did_not_learn(run) is not None
+
+
+def _early_blowup(run: RunLog) -> bool:
+    """Whether the loss blew up in the lead-in: within the first :data:`EARLY_STEPS` recorded
+    steps it rose to :data:`EARLY_LOSS_JUMP` times its first value (an LSTM under Adam at LR 0.3:
+    its first update 4x its weights, the loss from 1.3 to 96 at step 1; Adam's second moment then
+    caught up and it trained, with no event: the detector has no history that early)."""
+    losses = [
+        v
+        for s in run.steps[:EARLY_STEPS]
+        if _step(s) is not None and (v := _num(s.get("loss"))) is not None
+    ]
+    return len(losses) >= 2 and losses[0] > 0 and max(losses[1:]) >= EARLY_LOSS_JUMP * losses[0]
+
+
+#: The recorded steps of the lead-in, and the rise of the loss over its first value in them that
+#: is a blow-up (a healthy start does not multiply its loss by 10).
+EARLY_STEPS = 10
+EARLY_LOSS_JUMP = 10.0
 
 
 def _units_died(run: RunLog) -> bool:

@@ -1,4 +1,5 @@
-"""``outlier_batch``: a spike or NaN came with a batch whose inputs are far larger than the rest.
+"""``outlier_batch``: a spike or NaN came with a batch whose inputs are far larger than the rest;
+or, in a run with no spike or NaN at all, a batch whose inputs were 10x the usual size.
 
 Only inputs that are unusually *large* or *shifted* count: a batch whose absmax or std is far below
 the usual is not what makes a gradient explode. A batch of another size is judged for what its size
@@ -59,23 +60,10 @@ def _input_stats(rec: Mapping[str, Any]) -> dict[str, float] | None:
 def outlier_batch(run: RunLog) -> Finding | None:
     """At a spike or NaN, the batch's input statistics are far from those of the steps before."""
     events = _trouble(run)
+    inputs = _inputs(run)
     if not events:
-        return None
-    event_steps = {e["step"] for e in events}
-    inputs = [
-        (s["step"], st)
-        for s in run.steps
-        if _step(s) is not None and (st := _input_stats(s)) is not None
-    ]
-    hits: list[_Hit] = []
-    seen: set[int] = set()
-    for e in events:
-        if e["step"] in seen:
-            continue
-        seen.add(e["step"])
-        hit = _outlier(e, inputs, event_steps)
-        if hit is not None:
-            hits.append(hit)
+        return _quiet_outlier(inputs)
+    hits, seen = _event_hits(events, inputs)
     if not hits:
         return None
     hits.sort(key=lambda h: h[1])
@@ -93,17 +81,110 @@ def outlier_batch(run: RunLog) -> Finding | None:
             "statistics were far from those of the batches before it."
         ),
         evidence=evidence,
-        advice=[
-            "Standardize the inputs with statistics of the training set (per-feature mean and "
-            "std computed once, applied to every batch), not per batch.",
-            f"Find the samples of step {first} (log the sample ids) and fix or drop them; if "
-            "extreme values are legitimate, clip input features to a few std (e.g. +-5).",
-            "Let the Guard skip such steps: add 'skip_spike' to the policy "
-            "(e.g. 'skip_nonfinite+skip_spike+zclip').",
-        ],
+        advice=_advice(first),
         severity="high",
         step=first,
     )
+
+
+def _inputs(run: RunLog) -> list[tuple[int, dict[str, float]]]:
+    return [
+        (s["step"], st)
+        for s in run.steps
+        if _step(s) is not None and (st := _input_stats(s)) is not None
+    ]
+
+
+def _event_hits(
+    events: list[dict[str, Any]], inputs: list[tuple[int, dict[str, float]]]
+) -> tuple[list[_Hit], set[int]]:
+    """The events whose batch is an outlier (one hit a step), and every event step looked at."""
+    event_steps = {e["step"] for e in events}
+    hits: list[_Hit] = []
+    seen: set[int] = set()
+    for e in events:
+        if e["step"] in seen:
+            continue
+        seen.add(e["step"])
+        hit = _outlier(e, inputs, event_steps)
+        if hit is not None:
+            hits.append(hit)
+    return hits, seen
+
+
+def outlier_steps(run: RunLog) -> set[int]:
+    """The steps of spike or non-finite events whose batch was an outlier: trouble the data made
+    (the other rules do not read it as evidence about the LR)."""
+    events = _trouble(run)
+    if not events:
+        return set()
+    hits, _ = _event_hits(events, _inputs(run))
+    return {h[1] for h in hits}
+
+
+def _quiet_outlier(inputs: list[tuple[int, dict[str, float]]]) -> Finding | None:
+    """No spike or NaN: batches whose inputs' absmax or std was :data:`QUIET_FACTOR` times the
+    usual (and beyond :data:`OUTLIER_Z`), which the run took without a spike. Said at medium
+    severity: nothing broke, but such a batch is a data bug that a less robust run, or the same
+    run at another LR, does not survive (an LSTM took a batch scaled 300x with no spike: its
+    gates saturate)."""
+    hits: list[tuple[int, str, float, float, float]] = []  # step, statistic, value, usual, z
+    hit_steps: set[int] = set()
+    for i, (step, cur) in enumerate(inputs):
+        if not all(math.isfinite(cur[k]) for k in _INPUT_KEYS):
+            continue
+        hist = [
+            st
+            for s, st in inputs[max(0, i - OUTLIER_WINDOW) : i]
+            if s not in hit_steps and all(math.isfinite(st[k]) for k in _INPUT_KEYS)
+        ]
+        if len(hist) < OUTLIER_MIN_HISTORY:
+            continue
+        for az, z, key, value, usual in _scores(cur, hist):
+            if key != "mean" and az > OUTLIER_Z and value >= QUIET_FACTOR * usual:
+                hits.append((step, key, value, usual, z))
+                hit_steps.add(step)
+                break
+    if not hits:
+        return None
+    first, key, value, usual, _ = hits[0]
+    evidence = [
+        f"step {s}: input {k} {_g(v)} vs a median of {_g(u)} over the batches before "
+        f"({v / u:.3g}x, z = {z:+.1f})"
+        for s, k, v, u, z in hits[:5]
+    ]
+    evidence.append(
+        f"{len(hits)} batch(es) {QUIET_FACTOR:g}x or more above the usual; no spike or "
+        "non-finite step followed: the run took them"
+    )
+    return Finding(
+        cause="outlier_batch",
+        title="Outlier batch (the run took it)",
+        summary=(
+            f"An outlier batch at step {first}: its inputs' {key} was {value / usual:.3g}x the "
+            "usual. Nothing broke, but a batch like it is usually a data bug (a sample left "
+            "unnormalized, a corrupt record) that a less robust run does not survive."
+        ),
+        evidence=evidence,
+        advice=_advice(first),
+        severity="medium",
+        step=first,
+    )
+
+
+#: Without any event, how many times the usual absmax or std a batch's inputs must reach.
+QUIET_FACTOR = 10.0
+
+
+def _advice(step: int) -> list[str]:
+    return [
+        "Standardize the inputs with statistics of the training set (per-feature mean and "
+        "std computed once, applied to every batch), not per batch.",
+        f"Find the samples of step {step} (log the sample ids) and fix or drop them; if "
+        "extreme values are legitimate, clip input features to a few std (e.g. +-5).",
+        "Let the Guard skip such steps: add 'skip_spike' to the policy "
+        "(e.g. 'skip_nonfinite+skip_spike+zclip').",
+    ]
 
 
 def _outlier(
