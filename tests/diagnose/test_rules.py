@@ -295,6 +295,21 @@ def test_large_first_steps_of_a_run_that_then_never_learned_are_a_too_high_lr(tm
     assert lr_too_high(write(tmp_path / "calm", meta(), calm)) is None
 
 
+def test_two_samples_of_updates_larger_than_the_weights_are_enough(tmp_path):
+    # a CNN at SGD LR 1.5: 0.42x and 4.5x its weights on steps 0 and 1, then at chance
+    st = ratios(steps(200), 2e-3)
+    st[0]["update_ratio"] = [0.42] * 6
+    st[5]["update_ratio"] = [4.5] * 6
+    for s in st:
+        s["loss"] = 2.3 + 0.02 * math.sin(s["step"])
+    f = lr_too_high(write(tmp_path, meta(), st))
+    assert f is not None and f.step == 0
+    assert any("larger than the weights" in e for e in f.evidence)
+    # two samples below the weights' size are still one short of the three it takes
+    st[5]["update_ratio"] = [0.5] * 6
+    assert lr_too_high(write(tmp_path / "two", meta(), st)) is None
+
+
 def test_spikes_that_all_came_on_outlier_batches_are_no_evidence_about_the_lr(tmp_path):
     """An LSTM under Adam 3e-3 (updates ~3e-2 of its weights, as Adam's are) spiked only on a
     batch scaled 300x: judged as a run without events."""
@@ -419,8 +434,29 @@ def test_single_bad_step_fires(tmp_path):
     assert any("skip_nonfinite" in a for a in f.advice)
 
 
+def test_single_bad_step_beside_a_stray_gradient_spike(tmp_path):
+    # a GPT at AdamW 1e-3: one bad batch at step 60 and, 40 steps later, one gradient spike of the
+    # kind a healthy run has: still one bad batch, and no evidence about the LR
+    st = ratios(steps(), 3e-2)
+    ev = [*nan_at(st, 20), event(40)]
+    run = write(tmp_path, meta(), st, ev)
+    f = single_bad_step(run)
+    assert f is not None and f.step == 20
+    assert "besides it only a gradient spike at step 40" in f.evidence[1]
+    assert lr_too_high(run) is None
+
+
 @pytest.mark.parametrize(
-    "case", ["three_steps", "with_spike", "no_recovery", "amp", "nan_after", "huge_init"]
+    "case",
+    [
+        "three_steps",
+        "with_spikes",
+        "with_loss_spike",
+        "no_recovery",
+        "amp",
+        "nan_after",
+        "huge_init",
+    ],
 )
 def test_single_bad_step_near_miss(tmp_path, case):
     st = steps()
@@ -428,8 +464,10 @@ def test_single_bad_step_near_miss(tmp_path, case):
     ev = nan_at(st, *bad)
     if case == "huge_init":  # outputs of 1e4 on the initial weights: the NaN is the init's
         st[0]["logits"] = {"absmax": 1.4e4, "logz": 1.4e4, "mean": -5e3}
-    if case == "with_spike":
-        ev.append(event(40))
+    if case == "with_spikes":  # spikes on three other steps: a trend
+        ev += [event(35), event(40), event(45)]
+    if case == "with_loss_spike":
+        ev.append(event(40, "loss_spike"))
     if case == "nan_after":  # the loss NaN from step 45 on, without events (a diverged run)
         for s in st[45:]:
             s["loss"] = math.nan
@@ -934,6 +972,20 @@ def test_recurrent_edge_says_when_training_pushed_the_radius_up(tmp_path):
     assert any("Lower the learning rate" in a for a in f.advice)
 
 
+def test_recurrent_explosion_not_for_one_bad_batch_in_a_gated_rnn(tmp_path):
+    # a GRU's gate blocks sit above 1 by design; one NaN batch, skipped, is no explosion
+    st = steps(60)
+    for s in st:
+        s["radius"] = {"rnn": 1.3} if s["step"] % 10 == 0 else None
+    ev = nan_at(st, 30)
+    m = meta(layers=["emb", "rnn", "fc2", "fc3", "fc4", "head"], recurrent=["rnn"])
+    m["layer_types"] = ["Linear", "GRU", "Linear", "Linear", "Linear", "Linear"]
+    assert recurrent_explosion(write(tmp_path, m, st, ev)) is None
+    # spikes on many steps around the same radii are (a trend, not one batch)
+    ev = [event(s) for s in (25, 28, 31, 34)]
+    assert recurrent_explosion(write(tmp_path / "spikes", m, st, ev)) is not None
+
+
 @pytest.mark.parametrize("case", ["contractive", "far_away", "not_recurrent"])
 def test_recurrent_explosion_near_miss(tmp_path, case):
     radii = {s: (0.95 if case == "contractive" else 1.4) for s in range(0, 60, 10)}
@@ -1059,6 +1111,57 @@ def test_findings_sorted_by_severity(tmp_path):
     found = diagnose(run)
     assert [f.cause for f in found] == ["lr_too_high", "missing_normalization"]
     assert [f.severity for f in found] == ["high", "medium"]
+
+
+def _flat_loss(st: list[dict], level: float = 2.3, dip_at: int | None = None) -> list[dict]:
+    for s in st:
+        s["loss"] = level * (1 + 0.005 * math.sin(s["step"]))
+        if dip_at is not None and dip_at <= s["step"] < dip_at + 20:
+            s["loss"] = level * 0.95  # one window's dip, and back
+    return st
+
+
+def test_missing_normalization_for_a_deep_plain_net_that_sat_at_its_start_before_learning(
+    tmp_path,
+):
+    # a 12-layer plain CNN at momentum LR 0.05: at 2.30 until step 120 of 200, two spikes
+    st = _flat_loss(steps(200, layers=10))
+    for s in st[120:]:
+        s["loss"] = 2.3 - 0.015 * (s["step"] - 119)
+    run = write(tmp_path, deep_meta(10, normalization=False), st, [event(21), event(65)])
+    f = missing_normalization(run)
+    assert f is not None and "sat at its start (2.3) until step 119" in f.summary
+    # learning from the start with the same two spikes is a deep plain net that trains
+    learns = steps(200, layers=10)
+    run = write(
+        tmp_path / "learns", deep_meta(10, normalization=False), learns, [event(21), event(65)]
+    )
+    assert missing_normalization(run) is None
+
+
+@pytest.mark.parametrize(
+    ("case", "fires"),
+    [("flat", True), ("flat_with_a_dip", True), ("slow_learner", False), ("shallow", False),
+     ("dead_from_start", False), ("init_off", False)],
+)  # fmt: skip
+def test_missing_normalization_for_a_deep_plain_net_whose_loss_never_left_its_start(
+    tmp_path, case, fires
+):
+    # a 12-layer plain CNN at momentum LR 0.05 sat at 2.30 for 200 steps, with no event at all
+    layers = 7 if case == "shallow" else 10
+    st = _flat_loss(steps(200, layers=layers), dip_at=40 if case == "flat_with_a_dip" else None)
+    if case == "slow_learner":  # down 10% over the run, steadily: learning slowly, calmly
+        for s in st:
+            s["loss"] = 2.3 * (1 - 0.1 * s["step"] / 199)
+    if case == "dead_from_start":  # an init's doing (negative biases): dead_units alone
+        st = _dying(st, layers, dead_from=0)
+    if case == "init_off":  # norms shrinking through the layers from the start: init_depth's
+        st = _flat_loss(graded(layers, -0.3, n=200))
+    run = write(tmp_path, deep_meta(layers, normalization=False), st)
+    f = missing_normalization(run)
+    assert (f is not None) == fires
+    if fires:
+        assert "never left its start" in f.summary and f.step == 0
 
 
 def test_missing_normalization_not_for_a_deep_plain_net_that_trains_through_a_spike(tmp_path):

@@ -133,13 +133,19 @@ def _few_trouble_steps(run: RunLog, kinds: tuple[str, ...]) -> list[int]:
 
 
 def _lone_nonfinite(run: RunLog) -> list[int]:
-    """The steps of an isolated non-finite episode, or []: the run's only trouble is a NaN/Inf
-    on at most ``LONE_MAX_STEPS`` steps (no spike event), each followed by ``LONE_RECOVERY``
-    finite steps. One bad batch is not a trend: it says nothing about the learning rate."""
+    """The steps of an isolated non-finite episode, or []: the run's trouble is a NaN/Inf on at
+    most ``LONE_MAX_STEPS`` steps, each followed by ``LONE_RECOVERY`` finite steps, and besides
+    it at most ``LONE_MAX_STEPS`` gradient spikes on other steps (no loss spike): one bad batch
+    is not a trend, and says nothing about the learning rate; a stray gradient spike elsewhere,
+    which a healthy run has too (a GPT at AdamW 1e-3 had one 40 steps after its bad batch), does
+    not make it one."""
     if run.meta.get("amp"):  # with fp16 loss scaling a non-finite gradient is routine
         return []
-    bad = _few_trouble_steps(run, NONFINITE_KINDS)
-    if not bad:
+    trouble = _trouble(run)
+    bad = sorted({e["step"] for e in trouble if e["kind"] in NONFINITE_KINDS})
+    spikes = {e["step"] for e in trouble if e["kind"] in GRAD_SPIKE_KINDS} - set(bad)
+    others = [e for e in trouble if e["kind"] not in NONFINITE_KINDS + GRAD_SPIKE_KINDS]
+    if not bad or len(bad) > LONE_MAX_STEPS or len(spikes) > LONE_MAX_STEPS or others:
         return []
     steps = [s for s in run.steps if _step(s) is not None]
     if any(not _finite_step(s) and s["step"] not in bad for s in steps):

@@ -37,6 +37,10 @@ LR_CHANGE = "Divide the learning rate"
 #: Sampled steps (every 10th by default) whose updates must be too large: one sampled step is no
 #: evidence (Adam's first steps move every weight by about the LR, whatever the LR's later fate).
 UPDATE_RATIO_MIN_STEPS = 3
+#: Sampled steps enough when one of them moved the median layer by more than its size (a CNN at
+#: SGD LR 1.5: 0.42 and 4.5x its weights on steps 0 and 1, then at chance for 200 steps).
+RUNAWAY_RATIO = 1.0
+RUNAWAY_MIN_STEPS = 2
 #: The leading too-large steps may start this many samples in (momentum's build-up).
 LEAD_START = 3
 
@@ -162,12 +166,20 @@ def _judge(
     typical = statistics.median(by_layer.values())
     worst = max(by_layer, key=lambda i: by_layer[i])
     fires = typical > median_limit or by_layer[worst] > layer_limit
-    if (
-        not fires
-        or _steps_too_high(sampled, worst, median_limit, layer_limit) < UPDATE_RATIO_MIN_STEPS
-    ):
+    need = UPDATE_RATIO_MIN_STEPS if not _runaway(sampled) else RUNAWAY_MIN_STEPS
+    if not fires or _steps_too_high(sampled, worst, median_limit, layer_limit) < need:
         return None
     return by_layer, typical, worst
+
+
+def _runaway(sampled: list[dict[str, Any]]) -> bool:
+    """Whether a sampled step moved its median layer by more than the layer's own size (what no
+    optimizer's first step does at a sound LR: Adam's moves each weight by about the LR)."""
+    for s in sampled:
+        ratios = [v for v in map(_num, s["update_ratio"]) if v is not None and v > 0]
+        if ratios and statistics.median(ratios) > RUNAWAY_RATIO:
+            return True
+    return False
 
 
 def _finding(

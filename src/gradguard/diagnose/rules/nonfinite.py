@@ -7,6 +7,14 @@ from .base import LONE_RECOVERY, Finding, _lone_nonfinite, _trouble
 from .registry import register
 
 
+def _spikes_besides(run: RunLog, bad: list[int]) -> str:
+    spikes = sorted({e["step"] for e in _trouble(run) if e["step"] not in bad})
+    if not spikes:
+        return "no gradient or loss spike anywhere in the run"
+    where = ", ".join(map(str, spikes))
+    return f"besides it only a gradient spike at step {where}, no loss spike: no trend"
+
+
 @register
 def single_bad_step(run: RunLog) -> Finding | None:
     """A NaN/Inf on one (or two) isolated steps, finite before and after: one bad batch, not a trend.
@@ -31,7 +39,7 @@ def single_bad_step(run: RunLog) -> Finding | None:
     evidence = [
         f"non-finite at step{'s' if len(bad) > 1 else ''} {where} ({', '.join(kinds)}); "
         f"every other recorded step finite, at least {LONE_RECOVERY} finite steps after each",
-        "no gradient or loss spike anywhere in the run",
+        _spikes_besides(run, bad),
     ]
     if actions:
         evidence.append("what the Guard did: " + ", ".join(actions))

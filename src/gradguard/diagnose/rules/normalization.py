@@ -30,21 +30,34 @@ def missing_normalization(run: RunLog) -> Finding | None:
         return None
     # here: the rules register in their report order
     from .depth import init_depth
-    from .progress import _degradation, did_not_learn
-    from .units import died_during
+    from .progress import START_BAND, _degradation, did_not_learn, flat_at_start, stuck_at_start
+    from .units import dead_from_start, died_during
 
     events = _trouble(run)
     # units killed in training are the depth's doing when the init was sound: an init that was
     # off (init_depth) is the account of a run whose signal died through the layers
-    died = died_during(run) if init_depth(run) is None else None
+    init_off = init_depth(run) is not None
+    died = died_during(run) if not init_off else None
     nonfinite = any(e["kind"] in NONFINITE_KINDS for e in events)
     # spikes in a net that never learned: a deep plain net at an LR its depth cannot take sits at
     # its starting loss, its signal blown up and damped layer by layer, with no NaN
     stuck = did_not_learn(run) if events else None
+    # ... or sits at its start for half the run before it learns at all (a 12-layer plain CNN at
+    # momentum LR 0.05: at 2.30 until step 120 of 200, with two spikes)
+    late = stuck_at_start(run) if events and stuck is None else None
+    # ... or, with no event at all, never left its start (a 12-layer plain CNN at momentum LR
+    # 0.05 at 2.30 for 200 steps), unless the init is the account (off, or dead from the start)
+    flat = (
+        flat_at_start(run)
+        if not events and not init_off and died is None and not dead_from_start(run)
+        else None
+    )
     if (
         died is None
         and not nonfinite
         and stuck is None
+        and late is None
+        and flat is None
         and (not events or (len(events) < NORM_MIN_SPIKES and _degradation(run) is None))
     ):
         return None
@@ -54,6 +67,10 @@ def missing_normalization(run: RunLog) -> Finding | None:
         had.append(f"its hidden units died from step {died} on")
     if stuck is not None and died is None and not nonfinite:
         had.append(f"its loss stayed near where it started ({_g(stuck[0])} to {_g(stuck[1])})")
+    if flat is not None:
+        had.append(f"its loss never left its start ({_g(flat)})")
+    if late is not None and died is None and not nonfinite:
+        had.append(f"its loss sat at its start ({_g(late[1])}) until step {late[0]}")
     evidence = [
         f"{len(weights)} weight layers ({_layer(run, weights[0])} ... "
         f"{_layer(run, weights[-1])}); no BatchNorm/LayerNorm/GroupNorm/RMSNorm layer"
@@ -68,6 +85,18 @@ def missing_normalization(run: RunLog) -> Finding | None:
         evidence.append(
             f"alive at the first sampled step, most hidden units get no gradient from step {died}"
             " on (see Dead units)"
+        )
+    if flat is not None:
+        evidence.append(
+            f"the loss stayed within {START_BAND:.0%} of its start ({_g(flat)}) to the end, with "
+            "no spike, no dead units and no init off the mark: the signal does not get through "
+            "the layers"
+        )
+    if late is not None:
+        evidence.append(
+            f"the loss stayed within {START_BAND:.0%} of its start ({_g(late[1])}) until step "
+            f"{late[0]}, half the run or more, before it fell: the signal took that long to get "
+            "through the layers"
         )
     if stuck is not None:
         evidence.append(
@@ -93,5 +122,5 @@ def missing_normalization(run: RunLog) -> Finding | None:
             "Residual connections help too; until then keep policy 'default' to skip and clip.",
         ],
         severity="medium",
-        step=min(starts),
+        step=min(starts) if starts else 0,
     )

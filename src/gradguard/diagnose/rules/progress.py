@@ -134,6 +134,36 @@ def did_not_learn(run: RunLog) -> tuple[float, float] | None:
     return (m0, end) if m0 > 0 and end >= (1 - NOT_LEARNED) * m0 else None
 
 
+def stuck_at_start(run: RunLog) -> tuple[int, float] | None:
+    """(the last step, the loss) of a start the loss sat at for at least half the run: every
+    window from the first within :data:`START_BAND` of the first's median, for at least half the
+    windows; None otherwise (or too short to say)."""
+    wins = _windows(run)
+    if len(wins) < DEGRADE_WINDOWS // 2:
+        return None
+    m0 = wins[0][2]
+    if not m0 > 0:
+        return None
+    n = next((i for i, w in enumerate(wins) if abs(w[2] - m0) > START_BAND * m0), len(wins))
+    return (wins[n - 1][1], m0) if n * 2 >= len(wins) else None
+
+
+def flat_at_start(run: RunLog) -> float | None:
+    """The starting loss of a run whose loss never left it: the last window and at least
+    :data:`FLAT_SHARE` of all within :data:`START_BAND` of the first window's median (one dip and
+    back is still flat); None otherwise (or too short to say)."""
+    wins = _windows(run)
+    if len(wins) < DEGRADE_WINDOWS // 2:
+        return None
+    m0 = wins[0][2]
+    near = [abs(w[2] - m0) <= START_BAND * m0 for w in wins]
+    return m0 if m0 > 0 and near[-1] and sum(near) >= FLAT_SHARE * len(near) else None
+
+
+#: The share of windows a flat loss keeps within its band.
+FLAT_SHARE = 0.8
+#: How close to its first window's median the loss stays while it sits at its start.
+START_BAND = 0.03
 #: A run that lowered its loss by less than this share of its start did not learn (digits: a net
 #: that learns goes from 2.3 to under 0.5 in a few hundred steps; a deep plain net stuck at
 #: chance stays within 10% of 2.3).

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..records import RunLog
-from .base import Finding, _g, _list, _names, _num, _step, _trouble
+from .base import Finding, _g, _list, _lone_nonfinite, _names, _num, _step, _trouble
 from .registry import register
 
 #: A recurrent weight's spectral radius above 1 is necessary for exploding gradients in a tanh RNN
@@ -39,7 +39,8 @@ def recurrent_explosion(run: RunLog) -> Finding | None:
     if not recurrent:
         return None
     samples = _radius_samples(run, recurrent)
-    events = _trouble(run) or _growth(run)
+    # one bad batch (single_bad_step) is no explosion: a GRU's gate blocks sit above 1 by design
+    events = (_trouble(run) if not _lone_nonfinite(run) else []) or _growth(run)
     if not events:
         return _edge(run, samples)
     worst = _worst_around(events, samples)

@@ -83,6 +83,13 @@ def died_during(run: RunLog) -> int | None:
     return _since(profiles)
 
 
+def dead_from_start(run: RunLog) -> bool:
+    """Whether the hidden layers were dead at the first sample (an init killed them)."""
+    hidden = _weight_layers(run)[:-1]
+    profiles = _profiles(run, hidden) if hidden else []
+    return bool(profiles) and _dead(profiles[0][1])
+
+
 @register
 def dead_units(run: RunLog) -> Finding | None:
     """Most units of the hidden layers (or all of one) get exactly zero gradient at the end."""
