@@ -937,7 +937,9 @@ def test_recurrent_explosion_fires(tmp_path):
     radii = {0: 0.9, 10: 0.98, 20: 1.05, 30: 1.2, 40: 1.35, 50: 1.5}
     f = recurrent_explosion(rnn_run(tmp_path, radii, [event(45)]))
     assert f is not None and f.layers == ["rnn"] and f.step == 45 and f.severity == "high"
-    assert "1.5" in f.summary and any("step 50" in e for e in f.evidence)
+    # the radius the spike's gradient went through (step 40), not the one after it (step 50)
+    assert "1.35" in f.summary and any("step 40" in e for e in f.evidence)
+    assert not any("step 50" in e for e in f.evidence)
     assert any("clip_norm" in a for a in f.advice) and any("LSTM or GRU" in a for a in f.advice)
     assert any("was 0.9 at step 0" in e for e in f.evidence)
 
@@ -970,6 +972,12 @@ def test_recurrent_edge_says_when_training_pushed_the_radius_up(tmp_path):
     f = recurrent_explosion(rnn_run(tmp_path, {0: 0.95, 10: 1.1, 20: 1.2}, []))
     assert f is not None and any("rose from 0.95 to 1.2" in e for e in f.evidence)
     assert any("Lower the learning rate" in a for a in f.advice)
+
+
+def test_recurrent_explosion_not_for_a_radius_only_after_the_trouble(tmp_path):
+    # an LSTM under Adam at LR 0.3: 0.62 at step 0, 65 at step 100, after its gradient blew up
+    radii = {0: 0.62, 50: 65.0}
+    assert recurrent_explosion(rnn_run(tmp_path, radii, [event(20), event(25), event(30)])) is None
 
 
 def test_recurrent_explosion_not_for_one_bad_batch_in_a_gated_rnn(tmp_path):
