@@ -54,8 +54,18 @@ def test_runs_with_a_known_cause_are_diagnosed_with_it(tmp_path):
     assert found_causes == {c for case in CAUSES for c in case.expect}, wrong
 
 
-ACROSS_HEALTHY = [c for c in corpus.ACROSS if not c.expect]
-ACROSS_CAUSES = [c for c in corpus.ACROSS if c.expect]
+#: The across set less its 3-layer GPT runs (10-15 s each; the corpus's own GPT cases train the
+#: same code path): the benchmark's ``--across`` runs them all.
+ACROSS = [c for c in corpus.ACROSS if "gpt" not in c.name]
+ACROSS_HEALTHY = [c for c in ACROSS if not c.expect]
+ACROSS_CAUSES = [c for c in ACROSS if c.expect]
+
+
+def test_the_across_set_is_its_own_and_the_judge_knows_it():
+    names = [c.name for c in corpus.ACROSS]
+    assert len(set(names)) == len(names) and all(n.startswith("across/") for n in names)
+    assert not set(names) & {c.name for c in corpus.CASES}
+    assert all(corpus.BY_NAME[n] is c for n, c in zip(names, corpus.ACROSS, strict=True))
 
 
 @pytest.mark.parametrize("case", ACROSS_HEALTHY, ids=[c.name for c in ACROSS_HEALTHY])
@@ -65,7 +75,7 @@ def test_a_healthy_control_of_another_model_is_diagnosed_healthy(tmp_path, case)
 
 
 def test_the_causes_on_other_models_are_diagnosed_with_them(tmp_path):
-    """The corpus's causes in CNNs, a GRU, LSTMs, AdamW, deeper plain nets and a 3-layer GPT
+    """The corpus's causes in CNNs, a GRU, LSTMs, AdamW and deeper plain nets
     (``corpus.ACROSS``; the benchmark's ``--across``), judged together with the same margin."""
     wrong = {}
     for case in ACROSS_CAUSES:
@@ -132,6 +142,6 @@ def test_the_measured_radius_is_the_largest_eigenvalue_of_the_vanilla_rnns_weigh
 
 
 def test_every_case_has_other_strengths_for_the_off_grid_benchmark():
-    assert set(corpus.OFF_GRID) == set(corpus.BY_NAME)
+    assert set(corpus.OFF_GRID) == {c.name for c in corpus.CASES}
     for name, strengths in corpus.OFF_GRID.items():
         assert strengths and not set(strengths) & set(corpus.BY_NAME[name].strengths), name
