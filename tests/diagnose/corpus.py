@@ -581,7 +581,7 @@ def _with(
     **kw: Any,
 ) -> Callable[[Any, int, Path], dict[str, Any]]:
     """A case's ``make``: trains ``setup(seed, *args, **kw)`` (an ``arg`` that is
-    :func:`_strength` is the case's strength) with ``faults(strength, seed)`` and ``policy``."""
+    :data:`_strength` is the case's strength) with ``faults(strength, seed)`` and ``policy``."""
 
     def make(strength: Any, seed: int, run_dir: Path) -> dict[str, Any]:
         s = setup(seed, *(strength if a is _strength else a for a in args), **kw)
@@ -593,9 +593,8 @@ def _with(
     return make
 
 
-def _strength(x: Any) -> Any:
-    """In :func:`_with`'s arguments: the case's strength goes here."""
-    return x
+#: In :func:`_with`'s arguments: the case's strength goes here.
+_strength = object()
 
 
 def _cnn_bias(bias: float, seed: int, run_dir: Path) -> dict[str, Any]:

@@ -241,6 +241,18 @@ def test_a_kept_steps_scalars_travel_in_one_tensorboard_event(tmp_path):
     assert "layer_grad_norm/fc1" in scalar_events[10][0] - scalar_events[3][0]
 
 
+class _Seq(nn.Module):
+    """An RNN of hidden size 8 and a linear head on its last step."""
+
+    def __init__(self, rnn: nn.RNNBase):
+        super().__init__()
+        self.rnn = rnn
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
 def test_spectral_radius_of_recurrent_weights_is_recorded(tmp_path):
     torch.manual_seed(0)
     rnn = nn.RNN(3, 8, batch_first=True)
@@ -253,16 +265,7 @@ def test_spectral_radius_of_recurrent_weights_is_recorded(tmp_path):
         lstm.weight_hh_l0[16:24].copy_(torch.eye(8) * 2.0)  # the cell gate's block
     assert spectral_radius(lstm) == pytest.approx(2.0)
 
-    class Seq(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.rnn = rnn
-            self.head = nn.Linear(8, 1)
-
-        def forward(self, x):
-            return self.head(self.rnn(x)[0][:, -1])
-
-    model = Seq()
+    model = _Seq(rnn)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     tel = Telemetry(tmp_path, radius_every=5, tensorboard=False)
     with gradguard.Guard(model, opt, "clip_norm:1", telemetry=tel) as guard:
@@ -285,16 +288,7 @@ def test_the_recurrent_radius_is_the_one_the_steps_gradient_went_through(tmp_pat
     with torch.no_grad():
         rnn.weight_hh_l0.copy_(torch.eye(8) * 0.5)
 
-    class Seq(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.rnn = rnn
-            self.head = nn.Linear(8, 1)
-
-        def forward(self, x):
-            return self.head(self.rnn(x)[0][:, -1])
-
-    model = Seq()
+    model = _Seq(rnn)
     opt = torch.optim.SGD(model.parameters(), lr=50.0)
     tel = Telemetry(tmp_path, radius_every=radius_every, update_every=4, tensorboard=False)
     before = {}

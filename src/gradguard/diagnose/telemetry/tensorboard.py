@@ -71,20 +71,15 @@ def tb_step(tb: Any, rec: dict[str, Any], layers: list[str], clip_rate: float, d
 
 
 def _add_scalars(tb: Any, scalars: list[tuple[str, float]], step: int) -> None:
-    """``(tag, value)`` pairs as one TensorBoard event at ``step``: the event ``add_scalar`` would
-    write for each, in one ``Summary`` (a writer without the file-writer call gets them one by
-    one)."""
+    """``(tag, value)`` pairs as one TensorBoard event at ``step``: the values ``add_scalar``
+    would write one event each, in one ``Summary`` (through the ``SummaryWriter``'s file writer,
+    which ``add_scalar`` itself calls)."""
     if not scalars:
-        return
-    writer = getattr(tb, "_get_file_writer", None)
-    if writer is None:
-        for tag, val in scalars:
-            tb.add_scalar(tag, val, step)
         return
     from tensorboard.compat.proto.summary_pb2 import Summary  # type: ignore[import-untyped]
 
     summary = Summary(value=[Summary.Value(tag=tag, simple_value=val) for tag, val in scalars])
-    writer().add_summary(summary, step)
+    tb._get_file_writer().add_summary(summary, step)
 
 
 def tb_event(tb: Any, e: dict[str, Any]) -> None:
