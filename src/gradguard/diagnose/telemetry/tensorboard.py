@@ -36,9 +36,10 @@ def open_tensorboard(log_dir: Path, *, required: bool, stacklevel: int = 2) -> A
 def tb_step(tb: Any, rec: dict[str, Any], layers: list[str], clip_rate: float, dense: bool) -> None:
     """One kept step: its scalars; the output logits, the attention logits, per-layer series
     (gradient norms, update ratios, dead units) and the norms' histogram only every 10th step and
-    around events (``dense``). The step's scalars go out as one event holding them all (as
-    TensorFlow's writers batch a step's summaries; TensorBoard reads each value under its tag):
-    ``add_scalar`` builds an event per value, ~40 us each, more than the rest of the record."""
+    around events (``dense``). The step's scalars go out as one event holding them all (one
+    ``Summary`` of several values, which TensorBoard's reader takes value by value under each tag:
+    tested with its ``EventAccumulator``): ``add_scalar`` builds an event per value, ~40 us each,
+    more than the rest of the record."""
     s = rec["step"]
     scalars: list[tuple[str, float | None]] = [
         ("grad_norm/pre_clip", rec["grad_norm"]),
